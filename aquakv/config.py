@@ -1,0 +1,124 @@
+"""All configuration in one typed place, validated once at the edge, hashed to name a run.
+
+``QuantizerConfig`` says how one residual is quantized, ``CacheConfig`` how the runtime
+cache lays tokens out, ``CalibrationConfig`` everything a calibration run depends on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """Short SHA-256 of the canonical JSON of this config."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class QuantizerConfig(_Frozen):
+    """HIGGS quantizer: ``size`` grid points in ``dim`` dimensions, Hadamard groups of ``group_size``."""
+
+    dim: int = Field(2, ge=1, le=8)
+    size: int = Field(16, ge=2, le=65536)
+    group_size: int = Field(64, ge=2, le=4096)
+    scale_dtype: Literal["float16", "float32"] = "float16"
+
+    @field_validator("size", "group_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _dim_divides_group(self) -> QuantizerConfig:
+        if self.group_size % self.dim:
+            raise ValueError(f"grid dim {self.dim} must divide group_size {self.group_size}")
+        return self
+
+    @property
+    def index_bits(self) -> int:
+        return int(math.log2(self.size))
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)
+
+    @property
+    def index_bits_per_value(self) -> float:
+        return self.index_bits / self.dim
+
+    @property
+    def bits_per_value(self) -> float:
+        """Index bits plus scale bits, per (padded) value."""
+        return self.index_bits_per_value + torch.finfo(self.torch_scale_dtype).bits / self.group_size
+
+    @classmethod
+    def for_bits(cls, bits: int, dim: int = 2, **kw: object) -> QuantizerConfig:
+        """The grid with ``bits`` index bits per value at dimension ``dim`` (e.g. 2 -> d=2, n=16)."""
+        return cls(dim=dim, size=2 ** (bits * dim), **kw)
+
+
+class CacheConfig(_Frozen):
+    """Runtime layout: ``sinks`` exact first tokens, compressed blocks, an exact recent window of < ``recent_window`` tokens."""
+
+    sinks: int = Field(4, ge=0)
+    recent_window: int = Field(128, ge=1)
+    compress: bool = True
+
+
+class CalibrationConfig(_Frozen):
+    """Everything a calibration run depends on. ``collect_digest`` names the activations, ``digest`` the bundle."""
+
+    name: str = "aquakv"
+    version: str = "v1"
+    model: str
+    data: str
+    text_field: str = "text"
+    seq_len: int = Field(1024, ge=8)
+    num_samples: int = Field(64, ge=1)
+    heldout_samples: int = Field(8, ge=1)
+    seed: int = 0
+    keys: QuantizerConfig = QuantizerConfig()
+    values: QuantizerConfig = QuantizerConfig()
+    first_layer: QuantizerConfig = QuantizerConfig(dim=2, size=256)
+    damping: float = Field(1e-3, gt=0)
+    predictor_rank: int | None = Field(None, ge=1)
+    fit_mode: Literal["chain", "parallel"] = "chain"
+    cache: CacheConfig = CacheConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_ppl_increase: float = Field(0.05, gt=0)
+    registry: str = "registry"
+    workdir: str = "work"
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+
+    def collect_digest(self) -> str:
+        """What the collected activations depend on: model, data and sampling, never quantizer settings."""
+        fields = ("model", "data", "text_field", "seq_len", "num_samples", "heldout_samples", "seed", "dtype")
+        blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def digest(self) -> str:
+        """What the bundle depends on: everything but where things go and how many workers do it."""
+        skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase"}
+        blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: object) -> CalibrationConfig:
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(raw)

@@ -1,0 +1,37 @@
+"""Exceptions with messages that say what is wrong and what to do."""
+
+
+class AquaKVError(Exception):
+    """Base of every aquakv error."""
+
+
+class NonFiniteError(AquaKVError, ValueError):
+    """NaN or Inf reached the quantizer or a statistics accumulator."""
+
+
+class BundleError(AquaKVError):
+    """A bundle cannot be used."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle file is missing, truncated or does not match its SHA-256."""
+
+
+class BundleFormatError(BundleError):
+    """The manifest is unreadable, of an unknown format version, or inconsistent (e.g. a grid vs its config)."""
+
+
+class ModelMismatchError(BundleError):
+    """The bundle was calibrated for another model."""
+
+
+class BundleNotFoundError(BundleError):
+    """The bundle URI cannot be reached or holds no bundle."""
+
+
+class PublishConflictError(BundleError):
+    """Another run already published this bundle version."""
+
+
+class CalibrationError(AquaKVError):
+    """A calibration stage cannot go on (bad checkpoint, data, tokenizer, gate missed...)."""

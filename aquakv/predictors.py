@@ -1,0 +1,95 @@
+"""Affine predictors fitted in closed form by ridge regression from additive sufficient statistics.
+
+A predictor maps ``x [N, D_in]`` to ``y [N, D_out]`` as ``x @ weight + bias``. The statistics
+``XᵀX``, ``XᵀY`` (with a bias column), ``ΣY²`` and the count add up, so any split of the tokens
+across chunks or workers reduces to one exact solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aquakv.errors import NonFiniteError
+
+
+@dataclass
+class RidgeStats:
+    """Sufficient statistics in float64: ``xtx [D_in+1, D_in+1]``, ``xty [D_in+1, D_out]``, ``yty`` (ΣY²), ``count``."""
+
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    yty: float
+    count: int
+
+    def __add__(self, other: RidgeStats) -> RidgeStats:
+        return RidgeStats(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty, self.count + other.count)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"xtx": self.xtx, "xty": self.xty, "yty": torch.tensor(self.yty, dtype=torch.float64),
+                "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> RidgeStats:
+        return cls(t["xtx"], t["xty"], float(t["yty"]), int(t["count"]))
+
+
+@dataclass
+class Predictor:
+    """``y ≈ x @ weight + bias`` with ``weight [D_in, D_out]``; low rank when ``weight = down @ up``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias.to(x), x.reshape(-1, x.shape[-1]), self.weight.to(x)).view(
+            *x.shape[:-1], self.weight.shape[1]
+        )
+
+
+def _with_bias(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def ridge_stats(x: torch.Tensor, y: torch.Tensor) -> RidgeStats:
+    """Statistics of one chunk of ``x [N, D_in]``, ``y [N, D_out]``."""
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise NonFiniteError("NaN or Inf in predictor inputs or targets; check the collected activations")
+    xb = _with_bias(x.double())
+    yd = y.double()
+    return RidgeStats(xb.T @ xb, xb.T @ yd, float((yd * yd).sum()), x.shape[0])
+
+
+def fit_ridge(stats: RidgeStats, damping: float = 1e-3, rank: int | None = None) -> Predictor:
+    """Closed-form ridge solve with ``λ = damping · mean(diag(XᵀX))`` (bias not damped).
+
+    With ``rank``, the fitted map is projected to its best rank-``rank`` approximation in the
+    metric of the data (reduced-rank regression), so ``weight`` factors as ``[D_in, r] @ [r, D_out]``.
+    """
+    xtx, xty = stats.xtx, stats.xty
+    d_in = xtx.shape[0] - 1
+    lam = damping * float(torch.diagonal(xtx)[:d_in].mean())
+    reg = torch.eye(d_in + 1, dtype=xtx.dtype) * lam
+    reg[d_in, d_in] = 0.0
+    w = torch.linalg.solve(xtx + reg, xty)  # [D_in+1, D_out]
+    if rank is not None and rank < min(d_in, w.shape[1]):
+        # fitted values' covariance: wᵀ XᵀX w; keep its top-`rank` output directions
+        cov = w.T @ xtx @ w
+        _, vecs = torch.linalg.eigh(cov)
+        top = vecs[:, -rank:]
+        w = w @ top @ top.T
+    return Predictor(w[:d_in].float().contiguous(), w[d_in].float().contiguous())
+
+
+def residual_mse(stats: RidgeStats, predictor: Predictor) -> float:
+    """Relative MSE ``‖Y - XW‖² / ‖Y‖²`` of ``predictor`` on the data behind ``stats``."""
+    w = torch.cat([predictor.weight, predictor.bias[None]], 0).double()
+    err = stats.yty - 2 * float((w * stats.xty).sum()) + float((w * (stats.xtx @ w)).sum())
+    return max(err, 0.0) / max(stats.yty, 1e-30)
+
+
+def relative_mse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """``‖y - y_hat‖² / ‖y‖²``."""
+    y, y_hat = y.double(), y_hat.double()
+    return float(((y - y_hat) ** 2).sum() / (y * y).sum().clamp_min(1e-30))

@@ -1,0 +1,56 @@
+"""HIGGS quantization of a residual: rotate, scale, nearest grid point, bit-pack; and the exact inverse.
+
+``x [..., C]`` -> per ``g``-channel group: randomized Hadamard rotation, the group's L2 norm
+as its scale, the normalized group (coordinates ~ N(0, 1)) cut into ``d``-dim vectors, each
+replaced by the index of its nearest grid point; indices bit-packed per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aquakv.config import QuantizerConfig
+from aquakv.errors import NonFiniteError
+from aquakv.grids import nearest
+from aquakv.hadamard import rotate, unrotate
+from aquakv.packing import pack, unpack
+
+
+@dataclass
+class Quantized:
+    """Packed codes ``[..., row_bytes]`` uint8 and scales ``[..., n_groups]`` for ``channels`` channels."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    channels: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
+    """Quantize ``x [..., C]`` with ``grid [n, d]`` and Hadamard ``signs [g]``."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(
+            f"quantizer input of shape {tuple(x.shape)} holds NaN or Inf; check the model's activations "
+            "(dtype overflow?) before compressing them"
+        )
+    g, d = cfg.group_size, cfg.dim
+    groups = rotate(x.float(), signs.float())  # [..., G, g]
+    norms = groups.norm(dim=-1, keepdim=True)
+    unit = groups * (g**0.5) / norms.clamp_min(1e-12)
+    idx = nearest(unit.reshape(*unit.shape[:-2], -1, d), grid.to(unit))  # [..., G*g/d]
+    return Quantized(pack(idx, cfg.index_bits), norms.squeeze(-1).to(cfg.torch_scale_dtype), x.shape[-1])
+
+
+def dequantize(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
+    """Inverse of :func:`quantize` -> ``[..., C]`` float32."""
+    g, d = cfg.group_size, cfg.dim
+    n_groups = q.scales.shape[-1]
+    idx = unpack(q.codes, cfg.index_bits, n_groups * g // d)
+    unit = grid.to(q.scales.device, torch.float32)[idx].reshape(*idx.shape[:-1], n_groups, g)
+    groups = unit * (q.scales.float().unsqueeze(-1) * g**-0.5)
+    return unrotate(groups, signs.float().to(groups.device), q.channels)

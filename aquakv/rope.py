@@ -1,0 +1,37 @@
+"""Rotary position embedding helpers: the cache compresses keys before RoPE and re-rotates them on read.
+
+``cos, sin [B, T, head_dim]`` as produced by a transformers rotary module; keys ``[B, H, T, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1).to(keys), sin.unsqueeze(1).to(keys)
+    return keys * cos + rotate_half(keys) * sin
+
+
+def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`apply_rope` (also when cos/sin carry an attention scaling factor)."""
+    cos, sin = cos.unsqueeze(1).to(keys), sin.unsqueeze(1).to(keys)
+    return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
+
+
+def track_positions(rotary: torch.nn.Module) -> None:
+    """Make ``rotary`` remember the ``position_ids`` of its last call (once per module), so a cache can
+    re-apply RoPE to the tokens it decompresses at their own positions, left padding included."""
+    if getattr(rotary, "_aquakv_tracked", False):
+        return
+
+    def remember(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        module._aquakv_positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+    rotary.register_forward_pre_hook(remember, with_kwargs=True)
+    rotary._aquakv_tracked = True
