@@ -174,7 +174,7 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleFormatError(f"{where}: manifest.json is not valid JSON ({e}); re-pull or re-publish the bundle")
+        raise BundleFormatError(f"{where}: manifest.json is not valid JSON ({e}); re-publish it") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleFormatError(f"{where}: manifest.json is not an aquakv bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

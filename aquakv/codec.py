@@ -47,7 +47,9 @@ class LayerCodec:
     value_predictor: Predictor | None = None
 
     def to(self, device: torch.device | str) -> LayerCodec:
-        move = (lambda p: None if p is None else Predictor(p.weight.to(device), p.bias.to(device)))
+        def move(p: Predictor | None) -> Predictor | None:
+            return None if p is None else Predictor(p.weight.to(device), p.bias.to(device))
+
         return LayerCodec(self.keys.to(device), self.values.to(device),
                           move(self.key_predictor), move(self.value_predictor))
 

@@ -70,7 +70,7 @@ class QuantizerConfig(_Frozen):
 
 
 class CacheConfig(_Frozen):
-    """Runtime layout: ``sinks`` exact first tokens, compressed blocks, an exact recent window of < ``recent_window`` tokens."""
+    """Runtime layout: ``sinks`` exact first tokens, compressed blocks, exact window < ``recent_window`` tokens."""
 
     sinks: int = Field(4, ge=0)
     recent_window: int = Field(128, ge=1)
