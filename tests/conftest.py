@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random Llama models and an in-memory AQUA-KV calibration of them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from aquakv.bundle import Bundle, decode_bundle, encode_bundle, fingerprint_of
+from aquakv.codec import LayerCodec, encode, gaussian_residual
+from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.predictors import fit_ridge, ridge_stats
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def tiny_llama(layers: int = 3, kv_heads: int = 2, head_dim: int = 16, seed: int = 0, **kw: object) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=4096, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def pre_rope_kv(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer pre-RoPE keys and values ``[tokens, D]`` of a forward pass (k_proj / v_proj outputs)."""
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    hooks = []
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: keys.append(o.flatten(0, 1))))
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, a, o: values.append(o.flatten(0, 1))))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return [k.float() for k in keys], [v.float() for v in values]
+
+
+def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: QuantizerConfig, first: QuantizerConfig,
+                        predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
+    """The chain fit of DESIGN §1 on one batch, in memory; returns a verified bundle via bytes."""
+    keys, values = pre_rope_kv(model, ids)
+    codecs, prev = [], None
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cfg = first if i == 0 else q
+        codec = LayerCodec(gaussian_residual(cfg, 2 * i), gaussian_residual(cfg, 2 * i + 1))
+        if predictors and prev is not None:
+            codec.key_predictor = fit_ridge(ridge_stats(prev[0], k))
+            _, (k_hat, _) = encode(k, v, prev, codec)
+            codec.value_predictor = fit_ridge(ridge_stats(torch.cat([k_hat, prev[1]], -1), v))
+        _, prev = encode(k, v, prev, codec)
+        codecs.append(codec)
+    files = encode_bundle(codecs, cache or CacheConfig(), fingerprint_of(model))
+    return decode_bundle(files)
+
+
+@pytest.fixture(scope="session")
+def model3() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def bundle3(model3: LlamaForCausalLM) -> Bundle:
+    ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(1))
+    return calibrate_in_memory(model3, ids, QuantizerConfig(dim=2, size=256, group_size=32),
+                               QuantizerConfig(dim=2, size=256, group_size=32), cache=CacheConfig(recent_window=32))

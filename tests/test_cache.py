@@ -1,0 +1,88 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from aquakv.cache import AquaKVCache, dynamic_cache_nbytes
+from aquakv.config import CacheConfig, QuantizerConfig
+from conftest import calibrate_in_memory, tiny_llama
+
+
+def _stepped_logits(model, ids, cache, step):
+    with torch.no_grad():
+        return torch.cat([model(ids[:, s : s + step], past_key_values=cache, use_cache=True).logits
+                          for s in range(0, ids.shape[1], step)], 1)
+
+
+def test_compression_off_equals_dynamic_cache(model3, bundle3):
+    ids = torch.randint(0, 128, (2, 200))
+    exact = _stepped_logits(model3, ids, DynamicCache(config=model3.config), 16)
+    off = _stepped_logits(model3, ids, AquaKVCache.from_bundle(bundle3, model3, compress=False), 16)
+    assert torch.equal(off, exact)
+
+
+def test_four_bit_logits_stay_close_and_cache_compresses(model3, bundle3):
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    exact = _stepped_logits(model3, ids, DynamicCache(config=model3.config), 20)
+    cache = AquaKVCache.from_bundle(bundle3, model3)
+    approx = _stepped_logits(model3, ids, cache, 20)
+    assert cache.get_seq_length() == 300
+    layer = cache.layers[1]
+    assert layer.compressed_len == 288 and layer.keys.shape[-2] == 300 - 4 - 288
+    rel = (approx - exact).norm() / exact.norm()
+    assert rel < 0.02, rel
+    assert torch.isfinite(approx).all()
+
+
+def test_one_prefill_then_decode_matches_stepped(model3, bundle3):
+    """A long prompt compressed in one update and then decoded equals the cache's stepwise behaviour in shape."""
+    ids = torch.randint(0, 128, (1, 100))
+    cache = AquaKVCache.from_bundle(bundle3, model3)
+    with torch.no_grad():
+        model3(ids, past_key_values=cache, use_cache=True)
+        out = model3(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 101
+    assert cache.layers[2].compressed_len == 96
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("prompt_len", [10, 90])
+def test_generate_batch_two(model3, bundle3, do_sample, prompt_len):
+    ids = torch.randint(1, 128, (2, prompt_len))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    cache = AquaKVCache.from_bundle(bundle3, model3)
+    out = model3.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=50, do_sample=do_sample,
+                          pad_token_id=0, top_k=10)
+    assert out.shape == (2, prompt_len + 50)
+    assert cache.layers[0].compressed_len > 0
+
+
+def test_greedy_generation_mostly_agrees_with_exact(model3, bundle3):
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(3))
+    exact = model3.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    ours = model3.generate(ids, past_key_values=AquaKVCache.from_bundle(bundle3, model3), max_new_tokens=40,
+                           do_sample=False, pad_token_id=0)
+    assert (exact == ours).float().mean() > 0.9
+
+
+def test_two_bit_cache_holds_at_most_a_sixth_of_dynamic_cache():
+    model = tiny_llama(layers=3, kv_heads=4, head_dim=32).to(torch.bfloat16)
+    q2 = QuantizerConfig(dim=2, size=16, group_size=64)
+    ids = torch.randint(0, 128, (1, 2048), generator=torch.Generator().manual_seed(2))
+    bundle = calibrate_in_memory(model.float(), ids[:, :512], q2, q2)
+    model = model.to(torch.bfloat16)
+    ours, exact = AquaKVCache.from_bundle(bundle, model, recent_window=32), DynamicCache(config=model.config)
+    with torch.no_grad():
+        for s in range(0, 2048, 256):
+            model(ids[:, s : s + 256], past_key_values=ours, use_cache=True)
+            model(ids[:, s : s + 256], past_key_values=exact, use_cache=True)
+    ratio = ours.nbytes() / dynamic_cache_nbytes(exact)
+    assert ratio <= 1 / 6, ratio
+
+
+def test_cache_without_bundle_positions_fails_clearly(model3, bundle3):
+    cache = AquaKVCache(bundle3.codecs, CacheConfig(recent_window=8), model3.model.rotary_emb)
+    model3.model.rotary_emb._aquakv_positions = None
+    with pytest.raises(RuntimeError, match="position_ids"):
+        cache.update(torch.zeros(1, 2, 20, 16), torch.zeros(1, 2, 20, 16), 0)

@@ -1,0 +1,46 @@
+import torch
+
+from aquakv.predictors import RidgeStats, fit_ridge, relative_mse, residual_mse, ridge_stats
+
+
+def _planted(n=4000, d_in=24, d_out=16, noise=1e-3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(d_in, d_out, generator=g), torch.randn(d_out, generator=g)
+    x = torch.randn(n, d_in, generator=g)
+    return x, x @ w + b + noise * torch.randn(n, d_out, generator=g), w, b
+
+
+def test_ridge_recovers_known_affine_map():
+    x, y, w, b = _planted()
+    p = fit_ridge(ridge_stats(x, y), damping=1e-6)
+    assert torch.allclose(p.weight, w, atol=1e-3)
+    assert torch.allclose(p.bias, b, atol=1e-3)
+    assert relative_mse(y, p(x)) < 1e-6
+
+
+def test_chunked_statistics_equal_one_shot():
+    x, y, _, _ = _planted(noise=0.3)
+    whole = ridge_stats(x, y)
+    summed = sum((ridge_stats(x[i : i + 700], y[i : i + 700]) for i in range(0, len(x), 700)),
+                 start=RidgeStats(torch.zeros_like(whole.xtx), torch.zeros_like(whole.xty), 0.0, 0))
+    assert summed.count == whole.count
+    assert torch.allclose(summed.xtx, whole.xtx) and torch.allclose(summed.xty, whole.xty)
+    assert torch.equal(fit_ridge(summed).weight, fit_ridge(whole).weight) or torch.allclose(
+        fit_ridge(summed).weight, fit_ridge(whole).weight, atol=1e-6)
+    restored = RidgeStats.from_tensors(whole.to_tensors())
+    assert restored.count == whole.count and restored.yty == whole.yty
+
+
+def test_residual_mse_from_statistics_matches_direct():
+    x, y, _, _ = _planted(noise=0.5)
+    stats = ridge_stats(x, y)
+    p = fit_ridge(stats)
+    assert abs(residual_mse(stats, p) - relative_mse(y, p(x))) < 1e-6
+
+
+def test_low_rank_predictor_has_that_rank_and_costs_quality():
+    x, y, _, _ = _planted(noise=0.1)
+    stats = ridge_stats(x, y)
+    full, low = fit_ridge(stats), fit_ridge(stats, rank=4)
+    assert torch.linalg.matrix_rank(low.weight) == 4
+    assert residual_mse(stats, low) > residual_mse(stats, full)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from aquakv.codec import gaussian_residual
+from aquakv.config import QuantizerConfig
+from aquakv.errors import NonFiniteError
+from aquakv.grids import expected_distortion, gaussian_grid
+from aquakv.hadamard import random_signs, rotate, unrotate, walsh_hadamard
+from aquakv.packing import pack, packed_bytes, unpack
+
+
+def test_hadamard_is_orthonormal_and_self_inverse():
+    x = torch.randn(5, 64, dtype=torch.float64)
+    y = walsh_hadamard(x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
+    assert torch.allclose(walsh_hadamard(y), x)
+
+
+def test_rotate_pads_and_inverts():
+    x = torch.randn(3, 7, 100)
+    signs = random_signs(64, seed=3)
+    groups = rotate(x, signs)
+    assert groups.shape == (3, 7, 2, 64)
+    assert torch.allclose(unrotate(groups, signs, 100), x, atol=1e-5)
+
+
+def test_group_size_must_be_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        random_signs(48, 0)
+    with pytest.raises(ValueError):
+        QuantizerConfig(group_size=48)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 12])
+def test_pack_round_trip_and_exact_bytes(bits):
+    codes = torch.randint(0, 2**bits, (4, 37))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (4, packed_bytes(37, bits))
+    assert torch.equal(unpack(packed, bits, 37), codes)
+
+
+@pytest.mark.parametrize(("dim", "size"), [(1, 4), (2, 16), (2, 64), (2, 256), (4, 256)])
+def test_quantizer_mse_matches_grid_distortion(dim, size):
+    """On Gaussian data the whole pipeline (rotation, norm scale, grid) achieves the grid's own distortion."""
+    cfg = QuantizerConfig(dim=dim, size=size, group_size=64, scale_dtype="float32")
+    r = gaussian_residual(cfg, seed=0)
+    x = torch.randn(4096, 128, generator=torch.Generator().manual_seed(7))
+    x_hat = r.dequantize(r.quantize(x))
+    mse = float(((x - x_hat) ** 2).mean())
+    target = expected_distortion(gaussian_grid(dim, size))
+    assert abs(mse / target - 1) < 0.05, (mse, target)
+
+
+def test_grid_distortion_falls_with_bits():
+    d = [expected_distortion(gaussian_grid(2, n)) for n in (16, 64, 256)]
+    assert d[0] > d[1] > d[2]
+    assert 0.08 < d[0] < 0.13  # 2 bits/value: near the Gaussian rate-distortion region (0.0625 bound, 0.1175 scalar)
+
+
+def test_bits_and_stored_bytes():
+    cfg = QuantizerConfig(dim=2, size=16, group_size=64)
+    assert cfg.index_bits_per_value == 2.0
+    assert cfg.bits_per_value == 2.25
+    q = gaussian_residual(cfg).quantize(torch.randn(10, 128))
+    assert q.codes.numel() == 10 * 128 * 2 // 8
+    assert q.nbytes == 10 * 128 * 2 // 8 + 10 * 2 * 2
+    assert QuantizerConfig.for_bits(3).size == 64
+
+
+def test_quantize_is_deterministic_and_shape_preserving():
+    r = gaussian_residual(QuantizerConfig(dim=2, size=64, group_size=32), seed=1)
+    x = torch.randn(2, 9, 50)
+    a, b = r.quantize(x), r.quantize(x.clone())
+    assert torch.equal(a.codes, b.codes)
+    assert r.dequantize(a).shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_raises(bad):
+    x = torch.randn(4, 64)
+    x[1, 3] = bad
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        gaussian_residual(QuantizerConfig()).quantize(x)
