@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -12,11 +18,6 @@ from aquakv.bundle import Bundle, decode_bundle, encode_bundle, fingerprint_of
 from aquakv.codec import LayerCodec, encode, gaussian_residual
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.predictors import fit_ridge, ridge_stats
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def tiny_llama(layers: int = 3, kv_heads: int = 2, head_dim: int = 16, seed: int = 0, **kw: object) -> LlamaForCausalLM:

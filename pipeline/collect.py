@@ -1,0 +1,210 @@
+"""Collect pre-RoPE keys and values of every decoder layer into ``activations.zarr``.
+
+Sequential over layers, data-parallel over samples: each worker owns a contiguous shard of samples
+``[offset, offset + n)``, keeps its hidden states, streams one layer at a time and writes only its own
+chunks (one chunk per sample), so concurrent workers never share a chunk.
+
+Layout of ``activations.zarr`` (attrs: num_layers, num_samples, seq_len, kv_dim, dtype, plus the caller's)::
+
+    keys/{l}, values/{l}     [num_samples, seq_len, kv_dim], chunks (1, seq_len, kv_dim)
+    done/{l}/{a}-{b}         empty group: layer l is written for samples [a, b)
+    hidden/{a}-{b}/{l}       shard's outputs of layer l, [b - a, seq_len, hidden]; only the latest, removed at the end
+
+Zarr has no bfloat16: such arrays are stored as uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from aquakv.errors import CalibrationError, NonFiniteError
+from pipeline.checkpoint import Checkpoint, LayerStream
+
+ACTIVATIONS_STORE = "activations.zarr"
+KINDS = ("keys", "values")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CalibrationError(f"unsupported dtype {name!r}, expected one of {list(DTYPES)}")
+    return name
+
+
+def _encode(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.detach().to(DTYPES[dtype]).cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+
+
+def _decode(data: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(data)
+
+
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
+    arr = group.create_array(
+        name,
+        shape=shape,
+        chunks=(1, *shape[1:]),
+        dtype="uint16" if dtype == "bfloat16" else dtype,
+        fill_value=0,
+        overwrite=True,
+    )
+    arr.attrs["dtype"] = dtype
+    return arr
+
+
+def shard_name(offset: int, n: int) -> str:
+    """Name of the worker shard holding samples ``[offset, offset + n)``."""
+    return f"{offset}-{offset + n}"
+
+
+def open_activations(
+    path: str | Path,
+    num_layers: int,
+    num_samples: int,
+    seq_len: int,
+    kv_dim: int,
+    dtype: str = "float32",
+    attrs: dict[str, Any] | None = None,
+) -> zarr.Group:
+    """Create (or reopen, if its layout matches) the activations group; call once before workers start."""
+    layout = {
+        "num_layers": num_layers,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "kv_dim": kv_dim,
+        "dtype": _dtype_name(dtype),
+    }
+    try:
+        group = zarr.open_group(path, mode="r+")
+    except FileNotFoundError:
+        group = zarr.open_group(path, mode="w")
+        for kind in KINDS:
+            for layer in range(num_layers):
+                _create(group, f"{kind}/{layer}", (num_samples, seq_len, kv_dim), layout["dtype"])
+        group.attrs.update({**layout, **(attrs or {})})
+        return group
+    found = {k: group.attrs.get(k) for k in layout}
+    if found != layout:
+        raise CalibrationError(f"{path} holds activations of another layout {found}, expected {layout}: remove it")
+    return group
+
+
+def is_done(group: zarr.Group, layer: int, shard: str) -> bool:
+    """Whether ``layer`` has been written for ``shard``."""
+    return f"done/{layer}/{shard}" in group
+
+
+def layer_complete(group: zarr.Group, layer: int) -> bool:
+    """Whether the finished shards of ``layer`` cover every sample."""
+    if f"done/{layer}" not in group:
+        return False
+    covered = np.zeros(group.attrs["num_samples"], dtype=bool)
+    for shard in group[f"done/{layer}"].group_keys():
+        a, b = map(int, shard.split("-"))
+        covered[a:b] = True
+    return bool(covered.all())
+
+
+def read_activations(group: zarr.Group, kind: str, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Samples ``[start, stop)`` of ``kind`` ("keys" or "values") at ``layer``: ``[n, seq_len, kv_dim]``."""
+    arr = group[f"{kind}/{layer}"]
+    return _decode(arr[start:stop], arr.attrs["dtype"])
+
+
+def _check_finite(t: torch.Tensor, layer: int, what: str, rows: tuple[int, int]) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"layer {layer}: non-finite {what} for samples [{rows[0]}, {rows[1]})")
+
+
+def _resume_point(group: zarr.Group, shard: str, stop: int) -> int:
+    """First layer below ``stop`` not yet done for ``shard`` whose input (previous hidden states) is available."""
+    start = 0
+    while start < stop and is_done(group, start, shard):
+        start += 1
+    if start in (0, stop) or f"hidden/{shard}/{start - 1}" in group:
+        return start
+    return 0
+
+
+@torch.inference_mode()
+def collect_shard(
+    checkpoint: Checkpoint,
+    tokens: np.ndarray | torch.Tensor,
+    sample_offset: int,
+    store_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    layers: int | None = None,
+    micro_batch: int = 1,
+    progress: bool = True,
+) -> list[int]:
+    """Run layers ``0..layers-1`` (all by default) over ``tokens [n, seq_len]``, writing their K/V to rows
+    ``[sample_offset, sample_offset + n)`` of the activations store. Returns the layers computed by this call.
+
+    Keys and values are the outputs of ``self_attn.k_proj`` / ``v_proj`` (pre-RoPE), ``[n, seq_len, kv_dim]``.
+    Resumes after the last layer marked done for this shard, from the stored hidden states. With
+    ``micro_batch=1`` the result is bitwise independent of how samples are split into shards.
+    """
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    n, seq_len = tokens.shape
+    group = zarr.open_group(store_path, mode="r+")
+    attrs = group.attrs
+    if seq_len != attrs["seq_len"] or sample_offset + n > attrs["num_samples"]:
+        raise CalibrationError(
+            f"shard of {n} x {seq_len} tokens at offset {sample_offset} does not fit {store_path} "
+            f"({attrs['num_samples']} x {attrs['seq_len']})"
+        )
+    dtype = _dtype_name(dtype)
+    shard = shard_name(sample_offset, n)
+    stop = checkpoint.num_layers if layers is None else layers
+    start = _resume_point(group, shard, stop)
+    if start == stop:
+        return []
+    if start == 0:
+        hidden = checkpoint.embed(tokens, device, DTYPES[dtype])
+    else:
+        saved = group[f"hidden/{shard}/{start - 1}"]
+        hidden = _decode(saved[:], saved.attrs["dtype"]).to(device=device, dtype=DTYPES[dtype])
+
+    captured: dict[str, torch.Tensor] = {}
+    done = []
+    for layer_idx, layer in LayerStream(checkpoint, range(start, stop), device, DTYPES[dtype]):
+        arrays = {kind: group[f"{kind}/{layer_idx}"] for kind in KINDS}
+        hooks = [
+            getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
+                lambda _m, _i, out, kind=kind: captured.__setitem__(kind, out)
+            )
+            for kind in KINDS
+        ]
+        try:
+            for b0 in tqdm(range(0, n, micro_batch), desc=f"layer {layer_idx}", disable=not progress, leave=False):
+                b1 = min(b0 + micro_batch, n)
+                rows = (sample_offset + b0, sample_offset + b1)
+                out = layer(hidden[b0:b1], **checkpoint.layer_kwargs(hidden[b0:b1]))
+                _check_finite(out, layer_idx, "hidden states", rows)
+                for kind in KINDS:
+                    _check_finite(captured[kind], layer_idx, kind, rows)
+                    arrays[kind][rows[0] : rows[1]] = _encode(captured[kind], attrs["dtype"])
+                hidden[b0:b1] = out
+        finally:
+            for hook in hooks:
+                hook.remove()
+        last = layer_idx + 1 == checkpoint.num_layers
+        if not last:
+            _create(group, f"hidden/{shard}/{layer_idx}", tuple(hidden.shape), dtype)[:] = _encode(hidden, dtype)
+        group.create_group(f"done/{layer_idx}/{shard}")  # the commit point of this (layer, shard)
+        stale = f"hidden/{shard}" if last else f"hidden/{shard}/{layer_idx - 1}"
+        if stale in group:
+            del group[stale]
+        done.append(layer_idx)
+    return done
