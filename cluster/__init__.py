@@ -1,0 +1,1 @@
+"""Ray side of calibration: connecting to a cluster and the per-worker functions."""

@@ -1,0 +1,56 @@
+"""Ray workers for calibration: one per GPU (CPU workers where there is none).
+
+The functions Ray runs are thin: each opens the stores it is given by path and calls a pipeline stage,
+so a worker holds only its own shard of samples and streams the model one layer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ray
+
+log = logging.getLogger("aquakv.cluster")
+
+
+def connect(address: str | None = None, workers: int = 1) -> dict[str, float]:
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local one; returns its resources."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}})
+    resources = ray.cluster_resources()
+    log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+    return resources
+
+
+def worker_options() -> dict[str, Any]:
+    """One GPU per worker when the cluster has GPUs, else one CPU."""
+    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+
+
+def ray_map(fn: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
+    """Builtin ``map`` semantics (results in order), each call a Ray task on its own worker."""
+    remote = ray.remote(fn).options(**worker_options())
+    return ray.get([remote.remote(*args) for args in zip(*iterables, strict=True)])
+
+
+def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, store_path: str, dtype: str) -> list[int]:
+    """Collect pre-RoPE keys/values of samples ``[start, stop)`` for every layer (one worker's shard)."""
+    import torch
+    import zarr
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.collect import collect_shard
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = zarr.open_group(tokens_path, mode="r")["calib"][start:stop]
+    return collect_shard(Checkpoint(model_dir), tokens, start, store_path, device=device, dtype=dtype,
+                         progress=False)

@@ -1,0 +1,1 @@
+"""Prefect flows wrapping the calibration pipeline."""

