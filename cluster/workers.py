@@ -17,7 +17,8 @@ log = logging.getLogger("aquakv.cluster")
 
 
 def connect(address: str | None = None, workers: int = 1) -> dict[str, float]:
-    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local one; returns its resources."""
+    """Join the Ray cluster at ``address`` (``auto``: the one this node belongs to; default ``$RAY_ADDRESS``),
+    else start a local one with ``workers`` CPU slots at least; returns the cluster's resources."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
