@@ -109,6 +109,13 @@ class CalibrationConfig(_Frozen):
         blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def fit_digest(self) -> str:
+        """What the fitted layers depend on: the activations plus quantizers, damping, rank and fit mode."""
+        fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "fit_mode")
+        blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields))},
+                          sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def digest(self) -> str:
         """What the bundle depends on: everything but where things go and how many workers do it."""
         skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase"}

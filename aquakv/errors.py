@@ -33,5 +33,9 @@ class PublishConflictError(BundleError):
     """Another run already published this bundle version."""
 
 
+class RegistryNotWritableError(BundleError):
+    """The bundle registry cannot be written (permissions, credentials, a file in the way)."""
+
+
 class CalibrationError(AquaKVError):
     """A calibration stage cannot go on (bad checkpoint, data, tokenizer, gate missed...)."""

@@ -19,32 +19,32 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: int = 32) -> tuple[float, int]:
-    """Summed next-token NLL and token count of ``ids [B, T]``, fed to ``model`` through ``cache`` in chunks."""
-    nll, count = 0.0, 0
-    prev_last = None
-    for s in range(0, ids.shape[1], step):
-        chunk = ids[:, s : s + step]
-        logits = model(chunk, past_key_values=cache, use_cache=True).logits.float()
-        if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
-            logits = torch.cat([prev_last, logits], 1)
-            targets = chunk
-        else:
-            targets = chunk[:, 1:]
-        prev_last = logits[:, -1:]
-        pred = logits[:, : targets.shape[1]]
-        nll += float(torch.nn.functional.cross_entropy(pred.flatten(0, 1), targets.flatten(), reduction="sum"))
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: int) -> tuple[float, int]:
+    """Summed next-token NLL of ``ids [B, T]`` fed through ``model`` in ``step``-token chunks with ``cache``.
+
+    Returns ``(sum_nll, count)`` with ``count = B * (T - 1)``: every token but the first is predicted once.
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, step):
+        chunk = ids[:, start : start + step]
+        targets = ids[:, start + 1 : start + step + 1]
+        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[:, : targets.shape[1]]
+        total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         targets.reshape(-1), reduction="sum"))
         count += targets.numel()
-    return nll, count
+    return total, count
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, cache_factory: Callable[[], Cache], step: int = 32,
                batch: int = 1, desc: str | None = None) -> float:
     """Perplexity over ``windows [N, T]`` (non-overlapping), a fresh cache per batch of windows."""
     nll, count = 0.0, 0
-    device = next(model.parameters()).device
     for i in tqdm(range(0, len(windows), batch), desc=desc, disable=desc is None, leave=False):
-        n, c = window_nll(model, windows[i : i + batch].to(device), cache_factory(), step)
+        n, c = window_nll(model, windows[i : i + batch], cache_factory(), step)
         nll, count = nll + n, count + c
     return math.exp(nll / count)
 
@@ -72,7 +72,7 @@ def compare_methods(model: torch.nn.Module, bundle: Bundle, windows: torch.Tenso
             continue
         ppl = perplexity(model, windows, factory, step, desc=method)
         held = factory()
-        window_nll(model, windows[:1].to(next(model.parameters()).device), held, step)
+        window_nll(model, windows[:1], held, step)
         nbytes = held_bytes(held)
         cfg = model.config
         values = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (

@@ -38,6 +38,11 @@ def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: Quan
             f"quantizer input of shape {tuple(x.shape)} holds NaN or Inf; check the model's activations "
             "(dtype overflow?) before compressing them"
         )
+    if x.is_cuda:  # Triton kernels on CUDA (same codes, same byte layout); this function stays the reference
+        from aquakv import kernels
+
+        if kernels.enabled(x.device) and kernels.supports(cfg):
+            return kernels.quantize(x, grid, signs, cfg)
     g, d = cfg.group_size, cfg.dim
     groups = rotate(x.float(), signs.float())  # [..., G, g]
     norms = groups.norm(dim=-1, keepdim=True)
@@ -48,6 +53,11 @@ def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: Quan
 
 def dequantize(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
     """Inverse of :func:`quantize` -> ``[..., C]`` float32."""
+    if q.codes.is_cuda:
+        from aquakv import kernels
+
+        if kernels.enabled(q.codes.device) and kernels.supports(cfg):
+            return kernels.dequantize(q, grid, signs, cfg)
     g, d = cfg.group_size, cfg.dim
     n_groups = q.scales.shape[-1]
     idx = unpack(q.codes, cfg.index_bits, n_groups * g // d)

@@ -42,7 +42,7 @@ def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> 
 def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
     base = Path(cfg.workdir) / f"{cfg.name}-{cfg.collect_digest()}"
     return {"base": base, "tokens": base / "tokens.zarr", "activations": base / "activations.zarr",
-            "fit": base / f"fit-{cfg.digest()}"}
+            "fit": base / f"fit-{cfg.fit_digest()}"}
 
 
 @task(name="data", cache_policy=NO_CACHE)

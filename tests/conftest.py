@@ -19,6 +19,8 @@ from aquakv.codec import LayerCodec, encode, gaussian_residual
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.predictors import fit_ridge, ridge_stats
 
+torch.set_num_threads(1)  # tiny models: threads only contend on a busy 2-core machine
+
 
 def tiny_llama(layers: int = 3, kv_heads: int = 2, head_dim: int = 16, seed: int = 0, **kw: object) -> LlamaForCausalLM:
     torch.manual_seed(seed)

@@ -1,0 +1,528 @@
+"""Per-layer fitting of AQUA-KV predictors and residual quantizers from collected activations.
+
+Input: ``activations.zarr`` with ``keys/{l}``, ``values/{l}`` ``[num_samples, seq_len, kv_dim]`` (pre-RoPE), one
+chunk per sample (float32/float16, or uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``).
+
+Chain mode (the paper): layer by layer, predictors are fitted on the reconstructions inference will have,
+``K_l ≈ P^K_l(K̂_{l-1})`` and ``V_l ≈ P^V_l([K̂_l, V̂_{l-1}])``; statistics are summed over sample shards, each
+shard being one call of a top-level function (``map_fn`` can spread them over Ray workers).
+
+Parallel mode: every layer is fitted from exact inputs at once, the expected quantization noise of the inputs
+entering the ridge term (errors-in-variables, see :func:`solve_parallel`); a final pass quantizes in chain order.
+
+Workdir layout::
+
+    recon.zarr/{keys,values}/{l}        K̂_l, V̂_l float32, same shape and chunks as the activations
+    fit/{l}.safetensors                 layer l's grids, Hadamard signs and predictors
+    fit/{l}.json                        quantizer configs, metrics, config digest, tensor file SHA-256
+                                        (written last: the layer is done once it exists)
+    fit/solved-{l}.{safetensors,json}   parallel mode: the solved codecs, before the reconstruction pass
+
+Every file is written to a temp name and ``os.replace``-d, so a rerun resumes after the last finished layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from aquakv.bundle import bits_per_value
+from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual
+from aquakv.config import CalibrationConfig, QuantizerConfig
+from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.grids import expected_distortion
+from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
+
+KINDS = ("keys", "values")
+RECON_STORE = "recon.zarr"
+FIT_DIR = "fit"
+SIGN_SEED = 0xA0A0
+ROWS_PER_READ = 1 << 16  # tokens read at once within a shard (bounds memory, keeps whole-sample reads)
+
+MapFn = Callable[..., Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Shape of an activations store."""
+
+    num_layers: int
+    num_samples: int
+    seq_len: int
+    kv_dim: int
+
+
+@dataclass
+class LayerFit:
+    """A fitted layer: its codec and metrics.
+
+    ``metrics``: ``keys_rel_mse``, ``values_rel_mse`` (reconstruction vs original), ``keys_pred_rel_mse``,
+    ``values_pred_rel_mse`` (predictor alone, 1.0 without predictor), ``bits_per_value``, ``tokens``.
+    """
+
+    layer: int
+    codec: LayerCodec
+    metrics: dict[str, float]
+
+
+@dataclass
+class ExactStats:
+    """Parallel-mode statistics of one layer from exact inputs.
+
+    ``keys``: X = K_{l-1}, Y = K_l (None at layer 0); ``values``: X = [K_l, V_{l-1}], Y = V_l (None at layer 0);
+    ``keys_sq``, ``values_sq`` ``[D]`` float64: per-channel sums of K_l², V_l²; ``count``: tokens.
+    """
+
+    keys: RidgeStats | None
+    values: RidgeStats | None
+    keys_sq: torch.Tensor
+    values_sq: torch.Tensor
+    count: int
+
+    def __add__(self, other: ExactStats) -> ExactStats:
+        def add(a: RidgeStats | None, b: RidgeStats | None) -> RidgeStats | None:
+            return None if a is None else a + b
+
+        return ExactStats(add(self.keys, other.keys), add(self.values, other.values), self.keys_sq + other.keys_sq,
+                          self.values_sq + other.values_sq, self.count + other.count)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# store I/O
+
+
+def shard_ranges(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
+    """Split ``[0, num_samples)`` into at most ``num_shards`` contiguous, non-empty, near-equal ``(start, stop)``."""
+    if num_samples < 1 or num_shards < 1:
+        raise ValueError(f"need num_samples >= 1 and num_shards >= 1, got {num_samples}, {num_shards}")
+    n = min(num_shards, num_samples)
+    bounds = [num_samples * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def store_info(act_path: str | os.PathLike) -> StoreInfo:
+    """Validate an activations store and return its shape; :class:`CalibrationError` if it is missing or empty."""
+    try:
+        group = zarr.open_group(str(act_path), mode="r")
+    except FileNotFoundError as e:
+        raise CalibrationError(f"no activations store at {act_path}; run the collect stage first") from e
+    if "keys" not in group or "values" not in group:
+        raise CalibrationError(f"{act_path} holds no keys/ and values/ arrays; run the collect stage first")
+    layers = sorted(int(k) for k in group["keys"].array_keys())
+    if not layers:
+        raise CalibrationError(f"{act_path} holds no layers; run the collect stage first")
+    if layers != list(range(len(layers))) or sorted(int(k) for k in group["values"].array_keys()) != layers:
+        raise CalibrationError(f"{act_path}: keys/ and values/ must both hold layers 0..L-1, found keys {layers}")
+    shape = group["keys/0"].shape
+    for kind in KINDS:
+        for layer in layers:
+            if group[f"{kind}/{layer}"].shape != shape:
+                raise CalibrationError(f"{act_path}: {kind}/{layer} has shape {group[f'{kind}/{layer}'].shape}, "
+                                       f"keys/0 has {shape}")
+    if len(shape) != 3 or 0 in shape:
+        raise CalibrationError(f"{act_path} holds no activations (shape {shape}, expected [samples, seq_len, dim])")
+    return StoreInfo(len(layers), *shape)
+
+
+def _read(group: zarr.Group, kind: str, layer: int, start: int, stop: int, device: str) -> torch.Tensor:
+    """Samples ``[start, stop)`` of ``kind/layer`` as float32 ``[(stop-start)*seq_len, D]``."""
+    arr = group[f"{kind}/{layer}"]
+    data = np.ascontiguousarray(arr[start:stop])
+    if arr.attrs.get("dtype") == "bfloat16":  # stored as uint16 bit patterns
+        t = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(data)
+    return t.to(device=device, dtype=torch.float32).reshape(-1, t.shape[-1])
+
+
+def _batches(start: int, stop: int, seq_len: int) -> Iterator[tuple[int, int]]:
+    step = max(1, ROWS_PER_READ // seq_len)
+    for a in range(start, stop, step):
+        yield a, min(a + step, stop)
+
+
+def _create_recon(recon_path: str | os.PathLike, layer: int, info: StoreInfo) -> None:
+    group = zarr.open_group(str(recon_path), mode="a")
+    shape = (info.num_samples, info.seq_len, info.kv_dim)
+    for kind in KINDS:
+        group.create_array(f"{kind}/{layer}", shape=shape, chunks=(1, *shape[1:]), dtype="float32",
+                           compressors=None, overwrite=True)
+
+
+def _has_recon(recon_path: Path, layer: int) -> bool:
+    try:
+        group = zarr.open_group(str(recon_path), mode="r")
+    except FileNotFoundError:
+        return False
+    return all(f"{kind}/{layer}" in group for kind in KINDS)
+
+
+def _cpu(stats: RidgeStats) -> RidgeStats:
+    return RidgeStats(stats.xtx.cpu(), stats.xty.cpu(), stats.yty, stats.count)
+
+
+def _stats(x: torch.Tensor, y: torch.Tensor, layer: int, kind: str, rows: tuple[int, int]) -> RidgeStats:
+    try:
+        return ridge_stats(x, y)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"layer {layer} {kind}, samples [{rows[0]}, {rows[1]}): {e}") from e
+
+
+def _accumulate(total: Any, part: Any) -> Any:
+    return part if total is None else total + part
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-shard work (top-level, picklable, plain arguments)
+
+
+def layer_stats_keys(act_path: str, recon_path: str, layer: int, start: int, stop: int,
+                     device: str = "cpu") -> RidgeStats:
+    """Key predictor statistics of samples ``[start, stop)``: X = K̂_{l-1} ``[N, D]`` (recon), Y = K_l ``[N, D]``."""
+    act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
+    total = None
+    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
+        x = _read(rec, "keys", layer - 1, a, b, device)
+        y = _read(act, "keys", layer, a, b, device)
+        total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
+    return _cpu(total)
+
+
+def layer_stats_values(act_path: str, recon_path: str, layer: int, start: int, stop: int, codec: LayerCodec,
+                       device: str = "cpu") -> RidgeStats:
+    """Value predictor statistics: X = [K̂_l, V̂_{l-1}] ``[N, 2D]``, Y = V_l ``[N, D]``.
+
+    K̂_l comes from :func:`aquakv.codec.encode` with ``codec``'s key predictor and quantizer (its value
+    predictor is ignored), exactly as :func:`reconstruct_shard` will produce it.
+    """
+    act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
+    key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None)
+    total = None
+    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
+        prev = (_read(rec, "keys", layer - 1, a, b, device), _read(rec, "values", layer - 1, a, b, device))
+        keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
+        try:
+            _, (keys_hat, _) = encode(keys, values, prev, key_only.to(device))
+        except NonFiniteError as e:
+            raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
+        total = _accumulate(total, _stats(torch.cat([keys_hat, prev[1]], 1), values, layer, "values", (a, b)))
+    return _cpu(total)
+
+
+def layer_stats_exact(act_path: str, layer: int, start: int, stop: int, device: str = "cpu") -> ExactStats:
+    """Parallel-mode statistics of samples ``[start, stop)`` from exact inputs (see :class:`ExactStats`)."""
+    act = zarr.open_group(act_path, mode="r")
+    total = None
+    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
+        keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
+        if layer == 0:
+            for kind, y in (("keys", keys), ("values", values)):
+                if not torch.isfinite(y).all():
+                    raise NonFiniteError(f"layer 0 {kind}, samples [{a}, {b}): NaN or Inf in the activations")
+            key_stats = value_stats = None
+        else:
+            prev_keys = _read(act, "keys", layer - 1, a, b, device)
+            prev_values = _read(act, "values", layer - 1, a, b, device)
+            key_stats = _cpu(_stats(prev_keys, keys, layer, "keys", (a, b)))
+            value_stats = _cpu(_stats(torch.cat([keys, prev_values], 1), values, layer, "values", (a, b)))
+        keys_sq, values_sq = (keys.double() ** 2).sum(0).cpu(), (values.double() ** 2).sum(0).cpu()
+        part = ExactStats(key_stats, value_stats, keys_sq, values_sq, keys.shape[0])
+        total = _accumulate(total, part)
+    return total
+
+
+def reconstruct_shard(act_path: str, recon_path: str, layer: int, start: int, stop: int, codec: LayerCodec,
+                      device: str = "cpu") -> dict[str, float]:
+    """Encode samples ``[start, stop)`` of ``layer`` with :func:`aquakv.codec.encode`, write K̂_l, V̂_l rows to the
+    recon store (whole chunks only), and return squared-error sums: ``{keys,values}_{err,pred_err,norm}``."""
+    act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r+")
+    codec = codec.to(device)
+    seq_len, dim = act[f"keys/{layer}"].shape[1:]
+    sums = dict.fromkeys(("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err",
+                          "values_norm"), 0.0)
+    for a, b in _batches(start, stop, seq_len):
+        prev = None if layer == 0 else (_read(rec, "keys", layer - 1, a, b, device),
+                                        _read(rec, "values", layer - 1, a, b, device))
+        keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
+        try:
+            _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"layer {layer}, samples [{a}, {b}): {e}") from e
+        preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
+        for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
+            y64 = y.double()
+            sums[f"{kind}_err"] += float(((y64 - y_hat.double()) ** 2).sum())
+            sums[f"{kind}_pred_err"] += float(((y64 - pred.double()) ** 2).sum())
+            sums[f"{kind}_norm"] += float((y64 * y64).sum())
+            rec[f"{kind}/{layer}"][a:b] = y_hat.reshape(b - a, seq_len, dim).cpu().numpy()
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# solving
+
+
+def sign_seed(layer: int, kind: str) -> int:
+    """Seed of the Hadamard signs of ``layer``'s ``kind`` quantizer: fixed, distinct per layer and kind."""
+    return SIGN_SEED + 2 * layer + KINDS.index(kind)
+
+
+def residual_quantizers(cfg: CalibrationConfig, layer: int) -> tuple[Residual, Residual]:
+    """Keys and values residual quantizers of ``layer`` (``cfg.first_layer`` for layer 0)."""
+    key_cfg, value_cfg = (cfg.first_layer, cfg.first_layer) if layer == 0 else (cfg.keys, cfg.values)
+    return (gaussian_residual(key_cfg, sign_seed(layer, "keys")),
+            gaussian_residual(value_cfg, sign_seed(layer, "values")))
+
+
+def _repeat(n: int, *plain: Any) -> list[list[Any]]:
+    """Argument columns for ``map_fn``: each plain value repeated once per task."""
+    return [[v] * n for v in plain]
+
+
+def chain_codec(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
+                map_fn: MapFn = map, device: str = "cpu") -> LayerCodec:
+    """Chain-mode codec of ``layer``: needs K̂_{l-1}, V̂_{l-1} in the recon store (layer 0: no predictors)."""
+    keys_q, values_q = residual_quantizers(cfg, layer)
+    if layer == 0:
+        return LayerCodec(keys_q, values_q)
+    n = len(shards)
+    columns = [*_repeat(n, str(act_path), str(recon_path), layer), [a for a, _ in shards], [b for _, b in shards]]
+    key_stats = _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, device)))
+    key_predictor = fit_ridge(key_stats, cfg.damping, cfg.predictor_rank)
+    partial = LayerCodec(keys_q, values_q, key_predictor, None)
+    value_stats = _sum(map_fn(layer_stats_values, *columns, *_repeat(n, partial, device)))
+    return LayerCodec(keys_q, values_q, key_predictor, fit_ridge(value_stats, cfg.damping, cfg.predictor_rank))
+
+
+def _sum(parts: Iterable[Any]) -> Any:
+    """Sum of shard results (anything with ``+``), consumed as they arrive."""
+    total = None
+    for part in parts:
+        total = _accumulate(total, part)
+    return total
+
+
+def _quantization_noise(energy: torch.Tensor, config: QuantizerConfig, distortion: float) -> torch.Tensor:
+    """Per-channel variance ``[D]`` of the HIGGS error of a residual with per-channel energy ``energy [D]``.
+
+    Each Hadamard group (zero-padded to ``g`` channels) is scaled by its norm and its rotated coordinates are near
+    standard normal, so the group's error energy is ``distortion · ‖r_group‖²``, spread evenly over its ``g``
+    channels by the (orthonormal) inverse rotation: ``σ²_c = distortion · mean(energy over c's group)``.
+    """
+    g, d = config.group_size, energy.shape[0]
+    padded = torch.nn.functional.pad(energy, (0, (-d) % g)).view(-1, g)
+    return (distortion * padded.mean(1, keepdim=True)).expand_as(padded).reshape(-1)[:d]
+
+
+def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg: CalibrationConfig
+                 ) -> tuple[Predictor, torch.Tensor]:
+    """Ridge solve with the inputs' expected noise ``noise [D_in]`` (per-channel variance) added to XᵀX's diagonal.
+
+    Returns the predictor and the expected per-channel residual energy ``[D_out]`` per token on noisy inputs.
+    """
+    n = stats.count
+    extra = torch.cat([noise.double() * n, torch.zeros(1, dtype=torch.float64)])
+    noisy = RidgeStats(stats.xtx + torch.diag(extra), stats.xty, stats.yty, n)
+    predictor = fit_ridge(noisy, cfg.damping, cfg.predictor_rank)
+    w = torch.cat([predictor.weight, predictor.bias[None]], 0).double()
+    energy = (y_sq - 2 * (w * noisy.xty).sum(0) + (w * (noisy.xtx @ w)).sum(0)) / n
+    return predictor, energy.clamp_min(0.0)
+
+
+def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig) -> list[LayerCodec]:
+    """Layer-parallel codecs from exact-input statistics (one :class:`ExactStats` per layer, in order).
+
+    Errors-in-variables: inference feeds the predictors reconstructions ``X̂ = X + E``. Taking ``E`` zero-mean,
+    independent of X and Y, with diagonal covariance ``Σ``: ``E[X̂ᵀX̂] = XᵀX + n·Σ`` and ``E[X̂ᵀY] = XᵀY``, so each
+    solve adds ``n·Σ`` to ``XᵀX`` (and ``λ`` follows from the noisy diagonal, as in the chain). ``Σ`` of a layer's
+    output is :func:`_quantization_noise` of its residual energy, itself predicted from the statistics with that
+    layer's own noisy inputs, so noise propagates down the layers. Only ``[D, D]`` algebra, sequential over layers;
+    the data pass is parallel over layers and shards. (A forward-channel model with the quantizer's shrinkage,
+    ``Q(R) = (1-D)·R + N``, is exact for Gaussian residuals but made the corrected XᵀX indefinite on near-degenerate
+    real activations; this additive model stayed within a few percent of the chain.)
+    """
+    codecs: list[LayerCodec] = []
+    noise_keys = noise_values = None  # per-channel error variance of K̂_{l-1}, V̂_{l-1}
+    distortions: dict[QuantizerConfig, float] = {}
+    for layer, s in enumerate(stats):
+        keys_q, values_q = residual_quantizers(cfg, layer)
+        for q in (keys_q, values_q):
+            if q.config not in distortions:
+                distortions[q.config] = expected_distortion(q.grid)
+        if layer == 0:
+            key_predictor = value_predictor = None
+            key_energy, value_energy = s.keys_sq / s.count, s.values_sq / s.count
+            noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
+        else:
+            key_predictor, key_energy = _noisy_solve(s.keys, noise_keys, s.keys_sq, cfg)
+            noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
+            value_predictor, value_energy = _noisy_solve(s.values, torch.cat([noise_keys, noise_values]),
+                                                         s.values_sq, cfg)
+        noise_values = _quantization_noise(value_energy, values_q.config, distortions[values_q.config])
+        codecs.append(LayerCodec(keys_q, values_q, key_predictor, value_predictor))
+    return codecs
+
+
+def _per_layer(results: Iterable[ExactStats], shards_per_layer: int) -> Iterator[ExactStats]:
+    """Sum consecutive runs of ``shards_per_layer`` shard results (layer-major order), streaming."""
+    total, seen = None, 0
+    for part in results:
+        total, seen = _accumulate(total, part), seen + 1
+        if seen == shards_per_layer:
+            yield total
+            total, seen = None, 0
+
+
+def parallel_codecs(act_path: str, cfg: CalibrationConfig, shards: list[tuple[int, int]], map_fn: MapFn = map,
+                    device: str = "cpu") -> list[LayerCodec]:
+    """Parallel-mode codecs of every layer: one map over all (layer, shard) pairs, then :func:`solve_parallel`."""
+    info = store_info(act_path)
+    tasks = [(layer, a, b) for layer in range(info.num_layers) for a, b in shards]
+    results = map_fn(layer_stats_exact, *_repeat(len(tasks), str(act_path)), *map(list, zip(*tasks, strict=True)),
+                     *_repeat(len(tasks), device))
+    return solve_parallel(_per_layer(results, len(shards)), cfg)
+
+
+def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCodec,
+                      shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
+    """Encode every shard of ``layer`` with ``codec`` (writing K̂_l, V̂_l to the recon store); return its metrics."""
+    info = store_info(act_path)
+    _create_recon(recon_path, layer, info)
+    n = len(shards)
+    s: dict[str, float] = {}
+    for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer),
+                       [a for a, _ in shards], [b for _, b in shards], *_repeat(n, codec, device)):
+        s = {k: s.get(k, 0.0) + v for k, v in part.items()}
+    metrics = {
+        "keys_rel_mse": s["keys_err"] / max(s["keys_norm"], 1e-30),
+        "values_rel_mse": s["values_err"] / max(s["values_norm"], 1e-30),
+        "keys_pred_rel_mse": s["keys_pred_err"] / max(s["keys_norm"], 1e-30),
+        "values_pred_rel_mse": s["values_pred_err"] / max(s["values_norm"], 1e-30),
+        "bits_per_value": bits_per_value([codec], info.kv_dim)["total"],
+        "tokens": float(sum(b - a for a, b in shards) * info.seq_len),
+    }
+    return LayerFit(layer, codec, metrics)
+
+
+def fit_layer(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
+              map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
+    """Chain mode, one layer: solve its predictors from shard statistics, then reconstruct it for layer ``l+1``."""
+    codec = chain_codec(act_path, recon_path, layer, cfg, shards, map_fn, device)
+    return reconstruct_layer(act_path, recon_path, layer, codec, shards, map_fn, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# persistence and the driver
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_codec(stem: Path, codec: LayerCodec, info: dict[str, Any]) -> None:
+    """Write ``stem.safetensors`` (tensors) then ``stem.json`` (configs, ``info``, tensor SHA-256), atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = dict(info)
+    for kind, residual, predictor in (("keys", codec.keys, codec.key_predictor),
+                                      ("values", codec.values, codec.value_predictor)):
+        tensors[f"{kind}.grid"] = residual.grid.detach().float().cpu().clone()
+        tensors[f"{kind}.signs"] = residual.signs.detach().float().cpu().clone()
+        if predictor is not None:
+            tensors[f"{kind}.weight"] = predictor.weight.detach().float().cpu().clone()
+            tensors[f"{kind}.bias"] = predictor.bias.detach().float().cpu().clone()
+        meta[kind] = {"quantizer": residual.config.model_dump(), "predictor": predictor is not None}
+    blob = save_safetensors(tensors)
+    meta["sha256"] = hashlib.sha256(blob).hexdigest()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(stem.with_name(stem.name + ".safetensors"), blob)
+    _atomic_write(stem.with_name(stem.name + ".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def load_codec(stem: Path, digest: str) -> tuple[LayerCodec, dict[str, Any]] | None:
+    """The codec and json info saved at ``stem`` if complete, intact and made with config ``digest``; else None."""
+    try:
+        meta = json.loads(stem.with_name(stem.name + ".json").read_bytes())
+        blob = stem.with_name(stem.name + ".safetensors").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if meta.get("digest") != digest or meta.get("sha256") != hashlib.sha256(blob).hexdigest():
+        return None
+    tensors = load_safetensors(blob)
+    parts = []
+    for kind in KINDS:
+        residual = Residual(QuantizerConfig(**meta[kind]["quantizer"]), tensors[f"{kind}.grid"],
+                            tensors[f"{kind}.signs"])
+        predictor = Predictor(tensors[f"{kind}.weight"], tensors[f"{kind}.bias"]) if meta[kind]["predictor"] else None
+        parts.append((residual, predictor))
+    return LayerCodec(parts[0][0], parts[1][0], parts[0][1], parts[1][1]), meta
+
+
+def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int) -> list[LayerFit]:
+    """The finished prefix of layers under ``workdir`` (made with ``cfg``, reconstruction on disk)."""
+    workdir = Path(workdir)
+    fits: list[LayerFit] = []
+    for layer in range(num_layers):
+        loaded = load_codec(workdir / FIT_DIR / str(layer), cfg.fit_digest())
+        if loaded is None or not _has_recon(workdir / RECON_STORE, layer):
+            break
+        fits.append(LayerFit(layer, loaded[0], loaded[1]["metrics"]))
+    return fits
+
+
+def _solved_codecs(act_path: str, workdir: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]],
+                   map_fn: MapFn, device: str, num_layers: int) -> list[LayerCodec]:
+    """Parallel mode: the saved solved codecs if all are there, else solve (and save) them."""
+    stems = [workdir / FIT_DIR / f"solved-{layer}" for layer in range(num_layers)]
+    loaded = [load_codec(stem, cfg.fit_digest()) for stem in stems]
+    if all(x is not None for x in loaded):
+        return [x[0] for x in loaded]
+    codecs = parallel_codecs(act_path, cfg, shards, map_fn, device)
+    for layer, (stem, codec) in enumerate(zip(stems, codecs, strict=True)):
+        save_codec(stem, codec, {"digest": cfg.fit_digest(), "layer": layer})
+    return codecs
+
+
+def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: CalibrationConfig, map_fn: MapFn = map,
+            progress: bool = True, num_shards: int | None = None, device: str = "cpu") -> list[LayerFit]:
+    """Fit every layer (``cfg.fit_mode``), resuming after the finished layers found under ``workdir``.
+
+    ``map_fn(fn, *iterables)`` has builtin ``map`` semantics (results in order) and runs the per-shard work;
+    ``num_shards`` defaults to ``cfg.workers``. A layer is finished once ``fit/{l}.json`` holds this config's
+    digest and its reconstruction is in ``recon.zarr``; finished layers are loaded, never recomputed.
+    """
+    act_path, workdir = str(act_path), Path(workdir)
+    info = store_info(act_path)
+    shards = shard_ranges(info.num_samples, num_shards or cfg.workers)
+    recon_path = str(workdir / RECON_STORE)
+    fits = load_fits(workdir, cfg, info.num_layers)
+    if len(fits) == info.num_layers:
+        return fits
+    codecs = None
+    if cfg.fit_mode == "parallel":
+        codecs = _solved_codecs(act_path, workdir, cfg, shards, map_fn, device, info.num_layers)
+    bar = tqdm(range(len(fits), info.num_layers), desc=f"fit ({cfg.fit_mode})", disable=not progress,
+               initial=len(fits), total=info.num_layers)
+    for layer in bar:
+        if codecs is None:
+            fit = fit_layer(act_path, recon_path, layer, cfg, shards, map_fn, device)
+        else:
+            fit = reconstruct_layer(act_path, recon_path, layer, codecs[layer], shards, map_fn, device)
+        save_codec(workdir / FIT_DIR / str(layer), fit.codec,
+                   {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics})
+        bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
+        fits.append(fit)
+    return fits

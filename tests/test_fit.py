@@ -1,0 +1,241 @@
+"""pipeline.fit on synthetic activations with planted inter-layer relations (no model, no collect stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from aquakv.codec import LayerCodec, encode
+from aquakv.config import CalibrationConfig, QuantizerConfig
+from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.predictors import fit_ridge, relative_mse, residual_mse
+from pipeline import fit
+
+DIM, SEQ, SAMPLES, LAYERS = 32, 16, 24, 3
+Q2 = QuantizerConfig(dim=2, size=16, group_size=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy CPUs (100x slower otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**kw: object) -> CalibrationConfig:
+    base = dict(model="synthetic", data="synthetic", keys=Q2, values=Q2,
+                first_layer=QuantizerConfig(dim=2, size=256, group_size=32))
+    return CalibrationConfig(**{**base, **kw})
+
+
+def _orthogonal(gen: torch.Generator, n: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=gen))[0]
+
+
+def write_store(path: Path, layers: int = LAYERS, noise: float = 0.05, samples: int = SAMPLES, seq: int = SEQ,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """Activations where K_l = K_{l-1} A_l + b_l + noise and V_l = [K_l, V_{l-1}] B_l + noise; returns the maps."""
+    gen = torch.Generator().manual_seed(seed)
+    n = samples * seq
+    scale = torch.linspace(0.3, 3.0, DIM)  # anisotropic channels
+    keys, values = torch.randn(n, DIM, generator=gen) * scale, torch.randn(n, DIM, generator=gen)
+    group = zarr.open_group(str(path), mode="w")
+    planted = {}
+    for layer in range(layers):
+        if layer:
+            a, b = _orthogonal(gen, DIM), torch.randn(DIM, generator=gen)
+            keys = keys @ a + b + noise * torch.randn(n, DIM, generator=gen)
+            m = torch.cat([_orthogonal(gen, DIM), _orthogonal(gen, DIM)]) * 0.7
+            values = torch.cat([keys, values], 1) @ m + noise * torch.randn(n, DIM, generator=gen)
+            planted[f"A{layer}"], planted[f"b{layer}"] = a, b
+        for kind, t in (("keys", keys), ("values", values)):
+            arr = group.create_array(f"{kind}/{layer}", shape=(samples, seq, DIM), chunks=(1, seq, DIM),
+                                     dtype="float32")
+            arr[:] = t.view(samples, seq, DIM).numpy()
+    return planted
+
+
+def _counting_map(calls: list[str]):
+    def map_fn(fn, *iterables):
+        calls.append(fn.__name__)
+        return map(fn, *iterables)
+
+    return map_fn
+
+
+def _no_predictor_rel_mse(act: Path, layer: int, cfg: CalibrationConfig) -> tuple[float, float]:
+    """Relative MSE of quantizing layer ``layer`` directly with the same quantizers (the baseline)."""
+    group = zarr.open_group(str(act), mode="r")
+    keys = torch.from_numpy(group[f"keys/{layer}"][:]).reshape(-1, DIM)
+    values = torch.from_numpy(group[f"values/{layer}"][:]).reshape(-1, DIM)
+    _, (k_hat, v_hat) = encode(keys, values, None, LayerCodec(*fit.residual_quantizers(cfg, layer)))
+    return relative_mse(keys, k_hat), relative_mse(values, v_hat)
+
+
+def test_shard_ranges() -> None:
+    assert fit.shard_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert fit.shard_ranges(2, 5) == [(0, 1), (1, 2)]
+    assert fit.shard_ranges(7, 1) == [(0, 7)]
+    with pytest.raises(ValueError):
+        fit.shard_ranges(0, 2)
+
+
+def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    cfg = _cfg()
+    recon = str(tmp_path / "recon.zarr")
+    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, cfg, [(0, SAMPLES)]),
+                          [(0, SAMPLES)])
+    one = fit.layer_stats_keys(str(act), recon, 1, 0, SAMPLES)
+    parts = [fit.layer_stats_keys(str(act), recon, 1, a, b) for a, b in fit.shard_ranges(SAMPLES, 5)]
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    assert total.count == one.count == SAMPLES * SEQ
+    torch.testing.assert_close(total.xtx, one.xtx, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(total.xty, one.xty, rtol=1e-10, atol=1e-8)
+    assert total.yty == pytest.approx(one.yty, rel=1e-12)
+
+
+def test_chain_recovers_planted_relation(tmp_path: Path) -> None:
+    act = tmp_path / "act.zarr"
+    planted = write_store(act, noise=0.0)
+    # an 8-bit first layer makes K̂_0 ≈ K_0, so layer 1's key predictor must find A_1, b_1
+    cfg = _cfg(first_layer=QuantizerConfig(dim=1, size=256, group_size=32))
+    fits = fit.fit_all(act, tmp_path / "work", cfg, progress=False, num_shards=3)
+    assert fits[1].metrics["keys_pred_rel_mse"] < 1e-3
+    torch.testing.assert_close(fits[1].codec.key_predictor.weight, planted["A1"], atol=0.05, rtol=0)
+    torch.testing.assert_close(fits[1].codec.key_predictor.bias, planted["b1"], atol=0.05, rtol=0)
+    for f in fits[1:]:
+        no_pred = _no_predictor_rel_mse(act, f.layer, cfg)
+        assert f.metrics["keys_rel_mse"] < 0.5 * no_pred[0]
+        assert f.metrics["values_rel_mse"] < 0.5 * no_pred[1]
+
+
+def test_chain_vs_parallel(tmp_path: Path) -> None:
+    act = tmp_path / "act.zarr"
+    write_store(act, layers=4, noise=0.1)
+    report = []
+    results = {}
+    for mode in ("chain", "parallel"):
+        cfg = _cfg(fit_mode=mode)
+        results[mode] = fit.fit_all(act, tmp_path / mode, cfg, progress=False, num_shards=2)
+    for layer in range(1, 4):
+        no_pred = _no_predictor_rel_mse(act, layer, _cfg())
+        row = {m: (f[layer].metrics["keys_rel_mse"], f[layer].metrics["values_rel_mse"]) for m, f in results.items()}
+        report.append(f"layer {layer}: none {no_pred[0]:.4f}/{no_pred[1]:.4f} "
+                      + " ".join(f"{m} {k:.4f}/{v:.4f}" for m, (k, v) in row.items()))
+        for k, v in row.values():
+            assert k < no_pred[0] and v < no_pred[1]
+    print("\nkeys/values relative MSE\n" + "\n".join(report))
+
+
+def test_parallel_noise_model_matches_chain(tmp_path: Path) -> None:
+    """Layer 1's parallel key predictor (exact inputs + modelled noise) is close to the chain's on held-out
+    reconstructions, and better than a plain fit on exact inputs."""
+    act, recon, half = tmp_path / "act.zarr", str(tmp_path / "recon.zarr"), 8
+    write_store(act, layers=2, samples=2 * half, seq=256)
+    cfg = _cfg(first_layer=Q2)  # a coarse first layer makes the noise matter
+    everything = [(0, 2 * half)]
+    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, cfg, everything), everything)
+    train, test = (fit.layer_stats_keys(str(act), recon, 1, a, b) for a, b in ((0, half), (half, 2 * half)))
+    exact = [fit.layer_stats_exact(str(act), layer, 0, half) for layer in range(2)]
+    chain_err = residual_mse(test, fit_ridge(train, cfg.damping))
+    parallel_err = residual_mse(test, fit.solve_parallel(exact, cfg)[1].key_predictor)
+    naive_err = residual_mse(test, fit_ridge(exact[1].keys, cfg.damping))
+    print(f"\nlayer-1 key predictor, held-out relative MSE: chain {chain_err:.4f} parallel {parallel_err:.4f} "
+          f"exact-input {naive_err:.4f}")
+    assert parallel_err < min(1.1 * chain_err, naive_err)
+
+
+def test_resume_loads_finished_layers(tmp_path: Path) -> None:
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    work = tmp_path / "work"
+    cfg = _cfg()
+    calls: list[str] = []
+    first = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
+    assert calls.count("reconstruct_shard") == LAYERS
+    assert sorted(p.name for p in (work / "fit").iterdir()) == [f"{i}.{e}" for i in range(LAYERS)
+                                                               for e in ("json", "safetensors")]
+    calls.clear()
+    second = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
+    assert calls == []
+    for a, b in zip(first, second, strict=True):
+        assert a.metrics == pytest.approx(b.metrics)
+        torch.testing.assert_close(a.codec.keys.signs, b.codec.keys.signs)
+        if a.codec.key_predictor is not None:
+            torch.testing.assert_close(a.codec.value_predictor.weight, b.codec.value_predictor.weight)
+    # losing the last layer's marker refits only that layer, to the same result
+    (work / "fit" / f"{LAYERS - 1}.json").unlink()
+    third = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
+    assert calls.count("reconstruct_shard") == 1
+    assert third[-1].metrics == pytest.approx(first[-1].metrics)
+    # another quantizer config is another digest: everything is refitted
+    calls.clear()
+    fit.fit_all(act, work, _cfg(values=QuantizerConfig(dim=2, size=64, group_size=32)), map_fn=_counting_map(calls),
+                progress=False)
+    assert calls.count("reconstruct_shard") == LAYERS
+
+
+def test_parallel_resume(tmp_path: Path) -> None:
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    work, cfg = tmp_path / "work", _cfg(fit_mode="parallel")
+    calls: list[str] = []
+    first = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False)
+    assert calls.count("layer_stats_exact") == 1 and calls.count("reconstruct_shard") == LAYERS
+    (work / "fit" / "1.json").unlink()
+    calls.clear()
+    again = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False)
+    assert calls == ["reconstruct_shard"] * (LAYERS - 1)  # solved codecs reloaded, layers 1.. re-encoded
+    for a, b in zip(first, again, strict=True):
+        assert a.metrics == pytest.approx(b.metrics)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("mode", ["chain", "parallel"])
+def test_nan_names_the_layer(tmp_path: Path, layer: int, mode: str) -> None:
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    arr = zarr.open_group(str(act), mode="r+")[f"keys/{layer}"]
+    arr[3, 5, 7] = np.nan
+    with pytest.raises(NonFiniteError, match=f"layer {layer}"):
+        fit.fit_all(act, tmp_path / "work", _cfg(fit_mode=mode), progress=False)
+
+
+def test_empty_or_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="no activations store"):
+        fit.fit_all(tmp_path / "missing.zarr", tmp_path / "work", _cfg(), progress=False)
+    zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    with pytest.raises(CalibrationError, match="collect"):
+        fit.fit_all(tmp_path / "empty.zarr", tmp_path / "work", _cfg(), progress=False)
+    group = zarr.open_group(str(tmp_path / "zero.zarr"), mode="w")
+    for kind in ("keys", "values"):
+        group.create_array(f"{kind}/0", shape=(0, SEQ, DIM), chunks=(1, SEQ, DIM), dtype="float32")
+    with pytest.raises(CalibrationError, match="no activations"):
+        fit.fit_all(tmp_path / "zero.zarr", tmp_path / "work", _cfg(), progress=False)
+
+
+def test_bfloat16_store_is_read(tmp_path: Path) -> None:
+    """A store written as uint16 bit patterns with attrs dtype=bfloat16 (as the collect stage may do) is read."""
+    act = tmp_path / "act.zarr"
+    write_store(act, layers=2)
+    src = zarr.open_group(str(act), mode="r")
+    bf = zarr.open_group(str(tmp_path / "bf.zarr"), mode="w")
+    for kind in ("keys", "values"):
+        for layer in range(2):
+            t = torch.from_numpy(src[f"{kind}/{layer}"][:]).to(torch.bfloat16)
+            arr = bf.create_array(f"{kind}/{layer}", shape=t.shape, chunks=(1, SEQ, DIM), dtype="uint16")
+            arr.attrs["dtype"] = "bfloat16"
+            arr[:] = t.view(torch.int16).numpy().view(np.uint16)
+    a = fit.fit_all(act, tmp_path / "w1", _cfg(), progress=False)
+    b = fit.fit_all(tmp_path / "bf.zarr", tmp_path / "w2", _cfg(), progress=False)
+    assert b[1].metrics["keys_rel_mse"] == pytest.approx(a[1].metrics["keys_rel_mse"], rel=0.2)

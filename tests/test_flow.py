@@ -1,0 +1,148 @@
+"""End to end: the real calibrate flow (Prefect ephemeral API, local Ray) on a tiny sharded Llama checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from prefect.testing.utilities import prefect_test_harness
+from transformers import AutoModelForCausalLM
+
+import pipeline.fit
+from aquakv.cache import AquaKVCache
+from aquakv.cli import main as cli
+from aquakv.errors import CalibrationError
+from aquakv.registry import load_bundle
+from cluster.workers import collect_worker, connect, ray_map
+from flows.calibrate import calibrate
+from pipeline.collect import open_activations, read_activations
+from pipeline.testing import write_tiny_llama
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("flow")
+    model = write_tiny_llama(root / "model", num_layers=LAYERS, max_positions=256)
+    text = "\n\n".join(f"Paragraph {i}: the fox number {i * 7} jumps over {i % 13} lazy dogs by the river." * 3
+                       for i in range(300))
+    (root / "data.txt").write_text(text)
+    return {"root": root, "model": str(model), "data": str(root / "data.txt")}
+
+
+def config(assets: dict, run: str, **kw: object) -> dict:
+    q = {"dim": 2, "size": 16, "group_size": 32}
+    base = {"name": "tiny", "model": assets["model"], "data": assets["data"], "seq_len": 64, "num_samples": 6,
+            "heldout_samples": 2, "keys": q, "values": q, "first_layer": {**q, "size": 256},
+            "cache": {"recent_window": 16}, "max_ppl_increase": 0.5, "workers": 2,
+            "registry": str(assets["root"] / run / "registry"), "workdir": str(assets["root"] / run / "work")}
+    return {**base, **kw}
+
+
+def bundle_bytes(uri: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(uri).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def first_run(harness, assets) -> dict:
+    return calibrate(config(assets, "a"))
+
+
+def test_flow_publishes_a_bundle_that_generates(first_run, assets, capsys):
+    bundle = load_bundle(Path(first_run["bundle"]).parent)  # through the `latest` pointer
+    assert bundle.manifest["validation"]["ppl_exact"] == pytest.approx(first_run["ppl_exact"])
+    assert first_run["ppl_increase"] < 0.5
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    cache = AquaKVCache.from_bundle(bundle, model)
+    out = model.generate(torch.randint(3, 200, (2, 40)), past_key_values=cache, max_new_tokens=30, do_sample=False,
+                         pad_token_id=0)
+    assert out.shape == (2, 70) and cache.layers[LAYERS - 1].compressed_len > 0
+    cli(["inspect", first_run["bundle"]])
+    shown = capsys.readouterr().out
+    assert "tiny/v1" in shown and "d=2 n=256" in shown and "ppl_exact" in shown
+
+
+def test_rerun_after_crash_resumes_and_publishes_identical_bytes(first_run, harness, assets, monkeypatch):
+    real_save = pipeline.fit.save_codec
+    saved: list[int] = []
+
+    def crash_after_two(stem, codec, info):
+        if len(saved) == 2:
+            raise KeyboardInterrupt("simulated crash after two layers")
+        real_save(stem, codec, info)
+        saved.append(info["layer"])
+
+    monkeypatch.setattr(pipeline.fit, "save_codec", crash_after_two)
+    with pytest.raises(BaseException, match="simulated crash"):
+        calibrate(config(assets, "b"))
+    assert saved == [0, 1]
+    assert not (assets["root"] / "b" / "registry").exists()
+
+    monkeypatch.setattr(pipeline.fit, "save_codec", real_save)
+    fitted: list[int] = []
+    real_fit = pipeline.fit.fit_layer
+    monkeypatch.setattr(pipeline.fit, "fit_layer", lambda *a, **k: fitted.append(a[2]) or real_fit(*a, **k))
+    resumed = calibrate(config(assets, "b"))
+    assert fitted == [2, 3]  # layers 0 and 1 were loaded, not recomputed
+    assert bundle_bytes(resumed["bundle"]) == bundle_bytes(first_run["bundle"])
+
+
+def test_refit_with_other_bits_reuses_activations(first_run, harness, assets):
+    act = next((assets["root"] / "a" / "work").glob("tiny-*/activations.zarr"))
+    before = {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()}
+    q3 = {"dim": 2, "size": 64, "group_size": 32}
+    summary = calibrate(config(assets, "a", keys=q3, values=q3, version="v2"))
+    assert {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()} == before
+    assert summary["bits_per_value"]["index"] > first_run["bits_per_value"]["index"]
+    assert summary["ppl_increase"] <= first_run["ppl_increase"] + 1e-3
+    assert (Path(summary["bundle"]).parent / "latest").read_text().strip() == "v2"
+
+
+def test_two_ray_workers_collect_the_same_activations_as_one(first_run, assets, tmp_path):
+    tokens = str(next((assets["root"] / "a" / "work").glob("tiny-*/tokens.zarr")))
+    connect(None, 2)
+    stores = []
+    for shards in ([(0, 6)], [(0, 3), (3, 6)]):
+        path = str(tmp_path / f"act{len(shards)}.zarr")
+        open_activations(path, LAYERS, 6, 64, 32)
+        n = len(shards)
+        ray_map(collect_worker, [assets["model"]] * n, [tokens] * n, [a for a, _ in shards], [b for _, b in shards],
+                [path] * n, ["float32"] * n)
+        stores.append(zarr.open_group(path, mode="r"))
+    for layer in range(LAYERS):
+        for kind in ("keys", "values"):
+            a, b = (read_activations(s, kind, layer) for s in stores)
+            assert torch.equal(a, b)
+
+
+def test_missing_shard_fails_clearly_and_publishes_nothing(harness, assets, tmp_path):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    src = Path(assets["model"])
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for p in src.iterdir():
+        if p.name != shards[-1]:
+            (broken / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(CalibrationError, match=shards[-1]):
+        calibrate(config(assets, "c", model=str(broken)))
+    assert not (assets["root"] / "c" / "registry").exists()
+
+
+def test_missed_gate_publishes_nothing(first_run, harness, assets):
+    with pytest.raises(CalibrationError, match="validation gate missed"):
+        q1 = {"dim": 1, "size": 2, "group_size": 32}  # 1 bit per value: perplexity must move
+        calibrate(config(assets, "a", keys=q1, values=q1, first_layer=q1, max_ppl_increase=1e-6, version="v9"))
+    assert not (assets["root"] / "a" / "registry" / "tiny" / "v9").exists()
+    assert np.isfinite(first_run["ppl_aquakv"])

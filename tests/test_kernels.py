@@ -1,0 +1,184 @@
+"""Triton kernels against the PyTorch reference. Skipped without CUDA + Triton (CI is CPU-only); they also run on
+the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, Triton installed), slowly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from aquakv import kernels
+from aquakv.cache import AquaKVCache
+from aquakv.codec import EncodedBlock, LayerCodec, gaussian_residual
+from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.grids import gaussian_grid
+from aquakv.hadamard import random_signs, rotate, walsh_hadamard
+from aquakv.packing import pack, packed_bytes, unpack
+from aquakv.predictors import Predictor
+from aquakv.quantize import Quantized, dequantize, quantize
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.enabled(DEV), reason="needs CUDA and Triton (or TRITON_INTERPRET=1)")
+QUANTIZERS = [(2, 16, 64, 1024), (2, 16, 64, 192), (2, 64, 64, 100), (2, 256, 64, 1024), (2, 256, 128, 256),
+              (1, 16, 64, 64), (1, 8, 64, 130), (2, 16, 128, 1024)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_rotation_matrices_are_the_reference_transform():
+    g = 64
+    signs = random_signs(g, 7)
+    x = torch.randn(9, g, dtype=torch.float64)
+    h = kernels.hadamard_pm1(g).double()
+    assert torch.allclose(walsh_hadamard(x), x @ h * g**-0.5)
+    comp, recon = kernels.rotation_matrices(signs, 2, torch.device(DEV))
+    s = torch.cat([comp[0].double().cpu(), comp[1].double().cpu()], 1)  # components interleaved below
+    rotated = x @ s * g**-0.5
+    assert torch.allclose(rotated[:, :32], rotate(x, signs.double())[:, 0, 0::2])
+    assert torch.allclose(rotated[:, 32:], rotate(x, signs.double())[:, 0, 1::2])
+    assert recon.shape == (2, 32, 64)
+
+
+@pytest.mark.parametrize("dim,size,group,channels", QUANTIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_matches_reference(dim, size, group, channels, dtype):
+    cfg = QuantizerConfig(dim=dim, size=size, group_size=group)
+    grid, signs = gaussian_grid(dim, size).to(DEV), random_signs(group, 11).to(DEV)
+    x = (torch.randn(517, channels, device=DEV) * torch.rand(1, channels, device=DEV) * 5).to(dtype)
+    x[3, :5] = 40.0  # an outlier row
+    ours = kernels.quantize(x, grid, signs, cfg)
+    with kernels.disabled():
+        ref = quantize(x, grid, signs, cfg)
+    assert ours.codes.shape == ref.codes.shape and ours.codes.dtype == torch.uint8
+    assert ours.scales.shape == ref.scales.shape and ours.scales.dtype == ref.scales.dtype
+    count = ref.scales.shape[-1] * group // dim
+    idx, ref_idx = unpack(ours.codes, cfg.index_bits, count), unpack(ref.codes, cfg.index_bits, count)
+    assert torch.equal(pack(idx, cfg.index_bits), ours.codes)  # same layout, padding bits zero
+    mismatch = idx != ref_idx
+    assert mismatch.float().mean() < 1e-3
+    if mismatch.any():  # only near-ties may differ: compare both choices' distances on the reference unit vectors
+        groups = rotate(x.float(), signs)
+        unit = groups * group**0.5 / groups.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        vecs = unit.reshape(*unit.shape[:-2], -1, dim)[mismatch]
+        d_ours = ((vecs - grid[idx[mismatch]]) ** 2).sum(-1)
+        d_ref = ((vecs - grid[ref_idx[mismatch]]) ** 2).sum(-1)
+        assert torch.allclose(d_ours, d_ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ours.scales.float(), ref.scales.float(), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("dim,size,group,channels", QUANTIZERS)
+def test_dequantize_matches_reference_and_codes_interchange(dim, size, group, channels):
+    cfg = QuantizerConfig(dim=dim, size=size, group_size=group)
+    grid, signs = gaussian_grid(dim, size).to(DEV), random_signs(group, 5).to(DEV)
+    x = torch.randn(300, channels, device=DEV) * 3
+    q = kernels.quantize(x, grid, signs, cfg)
+    with kernels.disabled():
+        ref = dequantize(q, grid, signs, cfg)
+    ours = kernels.dequantize(q, grid, signs, cfg)
+    assert ours.shape == x.shape and _rel(ours, ref) < 1e-6
+    add = torch.randn_like(x)
+    assert _rel(kernels.dequantize(q, grid, signs, cfg, add=add), ref + add) < 1e-6
+    assert _rel(kernels.dequantize(q, grid, signs, cfg, out_dtype=torch.bfloat16), ref) < 5e-3
+    # GPU codes decode on the CPU reference and vice versa
+    cpu_q = Quantized(q.codes.cpu(), q.scales.cpu(), q.channels)
+    with kernels.disabled():
+        assert _rel(dequantize(cpu_q, grid.cpu(), signs.cpu(), cfg), ours.cpu()) < 1e-6
+        ref_q = quantize(x.cpu(), grid.cpu(), signs.cpu(), cfg)
+    back = kernels.dequantize(Quantized(ref_q.codes.to(DEV), ref_q.scales.to(DEV), channels), grid, signs, cfg)
+    with kernels.disabled():
+        assert _rel(back.cpu(), dequantize(ref_q, grid.cpu(), signs.cpu(), cfg)) < 1e-6
+
+
+def test_quantize_module_dispatches_to_kernels_on_cuda():
+    if DEV != "cuda":
+        pytest.skip("dispatch is CUDA-only")
+    cfg = QuantizerConfig()
+    grid, signs = gaussian_grid(2, 16).to(DEV), random_signs(64, 1).to(DEV)
+    x = torch.randn(64, 256, device=DEV)
+    assert torch.equal(quantize(x, grid, signs, cfg).codes, kernels.quantize(x, grid, signs, cfg).codes)
+
+
+def test_low_rank_factors():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 20, generator=gen) @ torch.randn(20, 128, generator=gen)
+    down, up = kernels.low_rank_factors(w)
+    assert down.shape == (256, 32) and up.shape == (32, 128)
+    assert _rel(down @ up, w) < 1e-6
+    assert kernels.low_rank_factors(torch.randn(256, 128, generator=gen)) is None
+
+
+def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, tokens: int, window: int,
+                    dtype: torch.dtype, rank: int | None = None, seed: int = 0) -> AquaKVCache:
+    """An AQUA-KV cache filled directly with random codes (4-bit layer 0, 2-bit others) and random predictors."""
+    gen = torch.Generator().manual_seed(seed)
+    d = kv_heads * head_dim
+    cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4 * kv_heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, num_hidden_layers=layers, vocab_size=16, intermediate_size=64)
+    rotary = LlamaRotaryEmbedding(cfg).to(DEV)
+
+    def predictor(d_in: int) -> Predictor:
+        if rank:
+            w = torch.randn(d_in, rank, generator=gen) @ torch.randn(rank, d, generator=gen) / (d_in * rank) ** 0.5
+        else:
+            w = torch.randn(d_in, d, generator=gen) / d_in**0.5
+        return Predictor(0.5 * w, 0.1 * torch.randn(d, generator=gen))
+
+    codecs = []
+    for i in range(layers):
+        q = QuantizerConfig(dim=2, size=256 if i == 0 else 16, group_size=64)
+        codec = LayerCodec(gaussian_residual(q, 2 * i), gaussian_residual(q, 2 * i + 1))
+        if i:
+            codec.key_predictor, codec.value_predictor = predictor(d), predictor(2 * d)
+        codecs.append(codec)
+    cache = AquaKVCache(codecs, CacheConfig(), rotary)
+    for layer, codec in zip(cache.layers, codecs, strict=True):
+        empty = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=DEV)
+        layer.lazy_initialization(empty, empty)
+        rnd = lambda n: torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(DEV, dtype)  # noqa: E731
+        layer.sink_keys, layer.sink_values, layer.keys, layer.values = rnd(4), rnd(4), rnd(window), rnd(window)
+        blocks = [_random_block(gen, batch, tokens, d, codec.keys.config.index_bits) for _ in range(2)]
+        layer.compressed, layer.compressed_len = EncodedBlock(*blocks), tokens
+    pos = torch.arange(4, 4 + tokens + window, dtype=torch.int32)[None] + 3 * torch.arange(batch, dtype=torch.int32)[
+        :, None]
+    cache.shared.positions = pos.contiguous().to(DEV)
+    return cache
+
+
+def _random_block(gen: torch.Generator, batch: int, tokens: int, d: int, bits: int) -> Quantized:
+    groups = d // 64
+    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 32, bits)), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(batch, tokens, groups, generator=gen) * 16 + 4).half()
+    return Quantized(codes.to(DEV), scales.to(DEV), d)
+
+
+def _read_all(cache: AquaKVCache, fused: bool, precision: str = "bf16"):
+    cache.shared.prev_old, cache.shared.rope_memo = None, None
+    if not fused:
+        with kernels.disabled():
+            return [layer._read_compressed() for layer in cache.layers]
+    with kernels.settings(predictor=precision):
+        return [kernels.read_compressed(layer) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("head_dim,kv_heads", [(128, 2), (64, 3)])
+@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32x3", 1e-5),
+                                                 (torch.bfloat16, "bf16", 2e-2), (torch.bfloat16, "tf32", 1e-2)])
+def test_fused_read_matches_reference(head_dim, kv_heads, dtype, precision, tol):
+    cache = synthetic_cache(2, kv_heads, head_dim, 3, 200, 5, dtype)
+    ref, ours = _read_all(cache, False), _read_all(cache, True, precision)
+    for (rk, rv), (ok, ov) in zip(ref, ours, strict=True):
+        assert ok.shape == rk.shape and ok.dtype == rk.dtype and ov.shape == rv.shape
+        assert _rel(ok, rk) < tol and _rel(ov, rv) < tol, (_rel(ok, rk), _rel(ov, rv))
+
+
+def test_fused_read_low_rank_predictors():
+    cache = synthetic_cache(2, 2, 128, 3, 150, 3, torch.float32, rank=24)
+    ref, ours = _read_all(cache, False), _read_all(cache, True, "ieee")
+    prep = kernels.prepare(cache.layers[1].codec.key_predictor, torch.float32, torch.device(DEV))
+    assert prep.rank == 32 and prep.weight is None
+    for (rk, rv), (ok, ov) in zip(ref, ours, strict=True):
+        assert _rel(ok, rk) < 1e-5 and _rel(ov, rv) < 1e-5

@@ -1,0 +1,137 @@
+"""pipeline.validate on a tiny random Llama: collect K/V with hooks, fit, bundle, held-out perplexity, gate."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from aquakv.bundle import decode_bundle, encode_bundle, fingerprint_of
+from aquakv.config import CacheConfig, CalibrationConfig, QuantizerConfig
+from aquakv.errors import CalibrationError
+from aquakv.eval import window_nll
+from pipeline.fit import fit_all
+from pipeline.validate import check_gate, validate
+
+VOCAB, SEQ = 96, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy CPUs (100x slower otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def collect(model: LlamaForCausalLM, tokens: torch.Tensor, path: Path) -> None:
+    """Pre-RoPE keys and values (k_proj / v_proj outputs) of every layer into a Zarr store."""
+    group = zarr.open_group(str(path), mode="w")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for kind, proj in (("keys", layer.self_attn.k_proj), ("values", layer.self_attn.v_proj)):
+            hooks.append(proj.register_forward_hook(
+                lambda _m, _i, out, name=f"{kind}/{i}": captured.__setitem__(name, out.detach())))
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for h in hooks:
+        h.remove()
+    for name, t in captured.items():
+        arr = group.create_array(name, shape=t.shape, chunks=(1, *t.shape[1:]), dtype="float32")
+        arr[:] = t.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def fitted(model: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("validate")
+    gen = torch.Generator().manual_seed(1)
+    collect(model, torch.randint(0, VOCAB, (32, SEQ), generator=gen), tmp / "activations.zarr")
+    q = QuantizerConfig(dim=2, size=16, group_size=32)
+    cfg = CalibrationConfig(model="tiny", data="random", keys=q, values=q,
+                            first_layer=QuantizerConfig(dim=2, size=256, group_size=32))
+    fits = fit_all(tmp / "activations.zarr", tmp / "work", cfg, progress=False)
+    files = encode_bundle([f.codec for f in fits], CacheConfig(sinks=4, recent_window=16), fingerprint_of(model))
+    return fits, decode_bundle(files)
+
+
+def test_chunked_nll_matches_full_forward(model: LlamaForCausalLM) -> None:
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    total, count = window_nll(model, ids, DynamicCache(config=model.config), step=7)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
+                                             reduction="sum")
+    assert count == 2 * 39
+    assert total == pytest.approx(float(full), rel=1e-4)
+
+
+def test_validate_and_gate(model: LlamaForCausalLM, fitted) -> None:
+    fits, bundle = fitted
+    heldout = torch.randint(0, VOCAB, (3, 96), generator=torch.Generator().manual_seed(3))
+    metrics = validate(model, heldout, bundle, step=8, fits=fits, batch_size=2)
+    assert metrics["tokens"] == 3 * 95
+    assert math.isfinite(metrics["ppl_aquakv"]) and math.isfinite(metrics["ppl_exact"])
+    assert metrics["ppl_increase"] == pytest.approx(metrics["ppl_aquakv"] / metrics["ppl_exact"] - 1)
+    assert abs(metrics["ppl_increase"]) < 0.05
+    assert metrics["ppl_aquakv"] != metrics["ppl_exact"]  # the cache really compressed during the pass
+    assert metrics["bits_per_value"]["total"] == pytest.approx((4.5 + 2 * 2.5) / 3)  # 4-bit first layer
+    assert metrics["bits_per_value"]["total"] < metrics["cache_bits_per_value"] < 32
+    assert [layer["layer"] for layer in metrics["layers"]] == [0, 1, 2]
+    for layer in metrics["layers"][1:]:
+        assert layer["keys_rel_mse"] < layer["keys_pred_rel_mse"] < 1
+    # without compression the AQUA-KV cache is exact
+    exact = validate(model, heldout, bundle, step=8, cache=CacheConfig(compress=False))
+    assert exact["ppl_aquakv"] == pytest.approx(exact["ppl_exact"], rel=1e-5)
+
+    check_gate(metrics, max_ppl_increase=0.05)
+    with pytest.raises(CalibrationError, match="validation gate missed"):
+        check_gate({**metrics, "ppl_increase": 0.5, "ppl_aquakv": 1.5 * metrics["ppl_exact"]}, 0.05)
+    if metrics["ppl_increase"] > 0:
+        with pytest.raises(CalibrationError, match="validation gate missed"):
+            check_gate(metrics, max_ppl_increase=metrics["ppl_increase"] / 2)
+    with pytest.raises(CalibrationError, match="validation gate missed"):
+        check_gate({**metrics, "ppl_increase": float("nan")}, 0.05)
+
+
+def test_validate_rejects_bad_tokens(model: LlamaForCausalLM, fitted) -> None:
+    with pytest.raises(CalibrationError, match="held-out tokens"):
+        validate(model, torch.zeros(4, dtype=torch.long), fitted[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fit_reads_the_collect_stage_store(tmp_path: Path, dtype: str) -> None:
+    """Integration with pipeline.collect (skipped where that stage is absent): same activations as the hooks."""
+    collect_stage = pytest.importorskip("pipeline.collect")
+    checkpoint_mod = pytest.importorskip("pipeline.checkpoint")
+    testing = pytest.importorskip("pipeline.testing")
+    path = testing.write_tiny_llama(tmp_path / "model", num_layers=2)
+    checkpoint = checkpoint_mod.Checkpoint(path)
+    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(4))
+    theirs = tmp_path / "activations.zarr"
+    collect_stage.open_activations(theirs, 2, 4, 32, checkpoint.kv_dim, dtype=dtype)
+    collect_stage.collect_shard(checkpoint, tokens, 0, theirs, dtype=dtype, progress=False)
+    ours = tmp_path / "hooks.zarr"
+    collect(LlamaForCausalLM.from_pretrained(path).eval(), tokens, ours)
+    q = QuantizerConfig(dim=2, size=16, group_size=32)
+    cfg = CalibrationConfig(model="tiny", data="random", keys=q, values=q,
+                            first_layer=QuantizerConfig(dim=2, size=256, group_size=32))
+    a = fit_all(theirs, tmp_path / "w1", cfg, progress=False)
+    b = fit_all(ours, tmp_path / "w2", cfg, progress=False)
+    tol = 1e-5 if dtype == "float32" else 0.1
+    for x, y in zip(a, b, strict=True):
+        assert x.metrics["keys_rel_mse"] == pytest.approx(y.metrics["keys_rel_mse"], rel=tol)
+        assert x.metrics["values_rel_mse"] == pytest.approx(y.metrics["values_rel_mse"], rel=tol)
