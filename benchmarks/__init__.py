@@ -1,0 +1,1 @@
+"""Benchmarks: measured on the real path, baselines in the same run; results go to docs/benchmarks/."""

