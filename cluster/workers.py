@@ -43,7 +43,8 @@ def ray_map(fn: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
     return ray.get([remote.remote(*args) for args in zip(*iterables, strict=True)])
 
 
-def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, store_path: str, dtype: str) -> list[int]:
+def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, store_path: str, dtype: str,
+                   hidden_every: int = 1) -> list[int]:
     """Collect pre-RoPE keys/values of samples ``[start, stop)`` for every layer (one worker's shard)."""
     import torch
     import zarr
@@ -54,4 +55,4 @@ def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, stor
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = zarr.open_group(tokens_path, mode="r")["calib"][start:stop]
     return collect_shard(Checkpoint(model_dir), tokens, start, store_path, device=device, dtype=dtype,
-                         progress=False)
+                         progress=False, hidden_every=hidden_every)

@@ -127,12 +127,15 @@ def _check_finite(t: torch.Tensor, layer: int, what: str, rows: tuple[int, int])
 
 
 def _resume_point(group: zarr.Group, shard: str, stop: int) -> int:
-    """First layer below ``stop`` not yet done for ``shard`` whose input (previous hidden states) is available."""
-    start = 0
-    while start < stop and is_done(group, start, shard):
-        start += 1
-    if start in (0, stop) or f"hidden/{shard}/{start - 1}" in group:
-        return start
+    """First layer to compute for ``shard``: after the last done layer whose output hidden states were saved."""
+    done = 0
+    while done < stop and is_done(group, done, shard):
+        done += 1
+    if done in (0, stop):
+        return done
+    for layer in range(done - 1, -1, -1):
+        if f"hidden/{shard}/{layer}" in group:
+            return layer + 1
     return 0
 
 
@@ -147,12 +150,15 @@ def collect_shard(
     layers: int | None = None,
     micro_batch: int = 1,
     progress: bool = True,
+    hidden_every: int = 1,
 ) -> list[int]:
     """Run layers ``0..layers-1`` (all by default) over ``tokens [n, seq_len]``, writing their K/V to rows
     ``[sample_offset, sample_offset + n)`` of the activations store. Returns the layers computed by this call.
 
     Keys and values are the outputs of ``self_attn.k_proj`` / ``v_proj`` (pre-RoPE), ``[n, seq_len, kv_dim]``.
-    Resumes after the last layer marked done for this shard, from the stored hidden states. With
+    Resumes after the last layer marked done for this shard whose hidden states were saved (every
+    ``hidden_every`` layers: at 70B scale a shard's hidden states are GBs, so saving them less often trades
+    recomputation after a crash for I/O). With
     ``micro_batch=1`` the result is bitwise independent of how samples are split into shards.
     """
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
@@ -200,11 +206,14 @@ def collect_shard(
             for hook in hooks:
                 hook.remove()
         last = layer_idx + 1 == checkpoint.num_layers
-        if not last:
+        saved = not last and (layer_idx + 1) % hidden_every == 0
+        if saved:
             _create(group, f"hidden/{shard}/{layer_idx}", tuple(hidden.shape), dtype)[:] = _encode(hidden, dtype)
-        group.create_group(f"done/{layer_idx}/{shard}")  # the commit point of this (layer, shard)
-        stale = f"hidden/{shard}" if last else f"hidden/{shard}/{layer_idx - 1}"
-        if stale in group:
-            del group[stale]
+        group.require_group(f"done/{layer_idx}/{shard}")  # the commit point of this (layer, shard)
+        if last and f"hidden/{shard}" in group:
+            del group[f"hidden/{shard}"]
+        elif saved:
+            for older in [k for k in group[f"hidden/{shard}"].keys() if int(k) < layer_idx]:
+                del group[f"hidden/{shard}/{older}"]
         done.append(layer_idx)
     return done

@@ -120,6 +120,25 @@ def test_resume_skips_done_layers(model_dir: Path, tokens: torch.Tensor, tmp_pat
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
+def test_sparse_hidden_checkpoints_resume_from_the_last_saved(model_dir: Path, tokens: torch.Tensor,
+                                                               tmp_path: Path) -> None:
+    reference = collect(Checkpoint(model_dir), tokens, tmp_path / "ref.zarr", [SAMPLES])
+    store = tmp_path / "act.zarr"
+    new_store(store, Checkpoint(model_dir))
+    ckpt = Checkpoint(model_dir)
+    calls = counting(ckpt, fail_at=3)  # layers 0-2 done, hidden states saved only after layer 1
+    with pytest.raises(RuntimeError, match="worker lost"):
+        collect_shard(ckpt, tokens, 0, store, progress=False, hidden_every=2)
+    group = zarr.open_group(store, mode="r")
+    assert sorted(group[f"hidden/0-{SAMPLES}"].keys()) == ["1"]
+    ckpt = Checkpoint(model_dir)
+    calls = counting(ckpt)
+    assert collect_shard(ckpt, tokens, 0, store, progress=False, hidden_every=2) == [2, 3]
+    assert calls == {2: SAMPLES, 3: SAMPLES}
+    got = {f"{k}/{i}": read_activations(group, k, i) for k in KINDS for i in range(4)}
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
 def test_non_finite_activations_raise(model_dir: Path, tokens: torch.Tensor, tmp_path: Path) -> None:
     ckpt = Checkpoint(model_dir)
     load = ckpt.load_layer
