@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser("bench", help="benchmarks: 'aquakv bench quality [--help]'")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.add_argument("name", choices=["quality"], help="which benchmark")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see aquakv bench quality --help)")
     s.set_defaults(fn=cmd_bench)
     return p
 

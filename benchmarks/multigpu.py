@@ -1,0 +1,173 @@
+"""Calibration scaling across GPUs through Ray, on Llama-3.1-70B-shaped synthetic layers.
+
+Writes a synthetic bf16 safetensors checkpoint (a few 70B-shaped decoder layers, one shard per layer) and
+random calibration tokens, then runs the real collect stage (Ray workers, ``cluster.workers.collect_worker``)
+and fit stage (``pipeline.fit.fit_all`` with statistics as Ray tasks) with 1 worker/GPU and with N. Reports
+per-stage times, the speed-up, calibration throughput projected to 80 layers x 2M tokens, and whether the
+N-GPU predictors match the 1-GPU ones. Prefect is not involved (the flow's tasks call exactly these functions).
+
+    python benchmarks/multigpu.py --gpus 1,2 --out docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from aquakv.config import CalibrationConfig
+from cluster.workers import collect_worker, connect, ray_map
+from pipeline.collect import open_activations
+from pipeline.fit import fit_all, shard_ranges
+
+
+def write_checkpoint(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, mlp: int, vocab: int) -> Path:
+    """A Llama checkpoint with random bf16 weights (std 0.02), one safetensors shard per decoder layer."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=mlp, vocab_size=vocab,
+                      max_position_embeddings=131072, rope_theta=500000.0, architectures=["LlamaForCausalLM"])
+    cfg.save_pretrained(path)
+    hd = hidden // heads
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=dev, dtype=torch.bfloat16) * 0.02).cpu()
+
+    weight_map = {}
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * hd, hidden),
+              "self_attn.v_proj": (kv_heads * hd, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+    for i in range(layers):
+        tensors = {f"model.layers.{i}.{n}.weight": rnd(*s) for n, s in shapes.items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        name = f"model-layer{i:03d}.safetensors"
+        save_file(tensors, path / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+    rest = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden).bfloat16(),
+            "lm_head.weight": rnd(vocab, hidden)}
+    save_file(rest, path / "model-rest.safetensors")
+    weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def write_tokens(path: Path, samples: int, seq_len: int, vocab: int) -> Path:
+    group = zarr.open_group(path, mode="w")
+    rng = np.random.default_rng(0)
+    group.create_array("calib", data=rng.integers(0, vocab, (samples, seq_len), dtype=np.int32), chunks=(1, seq_len))
+    return path
+
+
+def warm(n: int) -> None:
+    """Start the Ray workers (and their torch/CUDA imports) before timing."""
+    ray_map(_touch_cuda, list(range(n)))
+
+
+def _touch_cuda(_: int) -> str:
+    import pipeline.collect  # noqa: F401
+    import pipeline.fit  # noqa: F401
+
+    return str(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu").device)
+
+
+def run(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_dim: int) -> dict:
+    root = Path(args.workdir) / f"gpus{n}"
+    act = root / "activations.zarr"
+    open_activations(act, args.layers, args.samples, args.seq_len, kv_dim, dtype="bfloat16")
+    shards = shard_ranges(args.samples, n)
+    warm(n)
+    t = time.perf_counter()
+    ray_map(collect_worker, [str(ckpt)] * n, [str(tokens)] * n, [a for a, _ in shards], [b for _, b in shards],
+            [str(act)] * n, ["bfloat16"] * n, [args.layers] * n)
+    collect_s = time.perf_counter() - t
+    cfg = CalibrationConfig(model=str(ckpt), data="synthetic", seq_len=args.seq_len, num_samples=args.samples,
+                            workers=n, dtype="bfloat16")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = time.perf_counter()
+    fits = fit_all(act, root, cfg, map_fn=ray_map, num_shards=n, device=device, progress=False)
+    fit_s = time.perf_counter() - t
+    return {"gpus": n, "collect_s": collect_s, "fit_s": fit_s, "total_s": collect_s + fit_s, "fits": fits}
+
+
+def compare(a: list, b: list) -> dict:
+    """Largest relative difference of predictor weights and of per-layer metrics between two fits."""
+    w = m = 0.0
+    for fa, fb in zip(a, b, strict=True):
+        for p, q in ((fa.codec.key_predictor, fb.codec.key_predictor), (fa.codec.value_predictor,
+                                                                        fb.codec.value_predictor)):
+            if p is not None:
+                w = max(w, float((p.weight - q.weight).norm() / p.weight.norm()))
+        for k in ("keys_rel_mse", "values_rel_mse"):
+            m = max(m, abs(fa.metrics[k] - fb.metrics[k]) / max(fa.metrics[k], 1e-12))
+    return {"max_rel_weight_diff": w, "max_rel_metric_diff": m}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", default="1,2", help="worker counts to compare (first is the baseline)")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=28672)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--workdir", default="/tmp/aquakv-multigpu")
+    p.add_argument("--out", default="docs/benchmarks")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.gpus.split(",")]
+    work = Path(args.workdir)
+    t = time.perf_counter()
+    ckpt = write_checkpoint(work / "ckpt", args.layers, args.hidden, args.heads, args.kv_heads, args.mlp, args.vocab)
+    write_s = time.perf_counter() - t
+    tokens = write_tokens(work / "tokens.zarr", args.samples, args.seq_len, args.vocab)
+    kv_dim = args.kv_heads * args.hidden // args.heads
+    connect(None, max(counts))
+    runs = [run(n, args, ckpt, tokens, kv_dim) for n in counts]
+    base = runs[0]
+    tokens_total = args.samples * args.seq_len
+    result = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus_available": torch.cuda.device_count(),
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/multigpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "shape": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
+                  "mlp": args.mlp, "samples": args.samples, "seq_len": args.seq_len},
+        "checkpoint_write_s": write_s,
+        "runs": [{k: v for k, v in r.items() if k != "fits"} for r in runs],
+        "tokens_per_s_per_layer": tokens_total * args.layers / base["collect_s"],
+        "fit_s_per_layer": base["fit_s"] / args.layers,
+    }
+    per_layer_s = (base["collect_s"] + base["fit_s"]) / args.layers
+    result["projected_70b_minutes"] = per_layer_s * 80 * (2 * 1024 * 1024 / tokens_total) / 60
+    for r in runs[1:]:
+        key = f"speedup_{r['gpus']}gpu"
+        result[key] = base["total_s"] / r["total_s"]
+        result[f"collect_{key}"] = base["collect_s"] / r["collect_s"]
+        result[f"fit_{key}"] = base["fit_s"] / r["fit_s"]
+        diff = compare(base["fits"], r["fits"])
+        result[f"diff_{r['gpus']}gpu"] = diff
+        result["bundle_matches_1gpu"] = diff["max_rel_weight_diff"] < 1e-3 and diff["max_rel_metric_diff"] < 1e-2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multigpu.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main()
