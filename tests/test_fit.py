@@ -19,15 +19,6 @@ DIM, SEQ, SAMPLES, LAYERS = 32, 16, 24, 3
 Q2 = QuantizerConfig(dim=2, size=16, group_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy CPUs (100x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(**kw: object) -> CalibrationConfig:
     base = dict(model="synthetic", data="synthetic", keys=Q2, values=Q2,
                 first_layer=QuantizerConfig(dim=2, size=256, group_size=32))

@@ -23,15 +23,6 @@ FINGERPRINT = {"architecture": "LlamaForCausalLM", "num_layers": 2, "num_kv_head
                "hidden_size": 64, "rope_theta": 10000.0, "weight_probe": [0.0] * 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on busy CPUs (100x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bundle_files(version: str = "v1", tag: str = "a", name: str = "demo") -> dict[str, bytes]:
     """A small valid bundle; ``tag`` changes its bytes (validation metrics), nothing else."""
     cfg = CalibrationConfig(model="m", data="d")
