@@ -85,7 +85,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from aquakv.config import CalibrationConfig, QuantizerConfig
 
     overrides: dict = {"registry": a.out, "workdir": a.workdir, "workers": a.workers, "ray_address": a.ray_address,
-                       "num_samples": a.samples, "seq_len": a.seq_len}
+                       "num_samples": a.samples, "seq_len": a.seq_len, "name": a.name, "version": a.version}
     if a.bits:
         overrides["keys"] = overrides["values"] = QuantizerConfig.for_bits(a.bits).model_dump()
     if a.config:
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, help="calibration sequences")
     s.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
     s.add_argument("--out", help="bundle registry directory or URI")
+    s.add_argument("--name", help="bundle name in the registry")
+    s.add_argument("--version", help="bundle version to publish (an existing version is never overwritten)")
     s.add_argument("--workdir", help="where Zarr stores and per-layer results go (resumable)")
     s.add_argument("--workers", type=int, help="Ray workers (one per GPU; CPU workers without GPUs)")
     s.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one locally")

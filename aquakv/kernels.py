@@ -284,10 +284,11 @@ if HAS_TRITON:
         tl.store(out_ptr + r64 * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _addr(rb, rt, cols, s_b, s_t, s_h, HD: tl.constexpr):
-        """Offsets of ``[rows, cols]`` in a view ``b*s_b + t*s_t + (c // HD)*s_h + c % HD``."""
-        return (rb[:, None].to(tl.int64) * s_b + rt[:, None].to(tl.int64) * s_t
-                + (cols // HD)[None, :].to(tl.int64) * s_h + (cols % HD)[None, :])
+    def _addr(rb, rt, c0, WIDTH: tl.constexpr, s_b, s_t, s_h, HD: tl.constexpr):
+        """Offsets of ``[rows, c0 .. c0 + WIDTH]`` in a view ``b*s_b + t*s_t + (c // HD)*s_h + c % HD``; the columns
+        lie in one head (``c0`` a multiple of ``WIDTH <= HD``), so they are contiguous (vectorized accesses)."""
+        row = rb.to(tl.int64) * s_b + rt.to(tl.int64) * s_t + ((c0 // HD) * s_h + c0 % HD)
+        return row[:, None] + tl.arange(0, WIDTH)[None, :]
 
     @triton.jit
     def _fused_kernel(a1_ptr, a1_sb, a1_st, a1_sh, K1,
@@ -321,7 +322,7 @@ if HAS_TRITON:
             for k0 in range(0, K1, BK):
                 kk = k0 + tl.arange(0, BK)
                 kmask = kk < K1
-                a = tl.load(a1_ptr + _addr(rb, rt, kk, a1_sb, a1_st, a1_sh, HD),
+                a = tl.load(a1_ptr + _addr(rb, rt, k0, BK, a1_sb, a1_st, a1_sh, HD),
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
                 wrow = kk[:, None].to(tl.int64) * N
                 wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
@@ -332,7 +333,7 @@ if HAS_TRITON:
                 for k0 in range(0, K2, BK):
                     kk = k0 + tl.arange(0, BK)
                     kmask = kk < K2
-                    a = tl.load(a2_ptr + _addr(rb, rt, kk, a2_sb, a2_st, a2_sh, HD),
+                    a = tl.load(a2_ptr + _addr(rb, rt, k0, BK, a2_sb, a2_st, a2_sh, HD),
                                 mask=rmask[:, None] & kmask[None, :], other=0.0)
                     wrow = (K1 + kk)[:, None].to(tl.int64) * N
                     wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
@@ -350,8 +351,10 @@ if HAS_TRITON:
                                (c0 + HB) // GS, (c0 + HB) % GS, BM, HB, GS, D, BITS, INTERP)
         omask = rmask[:, None]
         if HAS_OUT:
-            tl.store(o_ptr + _addr(rb, rt, cl, o_sb, o_st, o_sh, HD), acc_l.to(o_ptr.dtype.element_ty), mask=omask)
-            tl.store(o_ptr + _addr(rb, rt, ch, o_sb, o_st, o_sh, HD), acc_h.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.store(o_ptr + _addr(rb, rt, pid_n * BN, HB, o_sb, o_st, o_sh, HD), acc_l.to(o_ptr.dtype.element_ty),
+                     mask=omask)
+            tl.store(o_ptr + _addr(rb, rt, pid_n * BN + HB, HB, o_sb, o_st, o_sh, HD),
+                     acc_h.to(o_ptr.dtype.element_ty), mask=omask)
         if HAS_OUT2:
             if ROPE:
                 pos = tl.load(pos_ptr + rb.to(tl.int64) * pos_sb + rt, mask=rmask, other=0).to(tl.float32)
@@ -370,8 +373,10 @@ if HAS_TRITON:
             else:
                 out_l = acc_l
                 out_h = acc_h
-            tl.store(r_ptr + _addr(rb, rt, cl, r_sb, r_st, r_sh, HD), out_l.to(r_ptr.dtype.element_ty), mask=omask)
-            tl.store(r_ptr + _addr(rb, rt, ch, r_sb, r_st, r_sh, HD), out_h.to(r_ptr.dtype.element_ty), mask=omask)
+            tl.store(r_ptr + _addr(rb, rt, pid_n * BN, HB, r_sb, r_st, r_sh, HD), out_l.to(r_ptr.dtype.element_ty),
+                     mask=omask)
+            tl.store(r_ptr + _addr(rb, rt, pid_n * BN + HB, HB, r_sb, r_st, r_sh, HD),
+                     out_h.to(r_ptr.dtype.element_ty), mask=omask)
 
 
 # ------------------------------------------------------------------------------------------------------ host wrappers
@@ -477,8 +482,9 @@ def predict_dequantize(
     precision = precision or _STATE["predictor"]
     bn = block_n or head_dim
     dev = (a1 or out or out2).tensor.device
-    if channels % bn or bn < 32 or bn & (bn - 1):
-        raise ValueError(f"channels {channels} must be a multiple of the tile width {bn} (a power of two >= 32)")
+    if channels % bn or bn < 32 or bn & (bn - 1) or bn // 2 > head_dim or head_dim % 64:
+        raise ValueError(f"channels {channels} must be a multiple of the tile width {bn} (a power of two >= 32, "
+                         f"at most 2 x head_dim); head_dim {head_dim} must be a multiple of 64")
     if rope and (out2 is None or bn != head_dim or positions is None or inv_freq is None):
         raise ValueError("RoPE needs out2, positions, inv_freq and tiles of exactly one head")
     if q is not None:

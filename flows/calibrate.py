@@ -40,7 +40,7 @@ def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> 
 
 
 def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
-    base = Path(cfg.workdir) / f"{cfg.name}-{cfg.collect_digest()}"
+    base = Path(cfg.workdir) / f"activations-{cfg.collect_digest()}"  # shared by every bundle of these activations
     return {"base": base, "tokens": base / "tokens.zarr", "activations": base / "activations.zarr",
             "fit": base / f"fit-{cfg.fit_digest()}"}
 

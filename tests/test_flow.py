@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
@@ -98,19 +99,31 @@ def test_rerun_after_crash_resumes_and_publishes_identical_bytes(first_run, harn
     assert bundle_bytes(resumed["bundle"]) == bundle_bytes(first_run["bundle"])
 
 
-def test_refit_with_other_bits_reuses_activations(first_run, harness, assets):
-    act = next((assets["root"] / "a" / "work").glob("tiny-*/activations.zarr"))
+def test_cli_refit_with_other_bits_reuses_activations(first_run, harness, assets, tmp_path):
+    act = next((assets["root"] / "a" / "work").glob("activations-*/activations.zarr"))
     before = {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()}
-    q3 = {"dim": 2, "size": 64, "group_size": 32}
-    summary = calibrate(config(assets, "a", keys=q3, values=q3, version="v2"))
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(config(assets, "a")))
+    cli(["calibrate", "--config", str(tmp_path / "a.yaml"), "--bits", "3", "--version", "v2"])
     assert {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()} == before
-    assert summary["bits_per_value"]["index"] > first_run["bits_per_value"]["index"]
-    assert summary["ppl_increase"] <= first_run["ppl_increase"] + 1e-3
-    assert (Path(summary["bundle"]).parent / "latest").read_text().strip() == "v2"
+    bundle = load_bundle(assets["root"] / "a" / "registry" / "tiny")
+    assert bundle.manifest["version"] == "v2" and bundle.manifest["layers"][1]["keys"]["size"] == 64
+    assert bundle.bits_per_value()["index"] > first_run["bits_per_value"]["index"]
+
+
+def test_cli_eval_compares_methods(first_run, assets, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    cli(["eval", "--model", assets["model"], "--bundle", first_run["bundle"], "--text", assets["data"],
+         "--window", "128", "--windows", "2", "--step", "16", "--methods", "exact,aquakv,no-predictors,kivi-2bit",
+         "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"exact", "aquakv", "no-predictors", "kivi-2bit"}
+    assert rows["aquakv"]["held_bytes"] < rows["exact"]["held_bytes"] / 2
+    assert abs(rows["aquakv"]["rel_increase"]) < 0.1
+    assert "kivi-2bit" in capsys.readouterr().out
 
 
 def test_two_ray_workers_collect_the_same_activations_as_one(first_run, assets, tmp_path):
-    tokens = str(next((assets["root"] / "a" / "work").glob("tiny-*/tokens.zarr")))
+    tokens = str(next((assets["root"] / "a" / "work").glob("activations-*/tokens.zarr")))
     connect(None, 2)
     stores = []
     for shards in ([(0, 6)], [(0, 3), (3, 6)]):
