@@ -22,9 +22,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AQUAKV_CACHE", Path.home() / ".cache" / "aquakv"))
 
 
-def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """Index of the nearest grid point for each ``[..., d]`` vector -> ``[...]`` int64."""
+def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Index of the nearest grid point for each ``[..., d]`` vector -> ``[...]`` int64.
+
+    Distances are computed ``chunk`` vectors at a time (default: ~256 MB of distances on a GPU, 64k on a CPU).
+    """
     d = grid.shape[1]
+    chunk = chunk or ((1 << 26) // grid.shape[0] if vectors.is_cuda else 1 << 16)
     flat = vectors.reshape(-1, d).to(grid.dtype)
     norms = (grid * grid).sum(-1)
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)

@@ -6,15 +6,17 @@ Kernels (each one launch, fp32 accuracy wherever the reference is fp32):
   (d = 1 or 2), bit-packing into exactly the byte layout of :func:`aquakv.packing.pack` (codes written on the GPU
   unpack on the CPU and back).
 - :func:`dequantize`: unpack, grid lookup, scale, inverse rotation, optionally ``+ add`` (a prediction).
-- :func:`predict_dequantize`: ``out = [a1, a2] @ W + b + deq(codes)`` in one matmul kernel whose epilogue
-  dequantizes the residual tile and can apply RoPE and write the attention layout ``[B, H, T, hd]`` directly.
-- :func:`read_compressed`: drop-in for ``AquaKVLayer._read_compressed`` built on it (bf16 scratch, low-rank
-  predictors factored automatically).
+- :func:`predict_dequantize`: ``[a1, a2] @ W + b + add + deq(codes)`` tile by tile (``head_dim`` columns), optionally
+  RoPE'd and written in the attention layout ``[B, H, T, hd]``; the matmul part is optional (Triton ``tl.dot``).
+- :func:`read_compressed`: drop-in for ``AquaKVLayer._read_compressed``. By default the predictor matmuls run in
+  cuBLAS (bf16 operands, fp32 accumulation) and one kernel per K / V adds the dequantized residual (and RoPE for
+  keys); ``settings(gemm="triton")`` fuses the matmul into the kernel instead. Low-rank predictors are factored.
 
-The Hadamard transform is a product with a ``±1`` matrix (random signs folded in), done on the tensor cores as
-three bf16 products of an exact three-way bf16 split of the fp32 operand, so it is as accurate as fp32 arithmetic.
-Bit-packing: a row's codes form one little-endian bit stream (code ``i`` at bits ``i*b .. i*b+b-1``), which is what
-``pack`` produces for every ``b``; a group of ``g/d`` codes is a whole number of bytes when ``g/d`` is a multiple of 8.
+The Hadamard transform is a product with a ``±1`` matrix (random signs folded in) on the tensor cores: the fp32
+operand is split into two fp16 parts (22 significant bits, inputs normalized to ``|x| <= ~4`` first), so the result is
+as accurate as fp32 arithmetic. Bit-packing: a row's codes form one little-endian bit stream (code ``i`` at bits
+``i*b .. i*b+b-1``), which is what ``pack`` produces for every ``b``; a group of ``g/d`` codes is a whole number of
+bytes when ``g/d`` is a multiple of 8.
 
 Use: ``enabled(device)`` says whether the kernels run there (CUDA with Triton importable, or Triton's interpreter
 on CPU when ``TRITON_INTERPRET=1``); ``AQUAKV_KERNELS=0`` or ``with disabled():`` turns them off.
@@ -48,7 +50,8 @@ except Exception:  # pragma: no cover - exercised on CPU-only installs
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_STATE = {"on": os.environ.get("AQUAKV_KERNELS", "1") != "0", "predictor": "bf16", "low_rank": "auto"}
+_STATE = {"on": os.environ.get("AQUAKV_KERNELS", "1") != "0", "predictor": "bf16", "low_rank": "auto",
+          "gemm": "cublas", "tile": None}
 
 
 # ----------------------------------------------------------------------------------------------------------- control
@@ -80,11 +83,20 @@ def disabled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def settings(predictor: str | None = None, low_rank: str | None = None) -> Iterator[None]:
+def settings(predictor: str | None = None, low_rank: str | None = None, gemm: str | None = None,
+             tile: tuple[int, int] | None = None) -> Iterator[None]:
     """``predictor``: ``"bf16"`` (bf16 operands, fp32 accumulation; default), ``"tf32"`` or ``"ieee"`` (fp32
     operands). ``low_rank``: ``"auto"`` (factor a predictor whose weight has rank <= min(D_in, D_out)/4) or ``"off"``.
+    ``gemm``: ``"cublas"`` (default) or ``"triton"`` (matmul fused into the reconstruction kernel). ``tile``:
+    ``(rows, warps)`` of the reconstruction kernel (default: chosen by size).
     """
     old = dict(_STATE)
+    if gemm is not None:
+        if gemm not in ("cublas", "triton"):
+            raise ValueError(f"gemm must be cublas or triton, got {gemm!r}")
+        _STATE["gemm"] = gemm
+    if tile is not None:
+        _STATE["tile"] = tile
     if predictor is not None:
         if predictor not in ("bf16", "tf32", "tf32x3", "ieee"):
             raise ValueError(f"predictor precision must be bf16, tf32, tf32x3 or ieee, got {predictor!r}")
@@ -132,24 +144,18 @@ _MATRICES = _PerTensor()
 
 
 def _operand_dtype() -> torch.dtype:
-    return torch.float32 if INTERPRET else torch.bfloat16  # the interpreter cannot multiply bf16 matrices
+    return torch.float32 if INTERPRET else torch.float16  # the interpreter cannot multiply half-precision matrices
 
 
-def rotation_matrices(signs: torch.Tensor, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(compress [d, g, g/d], reconstruct [d, g/d, g])`` ``±1`` matrices for ``signs`` (cached per tensor).
-
-    With ``S = diag(signs) @ H``: rotating is ``x @ S * g**-0.5`` (component ``c`` of each ``d``-vector is
-    ``x @ S[:, c::d]``) and un-rotating ``y @ S.T * g**-0.5`` (rows ``c::d`` of ``S.T`` take component ``c``).
-    """
-    key = (dim, str(device), _operand_dtype())
+def rotation_matrices(signs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S.T)``, ``[g, g]`` ``±1`` matrices with ``S = diag(signs) @ H`` (cached per signs tensor): rotating is
+    ``x @ S * g**-0.5``, un-rotating ``y @ S.T * g**-0.5``."""
+    key = (str(device), _operand_dtype())
     per = _MATRICES.get(signs)
     if key in per and per[key][0] == signs._version:
         return per[key][1]
-    g = signs.numel()
-    s = signs.detach().float().cpu()[:, None] * hadamard_pm1(g)
-    comp = torch.stack([s[:, c::dim] for c in range(dim)]).contiguous()
-    recon = torch.stack([s.T[c::dim, :] for c in range(dim)]).contiguous()
-    mats = (comp.to(device, _operand_dtype()), recon.to(device, _operand_dtype()))
+    s = signs.detach().float().cpu()[:, None] * hadamard_pm1(signs.numel())
+    mats = (s.contiguous().to(device, _operand_dtype()), s.T.contiguous().to(device, _operand_dtype()))
     per[key] = (signs._version, mats)
     return mats
 
@@ -160,16 +166,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot_exact(x, h, acc, INTERP: tl.constexpr):
-        """``acc + x @ h`` for fp32 ``x`` and a ``±1`` (or bf16-exact) matrix ``h``, to fp32 accuracy."""
+        """``acc + x @ h`` for fp32 ``x`` (``|x|`` of order 1) and a ``±1`` fp16 matrix ``h``, to fp32 accuracy:
+        two fp16 products of the exact split ``x = hi + lo`` (22 significant bits)."""
         if INTERP:
             out = tl.dot(x, h.to(tl.float32), acc, input_precision="ieee")
         else:
-            hi = x.to(tl.bfloat16)
-            r = x - hi.to(tl.float32)
-            mid = r.to(tl.bfloat16)
-            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+            hi = x.to(tl.float16)
+            lo = (x - hi.to(tl.float32)).to(tl.float16)
             out = tl.dot(hi, h, acc)
-            out = tl.dot(mid, h, out)
             out = tl.dot(lo, h, out)
         return out
 
@@ -184,40 +188,34 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _load_codes(codes_ptr, rows, rmask, row_bytes, grp, BM: tl.constexpr, V: tl.constexpr, BITS: tl.constexpr):
-        """Codes ``[BM, V]`` (int32) of group ``grp`` of ``rows``: 8 codes = ``BITS`` bytes = one int64 word."""
-        M: tl.constexpr = V // 8
-        k8 = tl.arange(0, 8)
-        mm = tl.arange(0, M)
-        off = (rows[:, None, None].to(tl.int64) * row_bytes + grp * (M * BITS)
-               + mm[None, :, None] * BITS + k8[None, None, :])
-        byts = tl.load(codes_ptr + off, mask=rmask[:, None, None] & (k8 < BITS)[None, None, :], other=0)
-        word = tl.sum(byts.to(tl.int64) << (k8 * 8).to(tl.int64)[None, None, :], axis=2)
-        codes = (word[:, :, None] >> (k8 * BITS).to(tl.int64)[None, None, :]) & ((1 << BITS) - 1)
-        return tl.reshape(codes.to(tl.int32), (BM, V))
+    def _codes_per_column(codes_ptr, rows, rmask, row_bytes, grp, GS: tl.constexpr, D: tl.constexpr,
+                          BITS: tl.constexpr):
+        """``[BM, GS]`` int32: for each column ``k`` of group ``grp``, the code of its ``d``-vector ``k // D``."""
+        k = tl.arange(0, GS)
+        bit = (k // D) * BITS
+        base = rows[:, None].to(tl.int64) * row_bytes + grp * (GS // D * BITS // 8) + (bit // 8)[None, :]
+        m = rmask[:, None]
+        word = tl.load(codes_ptr + base, mask=m, other=0).to(tl.int32)
+        if BITS not in (1, 2, 4, 8):  # a code may straddle two bytes
+            nxt = tl.load(codes_ptr + base + 1, mask=m & ((bit % 8) + BITS > 8)[None, :], other=0).to(tl.int32)
+            word = word | (nxt << 8)
+        return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
 
     @triton.jit
     def _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G, grp, col_off,
                   BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                   INTERP: tl.constexpr):
         """Columns ``col_off .. col_off + WIDTH`` of group ``grp`` dequantized: ``[BM, WIDTH]`` float32."""
-        V: tl.constexpr = GS // D
-        codes = _load_codes(codes_ptr, rows, rmask, row_bytes, grp, BM, V, BITS)
-        vv = tl.arange(0, V)
-        ww = tl.arange(0, WIDTH)
-        u0 = tl.load(grid_ptr + codes * D)
-        h0 = tl.load(hr_ptr + vv[:, None] * GS + col_off + ww[None, :])
-        acc = _dot_exact(u0, h0, tl.zeros((BM, WIDTH), tl.float32), INTERP)
-        if D == 2:
-            u1 = tl.load(grid_ptr + codes * D + 1)
-            h1 = tl.load(hr_ptr + V * GS + vv[:, None] * GS + col_off + ww[None, :])
-            acc = _dot_exact(u1, h1, acc, INTERP)
+        codes = _codes_per_column(codes_ptr, rows, rmask, row_bytes, grp, GS, D, BITS)
+        kk = tl.arange(0, GS)
+        unit = tl.load(grid_ptr + codes * D + (kk % D)[None, :])  # grid coordinates, |u| < ~5
+        h = tl.load(hr_ptr + kk[:, None] * GS + col_off + tl.arange(0, WIDTH)[None, :])
+        acc = _dot_exact(unit, h, tl.zeros((BM, WIDTH), tl.float32), INTERP)
         scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
         return acc * (scale * (1.0 / GS))[:, None]
 
     @triton.jit
     def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, row_bytes, scales_ptr, G,
-                         inv_sqrt_g, sqrt_g,
                          BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NPTS: tl.constexpr,
                          BITS: tl.constexpr, INTERP: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -228,20 +226,16 @@ if HAS_TRITON:
         cols = grp * GS + tl.arange(0, GS)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
                     mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+        # the rotation is orthonormal: the group's norm is ||x||, and unit = rotate(x) * sqrt(g) / norm = (x / norm) @ S
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        xs = tl.div_rn(x, tl.maximum(norm, 1e-12)[:, None])
         kk = tl.arange(0, GS)
-        vv = tl.arange(0, V)
-        h0 = tl.load(hc_ptr + kk[:, None] * V + vv[None, :])
-        r0 = _dot_exact(x, h0, tl.zeros((BM, V), tl.float32), INTERP) * inv_sqrt_g
-        sumsq = tl.sum(r0 * r0, axis=1)
+        h = tl.load(hc_ptr + kk[:, None] * GS + kk[None, :])
+        unit = _dot_exact(xs, h, tl.zeros((BM, GS), tl.float32), INTERP)
         if D == 2:
-            h1 = tl.load(hc_ptr + GS * V + kk[:, None] * V + vv[None, :])
-            r1 = _dot_exact(x, h1, tl.zeros((BM, V), tl.float32), INTERP) * inv_sqrt_g
-            sumsq += tl.sum(r1 * r1, axis=1)
-        norm = tl.sqrt_rn(sumsq)
-        denom = tl.maximum(norm, 1e-12)[:, None]
-        u0 = tl.div_rn(r0 * sqrt_g, denom)
-        if D == 2:
-            u1 = tl.div_rn(r1 * sqrt_g, denom)
+            u0, u1 = tl.split(tl.reshape(unit, (BM, V, 2)))
+        else:
+            u0 = unit
         best = tl.full((BM, V), float("inf"), tl.float32)
         idx = tl.zeros((BM, V), tl.int32)
         for j in range(NPTS):  # argmin of |p|^2 - 2 <u, p>, first index on ties (as torch.argmin)
@@ -294,6 +288,7 @@ if HAS_TRITON:
     def _fused_kernel(a1_ptr, a1_sb, a1_st, a1_sh, K1,
                       a2_ptr, a2_sb, a2_st, a2_sh, K2,
                       w_ptr, bias_ptr, N,
+                      add_ptr, add_sb, add_st, add_sh,
                       codes_ptr, row_bytes, scales_ptr, G, grid_ptr, hr_ptr,
                       o_ptr, o_sb, o_st, o_sh,
                       r_ptr, r_sb, r_st, r_sh,
@@ -301,7 +296,8 @@ if HAS_TRITON:
                       n_rows, T,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HD: tl.constexpr,
                       GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      HAS_PRED: tl.constexpr, HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DEQ: tl.constexpr,
+                      HAS_PRED: tl.constexpr, HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                      HAS_DEQ: tl.constexpr,
                       HAS_OUT: tl.constexpr, HAS_OUT2: tl.constexpr, ROPE: tl.constexpr, PRED: tl.constexpr,
                       INTERP: tl.constexpr):
         """One ``[BM, BN]`` tile of ``[a1, a2] @ W + b + deq(codes)``, kept as two ``BN/2`` halves so RoPE
@@ -343,13 +339,18 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc_l += tl.load(bias_ptr + cl).to(tl.float32)[None, :]
             acc_h += tl.load(bias_ptr + ch).to(tl.float32)[None, :]
+        omask = rmask[:, None]
+        if HAS_ADD:
+            acc_l += tl.load(add_ptr + _addr(rb, rt, pid_n * BN, HB, add_sb, add_st, add_sh, HD), mask=omask,
+                             other=0.0).to(tl.float32)
+            acc_h += tl.load(add_ptr + _addr(rb, rt, pid_n * BN + HB, HB, add_sb, add_st, add_sh, HD), mask=omask,
+                             other=0.0).to(tl.float32)
         if HAS_DEQ:
             c0 = pid_n * BN
             acc_l += _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G,
                                c0 // GS, c0 % GS, BM, HB, GS, D, BITS, INTERP)
             acc_h += _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G,
                                (c0 + HB) // GS, (c0 + HB) % GS, BM, HB, GS, D, BITS, INTERP)
-        omask = rmask[:, None]
         if HAS_OUT:
             tl.store(o_ptr + _addr(rb, rt, pid_n * BN, HB, o_sb, o_st, o_sh, HD), acc_l.to(o_ptr.dtype.element_ty),
                      mask=omask)
@@ -382,13 +383,13 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------------ host wrappers
 
 
-def _block_rows(group_size: int, dim: int) -> int:
-    """Rows per program: about 2048 ``d``-vectors in flight."""
-    return max(16, min(128, 2048 // (group_size // dim)))
+def _block_rows(group_size: int) -> int:
+    """Rows per program of the group-tiled kernels: about 4096 values in flight."""
+    return max(16, min(128, 4096 // group_size))
 
 
 def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
-    """Kernel version of :func:`aquakv.quantize.quantize` (same codes but for exact ties, same byte layout).
+    """Kernel version of :func:`aquakv.quantize.quantize` (same codes but for near-ties, same byte layout).
 
     Does not check for NaN / Inf: the dispatching caller does.
     """
@@ -404,11 +405,11 @@ def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: Quan
     codes = torch.empty(n, row_bytes, dtype=torch.uint8, device=x.device)
     scales = torch.empty(n, groups, dtype=cfg.torch_scale_dtype, device=x.device)
     if n:
-        comp, _ = rotation_matrices(signs, d, x.device)
+        rot, _ = rotation_matrices(signs, x.device)
         gr = grid.to(x.device, torch.float32).contiguous()
-        bm = _block_rows(g, d)
+        bm = _block_rows(g)
         _quantize_kernel[(triton.cdiv(n, bm), groups)](
-            x2, x2.stride(0), n, C, comp, gr, codes, row_bytes, scales, groups, g**-0.5, g**0.5,
+            x2, x2.stride(0), n, C, rot, gr, codes, row_bytes, scales, groups,
             BM=bm, GS=g, D=d, NPTS=gr.shape[0], BITS=bits, INTERP=INTERPRET, num_warps=4)
     return Quantized(codes.view(*lead, row_bytes), scales.view(*lead, groups), C)
 
@@ -429,11 +430,11 @@ def dequantize(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: Quant
         if add.stride(-1) != 1:
             add = add.contiguous()
     if n:
-        _, recon = rotation_matrices(signs, d, codes.device)
+        _, unrot = rotation_matrices(signs, codes.device)
         gr = grid.to(codes.device, torch.float32).contiguous()
-        bm = _block_rows(g, d)
+        bm = _block_rows(g)
         _dequantize_kernel[(triton.cdiv(n, bm), groups)](
-            codes, codes.shape[-1], scales, groups, n, C, recon, gr, out, out.stride(0),
+            codes, codes.shape[-1], scales, groups, n, C, unrot, gr, out, out.stride(0),
             add if add is not None else out, add.stride(0) if add is not None else 0,
             BM=bm, GS=g, D=d, BITS=bits, HAS_ADD=add is not None, INTERP=INTERPRET, num_warps=4)
     return out.view(*lead, C)
@@ -465,15 +466,16 @@ class View:
 def predict_dequantize(
     batch: int, tokens: int, channels: int, head_dim: int,
     a1: View | None = None, a2: View | None = None,
-    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, add: View | None = None,
     q: Quantized | None = None, grid: torch.Tensor | None = None, signs: torch.Tensor | None = None,
     cfg: QuantizerConfig | None = None,
     out: View | None = None, out2: View | None = None, rope: bool = False,
     positions: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0,
     precision: str | None = None, block_n: int | None = None, k1: int | None = None,
 ) -> None:
-    """``[a1, a2] @ weight + bias + deq(q)`` over ``batch * tokens`` rows and ``channels`` columns, written to ``out``
-    and/or ``out2`` (with ``rope``: RoPE at ``positions [B, >=T]`` applied there; tiles of ``head_dim`` columns).
+    """``[a1, a2] @ weight + bias + add + deq(q)`` over ``batch * tokens`` rows and ``channels`` columns, written to
+    ``out`` and/or ``out2`` (with ``rope``: RoPE at ``positions [B, >=T]`` applied there; tiles of ``head_dim``
+    columns).
 
     ``weight [K1 + K2, channels]`` in the operand dtype (bf16 for ``precision="bf16"``, else fp32); its first ``k1``
     rows (default: all, or half with ``a2``) multiply ``a1``. Any part may be absent: no ``a1`` means no prediction,
@@ -490,14 +492,19 @@ def predict_dequantize(
     if q is not None:
         if cfg is None or not supports(cfg) or cfg.group_size % (bn // 2):
             raise ValueError(f"the fused kernel needs a supported quantizer with group size a multiple of {bn // 2}")
-        _, recon = rotation_matrices(signs, cfg.dim, dev)
+        _, recon = rotation_matrices(signs, dev)
         gr = grid.to(dev, torch.float32).contiguous()
         codes, scales = q.codes, q.scales
         if not (codes.is_contiguous() and scales.is_contiguous()):
             codes, scales = codes.contiguous(), scales.contiguous()
     dummy = (a1 or out or out2).tensor
     n_rows = batch * tokens
-    bm = 128 if n_rows >= 128 * 64 else 64
+    if _STATE["tile"] is not None:
+        bm, warps = _STATE["tile"]
+    elif a1 is not None:
+        bm, warps = (128, 8) if n_rows >= 128 * 64 else (64, 4)
+    else:
+        bm, warps = 64, 4
     a2_k = 0
     if a1 is None:
         k1 = 0
@@ -511,6 +518,7 @@ def predict_dequantize(
         a1.tensor if a1 else dummy, a1.sb if a1 else 0, a1.st if a1 else 0, a1.sh if a1 else 0, k1,
         a2.tensor if a2 else dummy, a2.sb if a2 else 0, a2.st if a2 else 0, a2.sh if a2 else 0, a2_k,
         weight if weight is not None else dummy, bias if bias is not None else dummy, channels,
+        add.tensor if add else dummy, add.sb if add else 0, add.st if add else 0, add.sh if add else 0,
         codes if q is not None else dummy, codes.shape[-1] if q is not None else 0,
         scales if q is not None else dummy, scales.shape[-1] if q is not None else 0,
         gr if q is not None else dummy, recon if q is not None else dummy,
@@ -520,9 +528,10 @@ def predict_dequantize(
         float(rope_scale), n_rows, tokens,
         BM=bm, BN=bn, BK=64, HD=head_dim, GS=cfg.group_size if q is not None else 64,
         D=cfg.dim if q is not None else 1, BITS=cfg.index_bits if q is not None else 1,
-        HAS_PRED=a1 is not None, HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_DEQ=q is not None,
+        HAS_PRED=a1 is not None, HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+        HAS_DEQ=q is not None,
         HAS_OUT=out is not None, HAS_OUT2=out2 is not None, ROPE=bool(rope), PRED=precision, INTERP=INTERPRET,
-        num_warps=8 if bm == 128 else 4, num_stages=3)
+        num_warps=warps, num_stages=3)
 
 
 # ------------------------------------------------------------------------------------------- predictors on the GPU
@@ -530,10 +539,11 @@ def predict_dequantize(
 
 @dataclass
 class PreparedPredictor:
-    """A predictor's weights in the kernel operand dtype: full ``weight [K, N]`` or factors ``down [K, r]``,
-    ``up [r, N]`` (``weight == down @ up``); ``bias [N]`` float32."""
+    """A predictor's weights in the operand dtype: full ``weight [K, N]`` or factors ``down [K, r]``, ``up [r, N]``
+    (``weight == down @ up``); ``bias [N]`` float32 and ``bias_op`` in the operand dtype (for cuBLAS ``addmm``)."""
 
     bias: torch.Tensor
+    bias_op: torch.Tensor
     weight: torch.Tensor | None = None
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
@@ -585,32 +595,56 @@ def prepare(predictor, dtype: torch.dtype, device: torch.device, low_rank: str |
         return per[key]
     factors = low_rank_factors(predictor.weight) if low_rank == "auto" else None
     bias = predictor.bias.to(device, torch.float32).contiguous()
+    bias_op = bias.to(dtype)
     if factors is None:
-        prep = PreparedPredictor(bias, weight=predictor.weight.to(device, dtype).contiguous())
+        prep = PreparedPredictor(bias, bias_op, weight=predictor.weight.to(device, dtype).contiguous())
     else:
-        prep = PreparedPredictor(bias, down=factors[0].to(device, dtype).contiguous(),
+        prep = PreparedPredictor(bias, bias_op, down=factors[0].to(device, dtype).contiguous(),
                                  up=factors[1].to(device, dtype).contiguous())
     per[key] = prep
     return prep
 
 
+def _predict_cublas(prep: PreparedPredictor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``[inputs] @ W + b`` through cuBLAS, ``[rows, N]`` in the operand dtype; two inputs multiply the two halves of
+    the weight's rows (no concatenation)."""
+    if prep.weight is not None:
+        if len(inputs) == 1:
+            return torch.addmm(prep.bias_op, inputs[0], prep.weight)
+        k1 = inputs[0].shape[1]
+        out = torch.addmm(prep.bias_op, inputs[0], prep.weight[:k1])
+        return out.addmm_(inputs[1], prep.weight[k1:])
+    z = inputs[0] @ prep.down[: inputs[0].shape[1]]
+    if len(inputs) > 1:
+        z.addmm_(inputs[1], prep.down[inputs[0].shape[1]:])
+    return torch.addmm(prep.bias_op, z, prep.up)
+
+
 def _reconstruct(batch: int, tokens: int, channels: int, head_dim: int, prep: PreparedPredictor | None,
-                 inputs: list[View], residual, q: Quantized, out: View | None, out2: View | None = None,
-                 rope: tuple | None = None, precision: str = "bf16") -> None:
-    """One of K̂ / V̂: prediction from ``inputs`` (one or two views) plus the dequantized residual."""
+                 inputs: list[torch.Tensor], residual, q: Quantized, out: torch.Tensor, out2: torch.Tensor | None,
+                 rope: tuple | None, precision: str, gemm: str) -> None:
+    """One of K̂ / V̂ into ``out [B, T, D]`` (and RoPE'd into ``out2 [B, H, T, hd]``): prediction from ``inputs``
+    (``[B, T, D]`` each) plus the dequantized residual."""
     rope_kw = {} if rope is None else {"rope": True, "positions": rope[0], "inv_freq": rope[1], "rope_scale": rope[2]}
-    common = {"q": q, "grid": residual.grid, "signs": residual.signs, "cfg": residual.config, "out": out,
-              "out2": out2, "precision": precision, **rope_kw}
+    common = {"q": q, "grid": residual.grid, "signs": residual.signs, "cfg": residual.config,
+              "out": View.plain(out, head_dim), "out2": None if out2 is None else View.heads(out2),
+              "precision": precision, **rope_kw}
     if prep is None:
         predict_dequantize(batch, tokens, channels, head_dim, **common)
         return
-    a1, a2 = inputs[0], (inputs[1] if len(inputs) > 1 else None)
+    if gemm == "cublas":
+        pred = _predict_cublas(prep, [x.view(batch * tokens, -1) for x in inputs])
+        predict_dequantize(batch, tokens, channels, head_dim, add=View.plain(pred.view(batch, tokens, -1), head_dim),
+                           **common)
+        return
+    views = [View.plain(x, head_dim) for x in inputs]
+    a1, a2 = views[0], (views[1] if len(views) > 1 else None)
     if prep.weight is not None:
         predict_dequantize(batch, tokens, channels, head_dim, a1=a1, a2=a2, weight=prep.weight, bias=prep.bias,
                            **common)
         return
     r = prep.rank
-    z = torch.empty(batch, tokens, r, dtype=prep.down.dtype, device=a1.tensor.device)
+    z = torch.empty(batch, tokens, r, dtype=prep.down.dtype, device=out.device)
     zn = 128 if r % 128 == 0 else (64 if r % 64 == 0 else 32)
     predict_dequantize(batch, tokens, r, head_dim, a1=a1, a2=a2, weight=prep.down, out=View.plain(z, head_dim),
                        precision=precision, block_n=zn)
@@ -618,16 +652,13 @@ def _reconstruct(batch: int, tokens: int, channels: int, head_dim: int, prep: Pr
                        bias=prep.bias, **common)
 
 
-def _view(x: torch.Tensor, hd: int) -> View:
-    return View.heads(x) if x.dim() == 4 else View.plain(x, hd)
-
-
 def read_compressed(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for ``AquaKVLayer._read_compressed`` on CUDA: for keys and for values one fused launch each
-    (prediction + residual, RoPE and the attention layout ``[B, H, T, hd]`` written directly), two with a low-rank
-    predictor. Leaves ``(K̂, V̂)`` of this layer in ``shared.prev_old`` for the next: with the default bf16 predictor
-    precision K̂ is ``[B, T, D]`` in the model dtype and V̂ is the returned values tensor itself; with ``"tf32"`` /
-    ``"ieee"`` both are ``[B, T, D]`` float32. Every layer of a pass must be read through this function.
+    """Drop-in for ``AquaKVLayer._read_compressed`` on CUDA. Keys: predictor matmul (cuBLAS, or fused with
+    ``settings(gemm="triton")``), then one kernel adds the dequantized residual and writes both ``K̂`` (pre-RoPE,
+    ``[B, T, D]``, for the next layer) and RoPE(``K̂``) in the attention layout. Values likewise, written once as
+    ``[B, T, D]`` (returned as a ``[B, H, T, hd]`` view). ``shared.prev_old`` holds ``(K̂, V̂)`` ``[B, T, D]`` in the
+    model dtype (bf16 precision, default) or float32 (``"tf32"`` / ``"ieee"``); every layer of a pass must be read
+    through this function.
     """
     shared = layer.shared
     t = layer.compressed_len
@@ -638,14 +669,13 @@ def read_compressed(layer) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, _, hd = layer.keys.shape
     d = h * hd
     dev, dt = layer.device, layer.dtype
-    precision = _STATE["predictor"]
+    precision, gemm = _STATE["predictor"], _STATE["gemm"]
     operand = torch.bfloat16 if precision == "bf16" else torch.float32
     scratch = dt if precision == "bf16" else torch.float32
     prev = shared.prev_old
     keys_pre = torch.empty(b, t, d, dtype=scratch, device=dev)
     keys = torch.empty(b, h, t, hd, dtype=dt, device=dev)
-    values = torch.empty(b, h, t, hd, dtype=dt, device=dev)
-    values_pre = values if scratch == dt else torch.empty(b, t, d, dtype=scratch, device=dev)
+    values_pre = torch.empty(b, t, d, dtype=scratch, device=dev)
     rotary = shared.rotary
     rope = (shared.positions[:, :t].to(dev, torch.int32), rotary.inv_freq.to(dev, torch.float32).contiguous(),
             float(getattr(rotary, "attention_scaling", 1.0)))
@@ -653,13 +683,17 @@ def read_compressed(layer) -> tuple[torch.Tensor, torch.Tensor]:
     vp = None if codec.value_predictor is None else prepare(codec.value_predictor, operand, dev)
     if (kp is not None or vp is not None) and prev is None:
         raise ValueError("this layer's predictors need the previous layer's reconstruction")
-    _reconstruct(b, t, d, hd, kp, [_view(prev[0], hd)] if kp else [], codec.keys, block.keys,
-                 View.plain(keys_pre, hd), View.heads(keys), rope, precision)
-    _reconstruct(b, t, d, hd, vp, [View.plain(keys_pre, hd), _view(prev[1], hd)] if vp else [], codec.values,
-                 block.values, _view(values_pre, hd), None if values_pre is values else View.heads(values), None,
-                 precision)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        _reconstruct(b, t, d, hd, kp, [prev[0]] if kp else [], codec.keys, block.keys, keys_pre, keys, rope,
+                     precision, gemm)
+        _reconstruct(b, t, d, hd, vp, [keys_pre, prev[1]] if vp else [], codec.values, block.values, values_pre,
+                     None, None, precision, gemm)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     shared.prev_old = (keys_pre, values_pre)
-    return keys, values
+    return keys, values_pre.view(b, t, h, hd).transpose(1, 2).to(dt)
 
 
 def copy_bandwidth(nbytes: int = 1 << 31, reps: int = 20) -> float:

@@ -15,6 +15,7 @@ Zarr has no bfloat16: such arrays are stored as uint16 bit patterns with ``attrs
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) ->
         chunks=(1, *shape[1:]),
         dtype="uint16" if dtype == "bfloat16" else dtype,
         fill_value=0,
+        compressors=None,  # activations are noise to a compressor: zstd only costs CPU time on the write path
         overwrite=True,
     )
     arr.attrs["dtype"] = dtype
@@ -184,7 +186,9 @@ def collect_shard(
 
     captured: dict[str, torch.Tensor] = {}
     done = []
+    writer = ThreadPoolExecutor(max_workers=4)  # Zarr writes overlap the next micro-batch's compute
     for layer_idx, layer in LayerStream(checkpoint, range(start, stop), device, DTYPES[dtype]):
+        pending: list[Future] = []
         arrays = {kind: group[f"{kind}/{layer_idx}"] for kind in KINDS}
         hooks = [
             getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
@@ -200,11 +204,14 @@ def collect_shard(
                 _check_finite(out, layer_idx, "hidden states", rows)
                 for kind in KINDS:
                     _check_finite(captured[kind], layer_idx, kind, rows)
-                    arrays[kind][rows[0] : rows[1]] = _encode(captured[kind], attrs["dtype"])
+                    pending.append(writer.submit(arrays[kind].__setitem__, slice(*rows),
+                                                 _encode(captured[kind], attrs["dtype"])))
                 hidden[b0:b1] = out
         finally:
             for hook in hooks:
                 hook.remove()
+            for f in pending:
+                f.result()  # every K/V chunk is on disk before the layer is marked done
         last = layer_idx + 1 == checkpoint.num_layers
         saved = not last and (layer_idx + 1) % hidden_every == 0
         if saved:
@@ -216,4 +223,5 @@ def collect_shard(
             for older in [k for k in group[f"hidden/{shard}"].keys() if int(k) < layer_idx]:
                 del group[f"hidden/{shard}/{older}"]
         done.append(layer_idx)
+    writer.shutdown()
     return done
