@@ -102,6 +102,7 @@ class CalibrationConfig(_Frozen):
     workdir: str = "work"
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
+    resident: bool = False  # execution strategy: fused collect+fit on the workers (pipeline.resident), not hashed
 
     def collect_digest(self) -> str:
         """What the collected activations depend on: model, data and sampling, never quantizer settings."""
@@ -118,7 +119,7 @@ class CalibrationConfig(_Frozen):
 
     def digest(self) -> str:
         """What the bundle depends on: everything but where things go and how many workers do it."""
-        skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase"}
+        skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase", "resident"}
         blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

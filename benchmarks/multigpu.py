@@ -5,8 +5,11 @@ random calibration tokens, then runs the real collect stage (Ray workers, ``clus
 and fit stage (``pipeline.fit.fit_all`` with statistics as Ray tasks) with 1 worker/GPU and with N. Reports
 per-stage times, the speed-up, calibration throughput projected to 80 layers x 2M tokens, and whether the
 N-GPU predictors match the 1-GPU ones. Prefect is not involved (the flow's tasks call exactly these functions).
+With ``--resident`` it also times the fused, device-resident collect+fit (``pipeline.resident.fit_resident`` over
+``cluster.workers`` shard actors, as the flow's ``collect_fit`` task runs it) and checks its predictors against
+the staged 1-GPU fit.
 
-    python benchmarks/multigpu.py --gpus 1,2 --out docs/benchmarks
+    python benchmarks/multigpu.py --gpus 1,2 --out docs/benchmarks --resident
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from aquakv.config import CalibrationConfig
-from cluster.workers import collect_worker, connect, ray_map
+from cluster.workers import collect_worker, connect, ray_map, ray_shards_call, shard_actors
 from pipeline.collect import open_activations
 from pipeline.fit import fit_all, shard_ranges
 
@@ -85,6 +89,7 @@ def _touch_cuda(_: int) -> str:
 
 def run(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_dim: int) -> dict:
     root = Path(args.workdir) / f"gpus{n}"
+    shutil.rmtree(root, ignore_errors=True)  # a rerun must not resume (and time) a finished collect and fit
     act = root / "activations.zarr"
     open_activations(act, args.layers, args.samples, args.seq_len, kv_dim, dtype="bfloat16")
     shards = shard_ranges(args.samples, n)
@@ -100,6 +105,39 @@ def run(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_dim: int)
     fits = fit_all(act, root, cfg, map_fn=ray_map, num_shards=n, device=device, progress=False)
     fit_s = time.perf_counter() - t
     return {"gpus": n, "collect_s": collect_s, "fit_s": fit_s, "total_s": collect_s + fit_s, "fits": fits}
+
+
+def run_resident(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_dim: int, write: bool = False) -> dict:
+    """The resident path with ``n`` shard actors (``write``: K/V also written to activations.zarr, as the flow
+    does by default): actors started (and CUDA up) before timing, killed after."""
+    import ray
+
+    from pipeline.resident import fit_resident
+
+    root = Path(args.workdir) / f"resident{n}{'-write' if write else ''}"
+    shutil.rmtree(root, ignore_errors=True)
+    act = None
+    if write:
+        act = root / "activations.zarr"
+        open_activations(act, args.layers, args.samples, args.seq_len, kv_dim, dtype="bfloat16")
+    cfg = CalibrationConfig(model=str(ckpt), data="synthetic", seq_len=args.seq_len, num_samples=args.samples,
+                            workers=n, dtype="bfloat16", resident=True)
+    t = time.perf_counter()
+    actors = shard_actors(str(ckpt), str(tokens), shard_ranges(args.samples, n), "bfloat16",
+                          None if act is None else str(act))
+    call = ray_shards_call(actors)
+    call("shape")
+    start_s = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        fits = fit_resident(call, cfg, root, args.layers, progress=False)
+        total_s = time.perf_counter() - t
+        phases = call("timings")
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return {"gpus": n, "actor_start_s": start_s, "total_s": total_s, "write_activations": act is not None,
+            "phase_s": {k: max(p.get(k, 0.0) for p in phases) for k in phases[0]}, "fits": fits}
 
 
 def compare(a: list, b: list) -> dict:
@@ -128,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--workdir", default="/tmp/aquakv-multigpu")
     p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--resident", action="store_true", help="also time the resident (fused collect+fit) path")
+    p.add_argument("--resident-write", action="store_true",
+                   help="also time resident runs that write K/V to activations.zarr (the flow's default)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.gpus.split(",")]
     work = Path(args.workdir)
@@ -162,6 +203,29 @@ def main(argv: list[str] | None = None) -> None:
         diff = compare(base["fits"], r["fits"])
         result[f"diff_{r['gpus']}gpu"] = diff
         result["bundle_matches_1gpu"] = diff["max_rel_weight_diff"] < 1e-3 and diff["max_rel_metric_diff"] < 1e-2
+    if args.resident:
+        resident = [run_resident(n, args, ckpt, tokens, kv_dim) for n in counts]
+        scale = 80 * (2 * 1024 * 1024 / tokens_total) / 60 / args.layers
+        result["runs_resident"] = [{**{k: v for k, v in r.items() if k != "fits"},
+                                    "projected_70b_minutes": r["total_s"] * scale} for r in resident]
+        result["projected_70b_minutes_resident"] = resident[0]["total_s"] * scale
+        for r in resident:
+            result[f"resident_vs_staged_{r['gpus']}gpu"] = next(
+                s["total_s"] for s in runs if s["gpus"] == r["gpus"]) / r["total_s"]
+            if r is not resident[0]:
+                result[f"speedup_{r['gpus']}gpu_resident"] = resident[0]["total_s"] / r["total_s"]
+            diff = compare(base["fits"], r["fits"])
+            result[f"diff_resident_{r['gpus']}gpu"] = diff
+        if args.resident_write:
+            written = [run_resident(n, args, ckpt, tokens, kv_dim, write=True) for n in counts]
+            result["runs_resident"] += [{**{k: v for k, v in r.items() if k != "fits"},
+                                         "projected_70b_minutes": r["total_s"] * scale} for r in written]
+            result["projected_70b_minutes_resident_write"] = written[0]["total_s"] * scale
+            for r in written:
+                result[f"diff_resident_write_{r['gpus']}gpu"] = compare(base["fits"], r["fits"])
+        result["resident_matches_1gpu"] = all(
+            d["max_rel_weight_diff"] < 1e-3 and d["max_rel_metric_diff"] < 1e-2
+            for k, d in result.items() if k.startswith("diff_resident"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "multigpu.json").write_text(json.dumps(result, indent=2))

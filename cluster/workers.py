@@ -56,3 +56,37 @@ def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, stor
     tokens = zarr.open_group(tokens_path, mode="r")["calib"][start:stop]
     return collect_shard(Checkpoint(model_dir), tokens, start, store_path, device=device, dtype=dtype,
                          progress=False, hidden_every=hidden_every)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resident mode: one long-lived actor per shard (pipeline.resident), its samples kept on its GPU
+
+
+def __getattr__(name: str) -> Any:
+    """``ShardActor = ray.remote(ResidentShard)``, made on first use (keeps torch out of this module's import)."""
+    if name == "ShardActor":
+        from pipeline.resident import ResidentShard
+
+        actor = ray.remote(ResidentShard)
+        globals()["ShardActor"] = actor
+        return actor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def shard_actors(model_dir: str, tokens_path: str, shards: list[tuple[int, int]], dtype: str = "float32",
+                 activations_path: str | None = None) -> list[Any]:
+    """One :class:`pipeline.resident.ResidentShard` actor per ``(start, stop)`` shard, with :func:`worker_options`
+    (one GPU each when the cluster has GPUs). Free them with ``ray.kill``."""
+    actor = globals().get("ShardActor") or __getattr__("ShardActor")
+    return [actor.options(**worker_options()).remote(model_dir, tokens_path, a, b, "auto", dtype, activations_path)
+            for a, b in shards]
+
+
+def ray_shards_call(actors: list[Any]) -> Callable[..., list[Any]]:
+    """``shards_call(method, *args)`` for :func:`pipeline.resident.fit_resident`: ``method`` on every actor,
+    results in actor order (arguments are put in the object store once, not once per actor)."""
+    def call(method: str, *args: Any) -> list[Any]:
+        refs = [ray.put(a) for a in args]
+        return ray.get([getattr(actor, method).remote(*refs) for actor in actors])
+
+    return call

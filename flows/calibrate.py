@@ -107,6 +107,46 @@ def fit_stage(config: dict, activations: str) -> list:
     return fits
 
 
+@task(name="collect_fit", cache_policy=NO_CACHE)
+def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activations: bool = True) -> list:
+    """Resident mode (``cfg.resident``): collect and chain-fit in one pass, one Ray actor per shard keeping its
+    samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). No per-layer resume: a finished fit is
+    loaded, an interrupted one restarts at layer 0. ``write_activations``: the actors also write K/V to
+    ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
+    settings can run the staged fit without collecting again."""
+    cfg = CalibrationConfig.model_validate(config)
+    import ray
+
+    from cluster.workers import ray_shards_call, shard_actors
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.collect import layer_complete, open_activations
+    from pipeline.fit import shard_ranges
+    from pipeline.resident import fit_resident
+
+    logger = get_run_logger()
+    ckpt = Checkpoint(model_dir)
+    paths = _paths(cfg)
+    activations = None
+    if write_activations:
+        group = open_activations(paths["activations"], ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim,
+                                 dtype=cfg.dtype)
+        if not all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):
+            activations = str(paths["activations"])
+    shards = shard_ranges(cfg.num_samples, cfg.workers)
+    logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", ckpt.num_layers,
+                cfg.num_samples, len(shards), activations or "not written")
+    actors = shard_actors(model_dir, tokens, shards, cfg.dtype, activations)
+    try:
+        fits = fit_resident(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    for f in fits:
+        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
+                    f.metrics["values_rel_mse"])
+    return fits
+
+
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict]:
     """Held-out perplexity with the real cache vs exact; refuses to go on when the gate is missed."""
@@ -150,19 +190,24 @@ def publish_stage(config: dict, fits: list, metrics: dict, fingerprint: dict) ->
 
 @flow(name="calibrate", log_prints=True)
 def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | None = None,
-              workdir: str | None = None, workers: int | None = None, ray_address: str | None = None) -> dict:
+              workdir: str | None = None, workers: int | None = None, ray_address: str | None = None,
+              resident: bool | None = None) -> dict:
     """Calibrate an AQUA-KV bundle for a model and publish it; returns a summary (bundle URI, bits, perplexity)."""
     from cluster.workers import connect
 
-    cfg = resolve_config(config, registry=registry, workdir=workdir, workers=workers, ray_address=ray_address)
+    cfg = resolve_config(config, registry=registry, workdir=workdir, workers=workers, ray_address=ray_address,
+                         resident=resident)
     logger = get_run_logger()
     logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
                 cfg.collect_digest())
     connect(cfg.ray_address, cfg.workers)
     config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
     model_dir, tokens = data_stage(config)
-    activations = collect_stage(config, model_dir, tokens)
-    fits = fit_stage(config, activations)
+    if cfg.resident:
+        fits = collect_fit_stage(config, model_dir, tokens)
+    else:
+        activations = collect_stage(config, model_dir, tokens)
+        fits = fit_stage(config, activations)
     metrics, fingerprint = validate_stage(config, model_dir, tokens, fits)
     uri = publish_stage(config, fits, metrics, fingerprint)
     summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],
@@ -181,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", help="override the config's work directory")
     p.add_argument("--workers", type=int, help="override the number of Ray workers")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--resident", action="store_const", const=True, default=None,
+                   help="fused collect+fit with each worker's samples kept on its GPU (pipeline.resident)")
     a = p.parse_args(argv)
-    print(json.dumps(calibrate(a.config, a.registry, a.workdir, a.workers, a.ray_address), indent=2))
+    print(json.dumps(calibrate(a.config, a.registry, a.workdir, a.workers, a.ray_address, a.resident), indent=2))
 
 
 if __name__ == "__main__":

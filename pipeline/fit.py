@@ -405,15 +405,19 @@ def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCo
     for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer),
                        [a for a, _ in shards], [b for _, b in shards], *_repeat(n, codec, device)):
         s = {k: s.get(k, 0.0) + v for k, v in part.items()}
-    metrics = {
-        "keys_rel_mse": s["keys_err"] / max(s["keys_norm"], 1e-30),
-        "values_rel_mse": s["values_err"] / max(s["values_norm"], 1e-30),
-        "keys_pred_rel_mse": s["keys_pred_err"] / max(s["keys_norm"], 1e-30),
-        "values_pred_rel_mse": s["values_pred_err"] / max(s["values_norm"], 1e-30),
-        "bits_per_value": bits_per_value([codec], info.kv_dim)["total"],
-        "tokens": float(sum(b - a for a, b in shards) * info.seq_len),
+    return LayerFit(layer, codec, layer_metrics(s, codec, info.kv_dim, sum(b - a for a, b in shards) * info.seq_len))
+
+
+def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens: int) -> dict[str, float]:
+    """:class:`LayerFit` metrics from the squared-error sums of :func:`reconstruct_shard` (summed over shards)."""
+    return {
+        "keys_rel_mse": sums["keys_err"] / max(sums["keys_norm"], 1e-30),
+        "values_rel_mse": sums["values_err"] / max(sums["values_norm"], 1e-30),
+        "keys_pred_rel_mse": sums["keys_pred_err"] / max(sums["keys_norm"], 1e-30),
+        "values_pred_rel_mse": sums["values_pred_err"] / max(sums["values_norm"], 1e-30),
+        "bits_per_value": bits_per_value([codec], kv_dim)["total"],
+        "tokens": float(tokens),
     }
-    return LayerFit(layer, codec, metrics)
 
 
 def fit_layer(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
@@ -471,13 +475,18 @@ def load_codec(stem: Path, digest: str) -> tuple[LayerCodec, dict[str, Any]] | N
     return LayerCodec(parts[0][0], parts[1][0], parts[0][1], parts[1][1]), meta
 
 
-def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int) -> list[LayerFit]:
-    """The finished prefix of layers under ``workdir`` (made with ``cfg``, reconstruction on disk)."""
+def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int,
+              require_recon: bool = True) -> list[LayerFit]:
+    """The finished prefix of layers under ``workdir`` (made with ``cfg``, reconstruction on disk).
+
+    ``require_recon=False`` also accepts layers without a reconstruction in ``recon.zarr`` (the resident mode,
+    :mod:`pipeline.resident`, keeps it on the workers); the chain resume needs it, so :func:`fit_all` keeps it.
+    """
     workdir = Path(workdir)
     fits: list[LayerFit] = []
     for layer in range(num_layers):
         loaded = load_codec(workdir / FIT_DIR / str(layer), cfg.fit_digest())
-        if loaded is None or not _has_recon(workdir / RECON_STORE, layer):
+        if loaded is None or (require_recon and not _has_recon(workdir / RECON_STORE, layer)):
             break
         fits.append(LayerFit(layer, loaded[0], loaded[1]["metrics"]))
     return fits

@@ -1,0 +1,351 @@
+"""Resident mode: collect and chain-fit in one pass, every worker's shard kept on its device.
+
+The staged pipeline writes each layer's K/V to ``activations.zarr`` (:mod:`pipeline.collect`), then
+:func:`pipeline.fit.fit_all` reads them back three times per layer and writes/reads ``recon.zarr``: at 70B scale
+the Zarr I/O dominates. Here a :class:`ResidentShard` (one per worker, a plain object or a Ray actor) holds its
+samples' hidden states, the current layer's ``K_l, V_l`` and the previous layer's reconstruction
+``K̂_{l-1}, V̂_{l-1}`` on its device, and :func:`fit_resident` drives the layers:
+
+    forward(l) -> key_stats(l) -> [solve P^K_l] -> value_stats(l, codec) -> [solve P^V_l] -> reconstruct(l, codec)
+
+The math mirrors the staged chain fit step by step (:func:`pipeline.fit.layer_stats_keys`,
+:func:`~pipeline.fit.layer_stats_values`, :func:`~pipeline.fit.reconstruct_shard`, same row batches, same shard
+order of the sums), so with the same shards the bundle is the same as the staged one. Only small CPU objects
+(statistics, sums) travel back to the driver.
+
+Resume: a finished run is loaded (all layers' fits under ``workdir``); an interrupted one restarts at layer 0,
+since the reconstructions it needs lived on the workers. Resident mode trades per-layer resume for speed; the
+staged mode keeps per-layer resume. With ``activations_path`` the workers also write K/V to the activations
+store in the background (and mark the layers done), so a later re-fit with other quantizer settings can use the
+staged fit without collecting again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from aquakv.codec import LayerCodec, encode
+from aquakv.config import CalibrationConfig
+from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.predictors import RidgeStats, fit_ridge
+from pipeline.checkpoint import Checkpoint
+from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
+from pipeline.fit import (
+    FIT_DIR,
+    LayerFit,
+    _accumulate,
+    _batches,
+    _cpu,
+    _stats,
+    _sum,
+    layer_metrics,
+    load_fits,
+    residual_quantizers,
+    save_codec,
+)
+
+ShardsCall = Callable[..., list[Any]]
+SUMS = ("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err", "values_norm")
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ResidentShard:
+    """One worker's samples ``[start, stop)`` of ``tokens_path``'s ``calib`` array, resident on ``device``.
+
+    Holds the hidden states ``[n, T, hidden]`` (``dtype``), the current layer's ``K_l, V_l`` ``[n*T, D]``
+    (``dtype``, as the activations store would hold them) and the previous layer's reconstruction
+    ``K̂_{l-1}, V̂_{l-1}`` ``[n*T, D]`` float32. Methods must be called in chain order per layer:
+    :meth:`forward`, :meth:`key_stats` (l > 0), :meth:`value_stats` (l > 0), :meth:`reconstruct`.
+    """
+
+    def __init__(self, model_dir: str | Path, tokens_path: str | Path, start: int, stop: int, device: str = "auto",
+                 dtype: str = "float32", activations_path: str | Path | None = None, micro_batch: int = 1) -> None:
+        self.checkpoint = Checkpoint(model_dir)
+        self.start, self.stop = start, stop
+        self.device = _device(device)
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # the CUDA context starts here, not inside the first layer
+        self.dtype = _dtype_name(dtype)
+        self.micro_batch = micro_batch
+        tokens = zarr.open_group(str(tokens_path), mode="r")["calib"]
+        if not 0 <= start < stop <= tokens.shape[0]:
+            raise CalibrationError(f"shard [{start}, {stop}) out of range of {tokens_path} ({tokens.shape[0]} samples)")
+        self.tokens = torch.from_numpy(tokens[start:stop]).long()
+        self.seq_len = int(self.tokens.shape[1])
+        self.kv_dim = self.checkpoint.kv_dim
+        self.hidden: torch.Tensor | None = None
+        self.hidden_layer = -1  # the hidden states are the input of layer hidden_layer + 1
+        self.kv: dict[str, torch.Tensor] = {}  # K_l, V_l of layer kv_layer
+        self.kv_layer = -1
+        self.prev: dict[str, torch.Tensor] = {}  # K̂, V̂ of layer prev_layer
+        self.prev_layer = -1
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-prefetch")
+        self._pending: dict[int, Future] = {}
+        self.group = None
+        if activations_path is not None:
+            self.group = zarr.open_group(str(activations_path), mode="r+")
+            attrs = self.group.attrs
+            if attrs["seq_len"] != self.seq_len or stop > attrs["num_samples"] or attrs["dtype"] != self.dtype:
+                raise CalibrationError(f"{activations_path} ({attrs['num_samples']} x {attrs['seq_len']}, "
+                                       f"{attrs['dtype']}) does not fit shard [{start}, {stop}) x {self.seq_len} "
+                                       f"{self.dtype}")
+            self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
+        self._commit: Future | None = None
+        self.seconds: dict[str, float] = {}  # wall time per method, for benchmarks
+
+    def _timed(self, method: str, t0: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[method] = self.seconds.get(method, 0.0) + time.perf_counter() - t0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each method so far (device work included)."""
+        return dict(self.seconds)
+
+    # -- small queries ------------------------------------------------------------------------------------------
+
+    def shape(self) -> dict[str, int]:
+        """``samples``, ``tokens``, ``seq_len``, ``kv_dim`` and ``num_layers`` of this shard."""
+        n = self.stop - self.start
+        return {"samples": n, "tokens": n * self.seq_len, "seq_len": self.seq_len, "kv_dim": self.kv_dim,
+                "num_layers": self.checkpoint.num_layers}
+
+    def _rows(self, a: int, b: int) -> slice:
+        """Rows of the flattened ``[n*T, D]`` buffers holding absolute samples ``[a, b)``."""
+        return slice((a - self.start) * self.seq_len, (b - self.start) * self.seq_len)
+
+    def _batches(self) -> list[tuple[int, int]]:
+        return list(_batches(self.start, self.stop, self.seq_len))  # the staged fit's row batches
+
+    def _expect(self, what: str, layer: int, have: int, need: int) -> None:
+        if have != need:
+            raise CalibrationError(f"{what}({layer}) out of chain order: the shard holds layer {have}, needs {need}")
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def _load(self, layer: int) -> Future:
+        if layer not in self._pending:
+            self._pending[layer] = self._prefetch.submit(self.checkpoint.load_layer, layer, self.device,
+                                                         DTYPES[self.dtype])
+        return self._pending[layer]
+
+    def _write(self, layer: int, a: int, b: int, kind: str, t: torch.Tensor) -> None:
+        self.group[f"{kind}/{layer}"][a:b] = _encode(t.view(b - a, self.seq_len, -1), self.dtype)
+
+    def _commit_layer(self, layer: int, writes: list[Future]) -> None:
+        for f in writes:
+            f.result()
+        self.group.require_group(f"done/{layer}/{shard_name(self.start, self.stop - self.start)}")
+
+    def finish(self) -> None:
+        """Wait for the background K/V writes (re-raising their errors); the layer is marked done once written."""
+        commit, self._commit = self._commit, None
+        if commit is not None:
+            commit.result()
+
+    @torch.inference_mode()
+    def forward(self, layer: int) -> None:
+        """Run ``layer`` over the shard (micro-batches), keeping its pre-RoPE ``K_l, V_l`` and output hidden states.
+
+        Layer 0 starts from the token embeddings. The next layer's weights are loaded in the background meanwhile.
+        :class:`NonFiniteError` names the layer and the samples when the outputs are not finite.
+        """
+        t0 = time.perf_counter()
+        if layer == 0:  # (re)start the chain
+            self.hidden = self.checkpoint.embed(self.tokens, self.device, DTYPES[self.dtype])
+            self.hidden_layer, self.prev_layer, self.prev = -1, -1, {}
+        self._expect("forward", layer, self.hidden_layer + 1, layer)
+        module = self._load(layer).result()
+        self._pending = {k: v for k, v in self._pending.items() if k > layer}
+        if layer + 1 < self.checkpoint.num_layers:
+            self._load(layer + 1)
+        self.finish()  # back-pressure: the previous layer's K/V are on disk before this layer's are produced
+        n = self.stop - self.start
+        dtype = DTYPES[self.dtype]
+        self.kv = {}  # the previous layer's K/V are freed before this layer's are allocated
+        self.kv = {kind: torch.empty(n * self.seq_len, self.kv_dim, device=self.device, dtype=dtype) for kind in KINDS}
+        self.kv_layer = -1
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [getattr(module.self_attn, f"{kind[0]}_proj").register_forward_hook(
+            lambda _m, _i, out, kind=kind: captured.__setitem__(kind, out)) for kind in KINDS]
+        writes: list[Future] = []
+        try:
+            for b0 in range(0, n, self.micro_batch):
+                b1 = min(b0 + self.micro_batch, n)
+                a, b = self.start + b0, self.start + b1
+                h = self.hidden[b0:b1]
+                out = module(h, **self.checkpoint.layer_kwargs(h))
+                _check_finite(out, layer, "hidden states", (a, b))
+                for kind in KINDS:
+                    _check_finite(captured[kind], layer, kind, (a, b))
+                    rows = self.kv[kind][self._rows(a, b)]
+                    rows.copy_(captured[kind].reshape(rows.shape))
+                    if self.group is not None:
+                        writes.append(self._writer.submit(self._write, layer, a, b, kind, rows))
+                self.hidden[b0:b1] = out
+        except BaseException:
+            for f in writes:
+                f.cancel()
+            raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+            del module
+        if self.group is not None:
+            self._commit = self._committer.submit(self._commit_layer, layer, writes)
+        self.hidden_layer = self.kv_layer = layer
+        self._timed("forward", t0)
+
+    # -- chain fit ----------------------------------------------------------------------------------------------
+
+    def _kv(self, kind: str, a: int, b: int) -> torch.Tensor:
+        return self.kv[kind][self._rows(a, b)].float()
+
+    def _prev(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows(a, b)
+        return self.prev["keys"][rows], self.prev["values"][rows]
+
+    @torch.no_grad()
+    def key_stats(self, layer: int) -> RidgeStats:
+        """Key predictor statistics (CPU): X = K̂_{l-1}, Y = K_l (as :func:`pipeline.fit.layer_stats_keys`)."""
+        t0 = time.perf_counter()
+        self._expect("key_stats", layer, self.kv_layer, layer)
+        self._expect("key_stats", layer, self.prev_layer, layer - 1)
+        total = None
+        for a, b in self._batches():
+            total = _accumulate(total, _stats(self._prev(a, b)[0], self._kv("keys", a, b), layer, "keys", (a, b)))
+        total = _cpu(total)
+        self._timed("key_stats", t0)
+        return total
+
+    @torch.no_grad()
+    def value_stats(self, layer: int, codec: LayerCodec) -> RidgeStats:
+        """Value predictor statistics (CPU): X = [K̂_l, V̂_{l-1}], Y = V_l, K̂_l encoded with ``codec``'s key part
+        (as :func:`pipeline.fit.layer_stats_values`)."""
+        t0 = time.perf_counter()
+        self._expect("value_stats", layer, self.kv_layer, layer)
+        self._expect("value_stats", layer, self.prev_layer, layer - 1)
+        key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None).to(self.device)
+        total = None
+        for a, b in self._batches():
+            prev = self._prev(a, b)
+            keys, values = self._kv("keys", a, b), self._kv("values", a, b)
+            try:
+                _, (keys_hat, _) = encode(keys, values, prev, key_only)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
+            total = _accumulate(total, _stats(torch.cat([keys_hat, prev[1]], 1), values, layer, "values", (a, b)))
+        total = _cpu(total)
+        self._timed("value_stats", t0)
+        return total
+
+    @torch.no_grad()
+    def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
+        """Encode the shard's ``K_l, V_l`` with ``codec``; K̂_l, V̂_l replace K̂_{l-1}, V̂_{l-1} on the device.
+
+        Returns the squared-error sums of :func:`pipeline.fit.reconstruct_shard` (``{keys,values}_{err,pred_err,
+        norm}``). Each row batch's reconstruction overwrites the rows it was predicted from.
+        """
+        t0 = time.perf_counter()
+        self._expect("reconstruct", layer, self.kv_layer, layer)
+        self._expect("reconstruct", layer, self.prev_layer, layer - 1)
+        codec = codec.to(self.device)
+        if layer == 0:
+            self.prev = {kind: torch.empty(self.kv[kind].shape, device=self.device, dtype=torch.float32)
+                         for kind in KINDS}
+        self.prev_layer = -2  # invalid until every batch is done
+        sums = dict.fromkeys(SUMS, 0.0)
+        for a, b in self._batches():
+            prev = None if layer == 0 else self._prev(a, b)
+            keys, values = self._kv("keys", a, b), self._kv("values", a, b)
+            try:
+                _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"layer {layer}, samples [{a}, {b}): {e}") from e
+            preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
+            for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
+                y64 = y.double()
+                sums[f"{kind}_err"] += float(((y64 - y_hat.double()) ** 2).sum())
+                sums[f"{kind}_pred_err"] += float(((y64 - pred.double()) ** 2).sum())
+                sums[f"{kind}_norm"] += float((y64 * y64).sum())
+            rows = self._rows(a, b)
+            self.prev["keys"][rows] = keys_hat
+            self.prev["values"][rows] = values_hat
+        self.prev_layer = layer
+        if layer + 1 == self.checkpoint.num_layers:
+            self.finish()
+        self._timed("reconstruct", t0)
+        return sums
+
+    def close(self) -> None:
+        """Wait for pending writes and free the device buffers."""
+        try:
+            self.finish()
+        finally:
+            self.hidden, self.kv, self.prev = None, {}, {}
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            if self.group is not None:
+                self._writer.shutdown(wait=True)
+                self._committer.shutdown(wait=True)
+
+
+def local_shards_call(shards: list[ResidentShard]) -> ShardsCall:
+    """``shards_call`` over plain :class:`ResidentShard` objects in this process (in order)."""
+    def call(method: str, *args: Any) -> list[Any]:
+        return [getattr(shard, method)(*args) for shard in shards]
+
+    return call
+
+
+def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Path, num_layers: int,
+                 progress: bool = True) -> list[LayerFit]:
+    """Chain-fit every layer over resident shards; saves ``workdir/fit/{l}`` as :func:`pipeline.fit.fit_all` does.
+
+    ``shards_call(method, *args)`` calls ``method`` on every shard and returns their results in shard order
+    (:func:`local_shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved fits
+    if every layer is there for ``cfg.fit_digest()``, else fits from layer 0 (no per-layer resume: the
+    reconstructions were on the workers).
+    """
+    workdir = Path(workdir)
+    fits = load_fits(workdir, cfg, num_layers, require_recon=False)
+    if len(fits) == num_layers:
+        return fits
+    shapes = shards_call("shape")
+    kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
+    if any(s["num_layers"] != num_layers for s in shapes):
+        raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
+    fits = []
+    bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
+    for layer in bar:
+        shards_call("forward", layer)
+        keys_q, values_q = residual_quantizers(cfg, layer)
+        codec = LayerCodec(keys_q, values_q)
+        if layer > 0:
+            key_predictor = fit_ridge(_sum(shards_call("key_stats", layer)), cfg.damping, cfg.predictor_rank)
+            value_stats = _sum(shards_call("value_stats", layer, LayerCodec(keys_q, values_q, key_predictor, None)))
+            codec = LayerCodec(keys_q, values_q, key_predictor, fit_ridge(value_stats, cfg.damping,
+                                                                         cfg.predictor_rank))
+        sums: dict[str, float] = {}
+        for part in shards_call("reconstruct", layer, codec):
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        fit = LayerFit(layer, codec, layer_metrics(sums, codec, kv_dim, tokens))
+        save_codec(workdir / FIT_DIR / str(layer), codec,
+                   {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics, "mode": "resident"})
+        bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
+        fits.append(fit)
+    shards_call("finish")
+    return fits

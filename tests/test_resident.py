@@ -1,0 +1,142 @@
+"""pipeline.resident: the fused, device-resident collect+fit equals the staged collect -> fit_all chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from aquakv.config import CalibrationConfig, QuantizerConfig
+from aquakv.errors import CalibrationError, NonFiniteError
+from pipeline.checkpoint import Checkpoint
+from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
+from pipeline.fit import fit_all, load_fits, shard_ranges
+from pipeline.resident import ResidentShard, fit_resident, local_shards_call
+from pipeline.testing import write_tiny_llama
+
+LAYERS, SAMPLES, SEQ = 3, 5, 48
+Q = QuantizerConfig(dim=2, size=16, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("resident")
+    model = write_tiny_llama(root / "model", num_layers=LAYERS, max_positions=256)
+    tokens = root / "tokens.zarr"
+    group = zarr.open_group(str(tokens), mode="w")
+    data = np.random.default_rng(0).integers(3, 320, (SAMPLES, SEQ), dtype=np.int32)
+    group.create_array("calib", data=data, chunks=(1, SEQ))
+    return {"root": root, "model": model, "tokens": tokens, "data": data}
+
+
+def _cfg(assets: dict) -> CalibrationConfig:
+    return CalibrationConfig(model=str(assets["model"]), data="synthetic", seq_len=SEQ, num_samples=SAMPLES, keys=Q,
+                             values=Q, first_layer=QuantizerConfig(dim=2, size=256, group_size=32))
+
+
+def _shards(assets: dict, n: int, **kw: object) -> list[ResidentShard]:
+    return [ResidentShard(assets["model"], assets["tokens"], a, b, device="cpu", **kw)
+            for a, b in shard_ranges(SAMPLES, n)]
+
+
+@pytest.fixture(scope="module")
+def staged(assets: dict) -> dict[int, list]:
+    """The staged path: collect_shard into activations.zarr, then fit_all with 1 and with 2 shards."""
+    ckpt = Checkpoint(assets["model"])
+    act = assets["root"] / "activations.zarr"
+    open_activations(act, LAYERS, SAMPLES, SEQ, ckpt.kv_dim)
+    collect_shard(ckpt, assets["data"], 0, act, progress=False)
+    return {n: fit_all(act, assets["root"] / f"staged{n}", _cfg(assets), progress=False, num_shards=n)
+            for n in (1, 2)}
+
+
+def _assert_same(a: list, b: list, exact: bool) -> None:
+    assert len(a) == len(b) == LAYERS
+    for fa, fb in zip(a, b, strict=True):
+        for p, q in ((fa.codec.key_predictor, fb.codec.key_predictor),
+                     (fa.codec.value_predictor, fb.codec.value_predictor)):
+            assert (p is None) == (q is None) == (fa.layer == 0)
+            if p is not None:
+                if exact:
+                    assert torch.equal(p.weight, q.weight) and torch.equal(p.bias, q.bias)
+                else:
+                    torch.testing.assert_close(p.weight, q.weight, rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(p.bias, q.bias, rtol=1e-5, atol=1e-6)
+        assert fa.metrics.keys() == fb.metrics.keys()
+        for k, v in fa.metrics.items():
+            assert fb.metrics[k] == pytest.approx(v, rel=0 if exact else 1e-5), k
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_resident_equals_staged(assets: dict, staged: dict, n: int, tmp_path: Path) -> None:
+    cfg = _cfg(assets)
+    shards = _shards(assets, n)
+    calls: list[str] = []
+    inner = local_shards_call(shards)
+
+    def counting(method: str, *args: object) -> list:
+        calls.append(method)
+        return inner(method, *args)
+
+    fits = fit_resident(counting, cfg, tmp_path, LAYERS, progress=False)
+    assert calls.count("forward") == LAYERS
+    _assert_same(staged[n], fits, exact=True)  # same shards, same row batches, same sums: bit-identical
+    _assert_same(staged[1], fits, exact=False)  # another split only reorders float64 sums
+    # saved in fit_all's layout: load_fits reads them; a finished run is loaded, never recomputed
+    _assert_same(load_fits(tmp_path, cfg, LAYERS, require_recon=False), fits, exact=True)
+    assert load_fits(tmp_path, cfg, LAYERS) == []  # the staged chain resume needs recon.zarr: refits from layer 0
+    calls.clear()
+    _assert_same(fit_resident(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
+    assert calls == []
+    # an unfinished run restarts from layer 0, on the same shards, to the same result
+    (tmp_path / "fit" / f"{LAYERS - 1}.json").unlink()
+    _assert_same(fit_resident(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
+    assert calls.count("forward") == LAYERS
+
+
+def test_activations_written_for_a_staged_refit(assets: dict, staged: dict, tmp_path: Path) -> None:
+    """With an activations store, the workers write K/V as collect does; fit_all then refits from it."""
+    ckpt = Checkpoint(assets["model"])
+    act = tmp_path / "activations.zarr"
+    group = open_activations(act, LAYERS, SAMPLES, SEQ, ckpt.kv_dim)
+    shards = _shards(assets, 2, activations_path=act)
+    fit_resident(local_shards_call(shards), _cfg(assets), tmp_path / "resident", LAYERS, progress=False)
+    ref = zarr.open_group(str(assets["root"] / "activations.zarr"), mode="r")
+    for layer in range(LAYERS):
+        assert layer_complete(group, layer)
+        for kind in KINDS:
+            assert torch.equal(read_activations(group, kind, layer), read_activations(ref, kind, layer))
+    _assert_same(fit_all(act, tmp_path / "staged", _cfg(assets), progress=False, num_shards=2), staged[2],
+                 exact=True)
+    for shard in shards:
+        shard.close()
+
+
+def test_non_finite_names_the_layer(assets: dict, tmp_path: Path) -> None:
+    shards = _shards(assets, 2)
+    ckpt = shards[1].checkpoint
+    load = ckpt.load_layer
+
+    def poisoned(i: int, *args: object) -> nn.Module:
+        layer = load(i, *args)
+        if i == 2:
+            layer.self_attn.v_proj.weight[0, 0] = float("nan")
+        return layer
+
+    ckpt.load_layer = poisoned
+    with pytest.raises(NonFiniteError, match=r"layer 2: non-finite .* samples \[2, 3\)"):
+        fit_resident(local_shards_call(shards), _cfg(assets), tmp_path, LAYERS, progress=False)
+    assert len(load_fits(tmp_path, _cfg(assets), LAYERS, require_recon=False)) == 2  # layers 0-1 were saved
+
+
+def test_out_of_order_calls_are_refused(assets: dict) -> None:
+    shard = _shards(assets, 1)[0]
+    with pytest.raises(CalibrationError, match="chain order"):
+        shard.forward(1)
+    shard.forward(0)
+    with pytest.raises(CalibrationError, match="chain order"):
+        shard.key_stats(1)
