@@ -30,12 +30,11 @@ from aquakv.grids import cache_dir
 from aquakv.registry import load_bundle
 
 Q2, Q3 = {"dim": 2, "size": 16, "group_size": 64}, {"dim": 2, "size": 64, "group_size": 64}
-G128 = {"group_size": 128}
 # Values are harder to predict than keys (per-layer relative MSE ~3x higher), so extra bits go to values first.
+# Groups stay at 64: SmolLM2's 192 channels pad to 256 with g=128, which costs more bits than the scales save.
 CONFIGS: dict[str, dict] = {
     "aquakv-2bit": {"keys": Q2, "values": Q2},
-    "aquakv-2bit-g128": {"keys": {**Q2, **G128}, "values": {**Q2, **G128}},
-    "aquakv-k2v2.5-g128": {"keys": {**Q2, **G128}, "values": {**Q2, "size": 32, **G128}},
+    "aquakv-d4-k2v2.25": {"keys": {**Q2, "dim": 4, "size": 256}, "values": {**Q2, "dim": 4, "size": 512}},
     "aquakv-k2v3": {"keys": Q2, "values": Q3},
     "aquakv-3bit": {"keys": Q3, "values": Q3},
 }
