@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from aquakv import kernels
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
 from aquakv.codec import EncodedBlock, LayerCodec, decode, encode
 from aquakv.config import CacheConfig
@@ -34,6 +35,7 @@ class _Shared:
     """
 
     rotary: torch.nn.Module
+    kernels_fit: bool = False  # every layer's quantizers are handled by the Triton kernels
     positions: torch.Tensor | None = None
     prev_old: Pair | None = None
     prev_new: Pair | None = None
@@ -111,6 +113,8 @@ class AquaKVLayer(CacheLayerMixin):
 
     def _read_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE keys and values of the compressed tokens; leaves this layer's reconstruction for the next."""
+        if self.shared.kernels_fit and self.device.type == "cuda" and kernels.enabled(self.device):  # fused, all layers
+            return kernels.read_compressed(self)
         if self.compressed_len == 0:
             self.shared.prev_old = None
             return self.sink_keys[:, :, :0], self.sink_values[:, :, :0]
@@ -178,7 +182,8 @@ class AquaKVCache(Cache):
 
     def __init__(self, codecs: list[LayerCodec], config: CacheConfig, rotary: torch.nn.Module):
         track_positions(rotary)
-        self.shared = _Shared(rotary)
+        fits = all(kernels.supports(c.keys.config) and kernels.supports(c.values.config) for c in codecs)
+        self.shared = _Shared(rotary, kernels_fit=fits)
         self.config = config
         super().__init__(layers=[AquaKVLayer(i, c, config, self.shared) for i, c in enumerate(codecs)])
 

@@ -88,7 +88,7 @@ def settings(predictor: str | None = None, low_rank: str | None = None, gemm: st
     """``predictor``: ``"bf16"`` (bf16 operands, fp32 accumulation; default), ``"tf32"`` or ``"ieee"`` (fp32
     operands). ``low_rank``: ``"auto"`` (factor a predictor whose weight has rank <= min(D_in, D_out)/4) or ``"off"``.
     ``gemm``: ``"cublas"`` (default) or ``"triton"`` (matmul fused into the reconstruction kernel). ``tile``:
-    ``(rows, warps)`` of the reconstruction kernel (default: chosen by size).
+    ``(rows, warps)`` of the epilogue kernel (residual + prediction + RoPE, no matmul).
     """
     old = dict(_STATE)
     if gemm is not None:
@@ -196,7 +196,7 @@ if HAS_TRITON:
         base = rows[:, None].to(tl.int64) * row_bytes + grp * (GS // D * BITS // 8) + (bit // 8)[None, :]
         m = rmask[:, None]
         word = tl.load(codes_ptr + base, mask=m, other=0).to(tl.int32)
-        if BITS not in (1, 2, 4, 8):  # a code may straddle two bytes
+        if (BITS != 1) and (BITS != 2) and (BITS != 4) and (BITS != 8):  # a code may straddle two bytes
             nxt = tl.load(codes_ptr + base + 1, mask=m & ((bit % 8) + BITS > 8)[None, :], other=0).to(tl.int32)
             word = word | (nxt << 8)
         return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
@@ -499,12 +499,10 @@ def predict_dequantize(
             codes, scales = codes.contiguous(), scales.contiguous()
     dummy = (a1 or out or out2).tensor
     n_rows = batch * tokens
-    if _STATE["tile"] is not None:
-        bm, warps = _STATE["tile"]
-    elif a1 is not None:
+    if a1 is not None:  # a matmul: large tiles
         bm, warps = (128, 8) if n_rows >= 128 * 64 else (64, 4)
-    else:
-        bm, warps = 64, 4
+    else:  # an epilogue (add + residual + RoPE): `settings(tile=...)` or the measured default
+        bm, warps = _STATE["tile"] or (128, 8)
     a2_k = 0
     if a1 is None:
         k1 = 0

@@ -206,7 +206,7 @@ def kernel_throughput(rows: int, d: int, bw: float) -> list[dict]:
     prev = x16.view(1, rows, d)
     scratch = torch.empty(1, rows, d, dtype=torch.bfloat16, device=DEV)
     heads = torch.empty(1, h, rows, hd, dtype=torch.bfloat16, device=DEV)
-    pos = torch.arange(rows, dtype=torch.int32, device=DEV)[None]
+    pos = (torch.arange(rows, dtype=torch.int32, device=DEV) % 32768)[None]  # decode-like positions
     inv = 1.0 / (500000 ** (torch.arange(0, hd, 2, device=DEV).float() / hd))
     q1 = Quantized(q.codes.view(1, rows, -1), q.scales.view(1, rows, -1), d)
     common = {"q": q1, "grid": res2.grid, "signs": res2.signs, "cfg": res2.config,
@@ -214,17 +214,40 @@ def kernel_throughput(rows: int, d: int, bw: float) -> list[dict]:
               "positions": pos, "inv_freq": inv}
     ms = bench(lambda: kernels.predict_dequantize(1, rows, d, hd, **common))
     rec("fused deq+RoPE (no predictor)", ms, cb + 2 * rows * d * 2)
+    # the epilogue kernel of the default read path: + prediction (bf16), deq, K̂ and RoPE(K̂) out; tile sweep
+    add = kernels.View.plain(prev, hd)
+    best = None
+    for bm, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 4)):
+        with kernels.settings(tile=(bm, warps)):
+            ms = bench(lambda: kernels.predict_dequantize(1, rows, d, hd, add=add, **common))
+        rec(f"epilogue add+deq+RoPE tile ({bm}, {warps} warps)", ms, cb + 3 * rows * d * 2)
+        if best is None or ms < best[0]:
+            best = (ms, (bm, warps))
+    kernels._STATE["tile"] = best[1]
+    log(f"epilogue tile chosen: {best[1]}")
     w = (torch.randn(d, d, device=DEV) / d**0.5).bfloat16()
     bias = torch.zeros(d, device=DEV)
     ms = bench(lambda: kernels.predict_dequantize(1, rows, d, hd, a1=kernels.View.plain(prev, hd), weight=w,
                                                   bias=bias, precision="bf16", **common))
-    rec("fused predict(full, bf16)+deq+RoPE", ms, cb + 3 * rows * d * 2, 2 * rows * d * d)
+    rec("triton GEMM predict(full, bf16)+deq+RoPE", ms, cb + 3 * rows * d * 2, 2 * rows * d * d)
+    ms = bench(lambda: torch.addmm(bias.bfloat16(), prev.view(rows, d), w))
+    rec("cuBLAS addmm full-rank bf16 (same matmul)", ms, 3 * rows * d * 2, 2 * rows * d * d)
     down = (torch.randn(d, 128, device=DEV) / d**0.5).bfloat16()
     z = torch.empty(1, rows, 128, dtype=torch.bfloat16, device=DEV)
     ms = bench(lambda: kernels.predict_dequantize(1, rows, 128, hd, a1=kernels.View.plain(prev, hd), weight=down,
                                                   out=kernels.View.plain(z, hd), precision="bf16"))
-    rec("low-rank down-projection x@A (r=128)", ms, rows * d * 2 + rows * 128 * 2, 2 * rows * d * 128)
+    rec("low-rank down-projection x@A (r=128), triton", ms, rows * d * 2 + rows * 128 * 2, 2 * rows * d * 128)
+    ms = bench(lambda: prev.view(rows, d) @ down)
+    rec("low-rank down-projection x@A (r=128), cuBLAS", ms, rows * d * 2 + rows * 128 * 2, 2 * rows * d * 128)
     free()
+    try:
+        for fn in (kernels._quantize_kernel, kernels._dequantize_kernel, kernels._fused_kernel):
+            for cache in fn.device_caches.values():
+                for ck in cache[0].values():
+                    log(f"compiled {fn.__name__}: regs {ck.n_regs} spills {ck.n_spills} "
+                        f"shared {ck.metadata.shared} warps {ck.metadata.num_warps}")
+    except Exception as e:  # noqa: BLE001
+        log(f"no compile stats: {e!r}")
     return out
 
 
@@ -260,6 +283,14 @@ def layer_costs(batch: int, tokens: int, kv_heads: int, head_dim: int, peak: flo
     v = torch.randn_like(k)
     rec("copy bf16 K,V (DynamicCache cat, per layer)", bench(lambda k=k, v=v: (k.clone(), v.clone())), 0,
         2 * kv_bytes)
+    qh = torch.randn(batch, SHAPE["heads"], 1, head_dim, device=DEV, dtype=torch.bfloat16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rec("sdpa decode attention (enable_gqa)", bench(lambda k=k, v=v: sdpa(qh, k, v, enable_gqa=True)), 0, kv_bytes)
+    rep = SHAPE["heads"] // kv_heads
+    rec("sdpa decode attention (repeat_kv + mask)",
+        bench(lambda k=k, v=v: sdpa(qh, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                    attn_mask=torch.ones(1, 1, 1, tokens, dtype=torch.bool, device=DEV))), 0,
+        kv_bytes * (1 + 2 * rep))
     del k, v
 
     # isolated predictor matmuls, K: [n, D] @ [D, D], V: [n, 2D] @ [2D, D]
@@ -301,15 +332,15 @@ def layer_costs(batch: int, tokens: int, kv_heads: int, head_dim: int, peak: flo
         c.layers[0]._read_compressed()
         return lambda: c.layers[1]._read_compressed()
 
-    def fused_read(c: AquaKVCache, precision: str):
+    def fused_read(c: AquaKVCache, precision: str, gemm: str = "cublas"):
         c.shared.prev_old = None
-        with kernels.settings(predictor=precision):
+        with kernels.settings(predictor=precision, gemm=gemm):
             kernels.read_compressed(c.layers[0])
         prev = c.shared.prev_old
 
         def run():
             c.shared.prev_old = prev
-            with kernels.settings(predictor=precision):
+            with kernels.settings(predictor=precision, gemm=gemm):
                 return kernels.read_compressed(c.layers[1])
         return run
 
@@ -329,28 +360,31 @@ def layer_costs(batch: int, tokens: int, kv_heads: int, head_dim: int, peak: flo
     rec("torch fp32 matmul + kernel dequant (quantize.py dispatch)", ms, flops_full, 4 * (3 * n * d + 4 * n * d))
     del fn
     free()
-    for precision in ("bf16", "tf32"):
-        fn = fused_read(cache, precision)
+    for precision, gemm in (("bf16", "cublas"), ("bf16", "triton"), ("tf32", "cublas"), ("ieee", "cublas")):
+        fn = fused_read(cache, precision, gemm)
         ok, ov = fn()
         err = (rel(ok, ref_k), rel(ov, ref_v))
         del ok, ov
-        ms = bench(fn)
-        # bf16: reads K̂_{l-1}, V̂_{l-1}, K̂_l and writes K̂_l, RoPE(K̂_l), V̂_l (6 x 2 bytes); tf32: fp32 scratch
+        ms = bench(fn, 1, 5) if precision == "ieee" else bench(fn)
+        # floor: reads K̂_{l-1}, V̂_{l-1}, K̂_l and writes K̂_l, RoPE(K̂_l), V̂_l (6 x 2 bytes); fp32 scratch: 24
         moved = 12 * n * d if precision == "bf16" else 24 * n * d
-        rec(f"fused kernels full-rank {precision}", ms, flops_full, codes_bytes + moved, err)
+        name = "cuBLAS matmul + fused add/deq/RoPE kernel" if gemm == "cublas" else "Triton matmul fused with deq/RoPE"
+        rec(f"{name}, full-rank {precision}", ms, flops_full, codes_bytes + moved, err)
         del fn
         free()
     del cache, ref_k, ref_v
     free()
     for r in (128, 256):
         cache = cache_for(r)
-        fn = fused_read(cache, "bf16")
-        fn()
-        ms = bench(fn)
-        rec(f"fused kernels low-rank r={r} bf16", ms, 2 * n * r * 5 * d,
-            codes_bytes + 12 * n * d + 2 * 2 * 2 * n * r,
-            note="rank detected from the stored weight, factored once")
-        del cache, fn
+        for gemm in ("cublas", "triton"):
+            fn = fused_read(cache, "bf16", gemm)
+            fn()
+            ms = bench(fn)
+            rec(f"low-rank r={r} bf16 ({gemm} matmuls + fused deq/RoPE)", ms, 2 * n * r * 5 * d,
+                codes_bytes + 12 * n * d + 2 * 2 * 2 * n * r,
+                note="rank detected from the stored weight, factored once")
+            del fn
+        del cache
         free()
     cache = cache_for(None, predictors=False)
     fn = fused_read(cache, "bf16")
@@ -393,8 +427,14 @@ def quanto_available() -> str | None:
         return f"optimum-quanto unavailable: {e!r}"
     # quanto's CUDA unpack would JIT-build its whole CUDA extension (minutes, with marlin/awq kernels); use quanto's
     # own PyTorch unpack instead (same result, on the GPU)
+    del py_unpack
+
+    def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:  # optimum/quanto/library/unpack.py, verbatim math
+        parts = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]
+        return torch.cat(parts).to(torch.uint8)
+
     try:
-        get_extension("quanto_cuda")._lib = types.SimpleNamespace(unpack=py_unpack)
+        get_extension("quanto_cuda")._lib = types.SimpleNamespace(unpack=unpack)
     except Exception:  # noqa: BLE001
         pass
     return None
@@ -502,6 +542,23 @@ def compress_block_ms(cache: AquaKVCache, batch: int, kvh: int, hd: int) -> floa
     return statistics.median([run() for _ in range(3)])
 
 
+def profile_step(model, cache, batch: int, label: str) -> None:
+    """Print the top GPU kernels of one decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEV)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+    for key in ("self_cuda_time_total", "self_device_time_total"):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+        except Exception:  # noqa: BLE001
+            continue
+        log(f"profile of one decode step, {label}:\n{table}")
+        return
+
+
 def e2e(args, records: list, save) -> None:
     model = build_model(args.layers)
     log(f"model: {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
@@ -529,6 +586,11 @@ def e2e(args, records: list, save) -> None:
                     with ctx:
                         ms, times = time_decode(model, cache, batch, args.warmup, steps)
                         rec.update(ms_per_token=ms, step_ms=times)
+                        if (context, batch) == (args.contexts[0], args.batches[0]) and kind in args.profile:
+                            try:
+                                profile_step(model, cache, batch, f"{kind} context {context} batch {batch}")
+                            except Exception as e:  # noqa: BLE001
+                                log(f"profiling failed: {e!r}")
                         if kind.startswith("aquakv") and kind != "aquakv-2bit-ref":
                             cb = compress_block_ms(cache, batch, model.config.num_key_value_heads,
                                                    model.config.head_dim)
@@ -565,6 +627,11 @@ def main() -> None:
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sections", nargs="+", default=["ceilings", "kernels", "layer", "e2e"])
     p.add_argument("--budget-s", type=float, default=540.0, help="skip remaining e2e configs after this many seconds")
+    p.add_argument("--profile", nargs="*", default=["dynamic", "aquakv-2bit"],
+                   help="caches whose first (context, batch) decode step is profiled")
+    p.add_argument("--no-cudnn-sdpa", action="store_true",
+                   help="disable the cuDNN SDPA backend: with torch 2.11 it re-plans for every new KV length, about "
+                        "1.5-2 ms of host time per attention call, which makes every cache host-bound in decode")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): a code check")
     args = p.parse_args()
     global DEV
@@ -589,6 +656,9 @@ def main() -> None:
                            "every layer every step (one-layer scratch)"},
         "records": [], "kernels": {}, "layer": [],
     }
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    result["sdpa_cudnn_enabled"] = not args.no_cudnn_sdpa
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
