@@ -80,6 +80,7 @@ class AquaKVLayer(CacheLayerMixin):
         empty = key_states[:, :, :0]
         self.sink_keys, self.sink_values = empty, value_states[:, :, :0]
         self.keys, self.values = empty, value_states[:, :, :0]  # the exact recent window
+        self.shared.kernels_fit &= kernels.supports_head_dim(key_states.shape[-1])
         self.codec = self.codec.to(self.device)
         self.is_initialized = True
 

@@ -65,6 +65,11 @@ def enabled(device: torch.device | str | None = None) -> bool:
     return (dev.type == "cuda" and torch.cuda.is_available()) or (INTERPRET and dev.type == "cpu")
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Head sizes the fused cache read handles (one RoPE tile per head, a multiple of 64)."""
+    return head_dim % 64 == 0
+
+
 def supports(cfg: QuantizerConfig) -> bool:
     """Quantizer configs the kernels handle: d in {1, 2}, at most 8 index bits, 16 <= g/d, g <= 512."""
     v = cfg.group_size // cfg.dim
