@@ -674,7 +674,7 @@ def read_compressed(layer) -> tuple[torch.Tensor, torch.Tensor]:
     dev, dt = layer.device, layer.dtype
     precision, gemm = _STATE["predictor"], _STATE["gemm"]
     operand = torch.bfloat16 if precision == "bf16" else torch.float32
-    scratch = dt if precision == "bf16" else torch.float32
+    scratch = operand  # the next layer multiplies it by its predictor in this dtype
     prev = shared.prev_old
     keys_pre = torch.empty(b, t, d, dtype=scratch, device=dev)
     keys = torch.empty(b, h, t, hd, dtype=dt, device=dev)
