@@ -16,6 +16,7 @@ import json
 import platform
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def calibrate_all(args: argparse.Namespace, names: list[str]) -> dict[str, Bundl
     from flows.calibrate import calibrate
 
     root = Path(args.workdir)
+    shutil.rmtree(root / "registry", ignore_errors=True)  # the bench's own registry; fits stay cached in work/
     bundles = {}
     for name in names:
         cfg = {"name": f"smollm2-{name}", "model": "smollm2", "data": "kjv-calib", "seq_len": args.seq_len,
