@@ -92,6 +92,12 @@ def collect_stage(config: dict, model_dir: str, tokens: str) -> str:
     return str(path)
 
 
+def _log_fits(logger: Any, fits: list) -> None:
+    for f in fits:
+        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
+                    f.metrics["values_rel_mse"])
+
+
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_stage(config: dict, activations: str) -> list:
     """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks."""
@@ -101,9 +107,7 @@ def fit_stage(config: dict, activations: str) -> list:
 
     logger = get_run_logger()
     fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map)
-    for f in fits:
-        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
-                    f.metrics["values_rel_mse"])
+    _log_fits(logger, fits)
     return fits
 
 
@@ -141,9 +145,7 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activatio
     finally:
         for actor in actors:
             ray.kill(actor)
-    for f in fits:
-        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
-                    f.metrics["values_rel_mse"])
+    _log_fits(logger, fits)
     return fits
 
 
