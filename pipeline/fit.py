@@ -256,18 +256,27 @@ def reconstruct_shard(act_path: str, recon_path: str, layer: int, start: int, st
         prev = None if layer == 0 else (_read(rec, "keys", layer - 1, a, b, device),
                                         _read(rec, "values", layer - 1, a, b, device))
         keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
-        try:
-            _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"layer {layer}, samples [{a}, {b}): {e}") from e
-        preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
-        for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
-            y64 = y.double()
-            sums[f"{kind}_err"] += float(((y64 - y_hat.double()) ** 2).sum())
-            sums[f"{kind}_pred_err"] += float(((y64 - pred.double()) ** 2).sum())
-            sums[f"{kind}_norm"] += float((y64 * y64).sum())
+        hats = encode_with_errors(keys, values, prev, codec, sums, f"layer {layer}, samples [{a}, {b})")
+        for kind, y_hat in zip(KINDS, hats, strict=True):
             rec[f"{kind}/{layer}"][a:b] = y_hat.reshape(b - a, seq_len, dim).cpu().numpy()
     return sums
+
+
+def encode_with_errors(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None,
+                       codec: LayerCodec, sums: dict[str, float], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`aquakv.codec.encode` one batch ``[N, D]``; add its squared errors (reconstruction, prediction alone)
+    and norms to ``sums``; return ``(K̂, V̂)``."""
+    try:
+        _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{where}: {e}") from e
+    preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
+    for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
+        y64 = y.double()
+        sums[f"{kind}_err"] += float(((y64 - y_hat.double()) ** 2).sum())
+        sums[f"{kind}_pred_err"] += float(((y64 - pred.double()) ** 2).sum())
+        sums[f"{kind}_norm"] += float((y64 * y64).sum())
+    return keys_hat, values_hat
 
 
 # ---------------------------------------------------------------------------------------------------------------

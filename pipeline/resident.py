@@ -46,6 +46,7 @@ from pipeline.fit import (
     _cpu,
     _stats,
     _sum,
+    encode_with_errors,
     layer_metrics,
     load_fits,
     residual_quantizers,
@@ -272,16 +273,8 @@ class ResidentShard:
         for a, b in self._batches():
             prev = None if layer == 0 else self._prev(a, b)
             keys, values = self._kv("keys", a, b), self._kv("values", a, b)
-            try:
-                _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"layer {layer}, samples [{a}, {b}): {e}") from e
-            preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
-            for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
-                y64 = y.double()
-                sums[f"{kind}_err"] += float(((y64 - y_hat.double()) ** 2).sum())
-                sums[f"{kind}_pred_err"] += float(((y64 - pred.double()) ** 2).sum())
-                sums[f"{kind}_norm"] += float((y64 * y64).sum())
+            keys_hat, values_hat = encode_with_errors(keys, values, prev, codec, sums,
+                                                      f"layer {layer}, samples [{a}, {b})")
             rows = self._rows(a, b)
             self.prev["keys"][rows] = keys_hat
             self.prev["values"][rows] = values_hat
