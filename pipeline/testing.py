@@ -70,3 +70,16 @@ def write_tiny_llama(
     model.save_pretrained(dest, max_shard_size=-(-sum(sizes) // shards) + max(sizes))
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def poison_values(checkpoint: object, layer: int) -> None:
+    """Make ``checkpoint.load_layer`` put a NaN into ``layer``'s value projection (for NaN-handling tests)."""
+    load = checkpoint.load_layer
+
+    def poisoned(i: int, *args: object) -> object:
+        module = load(i, *args)
+        if i == layer:
+            module.self_attn.v_proj.weight[0, 0] = float("nan")
+        return module
+
+    checkpoint.load_layer = poisoned

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from aquakv.errors import CalibrationError, NonFiniteError
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
-from pipeline.testing import write_tiny_llama
+from pipeline.testing import poison_values, write_tiny_llama
 
 SAMPLES, SEQ = 6, 32
 
@@ -141,15 +141,7 @@ def test_sparse_hidden_checkpoints_resume_from_the_last_saved(model_dir: Path, t
 
 def test_non_finite_activations_raise(model_dir: Path, tokens: torch.Tensor, tmp_path: Path) -> None:
     ckpt = Checkpoint(model_dir)
-    load = ckpt.load_layer
-
-    def poisoned(i: int, *args: object) -> nn.Module:
-        layer = load(i, *args)
-        if i == 2:
-            layer.self_attn.v_proj.weight[0, 0] = float("nan")
-        return layer
-
-    ckpt.load_layer = poisoned
+    poison_values(ckpt, 2)
     new_store(tmp_path / "nan.zarr", ckpt)
     with pytest.raises(NonFiniteError, match="layer 2: non-finite"):
         collect_shard(ckpt, tokens, 0, tmp_path / "nan.zarr", progress=False)

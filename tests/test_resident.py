@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch import nn
 
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
@@ -16,7 +15,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
 from pipeline.fit import fit_all, load_fits, shard_ranges
 from pipeline.resident import ResidentShard, fit_resident, local_shards_call
-from pipeline.testing import write_tiny_llama
+from pipeline.testing import poison_values, write_tiny_llama
 
 LAYERS, SAMPLES, SEQ = 3, 5, 48
 Q = QuantizerConfig(dim=2, size=16, group_size=32)
@@ -118,16 +117,7 @@ def test_activations_written_for_a_staged_refit(assets: dict, staged: dict, tmp_
 
 def test_non_finite_names_the_layer(assets: dict, tmp_path: Path) -> None:
     shards = _shards(assets, 2)
-    ckpt = shards[1].checkpoint
-    load = ckpt.load_layer
-
-    def poisoned(i: int, *args: object) -> nn.Module:
-        layer = load(i, *args)
-        if i == 2:
-            layer.self_attn.v_proj.weight[0, 0] = float("nan")
-        return layer
-
-    ckpt.load_layer = poisoned
+    poison_values(shards[1].checkpoint, 2)
     with pytest.raises(NonFiniteError, match=r"layer 2: non-finite .* samples \[2, 3\)"):
         fit_resident(local_shards_call(shards), _cfg(assets), tmp_path, LAYERS, progress=False)
     assert len(load_fits(tmp_path, _cfg(assets), LAYERS, require_recon=False)) == 2  # layers 0-1 were saved
