@@ -67,6 +67,7 @@ class KIVILayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            self.dtype = key_states.dtype  # transformers >= 5.24 no longer sets it in lazy_initialization
             self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)

@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("RAY_USAGE_STATS_ENABLED", "0"),
                ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(_k, _v)
+
+from aquakv.errors import AquaKVError, ConfigError  # noqa: E402  (after the environment defaults above)
 
 log = logging.getLogger("aquakv")
 
@@ -61,11 +64,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from aquakv.registry import load_bundle
     from pipeline.sources import resolve_data, resolve_model
 
+    bundle = load_bundle(a.bundle)  # first: a bad bundle fails before the model loads
     model_dir = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(device).eval()
-    bundle = load_bundle(a.bundle)
     windows = text_windows(tok, Path(resolve_data(a.text)), a.window, a.windows)
     methods = a.methods.split(",")
     rows = compare_methods(model, bundle, windows, methods, a.step)
@@ -83,6 +86,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from aquakv.config import CalibrationConfig, QuantizerConfig
+    from pipeline.inputs import check_inputs
 
     overrides: dict = {"registry": a.out, "workdir": a.workdir, "workers": a.workers, "ray_address": a.ray_address,
                        "num_samples": a.samples, "seq_len": a.seq_len, "name": a.name, "version": a.version}
@@ -92,11 +96,14 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
         cfg = CalibrationConfig.from_yaml(a.config, model=a.model, data=a.data, **overrides)
     else:
         if not (a.model and a.data):
-            raise SystemExit("error: give --config FILE.yaml, or both --model and --data")
-        cfg = CalibrationConfig.model_validate(
+            raise ConfigError("give --config FILE.yaml, or both --model and --data")
+        cfg = CalibrationConfig.validated(
             {"model": a.model, "data": a.data, **{k: v for k, v in overrides.items() if v is not None}})
+    check_inputs(cfg)  # seconds, before Prefect and Ray start
     from flows.calibrate import calibrate
 
+    if not a.verbose:
+        quiet_tracebacks()
     calibrate(cfg.model_dump(mode="json"))
 
 
@@ -116,7 +123,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aquakv", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, full tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("pull", help="download and verify a published bundle into the local cache")
@@ -167,18 +174,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a Ray task raised, unwrapped from Ray's ``RayTaskError`` (which carries it as ``cause``)."""
+    while isinstance(getattr(e, "cause", None), BaseException) and type(e).__module__.startswith("ray"):
+        e = e.cause
+    return e
+
+
+class _Quiet(logging.Filter):
+    """Keeps a log record's message but drops its traceback when the exception is an expected :class:`AquaKVError`
+    (Prefect logs every failed task and flow with a full traceback; the CLI prints the one-line error itself), and
+    drops the notices of Prefect's ephemeral server starting and stopping."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "prefect" and str(record.msg).startswith(("Starting temporary", "Stopping temporary")):
+            return False
+        if record.exc_info and isinstance(root_cause(record.exc_info[1]), AquaKVError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    """Install :class:`_Quiet` on every log handler configured so far (call it after Prefect is imported)."""
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if not any(isinstance(f, _Quiet) for f in handler.filters):
+                handler.addFilter(_Quiet())
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. An expected failure prints one line ``error: <Kind>: <message>`` and exits 2 (``-v``: the
+    full traceback first); anything else is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from aquakv.errors import AquaKVError
-
     try:
         args.fn(args)
-    except AquaKVError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        cause = root_cause(e)
+        if not isinstance(cause, AquaKVError):
+            raise
+        if args.verbose:
+            traceback.print_exception(e)
+        message = " ".join(str(cause).split()) or "no details"
+        print(f"error: {type(cause).__name__}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aquakv.errors import ConfigError
 
 
 class _Frozen(BaseModel):
@@ -125,8 +127,36 @@ class CalibrationConfig(_Frozen):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> CalibrationConfig:
+        """Load and validate a YAML config; ``overrides`` (None = keep) win. Raises :class:`ConfigError`."""
         import yaml
 
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(raw)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping of CalibrationConfig fields")
+        return cls.validated({**raw, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+
+    @classmethod
+    def validated(cls, raw: dict, source: str = "the flags") -> CalibrationConfig:
+        """``model_validate`` with pydantic's errors turned into one readable :class:`ConfigError` line."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"invalid config ({source}): {describe(e)}") from e
+
+
+def describe(e: ValidationError) -> str:
+    """pydantic's errors as ``field: problem (got value)`` joined on one line."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r:.40})"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}{got}")
+    return "; ".join(parts)

@@ -37,5 +37,33 @@ class RegistryNotWritableError(BundleError):
     """The bundle registry cannot be written (permissions, credentials, a file in the way)."""
 
 
+class ConfigError(AquaKVError):
+    """A configuration file or flag is unreadable or invalid."""
+
+
+class DataError(AquaKVError):
+    """Input text that cannot be used (too short, not text)."""
+
+
 class CalibrationError(AquaKVError):
     """A calibration stage cannot go on (bad checkpoint, data, tokenizer, gate missed...)."""
+
+
+class ManifestSchemaError(BundleFormatError):
+    """A manifest field is missing, unknown, of the wrong type, out of range or inconsistent with the model."""
+
+
+class UnsafeBundlePathError(BundleFormatError):
+    """A name in a bundle would place a file outside it, or a bundle file is a link or not a regular file."""
+
+
+class BundleLimitError(BundleFormatError):
+    """A manifest, JSON nesting or safetensors header is larger or deeper than aquakv accepts."""
+
+
+class NonFiniteBundleError(BundleFormatError):
+    """A bundle's predictor weights, grids or Hadamard signs hold NaN, Inf or invalid values."""
+
+
+class LatestPointerError(RegistryNotWritableError):
+    """A version was published completely but the registry's ``latest`` pointer could not be moved to it."""

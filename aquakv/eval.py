@@ -13,7 +13,9 @@ from transformers.cache_utils import Cache
 
 from aquakv.baselines import held_bytes, make_cache
 from aquakv.bundle import Bundle
+from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig
+from aquakv.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: in
     for start in range(0, ids.shape[1] - 1, step):
         chunk = ids[:, start : start + step]
         targets = ids[:, start + 1 : start + step + 1]
-        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[:, : targets.shape[1]]
+        logits = model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True).logits[:, : targets.shape[1]]
         total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                          targets.reshape(-1), reduction="sum"))
         count += targets.numel()
@@ -54,7 +56,8 @@ def text_windows(tokenizer: object, path: Path, length: int, count: int) -> torc
     ids = tokenizer(path.read_text(), return_tensors="pt").input_ids[0]
     n = len(ids) // length
     if n == 0:
-        raise SystemExit(f"error: {path} has {len(ids)} tokens, fewer than one {length}-token window")
+        raise DataError(f"{path} has {len(ids)} tokens, fewer than one {length}-token window; pass a longer text or a "
+                        "smaller --window")
     picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
     return torch.stack([ids[i * length : (i + 1) * length] for i in picks.tolist()])
 

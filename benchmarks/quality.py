@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aquakv.baselines import make_cache
 from aquakv.bundle import Bundle
+from aquakv.compat import cache_kwargs
 from aquakv.eval import perplexity, text_windows
 from aquakv.grids import cache_dir
 from aquakv.registry import load_bundle
@@ -94,8 +95,8 @@ def passkey(model, tokenizer, methods: dict, lengths: list[int], depths: list[fl
             ids = passkey_prompt(tokenizer, n, d, key).to(next(model.parameters()).device)
             cache = factory()
             for s in range(0, ids.shape[1] - 1, chunk):  # chunked prefill: compressed tokens are attended to
-                model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], past_key_values=cache, use_cache=True)
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], **cache_kwargs(model, cache), use_cache=True)
+            out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)
             answer = tokenizer.decode(out[0, ids.shape[1] :])
             found = re.search(r"\d{5}", answer)

@@ -13,6 +13,8 @@ from typing import Any
 
 import ray
 
+from aquakv.errors import AquaKVError
+
 log = logging.getLogger("aquakv.cluster")
 
 
@@ -37,10 +39,22 @@ def worker_options() -> dict[str, Any]:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
+def ray_get(refs: list[Any]) -> list[Any]:
+    """``ray.get`` that raises an expected :class:`AquaKVError` as itself, not wrapped in Ray's ``RayTaskError``
+    (whose message carries the remote traceback into every log line); that traceback stays attached as a note."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if not isinstance(e.cause, AquaKVError):
+            raise
+        e.cause.add_note(f"raised in a Ray worker:\n{e}")
+        raise e.cause from None
+
+
 def ray_map(fn: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
     """Builtin ``map`` semantics (results in order), each call a Ray task on its own worker."""
     remote = ray.remote(fn).options(**worker_options())
-    return ray.get([remote.remote(*args) for args in zip(*iterables, strict=True)])
+    return ray_get([remote.remote(*args) for args in zip(*iterables, strict=True)])
 
 
 def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, store_path: str, dtype: str,
@@ -87,6 +101,6 @@ def ray_shards_call(actors: list[Any]) -> Callable[..., list[Any]]:
     results in actor order (arguments are put in the object store once, not once per actor)."""
     def call(method: str, *args: Any) -> list[Any]:
         refs = [ray.put(a) for a in args]
-        return ray.get([getattr(actor, method).remote(*refs) for actor in actors])
+        return ray_get([getattr(actor, method).remote(*refs) for actor in actors])
 
     return call

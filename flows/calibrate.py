@@ -36,7 +36,7 @@ def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> 
         config = config.model_dump(mode="json")
     if isinstance(config, str | Path):
         return CalibrationConfig.from_yaml(config, **overrides)
-    return CalibrationConfig.model_validate({**config, **{k: v for k, v in overrides.items() if v is not None}})
+    return CalibrationConfig.validated({**config, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
@@ -196,9 +196,11 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
               resident: bool | None = None) -> dict:
     """Calibrate an AQUA-KV bundle for a model and publish it; returns a summary (bundle URI, bits, perplexity)."""
     from cluster.workers import connect
+    from pipeline.inputs import check_inputs
 
     cfg = resolve_config(config, registry=registry, workdir=workdir, workers=workers, ray_address=ray_address,
                          resident=resident)
+    check_inputs(cfg)
     logger = get_run_logger()
     logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
                 cfg.collect_digest())

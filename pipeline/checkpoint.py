@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
-from transformers.masking_utils import create_causal_mask
 
+from aquakv.compat import causal_mask
 from aquakv.errors import CalibrationError
 
 SINGLE_FILE = "model.safetensors"
@@ -36,7 +36,8 @@ def weight_map(path: Path) -> dict[str, str]:
         mapping: dict[str, str] = json.loads(index.read_text())["weight_map"]
         for shard in sorted(set(mapping.values())):
             if not (path / shard).is_file():
-                raise CalibrationError(f"checkpoint {path}: shard {shard} named in {INDEX_FILE} is missing")
+                raise CalibrationError(f"checkpoint {path}: shard {shard} named in {INDEX_FILE} is missing; "
+                                       "copy the complete checkpoint")
         return mapping
     if (path / SINGLE_FILE).is_file():
         with safe_open(path / SINGLE_FILE, framework="pt") as f:
@@ -153,13 +154,7 @@ class Checkpoint:
     def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, object]:
         """Keyword arguments a decoder layer needs for a batch ``hidden [B, T, hidden]`` of full sequences."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, hidden, position_ids)
         return {
             "attention_mask": mask,
             "position_ids": position_ids,

@@ -20,11 +20,24 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); pass a .txt/.jsonl file of "
+                               "text or a .parquet file") from e
+
+
 def _read_file(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".txt":
-        return _BLANK_LINES.split(path.read_text(encoding="utf-8"))
+        return _BLANK_LINES.split(_read_text(path))
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}: not JSON Lines ({e.msg} at line {e.lineno})") from e
+        if bad := [i for i, row in enumerate(rows) if not isinstance(row, dict)]:
+            raise CalibrationError(f"{path}: line {bad[0] + 1} is not a JSON object")
         if missing := [i for i, row in enumerate(rows) if text_field not in row]:
             raise CalibrationError(f"{path}: line {missing[0] + 1} has no field {text_field!r}")
         return [row[text_field] for row in rows]

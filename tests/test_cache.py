@@ -3,13 +3,14 @@ import torch
 from transformers import DynamicCache
 
 from aquakv.cache import AquaKVCache, dynamic_cache_nbytes
+from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
 from conftest import calibrate_in_memory, tiny_llama
 
 
 def _stepped_logits(model, ids, cache, step):
     with torch.no_grad():
-        return torch.cat([model(ids[:, s : s + step], past_key_values=cache, use_cache=True).logits
+        return torch.cat([model(ids[:, s : s + step], **cache_kwargs(model, cache), use_cache=True).logits
                           for s in range(0, ids.shape[1], step)], 1)
 
 
@@ -38,8 +39,8 @@ def test_one_prefill_then_decode_matches_stepped(model3, bundle3):
     ids = torch.randint(0, 128, (1, 100))
     cache = AquaKVCache.from_bundle(bundle3, model3)
     with torch.no_grad():
-        model3(ids, past_key_values=cache, use_cache=True)
-        out = model3(ids[:, :1], past_key_values=cache, use_cache=True)
+        model3(ids, **cache_kwargs(model3, cache), use_cache=True)
+        out = model3(ids[:, :1], **cache_kwargs(model3, cache), use_cache=True)
     assert cache.get_seq_length() == 101
     assert cache.layers[2].compressed_len == 96
     assert torch.isfinite(out.logits).all()
@@ -52,8 +53,8 @@ def test_generate_batch_two(model3, bundle3, do_sample, prompt_len):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding on the second row
     cache = AquaKVCache.from_bundle(bundle3, model3)
-    out = model3.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=50, do_sample=do_sample,
-                          pad_token_id=0, top_k=10)
+    out = model3.generate(ids, attention_mask=mask, **cache_kwargs(model3, cache), max_new_tokens=50,
+                          do_sample=do_sample, pad_token_id=0, top_k=10)
     assert out.shape == (2, prompt_len + 50)
     assert cache.layers[0].compressed_len > 0
 
@@ -61,7 +62,7 @@ def test_generate_batch_two(model3, bundle3, do_sample, prompt_len):
 def test_greedy_generation_mostly_agrees_with_exact(model3, bundle3):
     ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(3))
     exact = model3.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
-    ours = model3.generate(ids, past_key_values=AquaKVCache.from_bundle(bundle3, model3), max_new_tokens=40,
+    ours = model3.generate(ids, **cache_kwargs(model3, AquaKVCache.from_bundle(bundle3, model3)), max_new_tokens=40,
                            do_sample=False, pad_token_id=0)
     assert (exact == ours).float().mean() > 0.9
 
@@ -75,8 +76,8 @@ def test_two_bit_cache_holds_at_most_a_sixth_of_dynamic_cache():
     ours, exact = AquaKVCache.from_bundle(bundle, model, recent_window=32), DynamicCache(config=model.config)
     with torch.no_grad():
         for s in range(0, 2048, 256):
-            model(ids[:, s : s + 256], past_key_values=ours, use_cache=True)
-            model(ids[:, s : s + 256], past_key_values=exact, use_cache=True)
+            model(ids[:, s : s + 256], **cache_kwargs(model, ours), use_cache=True)
+            model(ids[:, s : s + 256], **cache_kwargs(model, exact), use_cache=True)
     ratio = ours.nbytes() / dynamic_cache_nbytes(exact)
     assert ratio <= 1 / 6, ratio
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from aquakv.cache import AquaKVCache
+from aquakv.compat import cache_kwargs
 from aquakv.registry import load_bundle
 from pipeline.testing import write_tiny_llama
 
@@ -152,7 +153,7 @@ def _check_bundle_generates(registry: Path, model_dir: Path) -> None:
     cache = AquaKVCache.from_bundle(bundle, model)
     ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 64)
     assert cache.layers[0].compressed_len > 0  # 64 tokens > sinks + recent window: blocks were compressed
 

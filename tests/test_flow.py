@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import pipeline.fit
 from aquakv.cache import AquaKVCache
 from aquakv.cli import main as cli
+from aquakv.compat import cache_kwargs
 from aquakv.errors import CalibrationError
 from aquakv.registry import load_bundle
 from cluster.workers import collect_worker, connect, ray_map
@@ -66,8 +67,8 @@ def test_flow_publishes_a_bundle_that_generates(first_run, assets, capsys):
     assert first_run["ppl_increase"] < 0.5
     model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
     cache = AquaKVCache.from_bundle(bundle, model)
-    out = model.generate(torch.randint(3, 200, (2, 40)), past_key_values=cache, max_new_tokens=30, do_sample=False,
-                         pad_token_id=0)
+    out = model.generate(torch.randint(3, 200, (2, 40)), **cache_kwargs(model, cache), max_new_tokens=30,
+                         do_sample=False, pad_token_id=0)
     assert out.shape == (2, 70) and cache.layers[LAYERS - 1].compressed_len > 0
     cli(["inspect", first_run["bundle"]])
     shown = capsys.readouterr().out

@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from aquakv import kernels
 from aquakv.cache import AquaKVCache
 from aquakv.codec import EncodedBlock, LayerCodec, gaussian_residual
+from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.grids import gaussian_grid
 from aquakv.hadamard import random_signs, rotate, walsh_hadamard
@@ -196,7 +197,7 @@ def test_cache_on_the_kernel_path_matches_the_reference_logits():
         m = model.to(device)
         cache = AquaKVCache.from_bundle(bundle, m, recent_window=32)
         with torch.no_grad():
-            logits.append(torch.cat([m(ids[:, s : s + 20].to(device), past_key_values=cache).logits.cpu()
+            logits.append(torch.cat([m(ids[:, s : s + 20].to(device), **cache_kwargs(m, cache)).logits.cpu()
                                      for s in range(0, 300, 20)], 1))
         assert cache.shared.kernels_fit
     assert _rel(logits[1], logits[0]) < 2e-2

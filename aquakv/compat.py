@@ -1,0 +1,38 @@
+"""The one place that knows how the installed ``transformers`` takes a cache.
+
+transformers 5.24 renamed the ``past_key_values=`` argument of ``forward``/``generate`` to ``cache=`` (the old name
+warns, and is to be removed in 5.40 / 6.0); the GPU image has 5.17, which only knows ``past_key_values=``. Call sites
+write ``model(ids, **cache_kwargs(model, cache))`` and never spell either name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache as _memo
+
+import torch
+
+
+@_memo
+def _cache_name(forward_type: type) -> str:
+    params = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """``"cache"`` where ``model.forward`` takes ``cache=`` (transformers >= 5.24), else ``"past_key_values"``."""
+    return _cache_name(type(model))
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)`` under the installed transformers."""
+    return {cache_kwarg_name(model): cache}
+
+
+def causal_mask(config: object, hidden: torch.Tensor, position_ids: torch.Tensor) -> object:
+    """transformers' own causal mask for full sequences ``hidden [B, T, hidden]`` with no cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                              **{name: None})
