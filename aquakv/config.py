@@ -71,11 +71,15 @@ class QuantizerConfig(_Frozen):
         return cls(dim=dim, size=2 ** (bits * dim), **kw)
 
 
+MAX_SINKS = 1024
+MAX_RECENT_WINDOW = 1 << 16
+
+
 class CacheConfig(_Frozen):
     """Runtime layout: ``sinks`` exact first tokens, compressed blocks, exact window < ``recent_window`` tokens."""
 
-    sinks: int = Field(4, ge=0)
-    recent_window: int = Field(128, ge=1)
+    sinks: int = Field(4, ge=0, le=MAX_SINKS)
+    recent_window: int = Field(128, ge=1, le=MAX_RECENT_WINDOW)
     compress: bool = True
 
 
@@ -95,7 +99,9 @@ class CalibrationConfig(_Frozen):
     values: QuantizerConfig = QuantizerConfig()
     first_layer: QuantizerConfig = QuantizerConfig(dim=2, size=256)
     damping: float = Field(1e-3, gt=0)
-    predictor_rank: int | None = Field(None, ge=1)
+    predictor_rank: int | None = Field(None, ge=1)  # fixed rank of every predictor (None: full rank)
+    # or: per layer, the smallest rank (a multiple of 16) within this relative residual-MSE budget of full rank
+    predictor_rank_budget: float | None = Field(None, ge=0, le=10)
     fit_mode: Literal["chain", "parallel"] = "chain"
     cache: CacheConfig = CacheConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -106,6 +112,12 @@ class CalibrationConfig(_Frozen):
     ray_address: str | None = None
     resident: bool = False  # execution strategy: fused collect+fit on the workers (pipeline.resident), not hashed
 
+    @model_validator(mode="after")
+    def _one_rank_policy(self) -> CalibrationConfig:
+        if self.predictor_rank is not None and self.predictor_rank_budget is not None:
+            raise ValueError("set predictor_rank (fixed) or predictor_rank_budget (per layer), not both")
+        return self
+
     def collect_digest(self) -> str:
         """What the collected activations depend on: model, data and sampling, never quantizer settings."""
         fields = ("model", "data", "text_field", "seq_len", "num_samples", "heldout_samples", "seed", "dtype")
@@ -114,7 +126,7 @@ class CalibrationConfig(_Frozen):
 
     def fit_digest(self) -> str:
         """What the fitted layers depend on: the activations plus quantizers, damping, rank and fit mode."""
-        fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "fit_mode")
+        fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode")
         blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields))},
                           sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -42,6 +42,11 @@ class Predictor:
     weight: torch.Tensor
     bias: torch.Tensor
 
+    @property
+    def rank(self) -> int:
+        """Numerical rank of ``weight`` (what a decode kernel's factored predictor costs)."""
+        return int(torch.linalg.matrix_rank(self.weight.double(), rtol=1e-5))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias.to(x), x.reshape(-1, x.shape[-1]), self.weight.to(x)).view(
             *x.shape[:-1], self.weight.shape[1]
@@ -61,25 +66,54 @@ def ridge_stats(x: torch.Tensor, y: torch.Tensor) -> RidgeStats:
     return RidgeStats(xb.T @ xb, xb.T @ yd, float((yd * yd).sum()), x.shape[0])
 
 
-def fit_ridge(stats: RidgeStats, damping: float = 1e-3, rank: int | None = None) -> Predictor:
+RANK_STEP = 16  # chosen ranks are multiples of this: the decode kernels' matmul tiles
+
+
+def fit_ridge(stats: RidgeStats, damping: float = 1e-3, rank: int | None = None,
+              rank_budget: float | None = None) -> Predictor:
     """Closed-form ridge solve with ``λ = damping · mean(diag(XᵀX))`` (bias not damped).
 
-    With ``rank``, the fitted map is projected to its best rank-``rank`` approximation in the
-    metric of the data (reduced-rank regression), so ``weight`` factors as ``[D_in, r] @ [r, D_out]``.
+    With ``rank``, the fitted map is projected to its best rank-``rank`` approximation in the metric of the data
+    (reduced-rank regression), so ``weight`` factors as ``[D_in, r] @ [r, D_out]``. With ``rank_budget`` instead, the
+    rank is the smallest multiple of :data:`RANK_STEP` whose relative residual MSE on the calibration data is at
+    most ``(1 + rank_budget)`` times the full-rank fit's: per decode step a rank-r predictor costs 4r (keys, D->r->D)
+    and 6r (values, 2D->r->D) FLOPs per value against 2D and 4D at full rank (docs/design.md §7).
     """
+    if rank is not None and rank_budget is not None:
+        raise ValueError("give a fixed rank or a rank budget, not both")
     xtx, xty = stats.xtx, stats.xty
     d_in = xtx.shape[0] - 1
     lam = damping * float(torch.diagonal(xtx)[:d_in].mean())
     reg = torch.eye(d_in + 1, dtype=xtx.dtype) * lam
     reg[d_in, d_in] = 0.0
     w = torch.linalg.solve(xtx + reg, xty)  # [D_in+1, D_out]
-    if rank is not None and rank < min(d_in, w.shape[1]):
-        # fitted values' covariance: wᵀ XᵀX w; keep its top-`rank` output directions
-        cov = w.T @ xtx @ w
-        _, vecs = torch.linalg.eigh(cov)
-        top = vecs[:, -rank:]
-        w = w @ top @ top.T
+    full = min(d_in, w.shape[1])
+    if rank is not None or rank_budget is not None:
+        # fitted values' covariance wᵀ XᵀX w; its top-r eigenvectors U_r give the best rank-r map w U_r U_rᵀ
+        eigvals, vecs = torch.linalg.eigh(w.T @ xtx @ w)
+        eigvals, vecs = eigvals.flip(0), vecs.flip(1)  # descending
+        if rank is None:
+            rank = _smallest_rank(stats, w, eigvals, vecs, rank_budget, full)
+        if rank < full:
+            top = vecs[:, :rank]
+            w = w @ top @ top.T
     return Predictor(w[:d_in].float().contiguous(), w[d_in].float().contiguous())
+
+
+def _smallest_rank(stats: RidgeStats, w: torch.Tensor, eigvals: torch.Tensor, vecs: torch.Tensor, budget: float,
+                   full: int) -> int:
+    """Smallest multiple of :data:`RANK_STEP` (or ``full``) within ``budget`` of the full-rank residual MSE.
+
+    For ``w_r = w U_r U_rᵀ``: ``‖Y - X w_r‖² = ΣY² - 2 Σ_{i<r} u_iᵀ (wᵀXᵀY) u_i + Σ_{i<r} λ_i``, so every rank's
+    error comes from one eigendecomposition.
+    """
+    gain = torch.einsum("ji,jk,ki->i", vecs, w.T @ stats.xty, vecs)  # u_iᵀ (wᵀXᵀY) u_i, [D_out]
+    errors = stats.yty - torch.cumsum(2 * gain - eigvals, 0)  # errors[r-1]: residual energy at rank r
+    limit = (1 + budget) * float(errors[-1].clamp_min(0))
+    for r in range(RANK_STEP, full, RANK_STEP):
+        if float(errors[r - 1]) <= limit:
+            return r
+    return full
 
 
 def residual_mse(stats: RidgeStats, predictor: Predictor) -> float:

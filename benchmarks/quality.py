@@ -1,4 +1,4 @@
-"""Compression-vs-perplexity benchmark on SmolLM2-135M (DESIGN.md §6): ``aquakv bench quality``.
+"""Compression-vs-perplexity benchmark on SmolLM2-135M (docs/design.md §6): ``aquakv bench quality``.
 
 Calibrates through the real flow (Prefect + Ray) on the first 90% of King James Bible books, then evaluates
 on the Britannica text and the last 10% of KJV books (never seen in calibration): perplexity over
@@ -39,6 +39,10 @@ CONFIGS: dict[str, dict] = {
     "aquakv-d4-k2v2.25": {"keys": {**Q2, "dim": 4, "size": 256}, "values": {**Q2, "dim": 4, "size": 512}},
     "aquakv-k2v3": {"keys": Q2, "values": Q3},
     "aquakv-3bit": {"keys": Q3, "values": Q3},
+    # decode-priced predictors (issue: predictors priced for decode): SmolLM2's D = 192, so ranks 12/24/48 are
+    # r/D = 1/16, 1/8, 1/4 as ranks 64/128/256 would be for an 8B model's D = 1024; "rb" picks a rank per layer
+    **{f"aquakv-2bit-r{r}": {"keys": Q2, "values": Q2, "predictor_rank": r} for r in (48, 24, 12)},
+    **{f"aquakv-2bit-rb{b:g}": {"keys": Q2, "values": Q2, "predictor_rank_budget": b} for b in (0.02, 0.1)},
 }
 NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passkey-lengths", default="2048,4096,8192", help="'' to skip passkey retrieval")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="flow work dir and bundle registry")
-    p.add_argument("--out", default="docs/benchmarks", help="where quality.{json,md,png} go")
+    p.add_argument("--out", default="docs/benchmarks", help="where STEM.{json,md,png} go")
+    p.add_argument("--stem", default="quality", help="file name stem of the results (default quality)")
     args = p.parse_args(argv)
     t0 = time.time()
     names = [c for c in args.configs.split(",") if c]
@@ -215,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(result, indent=2))
-    (out / "quality.md").write_text(markdown(result))
-    plot(records, out / "quality.png")
+    (out / f"{args.stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.stem}.md").write_text(markdown(result))
+    plot(records, out / f"{args.stem}.png")
     print(markdown(result))
 
 

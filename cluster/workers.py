@@ -22,13 +22,13 @@ def connect(address: str | None = None, workers: int = 1) -> dict[str, float]:
     """Join the Ray cluster at ``address`` (``auto``: the one this node belongs to; default ``$RAY_ADDRESS``),
     else start a local one with ``workers`` CPU slots at least; returns the cluster's resources."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}})
+        else:  # light: no dashboard, no runtime environment to build (local workers inherit this environment)
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
     resources = ray.cluster_resources()
     log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
     return resources

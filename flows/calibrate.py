@@ -1,9 +1,10 @@
 """The ``calibrate`` Prefect flow: data -> collect -> fit -> validate -> publish, over Ray workers.
 
-Every stage is resumable on disk, content-addressed by the config: activations live under
-``workdir/<collect digest>`` (model, data, sampling) and fits under ``.../fit-<digest>`` (everything that
-shapes the bundle), so a rerun after a crash skips finished stages and layers, and a change of quantizer
-settings alone re-fits without re-collecting.
+Every stage is resumable on disk and content-addressed: activations live under ``workdir/activations-<digest>``
+(sampling settings plus fingerprints of the model's files and of the data) and fits under ``.../fit-<digest>``
+(everything that shapes the bundle), so a rerun after a crash skips finished stages and layers, a changed model or
+text behind the same path is collected again, and a change of quantizer settings alone re-fits without re-collecting.
+Inputs are checked first (:mod:`pipeline.inputs`), before Ray starts.
 
 Run it locally (``aquakv calibrate``), on a Ray cluster (``ray submit cluster/config.yaml flows/calibrate.py --
 --config configs/llama-3.1-70b.yaml``) or as a Prefect deployment (``prefect.yaml``).
@@ -39,8 +40,16 @@ def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> 
     return CalibrationConfig.validated({**config, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def _collect_digest(cfg: CalibrationConfig) -> str:
+    """Names the activations by content: sampling config plus the model's and the data's fingerprints."""
+    from pipeline.collect import content_digest
+    from pipeline.sources import resolve_data, resolve_model
+
+    return content_digest(cfg, resolve_model(cfg.model), resolve_data(cfg.data))
+
+
 def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
-    base = Path(cfg.workdir) / f"activations-{cfg.collect_digest()}"  # shared by every bundle of these activations
+    base = Path(cfg.workdir) / f"activations-{_collect_digest(cfg)}"  # shared by every bundle of these activations
     return {"base": base, "tokens": base / "tokens.zarr", "activations": base / "activations.zarr",
             "fit": base / f"fit-{cfg.fit_digest()}"}
 
@@ -94,8 +103,9 @@ def collect_stage(config: dict, model_dir: str, tokens: str) -> str:
 
 def _log_fits(logger: Any, fits: list) -> None:
     for f in fits:
-        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f", f.layer, f.metrics["keys_rel_mse"],
-                    f.metrics["values_rel_mse"])
+        logger.info("fit: layer %2d  keys rel-MSE %.4f  values rel-MSE %.4f  predictor ranks %d/%d", f.layer,
+                    f.metrics["keys_rel_mse"], f.metrics["values_rel_mse"], f.metrics.get("keys_predictor_rank", 0),
+                    f.metrics.get("values_predictor_rank", 0))
 
 
 @task(name="fit", cache_policy=NO_CACHE)
@@ -183,7 +193,7 @@ def publish_stage(config: dict, fits: list, metrics: dict, fingerprint: dict) ->
     from pipeline.publish import publish
 
     calibration = {**cfg.model_dump(mode="json", exclude={"registry", "workdir", "ray_address"}),
-                   "digest": cfg.digest(), "collect_digest": cfg.collect_digest()}
+                   "digest": cfg.digest(), "collect_digest": _collect_digest(cfg)}
     files = encode_bundle([f.codec for f in fits], cfg.cache, fingerprint, calibration, metrics, cfg.name, cfg.version)
     uri = publish(files, cfg.registry, cfg.name, cfg.version)
     get_run_logger().info("publish: %s", uri)
@@ -203,7 +213,7 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     check_inputs(cfg)
     logger = get_run_logger()
     logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
-                cfg.collect_digest())
+                _collect_digest(cfg))
     connect(cfg.ray_address, cfg.workers)
     config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
     model_dir, tokens = data_stage(config)

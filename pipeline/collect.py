@@ -11,10 +11,20 @@ Layout of ``activations.zarr`` (attrs: num_layers, num_samples, seq_len, kv_dim,
     hidden/{a}-{b}/{l}       shard's outputs of layer l, [b - a, seq_len, hidden]; only the latest, removed at the end
 
 Zarr has no bfloat16: such arrays are stored as uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``.
+
+Resume is keyed by content: :func:`content_digest` names the activations by the config's sampling, the data's
+SHA-256 and a fingerprint of the model's files (:func:`weights_fingerprint`), so another model or other data behind
+the same path is collected again. The store is created whole in a temp dir and renamed into place, so collectors
+opening a fresh store at once all see it complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,12 +34,57 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.registry import sweep_leftovers, temp_name
 from pipeline.checkpoint import Checkpoint, LayerStream
+from pipeline.data import data_fingerprint, file_sha256
 
 ACTIVATIONS_STORE = "activations.zarr"
 KINDS = ("keys", "values")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".tiktoken")  # weights, config, tokenizer
+SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor
+MAX_HEADER = 100 << 20  # safetensors' own header limit
+
+
+def _safetensors_fingerprint(path: Path) -> bytes:
+    """Size, header (names, dtypes, shapes, offsets) and three 4 KiB samples of every tensor: ~12 KiB read per
+    tensor (a few MB for a 140 GB checkpoint), so any retrained or swapped tensor changes it."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n) if n <= MAX_HEADER else b""
+        try:
+            meta = json.loads(header)
+            ranges = sorted((k, [8 + n + o for o in v["data_offsets"]]) for k, v in meta.items() if k != "__metadata__")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise CalibrationError(f"{path} is not a safetensors file (unreadable header); re-download it") from None
+        digest.update(header)
+        for _, (a, b) in ranges:
+            for offset in sorted({a, max(a, (a + b) // 2 - SAMPLE // 2), max(a, b - SAMPLE)}):
+                f.seek(offset)
+                digest.update(f.read(min(SAMPLE, b - offset)))
+    return digest.digest()
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of a checkpoint's content: safetensors files sampled (:func:`_safetensors_fingerprint`), config
+    and tokenizer files hashed whole. Copies of a model agree; another model of the same shapes does not."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).iterdir() if p.suffix in MODEL_FILES and p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(_safetensors_fingerprint(path) if path.suffix == ".safetensors"
+                      else bytes.fromhex(file_sha256(path)))
+    return digest.hexdigest()
+
+
+def content_digest(cfg: CalibrationConfig, model_dir: str | Path, data: str | Path) -> str:
+    """What collected activations depend on: ``cfg.collect_digest()`` (sampling) plus the content of the model
+    (:func:`weights_fingerprint`) and of the data (:func:`pipeline.data.data_fingerprint`)."""
+    blob = json.dumps({"config": cfg.collect_digest(), "model": weights_fingerprint(model_dir),
+                       "data": data_fingerprint(data)}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -78,7 +133,11 @@ def open_activations(
     dtype: str = "float32",
     attrs: dict[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create (or reopen, if its layout matches) the activations group; call once before workers start."""
+    """Create (or reopen, if its layout matches) the activations group; safe to call from concurrent collectors.
+
+    A new store is built in a temp dir next to ``path`` and renamed into place: a collector that loses the race
+    opens the winner's complete store.
+    """
     layout = {
         "num_layers": num_layers,
         "num_samples": num_samples,
@@ -86,15 +145,29 @@ def open_activations(
         "kv_dim": kv_dim,
         "dtype": _dtype_name(dtype),
     }
+    path = Path(path)
     try:
         group = zarr.open_group(path, mode="r+")
     except FileNotFoundError:
-        group = zarr.open_group(path, mode="w")
-        for kind in KINDS:
-            for layer in range(num_layers):
-                _create(group, f"{kind}/{layer}", (num_samples, seq_len, kv_dim), layout["dtype"])
-        group.attrs.update({**layout, **(attrs or {})})
-        return group
+        prefix = f".{path.name}.tmp-"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(path.parent, (prefix,))
+        tmp = path.parent / temp_name(prefix)
+        try:
+            fresh = zarr.open_group(tmp, mode="w")
+            for kind in KINDS:
+                for layer in range(num_layers):
+                    _create(fresh, f"{kind}/{layer}", (num_samples, seq_len, kv_dim), layout["dtype"])
+            fresh.attrs.update({**layout, **(attrs or {})})
+            with contextlib.suppress(OSError):  # another collector's store is already there: use it
+                os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            group = zarr.open_group(path, mode="r+")
+        except FileNotFoundError:
+            raise CalibrationError(f"{path} exists but is not a Zarr store (a foreign or partial directory): "
+                                   "remove it") from None
     found = {k: group.attrs.get(k) for k in layout}
     if found != layout:
         raise CalibrationError(f"{path} holds activations of another layout {found}, expected {layout}: remove it")

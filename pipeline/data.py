@@ -1,7 +1,12 @@
-"""Calibration text -> ``tokens.zarr``: shuffled non-overlapping windows, calibration and held-out disjoint."""
+"""Calibration text -> ``tokens.zarr``: shuffled non-overlapping windows, calibration and held-out disjoint.
+
+The store is keyed by content: it is reused only when both the config's ``collect_digest`` and the SHA-256 of the
+data files (:func:`data_fingerprint`) match, so other text behind the same path is tokenized again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -86,6 +91,28 @@ def load_texts(source: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(source: str | Path) -> str:
+    """What the texts of :func:`load_texts` depend on: the SHA-256 of every data file (with its name, for a
+    directory); a hub dataset is named only (its revision is not pinned)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        blob = json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()
+        return hashlib.sha256(blob).hexdigest()
+    if path.is_file():
+        return file_sha256(path)
+    return f"hub:{source}"
+
+
 def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """All documents tokenized (no special tokens) and concatenated, EOS after each: ``[N]`` int64."""
     if tokenizer.eos_token_id is None:
@@ -110,11 +137,12 @@ def split_windows(
     return windows[order[:num_samples]], windows[order[num_samples : num_samples + heldout]]
 
 
-def _existing_digest(store: Path) -> str | None:
+def _existing_digests(store: Path) -> tuple[str | None, str | None]:
     try:
-        return zarr.open_group(store, mode="r").attrs.get("collect_digest")
+        attrs = zarr.open_group(store, mode="r").attrs
     except FileNotFoundError:  # also zarr.errors.NodeNotFoundError
-        return None
+        return None, None
+    return attrs.get("collect_digest"), attrs.get("data_digest")
 
 
 def build_tokens(
@@ -127,7 +155,8 @@ def build_tokens(
     """Write ``out/tokens.zarr`` (int32 ``calib [num_samples, seq_len]``, ``heldout [heldout_samples, seq_len]``).
 
     ``max_positions`` and ``vocab_size`` are the model's; the call fails early when they do not fit.
-    Reuses an existing store made for the same ``cfg.collect_digest()``; writes atomically otherwise.
+    Reuses an existing store made for the same ``cfg.collect_digest()`` and the same data content
+    (:func:`data_fingerprint`); writes atomically otherwise.
     """
     if max_positions is not None and cfg.seq_len > max_positions:
         raise CalibrationError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}")
@@ -138,8 +167,8 @@ def build_tokens(
         )
     out = Path(out)
     store = out / TOKENS_STORE
-    digest = cfg.collect_digest()
-    if _existing_digest(store) == digest:
+    digest, data_digest = cfg.collect_digest(), data_fingerprint(cfg.data)
+    if _existing_digests(store) == (digest, data_digest):
         return store
 
     stream = token_stream(load_texts(cfg.data, cfg.text_field), tokenizer)
@@ -155,6 +184,7 @@ def build_tokens(
         group.attrs.update(
             {
                 "collect_digest": digest,
+                "data_digest": data_digest,
                 "tokenizer": tokenizer.name_or_path,
                 "tokenizer_vocab_size": len(tokenizer),
                 "total_tokens": int(len(stream)),

@@ -295,6 +295,11 @@ def residual_quantizers(cfg: CalibrationConfig, layer: int) -> tuple[Residual, R
             gaussian_residual(value_cfg, sign_seed(layer, "values")))
 
 
+def solve_predictor(stats: RidgeStats, cfg: CalibrationConfig) -> Predictor:
+    """The ridge solve with the run's damping and rank policy (fixed rank, rank budget or full rank)."""
+    return fit_ridge(stats, cfg.damping, cfg.predictor_rank, cfg.predictor_rank_budget)
+
+
 def _repeat(n: int, *plain: Any) -> list[list[Any]]:
     """Argument columns for ``map_fn``: each plain value repeated once per task."""
     return [[v] * n for v in plain]
@@ -309,10 +314,10 @@ def chain_codec(act_path: str, recon_path: str, layer: int, cfg: CalibrationConf
     n = len(shards)
     columns = [*_repeat(n, str(act_path), str(recon_path), layer), [a for a, _ in shards], [b for _, b in shards]]
     key_stats = _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, device)))
-    key_predictor = fit_ridge(key_stats, cfg.damping, cfg.predictor_rank)
+    key_predictor = solve_predictor(key_stats, cfg)
     partial = LayerCodec(keys_q, values_q, key_predictor, None)
     value_stats = _sum(map_fn(layer_stats_values, *columns, *_repeat(n, partial, device)))
-    return LayerCodec(keys_q, values_q, key_predictor, fit_ridge(value_stats, cfg.damping, cfg.predictor_rank))
+    return LayerCodec(keys_q, values_q, key_predictor, solve_predictor(value_stats, cfg))
 
 
 def _sum(parts: Iterable[Any]) -> Any:
@@ -344,7 +349,7 @@ def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg
     n = stats.count
     extra = torch.cat([noise.double() * n, torch.zeros(1, dtype=torch.float64)])
     noisy = RidgeStats(stats.xtx + torch.diag(extra), stats.xty, stats.yty, n)
-    predictor = fit_ridge(noisy, cfg.damping, cfg.predictor_rank)
+    predictor = solve_predictor(noisy, cfg)
     w = torch.cat([predictor.weight, predictor.bias[None]], 0).double()
     energy = (y_sq - 2 * (w * noisy.xty).sum(0) + (w * (noisy.xtx @ w)).sum(0)) / n
     return predictor, energy.clamp_min(0.0)
@@ -426,6 +431,8 @@ def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens
         "values_pred_rel_mse": sums["values_pred_err"] / max(sums["values_norm"], 1e-30),
         "bits_per_value": bits_per_value([codec], kv_dim)["total"],
         "tokens": float(tokens),
+        "keys_predictor_rank": float(codec.key_predictor.rank if codec.key_predictor else 0),
+        "values_predictor_rank": float(codec.value_predictor.rank if codec.value_predictor else 0),
     }
 
 

@@ -79,9 +79,15 @@ def check_data(data: str) -> None:
 
 
 def _check_writable(path: Path, error: type[Exception], what: str) -> None:
+    """``path`` (or, if it does not exist yet, its nearest existing parent) is a directory this process can write;
+    nothing is created, so a run that fails later leaves no empty registry behind."""
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise error(f"{what} {path} is not writable ({target} is not a directory); choose another location")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-check-"):
             pass
     except OSError as e:
         raise error(f"{what} {path} is not writable ({e.strerror or e}); choose another directory or fix its "

@@ -16,25 +16,39 @@ Commit protocol:
   ``manifest.json`` last: a version without a manifest is not a bundle to :func:`aquakv.registry.resolve`.
 
 A version that already exists is returned as is when its manifest is byte-identical (an idempotent rerun), and
-refused with :class:`PublishConflictError` otherwise. ``latest`` is replaced atomically (temp file + rename
-locally, a single object write elsewhere) after every successful publish.
+refused with :class:`PublishConflictError` otherwise.
+
+``latest`` names the highest complete version in :func:`aquakv.registry.version_key` order (PEP 440: ``v2 < v10``),
+not the last writer: it is moved only after the version is complete and verified, and only forward (re-publishing
+``v1`` after ``v2`` leaves it at ``v2``). Locally the move happens under an exclusive ``flock`` of
+``REGISTRY/name/`` (temp file + rename), so concurrent ``v2`` and ``v3`` publishes leave ``latest = v3``; on object
+stores it is a single object write after listing the versions (best effort under races). When the pointer cannot
+be written, :class:`LatestPointerError` says which version was published and what ``latest`` still names.
+Leftovers of killed local publishes (``.tmp-*``, ``.latest-*``) are removed by later publishes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-import re
 import shutil
-import uuid
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from aquakv.bundle import MANIFEST, decode_bundle, parse_manifest
-from aquakv.errors import BundleError, BundleFormatError, PublishConflictError, RegistryNotWritableError
-from aquakv.registry import LATEST
+from aquakv.bundle import MANIFEST, SAFE_NAME, decode_bundle, parse_manifest, read_bundle_dir
+from aquakv.errors import (
+    BundleError,
+    BundleFormatError,
+    LatestPointerError,
+    PublishConflictError,
+    RegistryNotWritableError,
+    UnsafeBundlePathError,
+)
+from aquakv.registry import LATEST, sweep_leftovers, temp_name, version_key
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 CLAIMS = ".claims"
 
 
@@ -46,8 +60,10 @@ def _read(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 def _check_files(files: dict[str, bytes], name: str, version: str) -> bytes:
     """Validate names and the bundle itself (every checksum); return the manifest bytes."""
     for what, value in (("name", name), ("version", version)):
-        if not _NAME.match(value) or value == LATEST:
-            raise ValueError(f"bundle {what} {value!r} must match {_NAME.pattern} and not be {LATEST!r}")
+        if not SAFE_NAME.match(value) or value == LATEST:
+            raise UnsafeBundlePathError(
+                f"bundle {what} {value[:80]!r} is not a plain name: use one matching {SAFE_NAME.pattern}, "
+                f"not {LATEST!r}")
     if MANIFEST not in files:
         raise BundleFormatError(f"no {MANIFEST} among the files to publish; build them with encode_bundle")
     decode_bundle(files, f"{name}/{version} (to publish)")
@@ -78,7 +94,7 @@ def _ordered(files: dict[str, bytes]) -> list[tuple[str, bytes]]:
 
 
 def _commit_local(base: str, dest: str, files: dict[str, bytes], manifest: bytes, where: str) -> None:
-    tmp = os.path.join(base, f".tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(base, temp_name(".tmp-"))
     os.makedirs(tmp)
     try:
         for fname, data in _ordered(files):
@@ -120,17 +136,58 @@ def _commit_remote(fs: fsspec.AbstractFileSystem, base: str, dest: str, files: d
         fs.pipe_file(f"{dest}/{fname}", data)
 
 
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """An exclusive ``flock`` on a local directory, released on exit (and by the kernel if the process dies)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _current(fs: fsspec.AbstractFileSystem, base: str) -> str | None:
+    try:
+        return _read(fs, f"{base}/{LATEST}").decode(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def _highest(fs: fsspec.AbstractFileSystem, base: str, version: str) -> str:
+    """The highest complete version under ``base`` (``version`` is complete)."""
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    higher = sorted((n for n in names if SAFE_NAME.match(n) and n != LATEST and version_key(n) > version_key(version)),
+                    key=version_key, reverse=True)
+    return next((n for n in higher if fs.exists(f"{base}/{n}/{MANIFEST}")), version)
+
+
 def _set_latest(fs: fsspec.AbstractFileSystem, base: str, version: str) -> None:
-    if isinstance(fs, LocalFileSystem):
-        tmp = os.path.join(base, f".latest-{uuid.uuid4().hex}")
-        with open(tmp, "w") as f:
-            f.write(version + "\n")
-        os.replace(tmp, os.path.join(base, LATEST))
-    else:
-        fs.pipe_file(f"{base}/{LATEST}", (version + "\n").encode())
+    """Point ``latest`` at the highest complete version (it only moves forward)."""
+    if not isinstance(fs, LocalFileSystem):
+        target = _highest(fs, base, version)
+        if _current(fs, base) != target:
+            fs.pipe_file(f"{base}/{LATEST}", (target + "\n").encode())
+        return
+    with _locked(base):
+        target = _highest(fs, base, version)
+        if _current(fs, base) != target:
+            tmp = os.path.join(base, temp_name(".latest-"))
+            try:
+                with open(tmp, "w") as f:
+                    f.write(target + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, os.path.join(base, LATEST))
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
 
 def _verify(fs: fsspec.AbstractFileSystem, dest: str, where: str) -> None:
+    if isinstance(fs, LocalFileSystem):
+        read_bundle_dir(dest)
+        return
     manifest = parse_manifest(_read(fs, f"{dest}/{MANIFEST}"), where)
     files = {MANIFEST: _read(fs, f"{dest}/{MANIFEST}")}
     files.update({fname: _read(fs, f"{dest}/{fname}") for fname in manifest["files"]})
@@ -154,10 +211,10 @@ def publish(files: dict[str, bytes], registry_uri: str, name: str, version: str)
         if not _existing(fs, dest, manifest, where):
             fs.makedirs(base, exist_ok=True)
             if local:
+                sweep_leftovers(base)
                 _commit_local(base, dest, files, manifest, where)
             else:
                 _commit_remote(fs, base, dest, files, manifest, where)
-        _set_latest(fs, base, version)
     except BundleError:
         raise
     except OSError as e:
@@ -166,4 +223,12 @@ def publish(files: dict[str, bytes], registry_uri: str, name: str, version: str)
             "(or credentials) or publish to another registry"
         ) from e
     _verify(fs, dest, where)
+    try:
+        _set_latest(fs, base, version)
+    except OSError as e:
+        raise LatestPointerError(
+            f"published {where} (complete and verified), but {registry_uri}/{name}/{LATEST} could not be moved to it "
+            f"({type(e).__name__}: {e}); '{LATEST}' still names {_current(fs, base) or 'no version'}: load {where} "
+            "directly, or rerun this publish (idempotent) once the registry is writable"
+        ) from e
     return dest if local else fs.unstrip_protocol(dest)

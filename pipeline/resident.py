@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from aquakv.codec import LayerCodec, encode
 from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, NonFiniteError
-from aquakv.predictors import RidgeStats, fit_ridge
+from aquakv.predictors import RidgeStats
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
 from pipeline.fit import (
@@ -51,6 +51,7 @@ from pipeline.fit import (
     load_fits,
     residual_quantizers,
     save_codec,
+    solve_predictor,
 )
 
 ShardsCall = Callable[..., list[Any]]
@@ -328,10 +329,9 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
         keys_q, values_q = residual_quantizers(cfg, layer)
         codec = LayerCodec(keys_q, values_q)
         if layer > 0:
-            key_predictor = fit_ridge(_sum(shards_call("key_stats", layer)), cfg.damping, cfg.predictor_rank)
+            key_predictor = solve_predictor(_sum(shards_call("key_stats", layer)), cfg)
             value_stats = _sum(shards_call("value_stats", layer, LayerCodec(keys_q, values_q, key_predictor, None)))
-            codec = LayerCodec(keys_q, values_q, key_predictor, fit_ridge(value_stats, cfg.damping,
-                                                                         cfg.predictor_rank))
+            codec = LayerCodec(keys_q, values_q, key_predictor, solve_predictor(value_stats, cfg))
         sums: dict[str, float] = {}
         for part in shards_call("reconstruct", layer, codec):
             sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}

@@ -47,7 +47,7 @@ def pre_rope_kv(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[list[torch.
 
 def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: QuantizerConfig, first: QuantizerConfig,
                         predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
-    """The chain fit of DESIGN §1 on one batch, in memory; returns a verified bundle via bytes."""
+    """The chain fit of docs/design.md §1 on one batch, in memory; returns a verified bundle via bytes."""
     keys, values = pre_rope_kv(model, ids)
     codecs, prev = [], None
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from aquakv.bundle import MANIFEST, PREDICTORS, encode_bundle, fingerprint_of, read_bundle_dir, write_bundle
+from aquakv.bundle import (
+    MANIFEST,
+    PREDICTORS,
+    decode_bundle,
+    encode_bundle,
+    fingerprint_of,
+    read_bundle_dir,
+    write_bundle,
+)
 from aquakv.cache import AquaKVCache
+from aquakv.codec import LayerCodec, gaussian_residual
+from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.errors import BundleFormatError, BundleIntegrityError, BundleNotFoundError, ModelMismatchError
 from aquakv.registry import load_bundle, pull
 from conftest import tiny_llama
@@ -123,3 +133,16 @@ def test_pull_over_http(tmp_path, bundle_dir):
 def test_unreachable_uri(uri):
     with pytest.raises(BundleNotFoundError):
         load_bundle(uri)
+
+
+def test_every_layer_keeps_its_own_hadamard_signs(model3):
+    """Each layer's keys and values have their own random signs; equal tensors may be stored once, but none is lost."""
+    cfg = QuantizerConfig(dim=2, size=16, group_size=32)
+    codecs = [LayerCodec(gaussian_residual(cfg, 2 * i), gaussian_residual(cfg, 2 * i + 1)) for i in range(3)]
+    codecs.append(LayerCodec(gaussian_residual(cfg, 0), gaussian_residual(cfg, 1)))  # repeats layer 0's signs
+    fp = {**fingerprint_of(model3), "num_layers": 4}
+    decoded = decode_bundle(encode_bundle(codecs, CacheConfig(), fp))
+    for ours, theirs in zip(codecs, decoded.codecs, strict=True):
+        assert torch.equal(ours.keys.signs.float(), theirs.keys.signs.float())
+        assert torch.equal(ours.values.signs.float(), theirs.values.signs.float())
+        assert torch.equal(ours.keys.grid.float(), theirs.keys.grid.float())

@@ -36,7 +36,7 @@ def harness():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("flow")
-    model = write_tiny_llama(root / "model", num_layers=LAYERS, max_positions=256)
+    model = write_tiny_llama(root / "model", num_layers=LAYERS, max_positions=256, init_std=0.2)  # sharp attention
     text = "\n\n".join(f"Paragraph {i}: the fox number {i * 7} jumps over {i % 13} lazy dogs by the river." * 3
                        for i in range(300))
     (root / "data.txt").write_text(text)

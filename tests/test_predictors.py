@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from aquakv.predictors import RidgeStats, fit_ridge, relative_mse, residual_mse, ridge_stats
@@ -44,3 +45,21 @@ def test_low_rank_predictor_has_that_rank_and_costs_quality():
     full, low = fit_ridge(stats), fit_ridge(stats, rank=4)
     assert torch.linalg.matrix_rank(low.weight) == 4
     assert residual_mse(stats, low) > residual_mse(stats, full)
+
+
+def test_rank_budget_finds_the_planted_rank_and_its_error_is_exact() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, 64, generator=g)
+    w = torch.randn(64, 16, generator=g) @ torch.randn(16, 48, generator=g)  # a rank-16 relation
+    y = x @ w + 0.05 * torch.randn(4000, 48, generator=g)
+    stats = ridge_stats(x, y)
+    full = fit_ridge(stats, damping=1e-6)
+    chosen = fit_ridge(stats, damping=1e-6, rank_budget=0.05)
+    assert torch.linalg.matrix_rank(chosen.weight, rtol=1e-4) == 16
+    assert residual_mse(stats, chosen) <= 1.05 * residual_mse(stats, full)
+    # below the planted rank the error explodes; a zero budget keeps the full-rank fit
+    too_low = fit_ridge(stats, damping=1e-6, rank=8)
+    assert residual_mse(stats, too_low) > 10 * residual_mse(stats, full)
+    assert torch.allclose(fit_ridge(stats, damping=1e-6, rank_budget=0.0).weight, full.weight, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        fit_ridge(stats, rank=16, rank_budget=0.1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -13,9 +15,15 @@ import torch
 from aquakv.bundle import encode_bundle, read_bundle_dir
 from aquakv.codec import LayerCodec
 from aquakv.config import CacheConfig, CalibrationConfig
-from aquakv.errors import BundleFormatError, PublishConflictError, RegistryNotWritableError
+from aquakv.errors import (
+    BundleFormatError,
+    LatestPointerError,
+    PublishConflictError,
+    RegistryNotWritableError,
+    UnsafeBundlePathError,
+)
 from aquakv.predictors import Predictor
-from aquakv.registry import load_bundle, pull
+from aquakv.registry import STALE_AFTER_S, load_bundle, pull, version_key
 from pipeline.fit import residual_quantizers
 from pipeline.publish import publish
 
@@ -70,9 +78,9 @@ def test_conflicting_version_is_refused(tmp_path: Path) -> None:
 
 
 def test_bad_names_and_mismatched_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="latest"):
+    with pytest.raises(UnsafeBundlePathError, match="latest"):
         publish(bundle_files("latest"), str(tmp_path), "demo", "latest")
-    with pytest.raises(ValueError):
+    with pytest.raises(UnsafeBundlePathError, match="not a plain name"):
         publish(bundle_files(), str(tmp_path), "../up", "v1")
     with pytest.raises(BundleFormatError, match="published as"):
         publish(bundle_files("v1"), str(tmp_path), "demo", "v9")
@@ -148,3 +156,64 @@ def test_unwritable_registry_path(tmp_path: Path) -> None:
     with pytest.raises(RegistryNotWritableError, match="is not writable"):
         publish(bundle_files(), str(blocker / "registry"), "demo", "v1")
     assert blocker.read_text() == "not a directory"
+
+
+def test_latest_is_the_highest_version_not_the_last_writer(tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    for version in ("v2", "v1", "v10", "v9"):
+        publish(bundle_files(version), str(reg), "demo", version)
+    assert (reg / "demo" / "latest").read_text().strip() == "v10"
+    publish(bundle_files("v1"), str(reg), "demo", "v1")  # idempotent re-publish of an old version
+    assert (reg / "demo" / "latest").read_text().strip() == "v10"
+    assert version_key("v1.0rc1") < version_key("v1") < version_key("v1.1") < version_key("v2")
+    assert version_key("nightly") < version_key("v0")  # not PEP 440: ranks below every PEP 440 version
+
+
+def _publish_at(reg: str, files: dict[str, bytes], name: str, version: str, barrier: threading.Barrier) -> None:
+    barrier.wait()
+    publish(files, reg, name, version)
+
+
+def test_concurrent_v2_and_v3_leave_latest_v3(tmp_path: Path) -> None:
+    for r in range(6):
+        name, barrier = f"race{r}", threading.Barrier(2)
+        order = ["v2", "v3"] if r % 2 else ["v3", "v2"]
+        threads = [threading.Thread(target=_publish_at, args=(str(tmp_path), bundle_files(v, name=name), name, v,
+                                                              barrier)) for v in order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (tmp_path / name / "latest").read_text().strip() == "v3"
+        assert _leftovers(tmp_path / name) == []
+
+
+def test_unwritable_pointer_says_what_was_published(tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    (reg / "demo" / "latest").mkdir(parents=True)  # something in the pointer's way
+    (reg / "demo" / "latest" / "x").write_text("")
+    with pytest.raises(LatestPointerError, match=r"published .*/demo/v1 \(complete and verified\).* still names no "
+                                                  "version"):
+        publish(bundle_files("v1"), str(reg), "demo", "v1")
+    assert read_bundle_dir(reg / "demo" / "v1").manifest["version"] == "v1"
+    assert _leftovers(reg / "demo") == []
+
+
+def test_killed_publish_leftovers_are_swept(tmp_path: Path) -> None:
+    base = tmp_path / "registry" / "demo"
+    stale = base / ".tmp-0123456789abcdef"  # a publish killed by an older aquakv, long ago
+    stale.mkdir(parents=True)
+    (stale / "predictors.safetensors").write_bytes(b"partial")
+    os.utime(stale, (time.time() - STALE_AFTER_S - 1,) * 2)
+    publish(bundle_files("v1"), str(tmp_path / "registry"), "demo", "v1")
+    assert _leftovers(base) == []
+
+
+def test_object_store_latest_moves_only_forward() -> None:
+    uri, fs = "memory://aquakv-test-latest", fsspec.filesystem("memory")
+    if fs.exists("/aquakv-test-latest"):
+        fs.rm("/aquakv-test-latest", recursive=True)
+    publish(bundle_files("v3"), uri, "demo", "v3")
+    publish(bundle_files("v2"), uri, "demo", "v2")
+    assert fs.cat_file("/aquakv-test-latest/demo/latest").decode().strip() == "v3"
+    assert load_bundle(f"{uri}/demo").manifest["version"] == "v3"

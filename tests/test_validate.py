@@ -15,7 +15,7 @@ from aquakv.config import CacheConfig, CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError
 from aquakv.eval import window_nll
 from pipeline.fit import fit_all
-from pipeline.validate import check_gate, validate
+from pipeline.validate import check_gate, compressed_predictions, validate
 
 VOCAB, SEQ = 96, 64
 
@@ -126,3 +126,15 @@ def test_fit_reads_the_collect_stage_store(tmp_path: Path, dtype: str) -> None:
     for x, y in zip(a, b, strict=True):
         assert x.metrics["keys_rel_mse"] == pytest.approx(y.metrics["keys_rel_mse"], rel=tol)
         assert x.metrics["values_rel_mse"] == pytest.approx(y.metrics["values_rel_mse"], rel=tol)
+
+
+def test_heldout_within_the_recent_window_is_refused(model: LlamaForCausalLM, fitted) -> None:
+    """Sequences that never leave sinks + recent window (4 + 16 here) would make AQUA-KV equal to exact: refused."""
+    short = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(CalibrationError, match="never leave the exact sinks \\+ recent window.*smaller recent window"):
+        validate(model, short, fitted[1], step=8)
+    assert compressed_predictions(24, fitted[1].cache, 8) == 0
+    assert compressed_predictions(26, fitted[1].cache, 8) == 1  # compressed after tokens 0..23, read by token 24
+    metrics = validate(model, short, fitted[1], step=8, cache=CacheConfig(compress=False))
+    with pytest.raises(CalibrationError, match="validation measured nothing"):
+        check_gate(metrics, max_ppl_increase=0.05)
