@@ -9,21 +9,26 @@ forward pass that fills them (``update`` runs for layers 0..L-1 in order, so lay
 ``l-1``'s reconstruction of the same tokens). Reading layer ``l``'s old tokens needs layer ``l-1``'s
 reconstruction of them: it is kept for the current forward pass only (one layer's worth, a scratch),
 never the whole uncompressed cache. Keys are stored before RoPE and re-rotated at their own positions.
+
+Reading goes through a backend chosen once per cache (:mod:`aquakv.attention`): either ``update`` returns full keys
+and values (reconstruct, then the model attends), or, in the fused protocol, only the exact segments tagged so that
+the model's ``"aquakv"`` attention function attends straight from the compressed tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from aquakv import kernels
+from aquakv.attention import IMPLEMENTATION, MAX_QUERY_ROWS, Backend, Segments, install, select_backend
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
-from aquakv.codec import EncodedBlock, LayerCodec, decode, encode
+from aquakv.codec import EncodedBlock, LayerCodec
 from aquakv.config import CacheConfig
+from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized
-from aquakv.rope import apply_rope, invert_rope, track_positions
+from aquakv.rope import invert_rope, track_positions
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,11 +40,62 @@ class _Shared:
     """
 
     rotary: torch.nn.Module
-    kernels_fit: bool = False  # every layer's quantizers are handled by the Triton kernels
+    settings: KernelSettings
+    codecs: list[LayerCodec]
+    backend: Backend | None = None  # chosen at the first update (device known), then fixed
+    attn_config: object | None = None  # config of the model whose attention function takes the fused protocol
+    query_groups: int = 1  # query heads per KV head of that model
     positions: torch.Tensor | None = None
     prev_old: Pair | None = None
     prev_new: Pair | None = None
     rope_memo: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    scratch: list[torch.Tensor | None] | None = None  # fused path: [B, capacity, 2D] reconstruction buffers
+    scratch_src: int = 0  # the buffer holding the previous layer's reconstruction
+    _inv_freq: dict = field(default_factory=dict)
+
+    @property
+    def kernels_fit(self) -> bool:
+        """Whether the Triton backend was chosen."""
+        return self.backend is not None and self.backend.name == "triton"
+
+    def fused_now(self, q_len: int) -> bool:
+        """Whether this pass takes the fused protocol: settings and backend allow it, the model's attention function
+        is ``"aquakv"``, and the query rows per KV head fit the kernel."""
+        mode = self.settings.attention
+        if mode == "full" or (mode == "auto" and not self.backend.fused):
+            return False
+        if self.attn_config is None or getattr(self.attn_config, "_attn_implementation", None) != IMPLEMENTATION:
+            return False
+        return self.query_groups * q_len <= MAX_QUERY_ROWS
+
+    def ensure_scratch(self, batch: int, tokens: int, channels: int, dtype: torch.dtype,
+                       device: torch.device) -> None:
+        """A reconstruction buffer ``[B, capacity, 2D]`` for ``tokens`` compressed tokens (capacity in steps of 4096
+        tokens); the second buffer is made only for layers that need one (:meth:`scratch_buffer`)."""
+        s = self.scratch
+        if s is not None and s[0].shape[0] == batch and s[0].shape[1] >= tokens and s[0].shape[2] == 2 * channels \
+                and s[0].dtype == dtype and s[0].device == device:
+            return
+        cap = -(-tokens // 4096) * 4096
+        self.scratch = [torch.empty(batch, cap, 2 * channels, dtype=dtype, device=device), None]
+        self.scratch_src = 0
+
+    def scratch_buffer(self, i: int) -> torch.Tensor:
+        """Scratch buffer ``i`` (0 or 1), made like buffer 0 on first use."""
+        if self.scratch[i] is None:
+            self.scratch[i] = torch.empty_like(self.scratch[1 - i])
+        return self.scratch[i]
+
+    def scratch_nbytes(self) -> int:
+        """Bytes of the reconstruction buffers (fused path), held between steps."""
+        return sum(t.numel() * t.element_size() for t in self.scratch or [] if t is not None)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The rotary module's inverse frequencies ``[head_dim / 2]`` float32 on ``device``."""
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self.rotary.inv_freq.to(device, torch.float32).contiguous()
+        return self._inv_freq[key]
 
     def rope(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[B, stop-start, head_dim]`` (float32) of non-sink tokens ``start:stop``, memoized per pass."""
@@ -80,8 +136,11 @@ class AquaKVLayer(CacheLayerMixin):
         empty = key_states[:, :, :0]
         self.sink_keys, self.sink_values = empty, value_states[:, :, :0]
         self.keys, self.values = empty, value_states[:, :, :0]  # the exact recent window
-        self.shared.kernels_fit &= kernels.supports_head_dim(key_states.shape[-1])
-        self.codec = self.codec.to(self.device)
+        shared = self.shared
+        if shared.backend is None:
+            shared.codecs = [c.to(self.device) for c in shared.codecs]
+            shared.backend = select_backend(self.device, shared.codecs, key_states.shape[-1], shared.settings)
+        self.codec = shared.codecs[self.layer_idx]
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -107,31 +166,22 @@ class AquaKVLayer(CacheLayerMixin):
         b, h, t, hd = x.shape
         return x.float().transpose(1, 2).reshape(b, t, h * hd)
 
-    def _heads(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H*hd]`` -> ``[B, H, T, hd]`` in ``like``'s dtype."""
-        b, h, _, hd = like.shape
-        return x.view(b, -1, h, hd).transpose(1, 2).to(like.dtype)
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H*hd]`` -> ``[B, H, T, hd]`` in the model dtype."""
+        b, h, _, hd = self.keys.shape
+        return x.view(b, -1, h, hd).transpose(1, 2).to(self.dtype)
 
     def _read_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE keys and values of the compressed tokens; leaves this layer's reconstruction for the next."""
-        if self.shared.kernels_fit and self.device.type == "cuda" and kernels.enabled(self.device):  # fused, all layers
-            return kernels.read_compressed(self)
-        if self.compressed_len == 0:
-            self.shared.prev_old = None
-            return self.sink_keys[:, :, :0], self.sink_values[:, :, :0]
-        keys_hat, values_hat = decode(self.compressed, self.shared.prev_old, self.codec)
-        self.shared.prev_old = (keys_hat, values_hat)
-        cos, sin = self.shared.rope(0, self.compressed_len, self.device)
-        keys = apply_rope(self._heads(keys_hat, self.keys).float(), cos, sin).to(self.dtype)
-        return keys, self._heads(values_hat, self.values)
+        return self.shared.backend.read(self)
 
     def _compress_window(self, count: int) -> None:
         """Move the oldest ``count`` window tokens into compressed storage."""
         start = self.compressed_len
         cos, sin = self.shared.rope(start, start + count, self.device)
         keys = invert_rope(self.keys[:, :, :count].float(), cos, sin)
-        block, recon = encode(self._flat(keys), self._flat(self.values[:, :, :count]),
-                              self.shared.prev_new, self.codec)
+        block, recon = self.shared.backend.encode(self._flat(keys), self._flat(self.values[:, :, :count]),
+                                                  self.shared.prev_new, self.codec)
         self.shared.prev_new = recon
         self.compressed = _cat_blocks(self.compressed, block)
         self.compressed_len += count
@@ -149,9 +199,14 @@ class AquaKVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states[:, :, n_sink:]], -2)
         self.values = torch.cat([self.values, value_states[:, :, n_sink:]], -2)
 
-        old_keys, old_values = self._read_compressed()
-        keys = torch.cat([self.sink_keys, old_keys, self.keys], -2)
-        values = torch.cat([self.sink_values, old_values, self.values], -2)
+        if self.shared.fused_now(key_states.shape[-2]):  # exact segments only, tagged for the attention function
+            keys = torch.cat([self.sink_keys, self.keys], -2)
+            values = torch.cat([self.sink_values, self.values], -2)
+            keys._aquakv_segments = Segments(self, self.compressed, self.compressed_len, self.sink_keys.shape[-2])
+        else:
+            old_keys, old_values = self._read_compressed()
+            keys = torch.cat([self.sink_keys, old_keys, self.keys], -2)
+            values = torch.cat([self.sink_values, old_values, self.values], -2)
 
         window = self.config.recent_window
         if self.config.compress and self.keys.shape[-2] >= window:
@@ -181,21 +236,37 @@ class AquaKVLayer(CacheLayerMixin):
 class AquaKVCache(Cache):
     """``Cache`` whose layers store AQUA-KV-compressed keys and values. Build with :meth:`from_bundle`."""
 
-    def __init__(self, codecs: list[LayerCodec], config: CacheConfig, rotary: torch.nn.Module):
+    def __init__(self, codecs: list[LayerCodec], config: CacheConfig, rotary: torch.nn.Module,
+                 kernels: KernelSettings | None = None, model: torch.nn.Module | None = None):
+        """``kernels``: backend options (default: :meth:`KernelSettings.from_env`, read now); ``model``: the model
+        whose attention may take the fused protocol (:meth:`from_bundle` passes it and installs the ``"aquakv"``
+        attention function). The backend itself is chosen at the first update, once the device is known."""
         track_positions(rotary)
-        fits = all(kernels.supports(c.keys.config) and kernels.supports(c.values.config) for c in codecs)
-        self.shared = _Shared(rotary, kernels_fit=fits)
+        settings = kernels if kernels is not None else KernelSettings.from_env()
+        self.shared = _Shared(rotary, settings, list(codecs))
+        if model is not None and settings.attention != "full" and install(model):
+            cfg = model.config
+            self.shared.attn_config = cfg
+            self.shared.query_groups = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads",
+                                                                          cfg.num_attention_heads)
         self.config = config
         super().__init__(layers=[AquaKVLayer(i, c, config, self.shared) for i, c in enumerate(codecs)])
 
+    @property
+    def backend(self) -> Backend | None:
+        """The compute backend (None until the first update)."""
+        return self.shared.backend
+
     @classmethod
     def from_bundle(
-        cls, bundle: Bundle | str, model: torch.nn.Module, cache: CacheConfig | None = None, **overrides: object
+        cls, bundle: Bundle | str, model: torch.nn.Module, cache: CacheConfig | None = None,
+        kernels: KernelSettings | None = None, **overrides: object
     ) -> AquaKVCache:
         """Cache for ``model`` from a bundle (object, local path or URI); refuses a bundle of another model.
 
         ``cache`` (or keyword ``overrides`` such as ``recent_window=64``, ``compress=False``) replaces the
-        bundle's cache layout.
+        bundle's cache layout; ``kernels`` chooses backend options. Switches ``model`` to the ``"aquakv"``
+        attention function (stock sdpa for every other cache) unless ``kernels.attention == "full"``.
         """
         if not isinstance(bundle, Bundle):
             from aquakv.registry import load_bundle
@@ -205,7 +276,7 @@ class AquaKVCache(Cache):
         config = cache or bundle.cache
         if overrides:
             config = config.model_copy(update=overrides)
-        return cls(bundle.codecs, config, model.model.rotary_emb)
+        return cls(bundle.codecs, config, model.model.rotary_emb, kernels=kernels, model=model)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> Pair:
         if layer_idx == 0:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aquakv import kernels
 from aquakv.config import QuantizerConfig
 from aquakv.errors import NonFiniteError
 from aquakv.grids import nearest
@@ -32,17 +33,38 @@ class Quantized:
 
 
 def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
-    """Quantize ``x [..., C]`` with ``grid [n, d]`` and Hadamard ``signs [g]``."""
+    """Quantize ``x [..., C]`` with ``grid [n, d]`` and Hadamard ``signs [g]``: the Triton kernel on CUDA where it
+    applies (same codes but for near-ties, same byte layout; ``AQUAKV_KERNELS=0`` at import turns it off), else
+    :func:`quantize_reference`."""
+    if x.is_cuda and kernels.available(x.device) and kernels.supports(cfg):
+        from aquakv.kernels import host
+
+        _check_finite(x)
+        codes, scales = host.quantize(x, grid, signs, cfg)
+        return Quantized(codes, scales, x.shape[-1])
+    return quantize_reference(x, grid, signs, cfg)
+
+
+def dequantize(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
+    """Inverse of :func:`quantize` -> ``[..., C]`` float32 (the Triton kernel on CUDA where it applies)."""
+    if q.codes.is_cuda and kernels.available(q.codes.device) and kernels.supports(cfg):
+        from aquakv.kernels import host
+
+        return host.dequantize(q.codes, q.scales, q.channels, grid, signs, cfg)
+    return dequantize_reference(q, grid, signs, cfg)
+
+
+def _check_finite(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise NonFiniteError(
             f"quantizer input of shape {tuple(x.shape)} holds NaN or Inf; check the model's activations "
             "(dtype overflow?) before compressing them"
         )
-    if x.is_cuda:  # Triton kernels on CUDA (same codes, same byte layout); this function stays the reference
-        from aquakv import kernels
 
-        if kernels.enabled(x.device) and kernels.supports(cfg):
-            return kernels.quantize(x, grid, signs, cfg)
+
+def quantize_reference(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
+    """The PyTorch reference of :func:`quantize`, on any device."""
+    _check_finite(x)
     g, d = cfg.group_size, cfg.dim
     groups = rotate(x.float(), signs.float())  # [..., G, g]
     norms = groups.norm(dim=-1, keepdim=True)
@@ -51,13 +73,8 @@ def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: Quan
     return Quantized(pack(idx, cfg.index_bits), norms.squeeze(-1).to(cfg.torch_scale_dtype), x.shape[-1])
 
 
-def dequantize(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
-    """Inverse of :func:`quantize` -> ``[..., C]`` float32."""
-    if q.codes.is_cuda:
-        from aquakv import kernels
-
-        if kernels.enabled(q.codes.device) and kernels.supports(cfg):
-            return kernels.dequantize(q, grid, signs, cfg)
+def dequantize_reference(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
+    """The PyTorch reference of :func:`dequantize`, on any device."""
     g, d = cfg.group_size, cfg.dim
     n_groups = q.scales.shape[-1]
     idx = unpack(q.codes, cfg.index_bits, n_groups * g // d)

@@ -1,0 +1,320 @@
+"""How a decode step attends to an AQUA-KV cache: the backend seam, the fused protocol and its PyTorch reference.
+
+A layer's keys and values are three segments: exact **sinks**, compressed tokens, and the exact **recent window**
+(which holds this step's new tokens). Two ways to attend:
+
+- *reconstruct, then attend* (the reference and CPU path): ``Cache.update`` returns full keys / values (compressed
+  tokens reconstructed and RoPE'd) and the model's own attention runs.
+- *fused*: ``update`` returns only the exact segments, tagged with :class:`Segments`; the model's attention function
+  (``"aquakv"``, registered here, installed by :func:`install`) finds the tag and asks the cache's backend for
+  flash-decoding partials (normalized output + log-sum-exp) over tiles of compressed tokens, then merges them with
+  the exact segments' partial: one softmax over all tokens, no concatenation of the whole cache. Untagged inputs go
+  to the stock ``sdpa`` function, so other caches on the same model get the same numbers as before.
+
+The backend (:class:`TorchBackend` or :class:`TritonBackend`, see :func:`select_backend`) is chosen once per cache,
+at its first update, from the device, the quantizers and :class:`~aquakv.kernels.KernelSettings`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from aquakv import kernels
+from aquakv.codec import EncodedBlock, LayerCodec, Residual, decode, encode
+from aquakv.kernels.settings import KernelSettings
+from aquakv.quantize import Quantized, dequantize_reference, quantize_reference
+from aquakv.rope import apply_rope
+
+if TYPE_CHECKING:
+    from aquakv.cache import AquaKVLayer
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+IMPLEMENTATION = "aquakv"
+MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens the fused path takes (the decode kernel's limit)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Tag on the exact keys ``update`` returns in the fused protocol: the layer, its compressed tokens at that
+    step (``block``, ``length``) and the number of sinks (the mask's columns are ``[sinks | compressed | window]``)."""
+
+    layer: AquaKVLayer
+    block: EncodedBlock | None
+    length: int
+    sinks: int
+
+
+# ---------------------------------------------------------------------------------------------- reference math
+
+
+def key_validity(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """``[B, Q, kv_len]`` bool (True = attend) from a transformers attention mask (bool or additive float
+    ``[B or 1, 1, Q, kv_len]``), or None when every key is visible. A missing mask with ``Q > 1`` means causal."""
+    if mask is None:
+        if q_len == 1:
+            return None
+        col = torch.arange(kv_len, device=device)
+        row = torch.arange(q_len, device=device) + (kv_len - q_len)
+        return (col[None, :] <= row[:, None]).expand(batch, -1, -1)
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask[:, 0, :, -kv_len:].expand(batch, -1, -1)
+
+
+def partial_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
+                      scaling: float) -> Pair:
+    """Attention of ``query [B, Hq, Q, hd]`` to one segment ``keys, values [B, Hkv, T, hd]`` (GQA: query head
+    ``h*G + g`` uses KV head ``h``), ``valid [B, Q, T]`` or None -> ``(o [B, Hq, Q, hd], lse [B, Hq, Q])`` float32:
+    the segment's normalized output and log-sum-exp of its scores (``-inf`` where no key is valid)."""
+    b, hq, q_len, hd = query.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    s = (query.float().reshape(b, hkv, g * q_len, hd) @ keys.float().transpose(-1, -2)) * scaling
+    s = s.view(b, hkv, g, q_len, t)
+    if valid is not None:
+        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    o = p.view(b, hkv, g * q_len, t) @ values.float()
+    return o.view(b, hq, q_len, hd), lse.reshape(b, hq, q_len)
+
+
+def merge_partials(outputs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """One softmax over segments: ``outputs [..., N, hd]``, ``lses [..., N]`` -> ``[..., hd]`` float32."""
+    total = torch.logsumexp(lses, -1, keepdim=True)
+    weights = torch.exp(lses - torch.where(torch.isinf(total), 0.0, total))
+    return (weights.unsqueeze(-1) * outputs).sum(-2)
+
+
+def tiled_partials(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
+                   scaling: float, tile: int) -> Pair:
+    """:func:`partial_attention` per tile of ``tile`` tokens: ``o [B, Hq, Q, tiles, hd]``, ``lse [B, Hq, Q, tiles]``
+    (what the decode kernel returns)."""
+    parts = [partial_attention(query, keys[:, :, s : s + tile], values[:, :, s : s + tile],
+                               None if valid is None else valid[..., s : s + tile], scaling)
+             for s in range(0, keys.shape[2], tile)]
+    return torch.stack([p[0] for p in parts], 3), torch.stack([p[1] for p in parts], 3)
+
+
+def attend_segments(query: torch.Tensor, seg: Segments, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+                    mask: torch.Tensor | None, scaling: float,
+                    compressed: Pair | None) -> torch.Tensor:
+    """Merge the compressed tokens' partials (``compressed``: ``o [B, Hq, Q, N, hd]``, ``lse [B, Hq, Q, N]`` or None)
+    with the exact segments ``[sinks | window]`` -> ``[B, Q, Hq, hd]`` in the query's dtype (as sdpa returns it)."""
+    b, _, q_len, _ = query.shape
+    kv_len = exact_keys.shape[2] + seg.length
+    valid = key_validity(mask, b, q_len, kv_len, query.device)
+    if valid is not None:
+        valid = torch.cat([valid[..., : seg.sinks], valid[..., seg.sinks + seg.length :]], -1)
+    o, lse = partial_attention(query, exact_keys, exact_values, valid, scaling)
+    if compressed is not None:
+        o = torch.cat([compressed[0], o.unsqueeze(3)], 3)
+        lse = torch.cat([compressed[1], lse.unsqueeze(3)], 3)
+        o = merge_partials(o, lse)
+    return o.transpose(1, 2).to(query.dtype).contiguous()
+
+
+def compressed_validity(seg: Segments, mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                        device: torch.device) -> torch.Tensor | None:
+    """``[B, length]`` bool validity of the compressed tokens (the last query row's: padding masks are per key and
+    every compressed token precedes every query), or None when all are visible."""
+    if mask is None:
+        return None
+    valid = key_validity(mask, batch, q_len, kv_len, device)
+    return valid[:, -1, seg.sinks : seg.sinks + seg.length]
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """What a cache needs from a compute backend, chosen once per cache."""
+
+    name: str
+    settings: KernelSettings
+    fused: bool  # whether ``attention="auto"`` takes the fused protocol on this backend
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
+               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
+        """Quantize a block of pre-RoPE ``keys, values [B, T, D]`` given the previous layer's reconstruction."""
+
+    def read(self, layer: AquaKVLayer) -> Pair:
+        """Post-RoPE keys and values ``[B, H, T, hd]`` of ``layer``'s compressed tokens (reconstruct-then-attend);
+        leaves this layer's reconstruction for the next layer."""
+
+    def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Fused protocol: attention of ``query [B, Hq, Q, hd]`` to all of ``seg``'s tokens -> ``[B, Q, Hq, hd]``."""
+
+
+class _ReferenceResidual(Residual):
+    """A residual quantizer that always runs the PyTorch reference (no kernel dispatch)."""
+
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        return quantize_reference(x, self.grid, self.signs, self.config)
+
+    def dequantize(self, q: Quantized) -> torch.Tensor:
+        return dequantize_reference(q, self.grid, self.signs, self.config)
+
+
+def _reference_codec(codec: LayerCodec) -> LayerCodec:
+    def ref(r: Residual) -> Residual:
+        return _ReferenceResidual(r.config, r.grid, r.signs)
+
+    return LayerCodec(ref(codec.keys), ref(codec.values), codec.key_predictor, codec.value_predictor)
+
+
+def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int) -> torch.Tensor:
+    """``K̂ [B, T, D]`` float32 -> RoPE'd ``[B, H, T, hd]`` in the model dtype (rounded to it before RoPE)."""
+    cos, sin = layer.shared.rope(0, length, layer.device)
+    return apply_rope(layer.heads(keys_hat).float(), cos, sin).to(layer.dtype)
+
+
+class TorchBackend:
+    """The PyTorch reference on any device: fp32 reconstruction, then attention (or its tiled partials)."""
+
+    name = "torch"
+    fused = False
+
+    def __init__(self, settings: KernelSettings, tile: int = 64):
+        self.settings, self.tile = settings, tile
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
+               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
+        return encode(keys, values, prev, _reference_codec(codec))
+
+    def _reconstruct(self, layer: AquaKVLayer, block: EncodedBlock | None, length: int) -> Pair:
+        if length == 0:
+            layer.shared.prev_old = None
+            empty = layer.sink_keys[:, :, :0]
+            return empty, empty
+        keys_hat, values_hat = decode(block, layer.shared.prev_old, _reference_codec(layer.codec))
+        layer.shared.prev_old = (keys_hat, values_hat)
+        return _rope_keys(layer, keys_hat, length), layer.heads(values_hat)
+
+    def read(self, layer: AquaKVLayer) -> Pair:
+        return self._reconstruct(layer, layer.compressed, layer.compressed_len)
+
+    def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """The fused protocol's math in PyTorch: reconstruct, tiled partials, merge with the exact segments."""
+        keys, values = self._reconstruct(seg.layer, seg.block, seg.length)
+        compressed = None
+        if seg.length:
+            b, _, q_len, _ = query.shape
+            valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
+            if valid is not None:
+                valid = valid[:, None].expand(-1, q_len, -1)
+            compressed = tiled_partials(query, keys, values, valid, scaling, self.tile)
+        return attend_segments(query, seg, exact_keys, exact_values, mask, scaling, compressed)
+
+
+class TritonBackend:
+    """Triton kernels on CUDA: codec kernels for encode, the fused decode-attention kernel for :meth:`attend`."""
+
+    name = "triton"
+    fused = True
+
+    def __init__(self, settings: KernelSettings):
+        self.settings = settings
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
+               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
+        return encode(keys, values, prev, codec)  # aquakv.quantize dispatches to the kernels on CUDA
+
+    def read(self, layer: AquaKVLayer) -> Pair:
+        from aquakv.kernels.host import read_compressed
+
+        return read_compressed(layer, self.settings)
+
+    def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        from aquakv.kernels.decode import decode_attention, needs_own_buffer, scratch_dtype
+
+        layer, shared = seg.layer, seg.layer.shared
+        compressed = None
+        if seg.length:
+            b, _, q_len, hd = query.shape
+            d = exact_keys.shape[1] * hd
+            if layer.layer_idx == 0 or shared.scratch is None:
+                shared.ensure_scratch(b, seg.length, d, scratch_dtype(self.settings), query.device)
+            src = shared.scratch_src
+            dst = 1 - src if needs_own_buffer(layer.codec, self.settings) else src
+            valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
+            rotary = shared.rotary
+            compressed = decode_attention(
+                query, seg.block.keys, seg.block.values, seg.length, layer.codec,
+                shared.scratch_buffer(src), shared.scratch_buffer(dst), shared.positions, shared.inv_freq(query.device),
+                float(getattr(rotary, "attention_scaling", 1.0)), valid, scaling, self.settings)
+            shared.scratch_src = dst
+        return attend_segments(query, seg, exact_keys, exact_values, mask, scaling, compressed)
+
+
+def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int,
+                   settings: KernelSettings) -> Backend:
+    """:class:`TritonBackend` where the kernels run on ``device`` and handle every layer's quantizers and the head
+    size, else :class:`TorchBackend`."""
+    from aquakv.kernels.decode import supports_fused
+
+    if (kernels.available(device, settings) and kernels.supports_head_dim(head_dim)
+            and all(kernels.supports(c.keys.config) and kernels.supports(c.values.config)
+                    and supports_fused(c, head_dim) for c in codecs)):
+        return TritonBackend(settings)
+    return TorchBackend(settings)
+
+
+# ------------------------------------------------------------------------------------- the transformers hook
+
+
+def aquakv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the fused path for keys an AQUA-KV layer tagged, stock sdpa otherwise."""
+    seg: Segments | None = getattr(key, "_aquakv_segments", None)
+    if seg is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    scaling = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    backend = seg.layer.shared.backend
+    return backend.attend(seg, query, key, value, attention_mask, scaling), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, aquakv_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+_register()
+
+
+def fused_capable(config: object) -> bool:
+    """Whether a model config's attention is plain softmax attention the fused path reproduces (sdpa, no
+    sliding window, no logit soft-capping)."""
+    impl = getattr(config, "_attn_implementation", None)
+    plain = (getattr(config, "sliding_window", None) is None
+             and getattr(config, "attn_logit_softcapping", None) is None)
+    return impl in ("sdpa", IMPLEMENTATION) and plain
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Switch ``model`` to the ``"aquakv"`` attention function (sdpa for everything but tagged AQUA-KV segments).
+    Returns False, leaving the model alone, when its attention is not plain sdpa."""
+    config = model.config
+    if not fused_capable(config):
+        return False
+    if config._attn_implementation != IMPLEMENTATION:
+        try:
+            model.set_attn_implementation(IMPLEMENTATION)
+        except Exception:  # noqa: BLE001 - older transformers: set the config directly
+            config._attn_implementation = IMPLEMENTATION
+    return config._attn_implementation == IMPLEMENTATION

@@ -1,0 +1,461 @@
+"""The ``@triton.jit`` kernels of AQUA-KV (import only where Triton is; :mod:`aquakv.kernels.host` and
+:mod:`aquakv.kernels.decode` launch them).
+
+- ``_quantize_kernel`` / ``_dequantize_kernel``: the HIGGS codec (rotation, scale, grid, bit-packing) per group.
+- ``_fused_kernel``: ``[a1, a2] @ W + b + add + deq(codes)``, optionally RoPE'd: reconstruct-then-attend reads.
+- ``_decode_attention_kernel``: flash-decoding straight from the compressed cache (one program per batch row and
+  tile of compressed tokens: unpack, grid, inverse Hadamard, predictor, RoPE, attention partials).
+
+The Hadamard transform is a product with a ``±1`` matrix (random signs folded in) on the tensor cores. In the codec
+kernels the fp32 operand is split into two fp16 parts (22 significant bits, inputs normalized to ``|x| <= ~4``), so
+the result is as accurate as fp32 arithmetic; the decode kernel uses one fp16 product (grid coordinates to 11 bits,
+far below the quantization error). Bit-packing: a row's codes form one little-endian bit stream (code ``i`` at bits
+``i*b .. i*b+b-1``), as :func:`aquakv.packing.pack` writes it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
+
+@triton.jit
+def _dot_exact(x, h, acc, INTERP: tl.constexpr):
+    """``acc + x @ h`` for fp32 ``x`` (``|x|`` of order 1) and a ``±1`` fp16 matrix ``h``, to fp32 accuracy:
+    two fp16 products of the exact split ``x = hi + lo`` (22 significant bits)."""
+    if INTERP:
+        out = tl.dot(x, h.to(tl.float32), acc, input_precision="ieee")
+    else:
+        hi = x.to(tl.float16)
+        lo = (x - hi.to(tl.float32)).to(tl.float16)
+        out = tl.dot(hi, h, acc)
+        out = tl.dot(lo, h, out)
+    return out
+
+@triton.jit
+def _mma(a, w, acc, PRED: tl.constexpr, INTERP: tl.constexpr):
+    if INTERP:
+        out = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif PRED == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+    else:
+        out = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRED)
+    return out
+
+@triton.jit
+def _codes_per_column(codes_ptr, rows, rmask, row_bytes, grp, GS: tl.constexpr, D: tl.constexpr,
+                      BITS: tl.constexpr):
+    """``[BM, GS]`` int32: for each column ``k`` of group ``grp``, the code of its ``d``-vector ``k // D``."""
+    k = tl.arange(0, GS)
+    bit = (k // D) * BITS
+    base = rows[:, None].to(tl.int64) * row_bytes + grp * (GS // D * BITS // 8) + (bit // 8)[None, :]
+    m = rmask[:, None]
+    word = tl.load(codes_ptr + base, mask=m, other=0).to(tl.int32)
+    if (BITS != 1) and (BITS != 2) and (BITS != 4) and (BITS != 8):  # a code may straddle two bytes
+        nxt = tl.load(codes_ptr + base + 1, mask=m & ((bit % 8) + BITS > 8)[None, :], other=0).to(tl.int32)
+        word = word | (nxt << 8)
+    return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+
+@triton.jit
+def _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G, grp, col_off,
+              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              INTERP: tl.constexpr):
+    """Columns ``col_off .. col_off + WIDTH`` of group ``grp`` dequantized: ``[BM, WIDTH]`` float32."""
+    codes = _codes_per_column(codes_ptr, rows, rmask, row_bytes, grp, GS, D, BITS)
+    kk = tl.arange(0, GS)
+    unit = tl.load(grid_ptr + codes * D + (kk % D)[None, :])  # grid coordinates, |u| < ~5
+    h = tl.load(hr_ptr + kk[:, None] * GS + col_off + tl.arange(0, WIDTH)[None, :])
+    acc = _dot_exact(unit, h, tl.zeros((BM, WIDTH), tl.float32), INTERP)
+    scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
+    return acc * (scale * (1.0 / GS))[:, None]
+
+@triton.jit
+def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, row_bytes, scales_ptr, G,
+                     BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NPTS: tl.constexpr,
+                     BITS: tl.constexpr, INTERP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    grp = tl.program_id(1)
+    V: tl.constexpr = GS // D
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < n_rows
+    cols = grp * GS + tl.arange(0, GS)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+                mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+    # the rotation is orthonormal: the group's norm is ||x||, and unit = rotate(x) * sqrt(g) / norm = (x / norm) @ S
+    norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+    xs = tl.div_rn(x, tl.maximum(norm, 1e-12)[:, None])
+    kk = tl.arange(0, GS)
+    h = tl.load(hc_ptr + kk[:, None] * GS + kk[None, :])
+    unit = _dot_exact(xs, h, tl.zeros((BM, GS), tl.float32), INTERP)
+    if D == 2:
+        u0, u1 = tl.split(tl.reshape(unit, (BM, V, 2)))
+    else:
+        u0 = unit
+    best = tl.full((BM, V), float("inf"), tl.float32)
+    idx = tl.zeros((BM, V), tl.int32)
+    for j in range(NPTS):  # argmin of |p|^2 - 2 <u, p>, first index on ties (as torch.argmin)
+        gx = tl.load(grid_ptr + j * D)
+        if D == 2:
+            gy = tl.load(grid_ptr + j * D + 1)
+            s = (gx * gx + gy * gy) - 2.0 * (u0 * gx + u1 * gy)
+        else:
+            s = gx * gx - 2.0 * (u0 * gx)
+        better = s < best
+        best = tl.where(better, s, best)
+        idx = tl.where(better, j, idx)
+    M: tl.constexpr = V // 8
+    k8 = tl.arange(0, 8)
+    mm = tl.arange(0, M)
+    idx3 = tl.reshape(idx, (BM, M, 8)).to(tl.int64)
+    word = tl.sum(idx3 << (k8 * BITS).to(tl.int64)[None, None, :], axis=2)
+    byts = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255
+    off = (rows[:, None, None].to(tl.int64) * row_bytes + grp * (M * BITS)
+           + mm[None, :, None] * BITS + k8[None, None, :])
+    tl.store(codes_ptr + off, byts.to(tl.uint8), mask=rmask[:, None, None] & (k8 < BITS)[None, None, :])
+    tl.store(scales_ptr + rows.to(tl.int64) * G + grp, norm.to(scales_ptr.dtype.element_ty), mask=rmask)
+
+@triton.jit
+def _dequantize_kernel(codes_ptr, row_bytes, scales_ptr, G, n_rows, C, hr_ptr, grid_ptr,
+                       out_ptr, stride_o, add_ptr, stride_a,
+                       BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                       HAS_ADD: tl.constexpr, INTERP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    grp = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < n_rows
+    cols = grp * GS + tl.arange(0, GS)
+    acc = _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G, grp, 0,
+                    BM, GS, GS, D, BITS, INTERP)
+    mask = rmask[:, None] & (cols < C)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + r64 * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r64 * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _addr(rb, rt, c0, WIDTH: tl.constexpr, s_b, s_t, s_h, HD: tl.constexpr):
+    """Offsets of ``[rows, c0 .. c0 + WIDTH]`` in a view ``b*s_b + t*s_t + (c // HD)*s_h + c % HD``; the columns
+    lie in one head (``c0`` a multiple of ``WIDTH <= HD``), so they are contiguous (vectorized accesses)."""
+    row = rb.to(tl.int64) * s_b + rt.to(tl.int64) * s_t + ((c0 // HD) * s_h + c0 % HD)
+    return row[:, None] + tl.arange(0, WIDTH)[None, :]
+
+@triton.jit
+def _fused_kernel(a1_ptr, a1_sb, a1_st, a1_sh, K1,
+                  a2_ptr, a2_sb, a2_st, a2_sh, K2,
+                  w_ptr, bias_ptr, N,
+                  add_ptr, add_sb, add_st, add_sh,
+                  codes_ptr, row_bytes, scales_ptr, G, grid_ptr, hr_ptr,
+                  o_ptr, o_sb, o_st, o_sh,
+                  r_ptr, r_sb, r_st, r_sh,
+                  pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
+                  n_rows, T,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HD: tl.constexpr,
+                  GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                  HAS_PRED: tl.constexpr, HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                  HAS_DEQ: tl.constexpr,
+                  HAS_OUT: tl.constexpr, HAS_OUT2: tl.constexpr, ROPE: tl.constexpr, PRED: tl.constexpr,
+                  INTERP: tl.constexpr):
+    """One ``[BM, BN]`` tile of ``[a1, a2] @ W + b + deq(codes)``, kept as two ``BN/2`` halves so RoPE
+    (``BN == HD``) pairs column ``c`` with ``c + HD/2`` in registers; stored to ``o`` and/or ``r`` (RoPE'd
+    there when ``ROPE``)."""
+    pid_n = tl.program_id(0)  # fastest: the programs sharing A rows run together (L2 reuse)
+    pid_m = tl.program_id(1)
+    HB: tl.constexpr = BN // 2
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < n_rows
+    rb = rows // T
+    rt = rows % T
+    cl = pid_n * BN + tl.arange(0, HB)
+    ch = cl + HB
+    acc_l = tl.zeros((BM, HB), tl.float32)
+    acc_h = tl.zeros((BM, HB), tl.float32)
+    if HAS_PRED:
+        for k0 in range(0, K1, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < K1
+            a = tl.load(a1_ptr + _addr(rb, rt, k0, BK, a1_sb, a1_st, a1_sh, HD),
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wrow = kk[:, None].to(tl.int64) * N
+            wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
+            wh = tl.load(w_ptr + wrow + ch[None, :], mask=kmask[:, None], other=0.0)
+            acc_l = _mma(a, wl, acc_l, PRED, INTERP)
+            acc_h = _mma(a, wh, acc_h, PRED, INTERP)
+        if HAS_A2:
+            for k0 in range(0, K2, BK):
+                kk = k0 + tl.arange(0, BK)
+                kmask = kk < K2
+                a = tl.load(a2_ptr + _addr(rb, rt, k0, BK, a2_sb, a2_st, a2_sh, HD),
+                            mask=rmask[:, None] & kmask[None, :], other=0.0)
+                wrow = (K1 + kk)[:, None].to(tl.int64) * N
+                wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
+                wh = tl.load(w_ptr + wrow + ch[None, :], mask=kmask[:, None], other=0.0)
+                acc_l = _mma(a, wl, acc_l, PRED, INTERP)
+                acc_h = _mma(a, wh, acc_h, PRED, INTERP)
+    if HAS_BIAS:
+        acc_l += tl.load(bias_ptr + cl).to(tl.float32)[None, :]
+        acc_h += tl.load(bias_ptr + ch).to(tl.float32)[None, :]
+    omask = rmask[:, None]
+    if HAS_ADD:
+        acc_l += tl.load(add_ptr + _addr(rb, rt, pid_n * BN, HB, add_sb, add_st, add_sh, HD), mask=omask,
+                         other=0.0).to(tl.float32)
+        acc_h += tl.load(add_ptr + _addr(rb, rt, pid_n * BN + HB, HB, add_sb, add_st, add_sh, HD), mask=omask,
+                         other=0.0).to(tl.float32)
+    if HAS_DEQ:
+        c0 = pid_n * BN
+        acc_l += _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G,
+                           c0 // GS, c0 % GS, BM, HB, GS, D, BITS, INTERP)
+        acc_h += _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G,
+                           (c0 + HB) // GS, (c0 + HB) % GS, BM, HB, GS, D, BITS, INTERP)
+    if HAS_OUT:
+        tl.store(o_ptr + _addr(rb, rt, pid_n * BN, HB, o_sb, o_st, o_sh, HD), acc_l.to(o_ptr.dtype.element_ty),
+                 mask=omask)
+        tl.store(o_ptr + _addr(rb, rt, pid_n * BN + HB, HB, o_sb, o_st, o_sh, HD),
+                 acc_h.to(o_ptr.dtype.element_ty), mask=omask)
+    if HAS_OUT2:
+        if ROPE:
+            pos = tl.load(pos_ptr + rb.to(tl.int64) * pos_sb + rt, mask=rmask, other=0).to(tl.float32)
+            inv = tl.load(inv_freq_ptr + tl.arange(0, HB))
+            f = pos[:, None] * inv[None, :]
+            if INTERP:
+                cos = tl.cos(f) * rope_scale
+                sin = tl.sin(f) * rope_scale
+            else:
+                cos = libdevice.cos(f) * rope_scale
+                sin = libdevice.sin(f) * rope_scale
+            kl = acc_l.to(r_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds before RoPE
+            kh = acc_h.to(r_ptr.dtype.element_ty).to(tl.float32)
+            out_l = kl * cos - kh * sin
+            out_h = kh * cos + kl * sin
+        else:
+            out_l = acc_l
+            out_h = acc_h
+        tl.store(r_ptr + _addr(rb, rt, pid_n * BN, HB, r_sb, r_st, r_sh, HD), out_l.to(r_ptr.dtype.element_ty),
+                 mask=omask)
+        tl.store(r_ptr + _addr(rb, rt, pid_n * BN + HB, HB, r_sb, r_st, r_sh, HD),
+                 out_h.to(r_ptr.dtype.element_ty), mask=omask)
+
+
+
+# ------------------------------------------------------------------------------------------------ decode attention
+
+
+@triton.jit
+def _dot16(a, b, acc, INTERP: tl.constexpr):
+    """``acc + a @ b`` with bf16 operands and fp32 accumulation (fp32 ``ieee`` under the interpreter)."""
+    if INTERP:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    return out
+
+
+@triton.jit
+def _codes_from_words(codes_ptr, rows, rmask, row_words, grp, BM: tl.constexpr, V: tl.constexpr,
+                      BITS: tl.constexpr):
+    """``[BM, V]`` int32: the ``V`` codes of group ``grp`` from the row's 32-bit words (``32 % BITS == 0`` and every
+    group starts on a word): one coalesced ``[BM, words]`` load, unpacked with shifts."""
+    NW: tl.constexpr = V * BITS // 32  # words per group
+    w = tl.load(codes_ptr + rows[:, None].to(tl.int64) * row_words + grp * NW + tl.arange(0, NW)[None, :],
+                mask=rmask[:, None], other=0)
+    shift = tl.arange(0, 32 // BITS) * BITS
+    return tl.reshape((w[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1), (BM, V))
+
+
+@triton.jit
+def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
+              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              WORDS: tl.constexpr, INTERP: tl.constexpr):
+    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
+    product with the ``±1`` un-rotation. ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32
+    (one gather per code); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
+    grp = c0 // GS
+    V: tl.constexpr = GS // D
+    if WORDS:
+        codes = _codes_from_words(codes_ptr, rows, rmask, row_len, grp, BM, V, BITS)
+    else:
+        codes = _codes_per_column(codes_ptr, rows, rmask, row_len, grp, V, 1, BITS)
+    e = tl.load(table_ptr + codes)
+    lo = (e & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    if D == 2:
+        unit = tl.reshape(tl.join(lo, (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)), (BM, GS))
+    else:
+        unit = lo
+    kk = tl.arange(0, GS)
+    h = tl.load(hr_ptr + kk[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
+    if INTERP:
+        acc = tl.dot(unit.to(tl.float32), h.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(unit, h, tl.zeros((BM, WIDTH), tl.float32))
+    scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
+    return acc * (scale * (1.0 / GS))[:, None]
+
+
+@triton.jit
+def _rope_cos_sin(pos, inv_freq, rope_scale, INTERP: tl.constexpr):
+    """``cos, sin`` of ``pos[:, None] * inv_freq[None, :]`` (times ``rope_scale``): the fp32 angle is reduced to
+    ``[-pi, pi]`` exactly enough (Cody-Waite, two parts of 2 pi) for the hardware's approximate sine / cosine."""
+    f = pos[:, None] * inv_freq[None, :]
+    if INTERP:
+        return tl.cos(f) * rope_scale, tl.sin(f) * rope_scale
+    k = libdevice.rint(f * 0.15915494309189535)
+    r = (f - k * 6.28125) - k * 0.0019353071795864769
+    return libdevice.fast_cosf(r) * rope_scale, libdevice.fast_sinf(r) * rope_scale
+
+
+@triton.jit
+def _rows_times(x_ptr, xrow, xmask, w_ptr, w_ld, w_row0, w_col0, K: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr, acc, INTERP: tl.constexpr):
+    """``acc + X[:, 0:K] @ W[w_row0 : w_row0 + K, w_col0 : w_col0 + BN]`` with ``X`` rows at ``x_ptr + xrow``
+    (``[BM]`` int64 offsets, unit column stride) and ``W`` row-major with leading dimension ``w_ld``."""
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + xrow[:, None] + kk[None, :], mask=xmask[:, None], other=0.0, cache_modifier=".cg")
+        w = tl.load(w_ptr + (w_row0 + kk)[:, None].to(tl.int64) * w_ld + w_col0 + tl.arange(0, BN)[None, :])
+        acc = _dot16(a, w, acc, INTERP)
+    return acc
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, q_sb, q_sh, q_st,
+    kc_ptr, kc_rl, ks_ptr, k_groups, kgrid_ptr, khr_ptr,
+    vc_ptr, vc_rl, vs_ptr, v_groups, vgrid_ptr, vhr_ptr,
+    prev_ptr, cur_ptr, s_sb, s_st,
+    kw_ptr, kb_ptr, ka_ptr, kup_ptr,
+    vw_ptr, vb_ptr, va_ptr, vup_ptr,
+    pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
+    mask_ptr, p_ptr, o_ptr, lse_ptr,
+    C, NT, HQ, QLEN, scale_log2,
+    DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
+    KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+    GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
+    GS_V: tl.constexpr, D_V: tl.constexpr, BITS_V: tl.constexpr, WORDS_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Attention of all query heads to one tile of ``BT`` compressed tokens of batch row ``b``.
+
+    Scratch rows ``[K̂ (DM columns), V̂ (DM columns)]`` pre-RoPE: ``prev`` holds layer ``l-1``'s reconstruction,
+    ``cur`` receives layer ``l``'s (the same buffer when every predictor is low rank or absent: each input is
+    consumed before its columns are overwritten). Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight
+    ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``; the value predictor's input is ``[K̂_l, V̂_{l-1}]``.
+
+    Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, stored for layer ``l+1``,
+    RoPE'd, scored by its ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of
+    ``p`` (bf16, L2-resident) and the log-sum-exp (base 2) to ``lse``; (2) V̂ of head ``h``, stored, times the
+    probabilities read back -> the tile's normalized output ``o`` per (query head, query row).
+    """
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    HB: tl.constexpr = HD // 2
+    t = tile * BT + tl.arange(0, BT)
+    tmask = t < C
+    rows = b * C + t  # rows of the codes / scales
+    srow = b.to(tl.int64) * s_sb + t.to(tl.int64) * s_st  # scratch rows
+    half = tl.arange(0, HB)
+    m = tl.arange(0, QM)
+    rvalid = m < GQ * QLEN
+    g = m // QLEN
+    qi = m % QLEN
+    p_prog = p_ptr + (b.to(tl.int64) * NT + tile) * (H * QM * BT)  # this program's probabilities [H, QM, BT]
+    pslot = m[:, None] * BT + tl.arange(0, BT)[None, :]
+    kvalid = tmask
+    if HAS_MASK:
+        kvalid = kvalid & (tl.load(mask_ptr + b.to(tl.int64) * C + t, mask=tmask, other=0) != 0)
+
+    # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head, into cur[:, 0:DM]; scores and probabilities
+    if KPRED == 2:
+        zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
+                         tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
+    if VPRED == 2:  # the value predictor's low-rank input projection, V̂_{l-1} part first (before it is overwritten)
+        zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK,
+                         tl.zeros((BT, RV), tl.float32), INTERP)
+    for h in range(H):
+        c0 = h * HD
+        acc_l = tl.zeros((BT, HB), tl.float32)
+        acc_h = tl.zeros((BT, HB), tl.float32)
+        if KPRED == 1:
+            acc_l = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
+            acc_h = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
+        if KPRED == 2:
+            up = tl.arange(0, RK)[:, None] * DM + (c0 + half)[None, :]
+            acc_l = _dot16(zk, tl.load(kup_ptr + up), acc_l, INTERP)
+        if KPRED != 0:
+            acc_l += tl.load(kb_ptr + c0 + half)[None, :]
+        acc_l += _deq_fast(kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask, kc_rl, k_groups, c0,
+                           BT, HB, GS_K, D_K, BITS_K, WORDS_K, INTERP)
+        kl = acc_l.to(cur_ptr.dtype.element_ty)
+        if KPRED == 2:
+            acc_h = _dot16(zk, tl.load(kup_ptr + (up + HB)), acc_h, INTERP)
+        if KPRED != 0:
+            acc_h += tl.load(kb_ptr + c0 + HB + half)[None, :]
+        acc_h += _deq_fast(kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask, kc_rl, k_groups, c0 + HB,
+                           BT, HB, GS_K, D_K, BITS_K, WORDS_K, INTERP)
+        kh = acc_h.to(cur_ptr.dtype.element_ty)
+        if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
+            va_rows = (c0 + tl.arange(0, HB))[:, None] * RV + tl.arange(0, RV)[None, :]
+            zv = _dot16(kl, tl.load(va_ptr + va_rows), zv, INTERP)
+            zv = _dot16(kh, tl.load(va_ptr + (va_rows + HB * RV)), zv, INTERP)
+        tl.store(cur_ptr + srow[:, None] + c0 + half[None, :], kl, mask=tmask[:, None])
+        tl.store(cur_ptr + srow[:, None] + c0 + HB + half[None, :], kh, mask=tmask[:, None])
+        # RoPE at the tokens' positions (the reference rounds K̂ to the scratch dtype first), then the scores
+        pos = tl.load(pos_ptr + b.to(tl.int64) * pos_sb + t, mask=tmask, other=0).to(tl.float32)
+        cos, sin = _rope_cos_sin(pos, tl.load(inv_freq_ptr + half), rope_scale, INTERP)  # (in the loop: not hoisted)
+        fl = kl.to(tl.float32)
+        fh = kh.to(tl.float32)
+        qhead = h * GQ + g
+        qoff = b.to(tl.int64) * q_sb + qhead.to(tl.int64) * q_sh + qi.to(tl.int64) * q_st
+        ql = tl.load(q_ptr + qoff[:, None] + half[None, :], mask=rvalid[:, None], other=0.0)
+        qh = tl.load(q_ptr + qoff[:, None] + HB + half[None, :], mask=rvalid[:, None], other=0.0)
+        s = _dot16(ql, tl.trans(fl * cos - fh * sin), tl.zeros((QM, BT), tl.float32), INTERP)
+        s = _dot16(qh, tl.trans(fh * cos + fl * sin), s, INTERP) * scale_log2
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        mx = tl.max(s, axis=1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        p = tl.exp2(s - mx[:, None])
+        lsum = tl.sum(p, axis=1)
+        p = p * tl.where(lsum > 0, 1.0 / lsum, 0.0)[:, None]
+        tl.store(p_prog + (h * (QM * BT) + pslot), p.to(p_ptr.dtype.element_ty), mask=rvalid[:, None])
+        part = ((b * HQ + qhead).to(tl.int64) * QLEN + qi) * NT + tile
+        tl.store(lse_ptr + part, tl.where(lsum > 0, mx + tl.log2(lsum), float("-inf")), mask=rvalid)
+    tl.debug_barrier()  # K̂_l of every head and the probabilities are written (read back through L2: ".cg" loads)
+
+    # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head, into cur[:, DM:2DM]; outputs
+    for h in range(H):
+        c0 = h * HD
+        acc_l = tl.zeros((BT, HB), tl.float32)
+        acc_h = tl.zeros((BT, HB), tl.float32)
+        if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
+            acc_l = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
+            acc_l = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0, DM, BT, HB, BK, acc_l, INTERP)
+            acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
+            acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
+                                INTERP)
+        if VPRED == 2:
+            up = tl.arange(0, RV)[:, None] * DM + (c0 + half)[None, :]
+            acc_l = _dot16(zv, tl.load(vup_ptr + up), acc_l, INTERP)
+        if VPRED != 0:
+            acc_l += tl.load(vb_ptr + c0 + half)[None, :]
+        acc_l += _deq_fast(vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl, v_groups, c0,
+                           BT, HB, GS_V, D_V, BITS_V, WORDS_V, INTERP)
+        vl = acc_l.to(cur_ptr.dtype.element_ty)
+        if VPRED == 2:
+            acc_h = _dot16(zv, tl.load(vup_ptr + (up + HB)), acc_h, INTERP)
+        if VPRED != 0:
+            acc_h += tl.load(vb_ptr + c0 + HB + half)[None, :]
+        acc_h += _deq_fast(vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl, v_groups, c0 + HB,
+                           BT, HB, GS_V, D_V, BITS_V, WORDS_V, INTERP)
+        vh = acc_h.to(cur_ptr.dtype.element_ty)
+        tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
+        tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
+        p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
+        part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
+        tl.store(o_ptr + part[:, None] * HD + half[None, :], _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP),
+                 mask=rvalid[:, None])
+        tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
+                 _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])

@@ -1,0 +1,60 @@
+"""Kernel settings: one frozen value, chosen when a cache is built and passed to its backend (no global state).
+
+``AQUAKV_KERNELS=0`` in the environment turns the Triton kernels off; it is read by :meth:`KernelSettings.from_env`
+(once per cache) and, for the stand-alone quantize / dequantize dispatch, once at import (:data:`ENV_ENABLED`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Precision = Literal["bf16", "tf32", "tf32x3", "ieee"]
+ENV_ENABLED = os.environ.get("AQUAKV_KERNELS", "1") != "0"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """How a cache reads its compressed tokens.
+
+    - ``enabled``: use the Triton kernels where they apply (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    - ``attention``: ``"auto"`` (fused decode attention straight from the codes where the Triton backend runs, else
+      reconstruct-then-attend), ``"fused"`` (the fused protocol on any backend; on the torch backend it is the
+      pure-PyTorch reference of the fused math), ``"full"`` (always return full keys / values to the model).
+    - ``predictor``: matmul precision of the predictors: bf16 operands with fp32 accumulation, ``tf32``, ``ieee``.
+    - ``low_rank``: ``"auto"`` factors a predictor whose weight has rank <= min(D_in, D_out)/4; ``"off"`` never.
+    - ``gemm``: reconstruct-then-attend path: predictor matmuls in ``"cublas"`` or fused into the ``"triton"`` kernel.
+    - ``epilogue_tile``: ``(rows, warps)`` of the reconstruct-then-attend epilogue kernel (None: measured default).
+    - ``scratch``: dtype of the per-pass reconstruction scratch the fused kernel hands to the next layer.
+    - ``tile_tokens``: compressed tokens per program of the fused kernel (None: chosen from the grid size).
+    """
+
+    enabled: bool = True
+    attention: Literal["auto", "fused", "full"] = "auto"
+    predictor: Precision = "bf16"
+    low_rank: Literal["auto", "off"] = "auto"
+    gemm: Literal["cublas", "triton"] = "cublas"
+    epilogue_tile: tuple[int, int] | None = None
+    scratch: Literal["bf16", "fp8"] = "bf16"
+    tile_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
+                  "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.tile_tokens is not None and (self.tile_tokens < 16 or self.tile_tokens & (self.tile_tokens - 1)):
+            raise ValueError(f"tile_tokens must be a power of two >= 16, got {self.tile_tokens}")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> KernelSettings:
+        """Defaults, with ``enabled`` from ``AQUAKV_KERNELS`` (read now), then ``overrides``."""
+        base = cls(enabled=os.environ.get("AQUAKV_KERNELS", "1") != "0")
+        return replace(base, **overrides) if overrides else base
+
+    def with_(self, **changes: object) -> KernelSettings:
+        """A copy with ``changes``."""
+        return replace(self, **changes)

@@ -1,0 +1,157 @@
+"""The backend seam and the fused protocol on the CPU: partials + merge, the PyTorch reference of the fused math inside
+a model, backend selection, and the attention hook (other caches on the same model keep their numbers)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from aquakv.attention import (
+    IMPLEMENTATION,
+    TorchBackend,
+    install,
+    key_validity,
+    merge_partials,
+    partial_attention,
+    select_backend,
+    tiled_partials,
+)
+from aquakv.cache import AquaKVCache
+from aquakv.compat import cache_kwargs
+from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.kernels import KernelSettings
+from conftest import calibrate_in_memory, tiny_llama
+
+
+def _sdpa(query, keys, values, valid, scaling):
+    g = query.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    return torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=valid[:, None], scale=scaling)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_tiled_partials_merged_equal_sdpa_over_all_tokens(q_len):
+    gen = torch.Generator().manual_seed(0)
+    b, hkv, g, hd, n_c, n_e = 2, 2, 3, 32, 70, 9
+    query = torch.randn(b, hkv * g, q_len, hd, generator=gen)
+    keys = torch.randn(b, hkv, n_c + n_e, hd, generator=gen)
+    values = torch.randn(b, hkv, n_c + n_e, hd, generator=gen)
+    valid = torch.ones(b, q_len, n_c + n_e, dtype=torch.bool)
+    valid[1, :, :20] = False  # left padding: a whole tile of row 1 is masked
+    valid[:, :, -q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    o_c, lse_c = tiled_partials(query, keys[:, :, :n_c], values[:, :, :n_c], valid[..., :n_c], 0.3, tile=16)
+    assert o_c.shape == (b, hkv * g, q_len, 5, hd) and torch.isinf(lse_c[1, :, :, 0]).all()
+    o_e, lse_e = partial_attention(query, keys[:, :, n_c:], values[:, :, n_c:], valid[..., n_c:], 0.3)
+    merged = merge_partials(torch.cat([o_c, o_e.unsqueeze(3)], 3), torch.cat([lse_c, lse_e.unsqueeze(3)], 3))
+    want = _sdpa(query, keys, values, valid, 0.3)
+    assert torch.allclose(merged, want, atol=1e-5)
+
+
+def test_key_validity_reads_bool_and_additive_masks_and_defaults_to_causal():
+    m = torch.tensor([[[[True, False, True]]]])
+    assert torch.equal(key_validity(m, 1, 1, 3, torch.device("cpu")), m[:, 0])
+    additive = torch.where(m, 0.0, torch.finfo(torch.float32).min)
+    assert torch.equal(key_validity(additive, 1, 1, 3, torch.device("cpu")), m[:, 0])
+    assert key_validity(None, 2, 1, 3, torch.device("cpu")) is None
+    causal = key_validity(None, 1, 2, 4, torch.device("cpu"))
+    assert causal[0].tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+@pytest.fixture(scope="module")
+def model_and_bundle():
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(1))
+    q = QuantizerConfig(dim=2, size=256, group_size=32)
+    return model, calibrate_in_memory(model, ids, q, q, cache=CacheConfig(recent_window=32))
+
+
+def _run(model, cache, ids, mask, chunks):
+    with torch.no_grad():
+        return torch.cat([model(ids[:, s : s + n], attention_mask=mask[:, : s + n], **cache_kwargs(model, cache)).logits
+                          for s, n in chunks], 1)
+
+
+def test_fused_protocol_reference_equals_reconstruct_then_attend(model_and_bundle):
+    """The PyTorch reference of the fused math (tiled partials + merge with sinks / window / new tokens) inside the
+    model gives the logits of the reconstruct-then-attend path: left padding, batch 2, q_len > 1 and 1."""
+    model, bundle = model_and_bundle
+    ids = torch.randint(0, 128, (2, 230), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    chunks = [(0, 40), (40, 20), (60, 20), (80, 50)] + [(130 + i, 1) for i in range(100)]
+    full = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="full"))
+    fused = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="fused"))
+    want, got = _run(model, full, ids, mask, chunks), _run(model, fused, ids, mask, chunks)
+    assert fused.backend.name == "torch" and model.config._attn_implementation == IMPLEMENTATION
+    assert fused.layers[2].compressed_len == 224 and fused.get_seq_length() == 230
+    for row in (0, 1):  # fp32 sums in another order over 100+ chained steps: ~1e-4 on some BLAS; a wrong RoPE,
+        a, b = got[row, 5 * row :], want[row, 5 * row :]  # mask or segment moves the logits by > 1e-1
+        assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+def test_update_returns_tagged_exact_segments_only_when_the_model_attends_through_aquakv(model_and_bundle):
+    model, bundle = model_and_bundle
+    ids = torch.randint(0, 128, (1, 151), generator=torch.Generator().manual_seed(3))
+    fused = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="fused"))
+    full = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="full"))
+    with torch.no_grad():
+        for cache in (fused, full):
+            model(ids[:, :150], **cache_kwargs(model, cache))
+    k = torch.randn(1, 2, 1, 16)
+    keys, _ = fused.update(k, k, 1)  # layer 1: no position tracking needed
+    assert keys.shape[-2] == 4 + fused.layers[1].keys.shape[-2] and hasattr(keys, "_aquakv_segments")
+    fused.layers[1].keys, fused.layers[1].values = fused.layers[1].keys[:, :, :-1], fused.layers[1].values[:, :, :-1]
+    model.set_attn_implementation("sdpa")  # the model no longer routes attention to the fused path
+    try:
+        with torch.no_grad():  # q_len 1, no padding: sdpa gets no mask, so short keys would pass silently
+            got, want = (model(ids[:, 150:], **cache_kwargs(model, c)).logits for c in (fused, full))
+        assert fused.layers[1].compressed_len == 128
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        install(model)
+
+
+def test_installing_the_hook_keeps_other_caches_bit_identical():
+    model = tiny_llama(layers=2, kv_heads=2, head_dim=16, seed=5)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    chunks = [(0, 30)] + [(30 + i, 1) for i in range(10)]
+    before = _run(model, DynamicCache(config=model.config), ids, mask, chunks)
+    assert install(model) and model.config._attn_implementation == IMPLEMENTATION
+    after = _run(model, DynamicCache(config=model.config), ids, mask, chunks)
+    assert torch.equal(before, after)
+
+
+def test_eager_models_are_left_alone_and_get_full_keys(model_and_bundle):
+    _, bundle = model_and_bundle
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
+    model.set_attn_implementation("eager")
+    cache = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="fused"))
+    assert model.config._attn_implementation == "eager" and cache.shared.attn_config is None
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(ids, **cache_kwargs(model, cache)).logits
+    assert torch.isfinite(out).all() and cache.layers[0].compressed_len == 128
+
+
+def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
+    _, bundle = model_and_bundle
+    cpu = torch.device("cpu")
+    assert isinstance(select_backend(cpu, bundle.codecs, 64, KernelSettings(enabled=False)), TorchBackend)
+    # head_dim 16 is not a kernel shape, whatever the device
+    assert select_backend(cpu, bundle.codecs, 16, KernelSettings()).name == "torch"
+    monkeypatch.setenv("AQUAKV_KERNELS", "0")
+    assert KernelSettings.from_env().enabled is False
+    monkeypatch.setenv("AQUAKV_KERNELS", "1")
+    assert KernelSettings.from_env(scratch="fp8").scratch == "fp8"
+    with pytest.raises(ValueError, match="scratch"):
+        KernelSettings(scratch="fp4")
+    with pytest.raises(ValueError, match="tile_tokens"):
+        KernelSettings(tile_tokens=48)
+    settings = KernelSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.enabled = False  # type: ignore[misc]
