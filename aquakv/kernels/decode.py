@@ -61,15 +61,17 @@ def _sm_count(device: torch.device) -> int:
     return 16
 
 
-def _launch_config(rows: int, settings: KernelSettings, device: torch.device) -> tuple[int, int, int]:
+def _launch_config(rows: int, full_rank: bool, settings: KernelSettings, device: torch.device) -> tuple[int, int, int]:
     """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens``: 64-token tiles once
     they give every SM two programs, else 32 (measured on an H200, 2026-11-26: 128-token tiles with 8 warps were no
-    faster, 4 warps with 128 tokens spilled)."""
+    faster, 4 warps with 128 tokens spilled; 64-token tiles with 8 warps or 32-token tiles were slower). 4 pipeline
+    stages for 64-token tiles with low-rank or no predictors (0.255 vs 0.281 ms per layer with 2, rank 64, 32k, batch
+    1); a ``full_rank`` predictor keeps 2 (4 were 1.4x slower there)."""
     if settings.tile_tokens:
         bt = settings.tile_tokens
     else:
         bt = 64 if rows >= 2 * _sm_count(device) * 64 else 32
-    return bt, 4, 2
+    return bt, 4, 4 if bt == 64 and not full_rank else 2
 
 
 def _grid_table(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -115,14 +117,14 @@ def decode_attention(
             raise ValueError("codes and scales must be [B, length, ...]")
     if query.stride(-1) != 1:
         query = query.contiguous()
-    bt, warps, stages = _launch_config(b * length, settings, dev)
+    kmode, kw, kb, ka, kup, rk = _predictor_operands(codec.key_predictor, dev, settings)
+    vmode, vw, vb, va, vup, rv = _predictor_operands(codec.value_predictor, dev, settings)
+    bt, warps, stages = _launch_config(b * length, kmode == 1 or vmode == 1, settings, dev)
     nt = math.ceil(length / bt)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
     probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
-    kmode, kw, kb, ka, kup, rk = _predictor_operands(codec.key_predictor, dev, settings)
-    vmode, vw, vb, va, vup, rv = _predictor_operands(codec.value_predictor, dev, settings)
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
         raise ValueError("a full-rank predictor needs separate prev and cur scratch buffers")
     _, k_unrot = rotation_matrices(codec.keys.signs, dev)

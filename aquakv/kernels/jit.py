@@ -426,6 +426,8 @@ def _decode_attention_kernel(
     tl.debug_barrier()  # K̂_l of every head and the probabilities are written (read back through L2: ".cg" loads)
 
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head, into cur[:, DM:2DM]; outputs
+    if VPRED == 2:  # complete: only its bf16 operand is needed from here on (half the registers of fp32)
+        zv = zv.to(vup_ptr.dtype.element_ty)
     for h in range(H):
         c0 = h * HD
         acc_l = tl.zeros((BT, HB), tl.float32)
