@@ -215,7 +215,8 @@ class TorchBackend:
 
 
 class TritonBackend:
-    """Triton kernels on CUDA: codec kernels for encode, the fused decode-attention kernel for :meth:`attend`."""
+    """Triton kernels on CUDA: codec kernels for encode; for :meth:`attend`, the fused decode-attention kernel over
+    the compressed tokens and one kernel for the exact segments and the merge (:func:`attend_segments` in Triton)."""
 
     name = "triton"
     fused = True
@@ -234,7 +235,7 @@ class TritonBackend:
 
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        from aquakv.kernels.decode import decode_attention, needs_own_buffer, scratch_dtype
+        from aquakv.kernels.decode import attend_exact, decode_attention, needs_own_buffer, scratch_dtype
 
         layer, shared = seg.layer, seg.layer.shared
         compressed = None
@@ -252,7 +253,7 @@ class TritonBackend:
                 shared.scratch_buffer(src), shared.scratch_buffer(dst), shared.positions, shared.inv_freq(query.device),
                 float(getattr(rotary, "attention_scaling", 1.0)), valid, scaling, self.settings)
             shared.scratch_src = dst
-        return attend_segments(query, seg, exact_keys, exact_values, mask, scaling, compressed)
+        return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed)
 
 
 def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int,

@@ -240,6 +240,41 @@ def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim,
         assert _rel(scratch[..., :d], keys_hat) < 2e-2 and _rel(scratch[..., d:], values_hat) < 2e-2
 
 
+@pytest.mark.parametrize("q_len,window,mask_kind,length", [(1, 9, None, 70), (3, 9, None, 70), (1, 9, "bool", 70),
+                                                            (3, 90, "float", 70), (2, 9, "bool", 0)])
+def test_exact_merge_kernel_equals_the_reference_merge(q_len, window, mask_kind, length):
+    """``attend_exact`` (sinks + window + new tokens, causal / padding mask, merged with tile partials) against
+    ``attend_segments``, float32: exact segments longer than one chunk, a fully masked tile, no compressed tokens."""
+    from aquakv.attention import Segments, attend_segments, key_validity, tiled_partials
+    from aquakv.kernels.decode import attend_exact
+
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, g, hd, sinks = 2, 2, 3, 64, 4
+    te = sinks + window
+    kv_len = te + length
+    query = torch.randn(b, q_len, hkv * g, hd, generator=gen).transpose(1, 2)  # the model's strides
+    keys, values = (torch.randn(b, hkv, kv_len, hd, generator=gen) for _ in range(2))
+    mask = None
+    if mask_kind:
+        valid = torch.ones(b, 1, q_len, kv_len + 3, dtype=torch.bool)  # longer than kv_len: the last columns count
+        valid[1, ..., : 3 + 20] = False  # left padding: sinks and a whole 16-token tile of row 1
+        valid[..., -q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        mask = valid if mask_kind == "bool" else torch.where(valid, 0.0, torch.finfo(torch.float32).min)
+    exact_k = torch.cat([keys[:, :, :sinks], keys[:, :, sinks + length :]], 2)
+    exact_v = torch.cat([values[:, :, :sinks], values[:, :, sinks + length :]], 2)
+    compressed = None
+    if length:
+        valid = key_validity(mask, b, q_len, kv_len, torch.device("cpu"))
+        compressed = tiled_partials(query, keys[:, :, sinks : sinks + length], values[:, :, sinks : sinks + length],
+                                    None if valid is None else valid[..., sinks : sinks + length], 0.2, 16)
+    want = attend_segments(query, Segments(None, None, length, sinks), exact_k, exact_v, mask, 0.2, compressed)
+    on_dev = [None if t is None else t.to(DEV) for t in (query, exact_k, exact_v, mask)]
+    got = attend_exact(*on_dev[:3], sinks, length, on_dev[3], 0.2,
+                       None if compressed is None else tuple(t.to(DEV) for t in compressed))
+    assert got.shape == want.shape == (b, q_len, hkv * g, hd) and got.dtype == torch.float32
+    assert torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-5), (got.cpu() - want).abs().max()
+
+
 @pytest.mark.parametrize("scratch,tol", [("bf16", 2e-2), ("fp8", 1e-1)])
 def test_fused_path_logits_match_the_reference_path(scratch, tol):
     """A tiny Llama through AquaKVCache: fused Triton attention vs reconstruct-then-attend in PyTorch, on the same

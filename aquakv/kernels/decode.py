@@ -3,8 +3,9 @@
 :func:`decode_attention` launches ``_decode_attention_kernel`` over (tile of compressed tokens, batch row). Each
 program reconstructs its tile of layer ``l`` from the codes and layer ``l-1``'s reconstruction of the same tile (read
 from a per-pass scratch), writes layer ``l``'s reconstruction there for layer ``l+1``, applies RoPE at the tokens' own
-positions and returns attention partials (normalized output + log-sum-exp) of every query head; the caller
-(:mod:`aquakv.attention`) merges them with the exact segments (sinks, recent window, new tokens).
+positions and returns attention partials (normalized output + log-sum-exp) of every query head; :func:`attend_exact`
+(``_exact_merge_kernel``, one program per query row) attends to the exact segments (sinks, recent window, new tokens)
+and merges the partials into the layer's output.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import math
 import torch
 
 from aquakv.kernels import HAS_TRITON
-from aquakv.kernels.host import prepare, rotation_matrices
+from aquakv.kernels.host import _PerTensor, prepare, rotation_matrices
 from aquakv.kernels.settings import INTERPRET, KernelSettings
 
 if HAS_TRITON:
-    from aquakv.kernels.jit import _decode_attention_kernel
+    from aquakv.kernels.jit import _decode_attention_kernel, _exact_merge_kernel
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
 
@@ -74,12 +75,20 @@ def _launch_config(rows: int, full_rank: bool, settings: KernelSettings, device:
     return bt, 4, 4 if bt == 64 and not full_rank else 2
 
 
+_TABLES = _PerTensor()
+
+
 def _grid_table(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``grid [n, d <= 2]`` as ``[n]`` int32: the code's fp16 coordinates packed (coordinate ``j`` in bits
-    ``16 j .. 16 j + 15``), so the kernel gathers one word per code."""
+    """``grid [n, d <= 2]`` as ``[n]`` int32 (cached per grid tensor and device): the code's fp16 coordinates packed
+    (coordinate ``j`` in bits ``16 j .. 16 j + 15``), so the kernel gathers one word per code."""
+    per, key = _TABLES.get(grid), str(device)
+    if key in per and per[key][0] == grid._version:
+        return per[key][1]
     bits = grid.to(device, torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     packed = sum(bits[:, j] << (16 * j) for j in range(grid.shape[1]))
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+    table = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+    per[key] = (grid._version, table)
+    return table
 
 
 def _codes_operand(codes: torch.Tensor, cfg) -> tuple[torch.Tensor, bool]:
@@ -154,4 +163,38 @@ def decode_attention(
         GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
         HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
     )
-    return o, lse * math.log(2.0)
+    return o, lse
+
+
+def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
+                 mask: torch.Tensor | None, scaling: float,
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Attention of ``query [B, Hq, Q, hd]`` to the exact segments ``exact_keys / exact_values [B, Hkv, TE, hd]``
+    (``[sinks | window]``, the ``length`` compressed tokens between them), merged with the compressed tokens' partials
+    ``compressed`` (``o [B, Hq, Q, tiles, hd]``, ``lse [B, Hq, Q, tiles]`` as :func:`decode_attention` returns them, or
+    None) -> ``[B, Q, Hq, hd]`` in the query's dtype; ``mask``: a transformers mask ``[B or 1, 1, Q, >= kv_len]``
+    (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`."""
+    b, hq, qlen, hd = query.shape
+    hkv, te = exact_keys.shape[1], exact_keys.shape[2]
+    kv_len = te + length
+    if query.stride(-1) != 1 or exact_keys.stride(-1) != 1 or exact_values.stride(-1) != 1:
+        query, exact_keys, exact_values = query.contiguous(), exact_keys.contiguous(), exact_values.contiguous()
+    out = torch.empty(b, qlen, hq, hd, dtype=query.dtype, device=query.device)
+    o, lse = compressed if compressed is not None else (out, out)  # contiguous, as decode_attention returns them
+    nt = o.shape[3] if compressed is not None else 0
+    if mask is not None:
+        m = mask[:, 0, :, -kv_len:].expand(b, qlen, kv_len)
+        thr = 0.0 if m.dtype == torch.bool else torch.finfo(m.dtype).min / 2
+        m = m.view(torch.uint8) if m.dtype == torch.bool else m
+        m_strides = m.stride()
+    else:
+        m, thr, m_strides = out, 0.0, (0, 0, 0)
+    _exact_merge_kernel[(b * hq * qlen,)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        exact_keys, *exact_keys.stride()[:3], exact_values, *exact_values.stride()[:3],
+        m, *m_strides, float(thr),
+        o, lse, out,
+        te, sinks, length, nt, hq, hq // hkv, qlen, float(scaling) * math.log2(math.e),
+        HD=hd, BE=64, BN=64, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1, num_warps=4,
+    )
+    return out

@@ -5,6 +5,7 @@
 - ``_fused_kernel``: ``[a1, a2] @ W + b + add + deq(codes)``, optionally RoPE'd: reconstruct-then-attend reads.
 - ``_decode_attention_kernel``: flash-decoding straight from the compressed cache (one program per batch row and
   tile of compressed tokens: unpack, grid, inverse Hadamard, predictor, RoPE, attention partials).
+- ``_exact_merge_kernel``: attention to the exact segments (sinks, recent window) merged with those partials.
 
 The Hadamard transform is a product with a ``±1`` matrix (random signs folded in) on the tensor cores. In the codec
 kernels the fp32 operand is split into two fp16 parts (22 significant bits, inputs normalized to ``|x| <= ~4``), so
@@ -22,6 +23,9 @@ try:
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -347,7 +351,7 @@ def _decode_attention_kernel(
 
     Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, stored for layer ``l+1``,
     RoPE'd, scored by its ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of
-    ``p`` (bf16, L2-resident) and the log-sum-exp (base 2) to ``lse``; (2) V̂ of head ``h``, stored, times the
+    ``p`` (bf16, L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) V̂ of head ``h``, stored, times the
     probabilities read back -> the tile's normalized output ``o`` per (query head, query row).
     """
     tile = tl.program_id(0)
@@ -422,7 +426,7 @@ def _decode_attention_kernel(
         p = p * tl.where(lsum > 0, 1.0 / lsum, 0.0)[:, None]
         tl.store(p_prog + (h * (QM * BT) + pslot), p.to(p_ptr.dtype.element_ty), mask=rvalid[:, None])
         part = ((b * HQ + qhead).to(tl.int64) * QLEN + qi) * NT + tile
-        tl.store(lse_ptr + part, tl.where(lsum > 0, mx + tl.log2(lsum), float("-inf")), mask=rvalid)
+        tl.store(lse_ptr + part, tl.where(lsum > 0, (mx + tl.log2(lsum)) * LN2, float("-inf")), mask=rvalid)
     tl.debug_barrier()  # K̂_l of every head and the probabilities are written (read back through L2: ".cg" loads)
 
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head, into cur[:, DM:2DM]; outputs
@@ -461,3 +465,64 @@ def _decode_attention_kernel(
                  mask=rvalid[:, None])
         tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
                  _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
+
+
+@triton.jit
+def _softmax_fold(m_i, l_i, acc, s, vals):
+    """Online softmax, base 2: fold scores ``s [N]`` (``-inf`` = skip) and their values ``vals [N, HD]`` into the
+    running max ``m_i [1]``, sum ``l_i [1]`` and unnormalized output ``acc [HD]``."""
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref)
+    return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * vals, 0)
+
+
+@triton.jit
+def _exact_merge_kernel(
+    q_ptr, q_sb, q_sh, q_st,
+    k_ptr, k_sb, k_sh, k_st, v_ptr, v_sb, v_sh, v_st,
+    mask_ptr, m_sb, m_sq, m_sk, m_thr,
+    po_ptr, plse_ptr, out_ptr,
+    TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
+    HD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """One query row ``(b, hq, qi)``: attention to the ``TE`` exact keys / values ``[B, Hkv, TE, HD]`` of its KV head
+    (``[sinks | window]``; mask column of exact token ``t``: ``t`` for a sink, ``t + C`` after the ``C`` compressed
+    tokens), merged with the ``NT`` normalized tile partials ``po [B, HQ, QLEN, NT, HD]`` / ``plse`` (natural log) of
+    the compressed tokens -> ``out [B, QLEN, HQ, HD]`` in ``out``'s dtype. Mask: ``mask[b, qi, col] > m_thr``
+    (``HAS_MASK``), else causal inside the new tokens (``CAUSAL``), else every key."""
+    row = tl.program_id(0)  # (b * HQ + hq) * QLEN + qi: the partials' row
+    qi = row % QLEN
+    hq = (row // QLEN) % HQ
+    b = row // (QLEN * HQ)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + hq * q_sh + qi * q_st + d).to(tl.float32) * scale_log2
+    m_i = tl.full((1,), float("-inf"), tl.float32)
+    l_i = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((HD,), tl.float32)
+    h = hq // GQ
+    for t0 in range(0, TE, BE):
+        t = t0 + tl.arange(0, BE)
+        tm = t < TE
+        k = tl.load(k_ptr + b.to(tl.int64) * k_sb + h * k_sh + t[:, None] * k_st + d[None, :], mask=tm[:, None],
+                    other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b.to(tl.int64) * v_sb + h * v_sh + t[:, None] * v_st + d[None, :], mask=tm[:, None],
+                    other=0.0).to(tl.float32)
+        col = tl.where(t < SINKS, t, t + C)
+        if HAS_MASK:
+            tm = tm & (tl.load(mask_ptr + b.to(tl.int64) * m_sb + qi * m_sq + col * m_sk, mask=tm,
+                               other=0).to(tl.float32) > m_thr)
+        if CAUSAL:
+            tm = tm & (col <= qi + (TE + C - QLEN))
+        s = tl.where(tm, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, s, v)
+    for n0 in range(0, NT, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < NT
+        part = row.to(tl.int64) * NT + n
+        lse = tl.load(plse_ptr + part, mask=nm, other=float("-inf")) * LOG2E
+        o = tl.load(po_ptr + part[:, None] * HD + d[None, :], mask=nm[:, None], other=0.0)
+        m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, lse, o)
+    out = tl.where(l_i > 0, acc / l_i, 0.0)
+    tl.store(out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + d, out.to(out_ptr.dtype.element_ty))
