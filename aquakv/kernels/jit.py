@@ -324,7 +324,9 @@ def _rows_times(x_ptr, xrow, xmask, w_ptr, w_ld, w_row0, w_col0, K: tl.constexpr
     return acc
 
 
-@triton.jit
+# Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
+# (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
+@triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
 def _decode_attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
     kc_ptr, kc_rl, ks_ptr, k_groups, kgrid_ptr, khr_ptr,
@@ -478,7 +480,8 @@ def _softmax_fold(m_i, l_i, acc, s, vals):
     return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * vals, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_sb", "k_sh", "k_st", "v_sb", "v_sh", "v_st", "m_sb", "m_sq", "m_sk", "TE", "C",
+                               "NT"])
 def _exact_merge_kernel(
     q_ptr, q_sb, q_sh, q_st,
     k_ptr, k_sb, k_sh, k_st, v_ptr, v_sb, v_sh, v_st,
