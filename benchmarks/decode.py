@@ -57,8 +57,8 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
-def events_ms(fn, warmup: int = 2, reps: int = 10) -> float:
-    """Median wall milliseconds of ``fn()`` between CUDA events (launch gaps included)."""
+def event_times(fn, warmup: int = 2, reps: int = 10) -> list[float]:
+    """Wall milliseconds of each of ``reps`` calls of ``fn()`` between CUDA events (launch gaps included)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -70,7 +70,12 @@ def events_ms(fn, warmup: int = 2, reps: int = 10) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return times
+
+
+def events_ms(fn, warmup: int = 2, reps: int = 10) -> float:
+    """Median of :func:`event_times`."""
+    return statistics.median(event_times(fn, warmup, reps))
 
 
 def gpu_ms(fn, reps: int = 3, kernels_out: list | None = None) -> float:
@@ -310,17 +315,7 @@ def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int
         state["pos"] += 1
         return out
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    walls = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        walls.append(a.elapsed_time(b))
+    walls = event_times(step, warmup, steps)
     g = gpu_ms(step, profile_steps, kernels_out)
     return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_token": g, "wall_step_ms": walls}
 
