@@ -324,6 +324,22 @@ def _rows_times(x_ptr, xrow, xmask, w_ptr, w_ld, w_row0, w_col0, K: tl.constexpr
     return acc
 
 
+@triton.jit
+def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask,
+                            c_rl, groups, c0, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr, GS: tl.constexpr,
+                            D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PRED: tl.constexpr,
+                            INTERP: tl.constexpr):
+    """``acc [BT, HB]`` (fp32) of columns ``c0 .. c0+HB`` + the low-rank prediction ``z [BT, R] @ up[:, cols]``
+    (``PRED`` 2) + the bias (``PRED`` 1, 2) + the dequantized residual: half a head of K̂ or V̂."""
+    cols = c0 + tl.arange(0, HB)
+    if PRED == 2:
+        acc = _dot16(z, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), acc, INTERP)
+    if PRED != 0:
+        acc += tl.load(bias_ptr + cols)[None, :]
+    return acc + _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS,
+                           INTERP)
+
+
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
 # (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
 @triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
@@ -375,6 +391,8 @@ def _decode_attention_kernel(
         kvalid = kvalid & (tl.load(mask_ptr + b.to(tl.int64) * C + t, mask=tmask, other=0) != 0)
 
     # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head, into cur[:, 0:DM]; scores and probabilities
+    zk = 0.0  # the low-rank projections, read only where KPRED / VPRED == 2
+    zv = 0.0
     if KPRED == 2:
         zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
                          tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
@@ -388,21 +406,12 @@ def _decode_attention_kernel(
         if KPRED == 1:
             acc_l = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
             acc_h = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
-        if KPRED == 2:
-            up = tl.arange(0, RK)[:, None] * DM + (c0 + half)[None, :]
-            acc_l = _dot16(zk, tl.load(kup_ptr + up), acc_l, INTERP)
-        if KPRED != 0:
-            acc_l += tl.load(kb_ptr + c0 + half)[None, :]
-        acc_l += _deq_fast(kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask, kc_rl, k_groups, c0,
-                           BT, HB, GS_K, D_K, BITS_K, WORDS_K, INTERP)
-        kl = acc_l.to(cur_ptr.dtype.element_ty)
-        if KPRED == 2:
-            acc_h = _dot16(zk, tl.load(kup_ptr + (up + HB)), acc_h, INTERP)
-        if KPRED != 0:
-            acc_h += tl.load(kb_ptr + c0 + HB + half)[None, :]
-        acc_h += _deq_fast(kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask, kc_rl, k_groups, c0 + HB,
-                           BT, HB, GS_K, D_K, BITS_K, WORDS_K, INTERP)
-        kh = acc_h.to(cur_ptr.dtype.element_ty)
+        kl = _low_rank_bias_residual(acc_l, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask,
+                                     kc_rl, k_groups, c0, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
+                                     INTERP).to(cur_ptr.dtype.element_ty)
+        kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask,
+                                     kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
+                                     INTERP).to(cur_ptr.dtype.element_ty)
         if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
             va_rows = (c0 + tl.arange(0, HB))[:, None] * RV + tl.arange(0, RV)[None, :]
             zv = _dot16(kl, tl.load(va_ptr + va_rows), zv, INTERP)
@@ -444,21 +453,12 @@ def _decode_attention_kernel(
             acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
             acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
                                 INTERP)
-        if VPRED == 2:
-            up = tl.arange(0, RV)[:, None] * DM + (c0 + half)[None, :]
-            acc_l = _dot16(zv, tl.load(vup_ptr + up), acc_l, INTERP)
-        if VPRED != 0:
-            acc_l += tl.load(vb_ptr + c0 + half)[None, :]
-        acc_l += _deq_fast(vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl, v_groups, c0,
-                           BT, HB, GS_V, D_V, BITS_V, WORDS_V, INTERP)
-        vl = acc_l.to(cur_ptr.dtype.element_ty)
-        if VPRED == 2:
-            acc_h = _dot16(zv, tl.load(vup_ptr + (up + HB)), acc_h, INTERP)
-        if VPRED != 0:
-            acc_h += tl.load(vb_ptr + c0 + HB + half)[None, :]
-        acc_h += _deq_fast(vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl, v_groups, c0 + HB,
-                           BT, HB, GS_V, D_V, BITS_V, WORDS_V, INTERP)
-        vh = acc_h.to(cur_ptr.dtype.element_ty)
+        vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                     vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                     INTERP).to(cur_ptr.dtype.element_ty)
+        vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                     vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                     INTERP).to(cur_ptr.dtype.element_ty)
         tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
         tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
         p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
