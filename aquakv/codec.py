@@ -48,7 +48,7 @@ class LayerCodec:
 
     def to(self, device: torch.device | str) -> LayerCodec:
         def move(p: Predictor | None) -> Predictor | None:
-            return None if p is None else Predictor(p.weight.to(device), p.bias.to(device))
+            return None if p is None else Predictor(p.weight.to(device), p.bias.to(device), p.rank)
 
         return LayerCodec(self.keys.to(device), self.values.to(device),
                           move(self.key_predictor), move(self.value_predictor))

@@ -41,11 +41,7 @@ class Predictor:
 
     weight: torch.Tensor
     bias: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        """Numerical rank of ``weight`` (what a decode kernel's factored predictor costs)."""
-        return int(torch.linalg.matrix_rank(self.weight.double(), rtol=1e-5))
+    rank: int | None = None  # the rank :func:`fit_ridge` chose (None when not fitted here, e.g. loaded from a bundle)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias.to(x), x.reshape(-1, x.shape[-1]), self.weight.to(x)).view(
@@ -97,7 +93,7 @@ def fit_ridge(stats: RidgeStats, damping: float = 1e-3, rank: int | None = None,
         if rank < full:
             top = vecs[:, :rank]
             w = w @ top @ top.T
-    return Predictor(w[:d_in].float().contiguous(), w[d_in].float().contiguous())
+    return Predictor(w[:d_in].float().contiguous(), w[d_in].float().contiguous(), min(rank or full, full))
 
 
 def _smallest_rank(stats: RidgeStats, w: torch.Tensor, eigvals: torch.Tensor, vecs: torch.Tensor, budget: float,

@@ -431,8 +431,8 @@ def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens
         "values_pred_rel_mse": sums["values_pred_err"] / max(sums["values_norm"], 1e-30),
         "bits_per_value": bits_per_value([codec], kv_dim)["total"],
         "tokens": float(tokens),
-        "keys_predictor_rank": float(codec.key_predictor.rank if codec.key_predictor else 0),
-        "values_predictor_rank": float(codec.value_predictor.rank if codec.value_predictor else 0),
+        "keys_predictor_rank": float((codec.key_predictor.rank or 0) if codec.key_predictor else 0),
+        "values_predictor_rank": float((codec.value_predictor.rank or 0) if codec.value_predictor else 0),
     }
 
 
@@ -464,7 +464,8 @@ def save_codec(stem: Path, codec: LayerCodec, info: dict[str, Any]) -> None:
         if predictor is not None:
             tensors[f"{kind}.weight"] = predictor.weight.detach().float().cpu().clone()
             tensors[f"{kind}.bias"] = predictor.bias.detach().float().cpu().clone()
-        meta[kind] = {"quantizer": residual.config.model_dump(), "predictor": predictor is not None}
+        meta[kind] = {"quantizer": residual.config.model_dump(), "predictor": predictor is not None,
+                      "rank": None if predictor is None else predictor.rank}
     blob = save_safetensors(tensors)
     meta["sha256"] = hashlib.sha256(blob).hexdigest()
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -486,7 +487,8 @@ def load_codec(stem: Path, digest: str) -> tuple[LayerCodec, dict[str, Any]] | N
     for kind in KINDS:
         residual = Residual(QuantizerConfig(**meta[kind]["quantizer"]), tensors[f"{kind}.grid"],
                             tensors[f"{kind}.signs"])
-        predictor = Predictor(tensors[f"{kind}.weight"], tensors[f"{kind}.bias"]) if meta[kind]["predictor"] else None
+        predictor = (Predictor(tensors[f"{kind}.weight"], tensors[f"{kind}.bias"], meta[kind].get("rank"))
+                     if meta[kind]["predictor"] else None)
         parts.append((residual, predictor))
     return LayerCodec(parts[0][0], parts[1][0], parts[0][1], parts[1][1]), meta
 
