@@ -27,7 +27,6 @@ from aquakv import kernels
 from aquakv.codec import EncodedBlock, LayerCodec, Residual, decode, encode
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized, dequantize_reference, quantize_reference
-from aquakv.rope import apply_rope
 
 if TYPE_CHECKING:
     from aquakv.cache import AquaKVLayer
@@ -170,9 +169,12 @@ def _reference_codec(codec: LayerCodec) -> LayerCodec:
 
 
 def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int) -> torch.Tensor:
-    """``K̂ [B, T, D]`` float32 -> RoPE'd ``[B, H, T, hd]`` in the model dtype (rounded to it before RoPE)."""
-    cos, sin = layer.shared.rope(0, length, layer.device)
-    return apply_rope(layer.heads(keys_hat).float(), cos, sin).to(layer.dtype)
+    """``K̂ [B, T, D]`` float32 -> ``[B, H, T, hd]`` in the model dtype (rounded to it before the layer's RoPE)."""
+    keys = layer.heads(keys_hat)
+    if layer.rope is None:
+        return keys
+    cos, sin = layer.shared.rope(layer.rope, 0, length, layer.device)
+    return layer.rope.rotate(keys.float(), cos, sin).to(layer.dtype)
 
 
 class TorchBackend:

@@ -46,6 +46,7 @@ from aquakv.errors import (
     NonFiniteBundleError,
     UnsafeBundlePathError,
 )
+from aquakv.family import LayerSpec, attention_of, decoder_layers, describe_model, head_dim, kv_heads
 from aquakv.predictors import Predictor
 
 FORMAT = "aquakv-bundle"
@@ -70,33 +71,44 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_fingerprint(config: Any, first_key_weight: torch.Tensor, last_value_weight: torch.Tensor) -> dict:
-    """Shape facts of a model and a probe of two projection weights (compared with a tolerance, so dtype may differ)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def attention_weights(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """A decoder layer's attention weights, by name (Llama: ``k_proj`` first, ``v_proj`` last; Phi-3: ``qkv_proj``,
+    ``o_proj``): what the fingerprint probes."""
+    params = sorted((n, p) for n, p in attention_of(layer).named_parameters() if p.dim() == 2)
+    return [p.detach() for _, p in params]
+
+
+def model_fingerprint(config: Any, first_key_weight: torch.Tensor, last_value_weight: torch.Tensor,
+                      specs: list[LayerSpec]) -> dict:
+    """Shape facts of a model, what each layer caches (``layer_kinds``, see :attr:`LayerSpec.kind`) and a probe of
+    two attention weights (compared with a tolerance, so dtype may differ)."""
     return {
         "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
         "num_layers": config.num_hidden_layers,
-        "num_kv_heads": config.num_key_value_heads,
-        "head_dim": head_dim,
+        "num_kv_heads": kv_heads(config),
+        "head_dim": head_dim(config),
         "hidden_size": config.hidden_size,
         "rope_theta": float(getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {})
                             .get("rope_theta", 0.0)),
+        "model_type": getattr(config, "model_type", "unknown"),
+        "layer_kinds": [s.kind for s in specs],
         "weight_probe": [round(float(v), 6) for v in first_key_weight.flatten()[:PROBE].float()]
         + [round(float(v), 6) for v in last_value_weight.flatten()[:PROBE].float()],
     }
 
 
-def fingerprint_of(model: torch.nn.Module) -> dict:
-    """Fingerprint of a loaded ``transformers`` decoder model."""
-    layers = model.model.layers
-    return model_fingerprint(model.config, layers[0].self_attn.k_proj.weight.detach(),
-                             layers[-1].self_attn.v_proj.weight.detach())
+def fingerprint_of(model: torch.nn.Module, specs: list[LayerSpec] | None = None) -> dict:
+    """Fingerprint of a loaded ``transformers`` decoder model (``specs``: :func:`aquakv.family.describe_model`'s,
+    probed here when not given)."""
+    layers = decoder_layers(model)
+    return model_fingerprint(model.config, attention_weights(layers[0])[0], attention_weights(layers[-1])[-1],
+                             specs if specs is not None else describe_model(model))
 
 
 def check_fingerprint(expected: dict, actual: dict) -> None:
     """Raise :class:`ModelMismatchError` naming the first fact that differs."""
-    for key in ("num_layers", "num_kv_heads", "head_dim", "hidden_size"):
-        if expected.get(key) != actual.get(key):
+    for key in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "model_type", "layer_kinds"):
+        if key in expected and expected.get(key) != actual.get(key):
             raise ModelMismatchError(
                 f"bundle was calibrated for a model with {key}={expected.get(key)}, this model has {actual.get(key)}; "
                 "use a bundle calibrated for this model (aquakv inspect shows the bundle's model)"
@@ -117,6 +129,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
+LayerKind = Annotated[str, StringConstraints(pattern=r"^(full|sliding-[0-9]{1,7})(\+rope)?$")]
 TensorName = Annotated[str, StringConstraints(pattern=r"^(grid|signs)\.[A-Za-z0-9_.]{1,120}$")]
 Name = Annotated[str, StringConstraints(pattern=SAFE_NAME.pattern)]
 
@@ -153,6 +166,8 @@ class Fingerprint(_Strict):
     head_dim: int = Field(ge=1, le=1024)
     hidden_size: int = Field(ge=1, le=1 << 17)
     rope_theta: float = Field(ge=0)
+    model_type: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,64}$")
+    layer_kinds: list[LayerKind] | None = Field(default=None, max_length=MAX_LAYERS)
     weight_probe: list[float] = Field(max_length=2 * PROBE)
 
 
@@ -232,10 +247,10 @@ def _payload_bytes(shapes: list[list[int]]) -> int:
 def _check_consistency(m: Manifest, where: str) -> None:
     """Layer entries against the fingerprint; quantizer rules; file sizes against the tensors they must hold."""
     fp = m.model
-    if len(m.layers) != fp.num_layers:
-        raise ManifestSchemaError(
-            f"{where}: manifest has {len(m.layers)} layer entries but its model fingerprint has {fp.num_layers} "
-            f"layers; {_REFUSED}")
+    for what, n in (("layer entries", len(m.layers)), ("layer kinds", len(fp.layer_kinds or m.layers))):
+        if n != fp.num_layers:
+            raise ManifestSchemaError(
+                f"{where}: manifest has {n} {what} but its model fingerprint has {fp.num_layers} layers; {_REFUSED}")
     kv = fp.num_kv_heads * fp.head_dim
     predictors: list[list[int]] = []
     grids: dict[str, list[int]] = {}

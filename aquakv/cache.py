@@ -26,9 +26,10 @@ from aquakv.attention import IMPLEMENTATION, MAX_QUERY_ROWS, Backend, Segments, 
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
 from aquakv.codec import EncodedBlock, LayerCodec
 from aquakv.config import CacheConfig
+from aquakv.family import LayerSpec, Rope, describe_model, kv_heads, llama_specs, refuse_sliding, rotary_module
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized
-from aquakv.rope import invert_rope, track_positions
+from aquakv.rope import track_positions
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,7 +49,7 @@ class _Shared:
     positions: torch.Tensor | None = None
     prev_old: Pair | None = None
     prev_new: Pair | None = None
-    rope_memo: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    rope_memo: dict[str | None, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scratch: list[torch.Tensor | None] | None = None  # fused path: [B, capacity, 2D] reconstruction buffers
     scratch_src: int = 0  # the buffer holding the previous layer's reconstruction
     _inv_freq: dict = field(default_factory=dict)
@@ -97,13 +98,14 @@ class _Shared:
             self._inv_freq[key] = self.rotary.inv_freq.to(device, torch.float32).contiguous()
         return self._inv_freq[key]
 
-    def rope(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[B, stop-start, head_dim]`` (float32) of non-sink tokens ``start:stop``, memoized per pass."""
-        if self.rope_memo is None or self.rope_memo[0] < stop:
-            pos = self.positions[:, :stop].to(device)
-            cos, sin = self.rotary(torch.zeros(1, device=device, dtype=torch.float32), pos.long())
-            self.rope_memo = (stop, cos, sin)
-        _, cos, sin = self.rope_memo
+    def rope(self, rope: Rope, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, stop-start, rd]`` (float32) of ``rope`` for non-sink tokens ``start:stop``, memoized per
+        pass and rotary layer type."""
+        memo = self.rope_memo.get(rope.layer_type)
+        if memo is None or memo[0] < stop:
+            cos, sin = rope.cos_sin(self.positions[:, :stop], device)
+            memo = self.rope_memo[rope.layer_type] = (stop, cos, sin)
+        _, cos, sin = memo
         return cos[:, start:stop], sin[:, start:stop]
 
 
@@ -124,9 +126,11 @@ class AquaKVLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, codec: LayerCodec, config: CacheConfig, shared: _Shared):
+    def __init__(self, layer_idx: int, codec: LayerCodec, config: CacheConfig, shared: _Shared,
+                 rope: Rope | None):
+        """``rope``: the model's RoPE of this layer's keys (None: the layer caches keys without RoPE)."""
         super().__init__()
-        self.layer_idx, self.codec, self.config, self.shared = layer_idx, codec, config, shared
+        self.layer_idx, self.codec, self.config, self.shared, self.rope = layer_idx, codec, config, shared, rope
         self.sink_keys = self.sink_values = None
         self.compressed: EncodedBlock | None = None
         self.compressed_len = 0
@@ -178,8 +182,9 @@ class AquaKVLayer(CacheLayerMixin):
     def _compress_window(self, count: int) -> None:
         """Move the oldest ``count`` window tokens into compressed storage."""
         start = self.compressed_len
-        cos, sin = self.shared.rope(start, start + count, self.device)
-        keys = invert_rope(self.keys[:, :, :count].float(), cos, sin)
+        keys = self.keys[:, :, :count].float()
+        if self.rope is not None:
+            keys = self.rope.unrotate(keys, *self.shared.rope(self.rope, start, start + count, self.device))
         block, recon = self.shared.backend.encode(self._flat(keys), self._flat(self.values[:, :, :count]),
                                                   self.shared.prev_new, self.codec)
         self.shared.prev_new = recon
@@ -214,7 +219,7 @@ class AquaKVLayer(CacheLayerMixin):
         return keys, values
 
     def _track_positions(self, batch: int, new: int, n_sink: int) -> None:
-        self.shared.rope_memo = None
+        self.shared.rope_memo = {}
         if not self.config.compress or new == n_sink:
             return
         pos = getattr(self.shared.rotary, "_aquakv_positions", None)
@@ -237,20 +242,30 @@ class AquaKVCache(Cache):
     """``Cache`` whose layers store AQUA-KV-compressed keys and values. Build with :meth:`from_bundle`."""
 
     def __init__(self, codecs: list[LayerCodec], config: CacheConfig, rotary: torch.nn.Module,
-                 kernels: KernelSettings | None = None, model: torch.nn.Module | None = None):
-        """``kernels``: backend options (default: :meth:`KernelSettings.from_env`, read now); ``model``: the model
-        whose attention may take the fused protocol (:meth:`from_bundle` passes it and installs the ``"aquakv"``
-        attention function). The backend itself is chosen at the first update, once the device is known."""
+                 kernels: KernelSettings | None = None, model: torch.nn.Module | None = None,
+                 specs: list[LayerSpec] | None = None):
+        """``rotary``: the model's rotary module (its calls tell the cache the token positions); ``kernels``: backend
+        options (default: :meth:`KernelSettings.from_env`, read now); ``model``: the model whose attention may take
+        the fused protocol (:meth:`from_bundle` passes it and installs the ``"aquakv"`` attention function);
+        ``specs``: each layer's RoPE as :func:`aquakv.family.describe_model` found it (default: Llama's rotate-half
+        from ``rotary`` on every layer). The Triton kernels compute rotate-half RoPE themselves, so a model with
+        any other layer RoPE gets the PyTorch backend. The backend is chosen at the first update."""
+        specs = specs if specs is not None else llama_specs(rotary, len(codecs))
+        if len(specs) != len(codecs):
+            raise ValueError(f"{len(codecs)} layer codecs for a model of {len(specs)} layers")
+        refuse_sliding(specs, getattr(getattr(model, "config", None), "model_type", "this model"))
         track_positions(rotary)
         settings = kernels if kernels is not None else KernelSettings.from_env()
+        if not all(s.rope is None or s.rope.standard for s in specs) or any(s.rope is None for s in specs):
+            settings = settings.with_(enabled=False)
         self.shared = _Shared(rotary, settings, list(codecs))
         if model is not None and settings.attention != "full" and install(model):
             cfg = model.config
             self.shared.attn_config = cfg
-            self.shared.query_groups = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads",
-                                                                          cfg.num_attention_heads)
+            self.shared.query_groups = cfg.num_attention_heads // kv_heads(cfg)
         self.config = config
-        super().__init__(layers=[AquaKVLayer(i, c, config, self.shared) for i, c in enumerate(codecs)])
+        super().__init__(layers=[AquaKVLayer(i, c, config, self.shared, spec.rope)
+                                 for i, (c, spec) in enumerate(zip(codecs, specs, strict=True))])
 
     @property
     def backend(self) -> Backend | None:
@@ -272,11 +287,13 @@ class AquaKVCache(Cache):
             from aquakv.registry import load_bundle
 
             bundle = load_bundle(bundle)
-        check_fingerprint(bundle.fingerprint, fingerprint_of(model))
+        specs = describe_model(model)
+        refuse_sliding(specs, model.config.model_type)
+        check_fingerprint(bundle.fingerprint, fingerprint_of(model, specs))
         config = cache or bundle.cache
         if overrides:
             config = config.model_copy(update=overrides)
-        return cls(bundle.codecs, config, model.model.rotary_emb, kernels=kernels, model=model)
+        return cls(bundle.codecs, config, rotary_module(model), kernels=kernels, model=model, specs=specs)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> Pair:
         if layer_idx == 0:

@@ -29,18 +29,20 @@ def format_manifest(m: dict) -> str:
     """A readable table of a bundle manifest."""
     fp, bpv = m["model"], m["bits_per_value"]
     out = [f"bundle   {m['name']}/{m['version']}  (format {m['format_version']})",
-           f"model    {fp['architecture']}: {fp['num_layers']} layers, {fp['num_kv_heads']} KV heads x "
-           f"head_dim {fp['head_dim']}, hidden {fp['hidden_size']}, rope_theta {fp['rope_theta']}",
+           f"model    {fp['architecture']} ({fp.get('model_type') or '?'}): {fp['num_layers']} layers, "
+           f"{fp['num_kv_heads']} KV heads x head_dim {fp['head_dim']}, hidden {fp['hidden_size']}, "
+           f"rope_theta {fp['rope_theta']}",
            f"cache    sinks {m['cache']['sinks']}, recent window {m['cache']['recent_window']}",
            f"bits     {bpv['total']:.3f}/value overall = {bpv['index']:.3f} index + {bpv['scales']:.3f} scales "
            "(sinks and recent window exact, not counted)", "",
-           f"{'layer':>5}  {'keys grid':<18} {'values grid':<18} {'bits/v':>6}  predictors (K, V)"]
+           f"{'layer':>5}  {'keys grid':<18} {'values grid':<18} {'bits/v':>6}  {'kind':<10} predictors (K, V)"]
+    kinds = fp.get("layer_kinds") or ["?"] * len(m["layers"])
     for i, layer in enumerate(m["layers"]):
         k, v = layer["keys"], layer["values"]
         bits = (k["size"].bit_length() - 1) / k["dim"] / 2 + (v["size"].bit_length() - 1) / v["dim"] / 2
         preds = ", ".join("-" if e["predictor"] is None else "x".join(map(str, e["predictor"])) for e in (k, v))
         out.append(f"{i:>5}  d={k['dim']} n={k['size']:<4} g={k['group_size']:<4} d={v['dim']} n={v['size']:<4} "
-                   f"g={v['group_size']:<4} {bits:>6.2f}  {preds}")
+                   f"g={v['group_size']:<4} {bits:>6.2f}  {kinds[i]:<10} {preds}")
     if m.get("calibration"):
         out += ["", "calibration: " + json.dumps(m["calibration"], sort_keys=True)]
     if m.get("validation"):

@@ -28,11 +28,3 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
     """``{name: cache}`` for ``model(...)`` / ``model.generate(...)`` under the installed transformers."""
     return {cache_kwarg_name(model): cache}
 
-
-def causal_mask(config: object, hidden: torch.Tensor, position_ids: torch.Tensor) -> object:
-    """transformers' own causal mask for full sequences ``hidden [B, T, hidden]`` with no cache."""
-    from transformers.masking_utils import create_causal_mask
-
-    name = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
-                              **{name: None})

@@ -67,3 +67,8 @@ class NonFiniteBundleError(BundleFormatError):
 
 class LatestPointerError(RegistryNotWritableError):
     """A version was published completely but the registry's ``latest`` pointer could not be moved to it."""
+
+
+class UnsupportedModelError(AquaKVError, ValueError):
+    """A model whose cache AQUA-KV cannot compress correctly (not per-layer keys/values, or keys not RoPE'd the way
+    the model's own ``apply_rotary_pos_emb`` does)."""

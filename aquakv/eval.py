@@ -16,6 +16,7 @@ from aquakv.bundle import Bundle
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig
 from aquakv.errors import DataError
+from aquakv.family import head_dim, kv_heads
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ def compare_methods(model: torch.nn.Module, bundle: Bundle, windows: torch.Tenso
         window_nll(model, windows[:1], held, step)
         nbytes = held_bytes(held)
         cfg = model.config
-        values = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * windows.shape[1]
+        values = 2 * cfg.num_hidden_layers * kv_heads(cfg) * head_dim(cfg) * windows.shape[1]
         exact_ppl = ppl if method == "exact" else exact_ppl
         rows.append({"method": method, "ppl": ppl, "held_bytes": nbytes, "measured_bits_per_value": 8 * nbytes / values,
                      "rel_increase": None if exact_ppl is None else ppl / exact_ppl - 1})

@@ -1,6 +1,8 @@
 """Rotary position embedding helpers: the cache compresses keys before RoPE and re-rotates them on read.
 
-``cos, sin [B, T, head_dim]`` as produced by a transformers rotary module; keys ``[B, H, T, head_dim]``.
+``cos, sin [B, T, head_dim]`` as produced by a transformers rotary module; keys ``[B, H, T, head_dim]``. The rotation
+a cache uses is the model's own (:class:`aquakv.family.Rope`); :func:`llama_rope` is the rotate-half form the Triton
+kernels compute, for caches built without a model (benchmarks, kernel tests).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return keys * cos + rotate_half(keys) * sin
 
 
-def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_rope` (also when cos/sin carry an attention scaling factor)."""
-    cos, sin = cos.unsqueeze(1).to(keys), sin.unsqueeze(1).to(keys)
-    return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's ``apply_rotary_pos_emb`` (rotate-half over whole heads)."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def track_positions(rotary: torch.nn.Module) -> None:

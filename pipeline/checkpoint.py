@@ -1,31 +1,46 @@
 """Stream a safetensors checkpoint one decoder layer at a time, never the whole model in memory.
 
-The layer skeleton is built on the meta device and filled with that layer's tensors read from the
+The model skeleton is built on the meta device; each layer is filled with its tensors read from the
 original shards (``model.safetensors`` or shards listed in ``model.safetensors.index.json``);
 ``LayerStream`` loads layer ``i + 1`` in a background thread while layer ``i`` computes.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from aquakv.compat import causal_mask
 from aquakv.errors import CalibrationError
+from aquakv.family import (
+    LayerCall,
+    LayerSpec,
+    cached_kv,
+    check_supported,
+    decoder_layers,
+    describe_layer,
+    head_dim,
+    kv_heads,
+    layer_inputs,
+    layer_window,
+    probe_positions,
+    refuse_sliding,
+    rotary_module,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SKELETON_LOCK = threading.Lock()
 _LAYER_KEY = re.compile(r"^(.*?layers\.(\d+)\.)(.+)$")
 
 
@@ -45,32 +60,33 @@ def weight_map(path: Path) -> dict[str, str]:
     raise CalibrationError(f"checkpoint {path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
-def _find_class(module: ModuleType, suffix: str) -> type[nn.Module]:
-    found = [
-        obj
-        for name, obj in vars(module).items()
-        if name.endswith(suffix) and isinstance(obj, type) and obj.__module__ == module.__name__
-    ]
-    if len(found) != 1:
-        names = [c.__name__ for c in found]
-        raise CalibrationError(f"expected one *{suffix} class in {module.__name__}, found {names}")
-    return found[0]
-
-
 class Checkpoint:
     """A local Hugging Face checkpoint (config + safetensors) read lazily, layer by layer.
 
-    ``attn_implementation`` is set on the config so standalone layers attend causally (``sdpa`` by default).
+    The model is a skeleton on the meta device (accelerate's ``init_empty_weights``: parameters on meta, buffers
+    such as rotary frequencies real), built by ``AutoModelForCausalLM.from_config`` with the attention implementation
+    transformers picks for the family (sdpa where it can, eager where it cannot, e.g. softcapping). Only the base
+    model's own tensors outside the decoder layers (embedding, final norm) are loaded whole; layers are loaded one
+    at a time. What each layer is called with and what it hands its cache come from the model's own code
+    (:mod:`aquakv.family`), so the keys / values collected are exactly those the cache will be given.
     """
 
-    def __init__(self, path: str | Path, attn_implementation: str = "sdpa") -> None:
+    def __init__(self, path: str | Path, attn_implementation: str | None = None) -> None:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise CalibrationError(f"checkpoint {self.path}: no config.json")
-        self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
-        self.config._attn_implementation = attn_implementation
+        config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
+        check_supported(config)
+        with _SKELETON_LOCK, init_empty_weights():  # patches nn.Module globally: one skeleton at a time
+            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        self.skeleton.eval()
+        self.config = self.skeleton.config
         self.weight_map = weight_map(self.path)
         self.num_layers: int = self.config.num_hidden_layers
+        layers = decoder_layers(self.skeleton)
+        refuse_sliding([LayerSpec(i, None, layer_window(x, self.config)) for i, x in enumerate(layers)],
+                       self.config.model_type)
+        self.layer_cls = type(layers[0])
 
         self._layer_keys: dict[int, dict[str, str]] = {}
         for key in self.weight_map:
@@ -81,28 +97,32 @@ class Checkpoint:
                 f"checkpoint {self.path}: config has {self.num_layers} layers, "
                 f"tensors found for layers {sorted(self._layer_keys)}"
             )
-        embeds = [k for k in self.weight_map if k.endswith("embed_tokens.weight")]
-        if len(embeds) != 1:
-            raise CalibrationError(f"checkpoint {self.path}: expected one embed_tokens.weight, found {embeds}")
-        self._embed_key = embeds[0]
+        self._base_keys = self._find_base_keys()
+        self._placed: tuple[torch.device, torch.dtype] | None = None
+        self._calls: dict[tuple, list[LayerCall]] = {}
+        self._specs: dict[int, LayerSpec] = {}
 
-        model_type = self.config.model_type
-        try:
-            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        except ImportError as e:
-            raise CalibrationError(f"no transformers modeling module for model_type {model_type!r}") from e
-        self.layer_cls = _find_class(module, "DecoderLayer")
-        self._rotary_cls = _find_class(module, "RotaryEmbedding")
-        self._rotary: dict[torch.device, nn.Module] = {}
+    def _find_base_keys(self) -> dict[str, str]:
+        """Base-model tensors outside the decoder layers (local name -> checkpoint name), e.g. the embedding."""
+        base = self.skeleton.base_model
+        found = {}
+        for name, _ in base.named_parameters():
+            if name.startswith("layers."):
+                continue
+            keys = [k for k in self.weight_map if (k == name or k.endswith("." + name)) and not _LAYER_KEY.match(k)]
+            if len(keys) != 1:
+                raise CalibrationError(f"checkpoint {self.path}: expected one tensor named *{name}, found {keys}")
+            found[name] = keys[0]
+        return found
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        return head_dim(self.config)
 
     @property
     def kv_dim(self) -> int:
         """``D = num_key_value_heads * head_dim``: width of a layer's flattened keys or values."""
-        return self.config.num_key_value_heads * self.head_dim
+        return kv_heads(self.config) * head_dim(self.config)
 
     def _read(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
         """Read ``{local name: tensor name}`` from the shards holding them (CPU)."""
@@ -122,8 +142,8 @@ class Checkpoint:
         return self._read(self._layer_keys[i])
 
     def load_layer(self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Decoder layer ``i`` (e.g. ``LlamaDecoderLayer``) built on meta, weights assigned on ``device``, eval mode."""
-        with torch.device("meta"):
+        """Decoder layer ``i`` (the model's own class) built on meta, weights assigned on ``device``, eval mode."""
+        with torch.device("meta"):  # thread-local, unlike init_empty_weights: layers load in prefetch threads
             layer = self.layer_cls(self.config, layer_idx=i)
         state = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -135,31 +155,70 @@ class Checkpoint:
             raise CalibrationError(f"layer {i} tensors do not fit {self.layer_cls.__name__}: {e}") from e
         if any(t.is_meta for t in chain(layer.parameters(), layer.buffers())):
             raise CalibrationError(f"{self.layer_cls.__name__} has state not stored in the checkpoint")
-        return layer.requires_grad_(False).eval()
+        return layer.to(device).requires_grad_(False).eval()
 
+    def _base(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The skeleton's base model with its own tensors (embedding, buffers) on ``device`` in ``dtype``."""
+        base = self.skeleton.base_model
+        if self._placed != (device, dtype):
+            state = {k: v.to(device=device, dtype=dtype) for k, v in self._read(self._base_keys).items()}
+            base.load_state_dict(state, strict=False, assign=True)
+            for name, module in base.named_modules():
+                if not name.startswith("layers"):
+                    for key, buf in module._buffers.items():
+                        if buf is not None:
+                            module._buffers[key] = buf.to(device)
+            self._placed, self._calls = (device, dtype), {}
+        return base
+
+    @torch.no_grad()
     def embed(
-        self, input_ids: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        self, input_ids: torch.Tensor, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        batch: int = 4,
     ) -> torch.Tensor:
-        """Token embeddings ``[B, T] -> [B, T, hidden]`` (plain lookup, as Llama-family models do)."""
-        weight = self._read({"w": self._embed_key})["w"].to(device=device, dtype=dtype)
-        return nn.functional.embedding(input_ids.to(device), weight)
+        """What the model hands its first decoder layer for ``input_ids [B, T]``: ``[B, T, hidden]`` (embedding,
+        its scale or multiplier, by the model's own forward), ``batch`` sequences at a time."""
+        base = self._base(torch.device(device), dtype)
+        return torch.cat([layer_inputs(base, stop=1, input_ids=input_ids[a:a + batch].to(device))[0].to(dtype)
+                          for a in range(0, input_ids.shape[0], batch)])
 
-    def rotary(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The model's rotary embedding module on ``device``: ``(x, position_ids) -> (cos, sin)``."""
-        device = torch.device(device)
-        if device not in self._rotary:
-            self._rotary[device] = self._rotary_cls(config=self.config).to(device)
-        return self._rotary[device]
+    def layer_call(self, i: int, hidden: torch.Tensor) -> LayerCall:
+        """How the model calls layer ``i`` on full sequences ``hidden [B, T, hidden]`` (mask, position embeddings)."""
+        key = (hidden.shape[0], hidden.shape[1], hidden.device, hidden.dtype)
+        if key not in self._calls:
+            base = self._base(hidden.device, hidden.dtype)
+            embeds = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            self._calls[key] = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
+        return self._calls[key][i]
 
-    def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, object]:
-        """Keyword arguments a decoder layer needs for a batch ``hidden [B, T, hidden]`` of full sequences."""
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        mask = causal_mask(self.config, hidden, position_ids)
-        return {
-            "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary(hidden.device)(hidden, position_ids),
-        }
+    def spec(self, i: int, layer: nn.Module) -> LayerSpec:
+        """Layer ``i``'s :class:`LayerSpec` (its RoPE as the model applies it), probed once on the loaded ``layer``."""
+        if i not in self._specs:
+            param = next(layer.parameters())
+            base = self._base(param.device, param.dtype)
+            positions = probe_positions(param.device)
+            embeds = torch.zeros(1, positions.shape[1], self.config.hidden_size, device=param.device, dtype=param.dtype)
+            calls = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
+            self._specs[i] = describe_layer(i, layer, calls[i], rotary_module(base), self.config, positions)
+        return self._specs[i]
+
+    @torch.no_grad()
+    def forward_layer(self, i: int, layer: nn.Module,
+                      hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run layer ``i`` on ``hidden [B, T, hidden]`` with the model's own code; returns its output and the keys and
+        values it hands its cache, keys un-rotated to pre-RoPE as the cache will: each ``[B, T, kv_dim]``."""
+        out, keys, values = cached_kv(layer, hidden, self.layer_call(i, hidden))
+        rope = self.spec(i, layer).rope
+        if rope is not None:
+            b, _, t, _ = keys.shape
+            positions = torch.arange(t, device=keys.device)[None].expand(b, t)
+            keys = rope.unrotate(keys.float(), *rope.cos_sin(positions, keys.device)).to(values.dtype)
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+        return out, flat(keys), flat(values)
 
 
 class LayerStream:

@@ -1,4 +1,4 @@
-"""Collect pre-RoPE keys and values of every decoder layer into ``activations.zarr``.
+"""Collect the keys (pre-RoPE) and values every decoder layer hands its cache into ``activations.zarr``.
 
 Sequential over layers, data-parallel over samples: each worker owns a contiguous shard of samples
 ``[offset, offset + n)``, keeps its hidden states, streams one layer at a time and writes only its own
@@ -230,7 +230,8 @@ def collect_shard(
     """Run layers ``0..layers-1`` (all by default) over ``tokens [n, seq_len]``, writing their K/V to rows
     ``[sample_offset, sample_offset + n)`` of the activations store. Returns the layers computed by this call.
 
-    Keys and values are the outputs of ``self_attn.k_proj`` / ``v_proj`` (pre-RoPE), ``[n, seq_len, kv_dim]``.
+    Keys and values are what the layer hands its cache, keys un-rotated to pre-RoPE
+    (:meth:`Checkpoint.forward_layer`), ``[n, seq_len, kv_dim]``.
     Resumes after the last layer marked done for this shard whose hidden states were saved (every
     ``hidden_every`` layers: at 70B scale a shard's hidden states are GBs, so saving them less often trades
     recomputation after a crash for I/O). With
@@ -257,32 +258,22 @@ def collect_shard(
         saved = group[f"hidden/{shard}/{start - 1}"]
         hidden = _decode(saved[:], saved.attrs["dtype"]).to(device=device, dtype=DTYPES[dtype])
 
-    captured: dict[str, torch.Tensor] = {}
     done = []
     writer = ThreadPoolExecutor(max_workers=4)  # Zarr writes overlap the next micro-batch's compute
     for layer_idx, layer in LayerStream(checkpoint, range(start, stop), device, DTYPES[dtype]):
         pending: list[Future] = []
         arrays = {kind: group[f"{kind}/{layer_idx}"] for kind in KINDS}
-        hooks = [
-            getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
-                lambda _m, _i, out, kind=kind: captured.__setitem__(kind, out)
-            )
-            for kind in KINDS
-        ]
         try:
             for b0 in tqdm(range(0, n, micro_batch), desc=f"layer {layer_idx}", disable=not progress, leave=False):
                 b1 = min(b0 + micro_batch, n)
                 rows = (sample_offset + b0, sample_offset + b1)
-                out = layer(hidden[b0:b1], **checkpoint.layer_kwargs(hidden[b0:b1]))
+                out, *kv = checkpoint.forward_layer(layer_idx, layer, hidden[b0:b1])
                 _check_finite(out, layer_idx, "hidden states", rows)
-                for kind in KINDS:
-                    _check_finite(captured[kind], layer_idx, kind, rows)
-                    pending.append(writer.submit(arrays[kind].__setitem__, slice(*rows),
-                                                 _encode(captured[kind], attrs["dtype"])))
+                for kind, x in zip(KINDS, kv, strict=True):
+                    _check_finite(x, layer_idx, kind, rows)
+                    pending.append(writer.submit(arrays[kind].__setitem__, slice(*rows), _encode(x, attrs["dtype"])))
                 hidden[b0:b1] = out
         finally:
-            for hook in hooks:
-                hook.remove()
             for f in pending:
                 f.result()  # every K/V chunk is on disk before the layer is marked done
         last = layer_idx + 1 == checkpoint.num_layers

@@ -181,21 +181,17 @@ class ResidentShard:
         self.kv = {}  # the previous layer's K/V are freed before this layer's are allocated
         self.kv = {kind: torch.empty(n * self.seq_len, self.kv_dim, device=self.device, dtype=dtype) for kind in KINDS}
         self.kv_layer = -1
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [getattr(module.self_attn, f"{kind[0]}_proj").register_forward_hook(
-            lambda _m, _i, out, kind=kind: captured.__setitem__(kind, out)) for kind in KINDS]
         writes: list[Future] = []
         try:
             for b0 in range(0, n, self.micro_batch):
                 b1 = min(b0 + self.micro_batch, n)
                 a, b = self.start + b0, self.start + b1
-                h = self.hidden[b0:b1]
-                out = module(h, **self.checkpoint.layer_kwargs(h))
+                out, *kv = self.checkpoint.forward_layer(layer, module, self.hidden[b0:b1])
                 _check_finite(out, layer, "hidden states", (a, b))
-                for kind in KINDS:
-                    _check_finite(captured[kind], layer, kind, (a, b))
+                for kind, x in zip(KINDS, kv, strict=True):
+                    _check_finite(x, layer, kind, (a, b))
                     rows = self.kv[kind][self._rows(a, b)]
-                    rows.copy_(captured[kind].reshape(rows.shape))
+                    rows.copy_(x.reshape(rows.shape))
                     if self.group is not None:
                         writes.append(self._writer.submit(self._write, layer, a, b, kind, rows))
                 self.hidden[b0:b1] = out
@@ -204,8 +200,6 @@ class ResidentShard:
                 f.cancel()
             raise
         finally:
-            for hook in hooks:
-                hook.remove()
             del module
         if self.group is not None:
             self._commit = self._committer.submit(self._commit_layer, layer, writes)

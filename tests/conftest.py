@@ -49,6 +49,12 @@ def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: Quantizer
                         predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
     """The chain fit of docs/design.md §1 on one batch, in memory; returns a verified bundle via bytes."""
     keys, values = pre_rope_kv(model, ids)
+    return chain_fit(keys, values, q, first, fingerprint_of(model), predictors, cache)
+
+
+def chain_fit(keys: list[torch.Tensor], values: list[torch.Tensor], q: QuantizerConfig, first: QuantizerConfig,
+              fingerprint: dict, predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
+    """Fit codecs on per-layer pre-RoPE ``keys``, ``values [tokens, D]``; a verified bundle via bytes."""
     codecs, prev = [], None
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
         cfg = first if i == 0 else q
@@ -59,8 +65,7 @@ def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: Quantizer
             codec.value_predictor = fit_ridge(ridge_stats(torch.cat([k_hat, prev[1]], -1), v))
         _, prev = encode(k, v, prev, codec)
         codecs.append(codec)
-    files = encode_bundle(codecs, cache or CacheConfig(), fingerprint_of(model))
-    return decode_bundle(files)
+    return decode_bundle(encode_bundle(codecs, cache or CacheConfig(), fingerprint))
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_every_layer_keeps_its_own_hadamard_signs(model3):
     cfg = QuantizerConfig(dim=2, size=16, group_size=32)
     codecs = [LayerCodec(gaussian_residual(cfg, 2 * i), gaussian_residual(cfg, 2 * i + 1)) for i in range(3)]
     codecs.append(LayerCodec(gaussian_residual(cfg, 0), gaussian_residual(cfg, 1)))  # repeats layer 0's signs
-    fp = {**fingerprint_of(model3), "num_layers": 4}
+    fp = {**fingerprint_of(model3), "num_layers": 4, "layer_kinds": ["full+rope"] * 4}
     decoded = decode_bundle(encode_bundle(codecs, CacheConfig(), fp))
     for ours, theirs in zip(codecs, decoded.codecs, strict=True):
         assert torch.equal(ours.keys.signs.float(), theirs.keys.signs.float())

@@ -51,7 +51,7 @@ def test_streamed_layers_reproduce_full_forward(tmp_path: Path, shards: int) -> 
         hidden = ckpt.embed(ids)
         torch.testing.assert_close(hidden, expected[0], rtol=0, atol=0)
         for i, layer in LayerStream(ckpt, range(ckpt.num_layers)):
-            hidden = layer(hidden, **ckpt.layer_kwargs(hidden))
+            hidden, _, _ = ckpt.forward_layer(i, layer, hidden)
             if i + 1 < ckpt.num_layers:  # the last entry of hidden_states is after the final norm
                 torch.testing.assert_close(hidden, expected[i + 1], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(model.model.norm(hidden), expected[-1], rtol=1e-6, atol=1e-6)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.family import PROBE_TOKENS
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
 from pipeline.testing import poison_values, write_tiny_llama
@@ -46,14 +47,17 @@ def collect(
 
 
 def counting(ckpt: Checkpoint, fail_at: int | None = None) -> Counter:
-    """Count forward calls per layer index; optionally make layer ``fail_at`` crash."""
+    """Count forward calls per layer index over samples (not the few-token RoPE probes of
+    :func:`aquakv.family.describe_layer`); optionally make layer ``fail_at`` crash."""
     calls: Counter = Counter()
     load = ckpt.load_layer
 
     def load_layer(i: int, *args: object) -> nn.Module:
         layer = load(i, *args)
 
-        def hook(*_: object) -> None:
+        def hook(_: nn.Module, args: tuple) -> None:
+            if args[0].shape[1] == PROBE_TOKENS:
+                return
             if i == fail_at:
                 raise RuntimeError("worker lost")
             calls[i] += 1
