@@ -173,7 +173,8 @@ def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int) -> torch
     keys = layer.heads(keys_hat)
     if layer.rope is None:
         return keys
-    cos, sin = layer.shared.rope(layer.rope, 0, length, layer.device)
+    start = layer.compressed_start  # compressed tokens a sliding layer dropped
+    cos, sin = layer.shared.rope(layer.rope, start, start + length, layer.device)
     return layer.rope.rotate(keys.float(), cos, sin).to(layer.dtype)
 
 

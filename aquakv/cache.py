@@ -26,7 +26,8 @@ from aquakv.attention import IMPLEMENTATION, MAX_QUERY_ROWS, Backend, Segments, 
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
 from aquakv.codec import EncodedBlock, LayerCodec
 from aquakv.config import CacheConfig
-from aquakv.family import LayerSpec, Rope, describe_model, kv_heads, llama_specs, refuse_sliding, rotary_module
+from aquakv.errors import ModelMismatchError
+from aquakv.family import LayerSpec, Rope, describe_model, kv_heads, llama_specs, predecessors, rotary_module
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized
 from aquakv.rope import track_positions
@@ -37,8 +38,10 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class _Shared:
     """What all layers of one cache share: positions of the non-sink tokens ``[B, n]`` (int32, appended by layer 0)
-    and, during a forward pass, the previous layer's reconstruction of the old tokens and of the block being compressed.
-    """
+    and, during a forward pass, the predecessor's reconstruction of the old tokens and of the block being compressed
+    (``prev_old`` / ``prev_new``: the slot the backends read; ``chains`` keeps one pair per attention type, keyed by
+    sliding window, and swaps it in for each layer: global layers chain to the previous global layer, local layers
+    to the previous local one)."""
 
     rotary: torch.nn.Module
     settings: KernelSettings
@@ -49,6 +52,7 @@ class _Shared:
     positions: torch.Tensor | None = None
     prev_old: Pair | None = None
     prev_new: Pair | None = None
+    chains: dict[int | None, tuple[Pair | None, Pair | None]] = field(default_factory=dict)
     rope_memo: dict[str | None, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scratch: list[torch.Tensor | None] | None = None  # fused path: [B, capacity, 2D] reconstruction buffers
     scratch_src: int = 0  # the buffer holding the previous layer's reconstruction
@@ -122,18 +126,23 @@ def _cat_blocks(a: EncodedBlock | None, b: EncodedBlock) -> EncodedBlock:
 class AquaKVLayer(CacheLayerMixin):
     """One decoder layer's compressed cache (see module docstring)."""
 
-    is_sliding = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, codec: LayerCodec, config: CacheConfig, shared: _Shared,
-                 rope: Rope | None):
-        """``rope``: the model's RoPE of this layer's keys (None: the layer caches keys without RoPE)."""
+    def __init__(self, layer_idx: int, codec: LayerCodec, config: CacheConfig, shared: _Shared, spec: LayerSpec):
+        """``spec``: what the layer caches (:func:`aquakv.family.describe_layer`): its RoPE (None: keys cached
+        without RoPE) and sliding window (None: global attention). A sliding layer holds only what its window can
+        still attend to: the last ``window - 1`` tokens, plus at most one block of ``recent_window`` waiting to be
+        dropped (dropping copies, so it is done a block at a time)."""
         super().__init__()
-        self.layer_idx, self.codec, self.config, self.shared, self.rope = layer_idx, codec, config, shared, rope
+        self.layer_idx, self.codec, self.config, self.shared = layer_idx, codec, config, shared
+        self.rope, self.window = spec.rope, spec.window
+        self.is_sliding = spec.window is not None
         self.sink_keys = self.sink_values = None
         self.compressed: EncodedBlock | None = None
-        self.compressed_len = 0
+        self.compressed_len = 0  # compressed tokens held
+        self.compressed_start = 0  # compressed tokens dropped (sliding layers): index of the first one held
+        self.cumulative = 0  # tokens seen
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -148,20 +157,22 @@ class AquaKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.sink_keys.shape[-2] + self.compressed_len + self.keys.shape[-2]
+        return self.cumulative
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        """``(kv_length, kv_offset)`` of the keys ``update`` returns; a sliding layer's are its window's, as
+        transformers' ``DynamicSlidingWindowLayer``."""
+        if self.window is None:
+            return self.cumulative + query_length, 0
+        return min(self.cumulative, self.window - 1) + query_length, max(self.cumulative - self.window + 1, 0)
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = self.sink_keys = self.sink_values = self.compressed = None
-        self.compressed_len = 0
+        self.compressed_len = self.compressed_start = self.cumulative = 0
         if self.layer_idx == 0:
             self.shared.positions = None
 
@@ -176,26 +187,54 @@ class AquaKVLayer(CacheLayerMixin):
         return x.view(b, -1, h, hd).transpose(1, 2).to(self.dtype)
 
     def _read_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE keys and values of the compressed tokens; leaves this layer's reconstruction for the next."""
-        return self.shared.backend.read(self)
+        """Post-RoPE keys and values of the compressed tokens; leaves this layer's reconstruction for the next
+        layer of its attention type."""
+        shared = self.shared
+        shared.prev_old = shared.chains.get(self.window, (None, None))[0]
+        out = shared.backend.read(self)
+        shared.chains[self.window] = (shared.prev_old, shared.chains.get(self.window, (None, None))[1])
+        return out
 
     def _compress_window(self, count: int) -> None:
         """Move the oldest ``count`` window tokens into compressed storage."""
-        start = self.compressed_len
+        start = self.compressed_start + self.compressed_len
         keys = self.keys[:, :, :count].float()
         if self.rope is not None:
             keys = self.rope.unrotate(keys, *self.shared.rope(self.rope, start, start + count, self.device))
-        block, recon = self.shared.backend.encode(self._flat(keys), self._flat(self.values[:, :, :count]),
-                                                  self.shared.prev_new, self.codec)
-        self.shared.prev_new = recon
+        old, new = self.shared.chains.get(self.window, (None, None))
+        block, recon = self.shared.backend.encode(self._flat(keys), self._flat(self.values[:, :, :count]), new,
+                                                  self.codec)
+        self.shared.chains[self.window] = (old, recon)
         self.compressed = _cat_blocks(self.compressed, block)
         self.compressed_len += count
         self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
 
+    def _drop_outside_window(self) -> None:
+        """Sliding layers: once a block more than ``window - 1`` tokens is held, drop the oldest (sinks, then
+        compressed, then exact tokens): they can never be attended again."""
+        excess = self.sink_keys.shape[-2] + self.compressed_len + self.keys.shape[-2] - (self.window - 1)
+        if excess < self.config.recent_window:
+            return
+        n = min(excess, self.sink_keys.shape[-2])
+        self.sink_keys, self.sink_values = self.sink_keys[:, :, n:].clone(), self.sink_values[:, :, n:].clone()
+        excess -= n
+        n = min(excess, self.compressed_len)
+        if n:
+            def keep(q: Quantized) -> Quantized:
+                return Quantized(q.codes[:, n:].clone(), q.scales[:, n:].clone(), q.channels)
+
+            self.compressed = EncodedBlock(keep(self.compressed.keys), keep(self.compressed.values))
+            self.compressed_start += n
+            self.compressed_len -= n
+            excess -= n
+        self.keys, self.values = self.keys[:, :, excess:].clone(), self.values[:, :, excess:].clone()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Pair:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n_sink = min(max(self.config.sinks - self.sink_keys.shape[-2], 0), key_states.shape[-2])
+        kv_length = self.get_mask_sizes(key_states.shape[-2])[0]
+        n_sink = min(max(self.config.sinks - self.cumulative, 0), key_states.shape[-2])
+        self.cumulative += key_states.shape[-2]
         if n_sink:
             self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], -2)
             self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], -2)
@@ -216,6 +255,9 @@ class AquaKVLayer(CacheLayerMixin):
         window = self.config.recent_window
         if self.config.compress and self.keys.shape[-2] >= window:
             self._compress_window(self.keys.shape[-2] // window * window)
+        if self.window is not None:
+            self._drop_outside_window()
+            keys, values = keys[:, :, -kv_length:], values[:, :, -kv_length:]
         return keys, values
 
     def _track_positions(self, batch: int, new: int, n_sink: int) -> None:
@@ -253,10 +295,15 @@ class AquaKVCache(Cache):
         specs = specs if specs is not None else llama_specs(rotary, len(codecs))
         if len(specs) != len(codecs):
             raise ValueError(f"{len(codecs)} layer codecs for a model of {len(specs)} layers")
-        refuse_sliding(specs, getattr(getattr(model, "config", None), "model_type", "this model"))
+        for spec, prev, codec in zip(specs, predecessors([s.window for s in specs]), codecs, strict=True):
+            if prev is None and (codec.key_predictor is not None or codec.value_predictor is not None):
+                raise ModelMismatchError(f"layer {spec.index} of the bundle has predictors but no layer of its "
+                                         "attention type before it: the bundle was calibrated for another layout")
         track_positions(rotary)
         settings = kernels if kernels is not None else KernelSettings.from_env()
-        if not all(s.rope is None or s.rope.standard for s in specs) or any(s.rope is None for s in specs):
+        if any(s.window is not None for s in specs):  # the kernels and the fused protocol assume one chain l-1 -> l
+            settings = settings.with_(enabled=False, attention="full")
+        elif not all(s.rope is not None and s.rope.standard for s in specs):  # the kernels compute rotate-half RoPE
             settings = settings.with_(enabled=False)
         self.shared = _Shared(rotary, settings, list(codecs))
         if model is not None and settings.attention != "full" and install(model):
@@ -264,7 +311,7 @@ class AquaKVCache(Cache):
             self.shared.attn_config = cfg
             self.shared.query_groups = cfg.num_attention_heads // kv_heads(cfg)
         self.config = config
-        super().__init__(layers=[AquaKVLayer(i, c, config, self.shared, spec.rope)
+        super().__init__(layers=[AquaKVLayer(i, c, config, self.shared, spec)
                                  for i, (c, spec) in enumerate(zip(codecs, specs, strict=True))])
 
     @property
@@ -288,7 +335,6 @@ class AquaKVCache(Cache):
 
             bundle = load_bundle(bundle)
         specs = describe_model(model)
-        refuse_sliding(specs, model.config.model_type)
         check_fingerprint(bundle.fingerprint, fingerprint_of(model, specs))
         config = cache or bundle.cache
         if overrides:
@@ -297,7 +343,7 @@ class AquaKVCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> Pair:
         if layer_idx == 0:
-            self.shared.prev_new = None
+            self.shared.chains = {}
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,18 @@ def layer_window(layer: nn.Module, config: object) -> int | None:
     attn = attention_of(layer)
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
     return int(window) if window else None
+
+
+def predecessors(windows: list[int | None]) -> list[int | None]:
+    """Per layer, the layer its predictors read: the previous layer of the same attention type (same window), or
+    None (a chain start: no predictor). All-global models chain ``l - 1 -> l``; in Gemma 2 / 3 global layers predict
+    from the previous global layer and local layers from the previous local one, which holds the same tokens."""
+    last: dict[int | None, int] = {}
+    out: list[int | None] = []
+    for i, window in enumerate(windows):
+        out.append(last.get(window))
+        last[window] = i
+    return out
 
 
 # ----------------------------------------------------------------------------------- what each layer is called with
@@ -344,15 +357,6 @@ def _is_standard(rope: Rope, keys: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return _close(rope.rotate(keys, cos, sin), ref, torch.float32)
 
 
-def refuse_sliding(specs: list[LayerSpec], model_type: str = "this model") -> None:
-    """Sliding-window layers are not compressed yet: refuse them rather than hold tokens their window dropped."""
-    sliding = [s.index for s in specs if s.window is not None]
-    if sliding:
-        raise UnsupportedModelError(
-            f"{model_type} has sliding-window layers ({len(sliding)} of {len(specs)}, window "
-            f"{specs[sliding[0]].window}): aquakv does not compress sliding-window layers yet")
-
-
 def probe_positions(device: torch.device | str = "cpu") -> torch.Tensor:
     """Token positions ``[1, PROBE_TOKENS]`` the probes use."""
     return torch.arange(PROBE_OFFSET, PROBE_OFFSET + PROBE_TOKENS, device=device)[None]
@@ -362,10 +366,24 @@ def probe_positions(device: torch.device | str = "cpu") -> torch.Tensor:
 def describe_model(model: nn.Module) -> list[LayerSpec]:
     """:class:`LayerSpec` of every decoder layer of a loaded model (a few tokens through each layer, twice)."""
     check_supported(model.config)
-    param = next(model.parameters())
-    positions = probe_positions(param.device)
-    embeds = torch.zeros(1, PROBE_TOKENS, model.config.hidden_size, device=param.device, dtype=param.dtype)
-    _, calls = layer_inputs(model, inputs_embeds=embeds, position_ids=positions)
-    rotary = rotary_module(model)
-    return [describe_layer(i, layer, calls[i], rotary, model.config, positions)
-            for i, layer in enumerate(decoder_layers(model))]
+    with probing(model.config):
+        param = next(model.parameters())
+        positions = probe_positions(param.device)
+        embeds = torch.zeros(1, PROBE_TOKENS, model.config.hidden_size, device=param.device, dtype=param.dtype)
+        _, calls = layer_inputs(model, inputs_embeds=embeds, position_ids=positions)
+        rotary = rotary_module(model)
+        return [describe_layer(i, layer, calls[i], rotary, model.config, positions)
+                for i, layer in enumerate(decoder_layers(model))]
+
+
+@contextmanager
+def probing(config: object) -> Iterator[None]:
+    """Turn what a model's own code raises while being probed (a layout these probes do not know) into
+    :class:`UnsupportedModelError` naming the model type, never a raw ``AttributeError`` / ``TypeError``."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RuntimeError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise UnsupportedModelError(f"model_type {getattr(config, 'model_type', '?')!r} could not be probed "
+                                    f"({type(e).__name__}: {e})") from e

@@ -89,7 +89,8 @@ def collect_stage(config: dict, model_dir: str, tokens: str) -> str:
     logger = get_run_logger()
     ckpt = Checkpoint(model_dir)
     path = _paths(cfg)["activations"]
-    group = open_activations(path, ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim, dtype=cfg.dtype)
+    group = open_activations(path, ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim, dtype=cfg.dtype,
+                             attrs={"windows": ckpt.windows})
     if all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):
         logger.info("collect: all %d layers already collected in %s (resumed)", ckpt.num_layers, path)
         return str(path)
@@ -143,7 +144,7 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activatio
     activations = None
     if write_activations:
         group = open_activations(paths["activations"], ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim,
-                                 dtype=cfg.dtype)
+                                 dtype=cfg.dtype, attrs={"windows": ckpt.windows})
         if not all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):
             activations = str(paths["activations"])
     shards = shard_ranges(cfg.num_samples, cfg.workers)

@@ -34,7 +34,7 @@ from aquakv.family import (
     layer_inputs,
     layer_window,
     probe_positions,
-    refuse_sliding,
+    probing,
     rotary_module,
 )
 
@@ -84,8 +84,7 @@ class Checkpoint:
         self.weight_map = weight_map(self.path)
         self.num_layers: int = self.config.num_hidden_layers
         layers = decoder_layers(self.skeleton)
-        refuse_sliding([LayerSpec(i, None, layer_window(x, self.config)) for i, x in enumerate(layers)],
-                       self.config.model_type)
+        self.windows: list[int | None] = [layer_window(x, self.config) for x in layers]  # None: global attention
         self.layer_cls = type(layers[0])
 
         self._layer_keys: dict[int, dict[str, str]] = {}
@@ -199,8 +198,9 @@ class Checkpoint:
             base = self._base(param.device, param.dtype)
             positions = probe_positions(param.device)
             embeds = torch.zeros(1, positions.shape[1], self.config.hidden_size, device=param.device, dtype=param.dtype)
-            calls = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
-            self._specs[i] = describe_layer(i, layer, calls[i], rotary_module(base), self.config, positions)
+            with probing(self.config):
+                calls = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
+                self._specs[i] = describe_layer(i, layer, calls[i], rotary_module(base), self.config, positions)
         return self._specs[i]
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ Sequential over layers, data-parallel over samples: each worker owns a contiguou
 ``[offset, offset + n)``, keeps its hidden states, streams one layer at a time and writes only its own
 chunks (one chunk per sample), so concurrent workers never share a chunk.
 
-Layout of ``activations.zarr`` (attrs: num_layers, num_samples, seq_len, kv_dim, dtype, plus the caller's)::
+Layout of ``activations.zarr`` (attrs: num_layers, num_samples, seq_len, kv_dim, dtype, plus the caller's: the flow
+adds ``windows``, each layer's sliding window or None, which the fit's predecessors follow)::
 
     keys/{l}, values/{l}     [num_samples, seq_len, kv_dim], chunks (1, seq_len, kv_dim)
     done/{l}/{a}-{b}         empty group: layer l is written for samples [a, b)
@@ -44,6 +45,7 @@ ACTIVATIONS_STORE = "activations.zarr"
 KINDS = ("keys", "values")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".tiktoken")  # weights, config, tokenizer
+COLLECTOR = 2  # what is collected: 2 = K/V as handed to the cache (aquakv.family); 1 was k_proj / v_proj outputs
 SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor
 MAX_HEADER = 100 << 20  # safetensors' own header limit
 
@@ -83,7 +85,7 @@ def content_digest(cfg: CalibrationConfig, model_dir: str | Path, data: str | Pa
     """What collected activations depend on: ``cfg.collect_digest()`` (sampling) plus the content of the model
     (:func:`weights_fingerprint`) and of the data (:func:`pipeline.data.data_fingerprint`)."""
     blob = json.dumps({"config": cfg.collect_digest(), "model": weights_fingerprint(model_dir),
-                       "data": data_fingerprint(data)}, sort_keys=True).encode()
+                       "data": data_fingerprint(data), "collector": COLLECTOR}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

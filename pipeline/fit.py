@@ -4,8 +4,10 @@ Input: ``activations.zarr`` with ``keys/{l}``, ``values/{l}`` ``[num_samples, se
 chunk per sample (float32/float16, or uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``).
 
 Chain mode (the paper): layer by layer, predictors are fitted on the reconstructions inference will have,
-``K_l ≈ P^K_l(K̂_{l-1})`` and ``V_l ≈ P^V_l([K̂_l, V̂_{l-1}])``; statistics are summed over sample shards, each
-shard being one call of a top-level function (``map_fn`` can spread them over Ray workers).
+``K_l ≈ P^K_l(K̂_p)`` and ``V_l ≈ P^V_l([K̂_l, V̂_p])`` where ``p`` is the layer's predecessor (``l - 1``, or the
+previous layer of the same attention type in models with sliding-window layers, see
+:func:`aquakv.family.predecessors`; none: no predictors); statistics are summed over sample shards, each shard being
+one call of a top-level function (``map_fn`` can spread them over Ray workers).
 
 Parallel mode: every layer is fitted from exact inputs at once, the expected quantization noise of the inputs
 entering the ridge term (errors-in-variables, see :func:`solve_parallel`); a final pass quantizes in chain order.
@@ -42,6 +44,7 @@ from aquakv.bundle import bits_per_value
 from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.family import predecessors
 from aquakv.grids import expected_distortion
 from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
 
@@ -62,6 +65,11 @@ class StoreInfo:
     num_samples: int
     seq_len: int
     kv_dim: int
+    windows: tuple[int | None, ...]  # per layer, its sliding window (None: global), from the store's attrs
+
+    @property
+    def predecessors(self) -> list[int | None]:
+        return predecessors(list(self.windows))
 
 
 @dataclass
@@ -81,7 +89,7 @@ class LayerFit:
 class ExactStats:
     """Parallel-mode statistics of one layer from exact inputs.
 
-    ``keys``: X = K_{l-1}, Y = K_l (None at layer 0); ``values``: X = [K_l, V_{l-1}], Y = V_l (None at layer 0);
+    ``keys``: X = K_p, Y = K_l; ``values``: X = [K_l, V_p], Y = V_l (both None without a predecessor ``p``);
     ``keys_sq``, ``values_sq`` ``[D]`` float64: per-channel sums of K_l², V_l²; ``count``: tokens.
     """
 
@@ -133,7 +141,10 @@ def store_info(act_path: str | os.PathLike) -> StoreInfo:
                                        f"keys/0 has {shape}")
     if len(shape) != 3 or 0 in shape:
         raise CalibrationError(f"{act_path} holds no activations (shape {shape}, expected [samples, seq_len, dim])")
-    return StoreInfo(len(layers), *shape)
+    windows = tuple(group.attrs.get("windows") or [None] * len(layers))
+    if len(windows) != len(layers):
+        raise CalibrationError(f"{act_path}: attrs name {len(windows)} layer windows for {len(layers)} layers")
+    return StoreInfo(len(layers), *shape, windows)
 
 
 def _read(group: zarr.Group, kind: str, layer: int, start: int, stop: int, device: str) -> torch.Tensor:
@@ -188,21 +199,21 @@ def _accumulate(total: Any, part: Any) -> Any:
 # per-shard work (top-level, picklable, plain arguments)
 
 
-def layer_stats_keys(act_path: str, recon_path: str, layer: int, start: int, stop: int,
+def layer_stats_keys(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
                      device: str = "cpu") -> RidgeStats:
-    """Key predictor statistics of samples ``[start, stop)``: X = K̂_{l-1} ``[N, D]`` (recon), Y = K_l ``[N, D]``."""
+    """Key predictor statistics of samples ``[start, stop)``: X = K̂_prev ``[N, D]`` (recon), Y = K_l ``[N, D]``."""
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
     total = None
     for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
-        x = _read(rec, "keys", layer - 1, a, b, device)
+        x = _read(rec, "keys", prev, a, b, device)
         y = _read(act, "keys", layer, a, b, device)
         total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
     return _cpu(total)
 
 
-def layer_stats_values(act_path: str, recon_path: str, layer: int, start: int, stop: int, codec: LayerCodec,
-                       device: str = "cpu") -> RidgeStats:
-    """Value predictor statistics: X = [K̂_l, V̂_{l-1}] ``[N, 2D]``, Y = V_l ``[N, D]``.
+def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
+                       codec: LayerCodec, device: str = "cpu") -> RidgeStats:
+    """Value predictor statistics: X = [K̂_l, V̂_prev] ``[N, 2D]``, Y = V_l ``[N, D]``.
 
     K̂_l comes from :func:`aquakv.codec.encode` with ``codec``'s key predictor and quantizer (its value
     predictor is ignored), exactly as :func:`reconstruct_shard` will produce it.
@@ -211,30 +222,31 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, start: int, s
     key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None)
     total = None
     for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
-        prev = (_read(rec, "keys", layer - 1, a, b, device), _read(rec, "values", layer - 1, a, b, device))
+        prev_kv = (_read(rec, "keys", prev, a, b, device), _read(rec, "values", prev, a, b, device))
         keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
         try:
-            _, (keys_hat, _) = encode(keys, values, prev, key_only.to(device))
+            _, (keys_hat, _) = encode(keys, values, prev_kv, key_only.to(device))
         except NonFiniteError as e:
             raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-        total = _accumulate(total, _stats(torch.cat([keys_hat, prev[1]], 1), values, layer, "values", (a, b)))
+        total = _accumulate(total, _stats(torch.cat([keys_hat, prev_kv[1]], 1), values, layer, "values", (a, b)))
     return _cpu(total)
 
 
-def layer_stats_exact(act_path: str, layer: int, start: int, stop: int, device: str = "cpu") -> ExactStats:
+def layer_stats_exact(act_path: str, layer: int, prev: int | None, start: int, stop: int,
+                      device: str = "cpu") -> ExactStats:
     """Parallel-mode statistics of samples ``[start, stop)`` from exact inputs (see :class:`ExactStats`)."""
     act = zarr.open_group(act_path, mode="r")
     total = None
     for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
         keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
-        if layer == 0:
+        if prev is None:
             for kind, y in (("keys", keys), ("values", values)):
                 if not torch.isfinite(y).all():
-                    raise NonFiniteError(f"layer 0 {kind}, samples [{a}, {b}): NaN or Inf in the activations")
+                    raise NonFiniteError(f"layer {layer} {kind}, samples [{a}, {b}): NaN or Inf in the activations")
             key_stats = value_stats = None
         else:
-            prev_keys = _read(act, "keys", layer - 1, a, b, device)
-            prev_values = _read(act, "values", layer - 1, a, b, device)
+            prev_keys = _read(act, "keys", prev, a, b, device)
+            prev_values = _read(act, "values", prev, a, b, device)
             key_stats = _cpu(_stats(prev_keys, keys, layer, "keys", (a, b)))
             value_stats = _cpu(_stats(torch.cat([keys, prev_values], 1), values, layer, "values", (a, b)))
         keys_sq, values_sq = (keys.double() ** 2).sum(0).cpu(), (values.double() ** 2).sum(0).cpu()
@@ -243,8 +255,8 @@ def layer_stats_exact(act_path: str, layer: int, start: int, stop: int, device: 
     return total
 
 
-def reconstruct_shard(act_path: str, recon_path: str, layer: int, start: int, stop: int, codec: LayerCodec,
-                      device: str = "cpu") -> dict[str, float]:
+def reconstruct_shard(act_path: str, recon_path: str, layer: int, prev: int | None, start: int, stop: int,
+                      codec: LayerCodec, device: str = "cpu") -> dict[str, float]:
     """Encode samples ``[start, stop)`` of ``layer`` with :func:`aquakv.codec.encode`, write K̂_l, V̂_l rows to the
     recon store (whole chunks only), and return squared-error sums: ``{keys,values}_{err,pred_err,norm}``."""
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r+")
@@ -253,10 +265,10 @@ def reconstruct_shard(act_path: str, recon_path: str, layer: int, start: int, st
     sums = dict.fromkeys(("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err",
                           "values_norm"), 0.0)
     for a, b in _batches(start, stop, seq_len):
-        prev = None if layer == 0 else (_read(rec, "keys", layer - 1, a, b, device),
-                                        _read(rec, "values", layer - 1, a, b, device))
+        prev_kv = None if prev is None else (_read(rec, "keys", prev, a, b, device),
+                                             _read(rec, "values", prev, a, b, device))
         keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
-        hats = encode_with_errors(keys, values, prev, codec, sums, f"layer {layer}, samples [{a}, {b})")
+        hats = encode_with_errors(keys, values, prev_kv, codec, sums, f"layer {layer}, samples [{a}, {b})")
         for kind, y_hat in zip(KINDS, hats, strict=True):
             rec[f"{kind}/{layer}"][a:b] = y_hat.reshape(b - a, seq_len, dim).cpu().numpy()
     return sums
@@ -288,9 +300,10 @@ def sign_seed(layer: int, kind: str) -> int:
     return SIGN_SEED + 2 * layer + KINDS.index(kind)
 
 
-def residual_quantizers(cfg: CalibrationConfig, layer: int) -> tuple[Residual, Residual]:
-    """Keys and values residual quantizers of ``layer`` (``cfg.first_layer`` for layer 0)."""
-    key_cfg, value_cfg = (cfg.first_layer, cfg.first_layer) if layer == 0 else (cfg.keys, cfg.values)
+def residual_quantizers(cfg: CalibrationConfig, layer: int, chain_start: bool) -> tuple[Residual, Residual]:
+    """Keys and values residual quantizers of ``layer`` (``cfg.first_layer`` for a layer without predictors: layer 0,
+    and the first global / local layer of models with sliding-window layers)."""
+    key_cfg, value_cfg = (cfg.first_layer, cfg.first_layer) if chain_start else (cfg.keys, cfg.values)
     return (gaussian_residual(key_cfg, sign_seed(layer, "keys")),
             gaussian_residual(value_cfg, sign_seed(layer, "values")))
 
@@ -305,14 +318,15 @@ def _repeat(n: int, *plain: Any) -> list[list[Any]]:
     return [[v] * n for v in plain]
 
 
-def chain_codec(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
-                map_fn: MapFn = map, device: str = "cpu") -> LayerCodec:
-    """Chain-mode codec of ``layer``: needs K̂_{l-1}, V̂_{l-1} in the recon store (layer 0: no predictors)."""
-    keys_q, values_q = residual_quantizers(cfg, layer)
-    if layer == 0:
+def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cfg: CalibrationConfig,
+                shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerCodec:
+    """Chain-mode codec of ``layer``: needs K̂_prev, V̂_prev in the recon store (``prev`` None: no predictors)."""
+    keys_q, values_q = residual_quantizers(cfg, layer, prev is None)
+    if prev is None:
         return LayerCodec(keys_q, values_q)
     n = len(shards)
-    columns = [*_repeat(n, str(act_path), str(recon_path), layer), [a for a, _ in shards], [b for _, b in shards]]
+    columns = [*_repeat(n, str(act_path), str(recon_path), layer, prev), [a for a, _ in shards],
+               [b for _, b in shards]]
     key_stats = _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, device)))
     key_predictor = solve_predictor(key_stats, cfg)
     partial = LayerCodec(keys_q, values_q, key_predictor, None)
@@ -355,8 +369,10 @@ def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg
     return predictor, energy.clamp_min(0.0)
 
 
-def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig) -> list[LayerCodec]:
-    """Layer-parallel codecs from exact-input statistics (one :class:`ExactStats` per layer, in order).
+def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig,
+                   preds: list[int | None]) -> list[LayerCodec]:
+    """Layer-parallel codecs from exact-input statistics (one :class:`ExactStats` per layer, in order; ``preds``:
+    each layer's predecessor, :func:`aquakv.family.predecessors`).
 
     Errors-in-variables: inference feeds the predictors reconstructions ``X̂ = X + E``. Taking ``E`` zero-mean,
     independent of X and Y, with diagonal covariance ``Σ``: ``E[X̂ᵀX̂] = XᵀX + n·Σ`` and ``E[X̂ᵀY] = XᵀY``, so each
@@ -368,23 +384,24 @@ def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig) -> list[
     real activations; this additive model stayed within a few percent of the chain.)
     """
     codecs: list[LayerCodec] = []
-    noise_keys = noise_values = None  # per-channel error variance of K̂_{l-1}, V̂_{l-1}
+    noise: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: per-channel error variance of K̂_l, V̂_l
     distortions: dict[QuantizerConfig, float] = {}
     for layer, s in enumerate(stats):
-        keys_q, values_q = residual_quantizers(cfg, layer)
+        prev = preds[layer]
+        keys_q, values_q = residual_quantizers(cfg, layer, prev is None)
         for q in (keys_q, values_q):
             if q.config not in distortions:
                 distortions[q.config] = expected_distortion(q.grid)
-        if layer == 0:
+        if prev is None:
             key_predictor = value_predictor = None
             key_energy, value_energy = s.keys_sq / s.count, s.values_sq / s.count
             noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
         else:
-            key_predictor, key_energy = _noisy_solve(s.keys, noise_keys, s.keys_sq, cfg)
+            key_predictor, key_energy = _noisy_solve(s.keys, noise[prev][0], s.keys_sq, cfg)
             noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
-            value_predictor, value_energy = _noisy_solve(s.values, torch.cat([noise_keys, noise_values]),
+            value_predictor, value_energy = _noisy_solve(s.values, torch.cat([noise_keys, noise[prev][1]]),
                                                          s.values_sq, cfg)
-        noise_values = _quantization_noise(value_energy, values_q.config, distortions[values_q.config])
+        noise.append((noise_keys, _quantization_noise(value_energy, values_q.config, distortions[values_q.config])))
         codecs.append(LayerCodec(keys_q, values_q, key_predictor, value_predictor))
     return codecs
 
@@ -403,10 +420,11 @@ def parallel_codecs(act_path: str, cfg: CalibrationConfig, shards: list[tuple[in
                     device: str = "cpu") -> list[LayerCodec]:
     """Parallel-mode codecs of every layer: one map over all (layer, shard) pairs, then :func:`solve_parallel`."""
     info = store_info(act_path)
-    tasks = [(layer, a, b) for layer in range(info.num_layers) for a, b in shards]
+    preds = info.predecessors
+    tasks = [(layer, preds[layer], a, b) for layer in range(info.num_layers) for a, b in shards]
     results = map_fn(layer_stats_exact, *_repeat(len(tasks), str(act_path)), *map(list, zip(*tasks, strict=True)),
                      *_repeat(len(tasks), device))
-    return solve_parallel(_per_layer(results, len(shards)), cfg)
+    return solve_parallel(_per_layer(results, len(shards)), cfg, preds)
 
 
 def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCodec,
@@ -416,7 +434,7 @@ def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCo
     _create_recon(recon_path, layer, info)
     n = len(shards)
     s: dict[str, float] = {}
-    for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer),
+    for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer, info.predecessors[layer]),
                        [a for a, _ in shards], [b for _, b in shards], *_repeat(n, codec, device)):
         s = {k: s.get(k, 0.0) + v for k, v in part.items()}
     return LayerFit(layer, codec, layer_metrics(s, codec, info.kv_dim, sum(b - a for a, b in shards) * info.seq_len))
@@ -438,8 +456,9 @@ def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens
 
 def fit_layer(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
               map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
-    """Chain mode, one layer: solve its predictors from shard statistics, then reconstruct it for layer ``l+1``."""
-    codec = chain_codec(act_path, recon_path, layer, cfg, shards, map_fn, device)
+    """Chain mode, one layer: solve its predictors from shard statistics, then reconstruct it for its successors."""
+    codec = chain_codec(act_path, recon_path, layer, store_info(act_path).predecessors[layer], cfg, shards, map_fn,
+                        device)
     return reconstruct_layer(act_path, recon_path, layer, codec, shards, map_fn, device)
 
 

@@ -12,9 +12,11 @@ import codecs
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, RegistryNotWritableError
+from aquakv.family import check_supported
 from pipeline.checkpoint import weight_map
 from pipeline.data import SUFFIXES
 from pipeline.sources import TEXTS
@@ -36,6 +38,9 @@ def check_model(model: str, seq_len: int) -> None:
         raise CalibrationError(f"{path} is not a model directory (no config.json); pass a folder or 'smollm2'") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CalibrationError(f"{path / 'config.json'} is not valid JSON; re-export the model") from e
+    if not isinstance(config, dict):
+        raise CalibrationError(f"{path / 'config.json'} is not a JSON object; re-export the model")
+    check_supported(SimpleNamespace(**config))
     weight_map(path)
     limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:

@@ -3,8 +3,9 @@
 The staged pipeline writes each layer's K/V to ``activations.zarr`` (:mod:`pipeline.collect`), then
 :func:`pipeline.fit.fit_all` reads them back three times per layer and writes/reads ``recon.zarr``: at 70B scale
 the Zarr I/O dominates. Here a :class:`ResidentShard` (one per worker, a plain object or a Ray actor) holds its
-samples' hidden states, the current layer's ``K_l, V_l`` and the previous layer's reconstruction
-``K̂_{l-1}, V̂_{l-1}`` on its device, and :func:`fit_resident` drives the layers:
+samples' hidden states, the current layer's ``K_l, V_l`` and its predecessor's reconstruction ``K̂_p, V̂_p`` (``p = l-1``,
+or the previous layer of the same attention type, :func:`aquakv.family.predecessors`; one per attention type) on its
+device, and :func:`fit_resident` drives the layers:
 
     forward(l) -> key_stats(l) -> [solve P^K_l] -> value_stats(l, codec) -> [solve P^V_l] -> reconstruct(l, codec)
 
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from aquakv.codec import LayerCodec, encode
 from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
@@ -92,8 +94,8 @@ class ResidentShard:
         self.hidden_layer = -1  # the hidden states are the input of layer hidden_layer + 1
         self.kv: dict[str, torch.Tensor] = {}  # K_l, V_l of layer kv_layer
         self.kv_layer = -1
-        self.prev: dict[str, torch.Tensor] = {}  # K̂, V̂ of layer prev_layer
-        self.prev_layer = -1
+        self.preds = predecessors(self.checkpoint.windows)
+        self.recon: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its K̂, V̂ (the latest of each chain)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-prefetch")
         self._pending: dict[int, Future] = {}
         self.group = None
@@ -124,7 +126,7 @@ class ResidentShard:
         """``samples``, ``tokens``, ``seq_len``, ``kv_dim`` and ``num_layers`` of this shard."""
         n = self.stop - self.start
         return {"samples": n, "tokens": n * self.seq_len, "seq_len": self.seq_len, "kv_dim": self.kv_dim,
-                "num_layers": self.checkpoint.num_layers}
+                "num_layers": self.checkpoint.num_layers, "windows": self.checkpoint.windows}
 
     def _rows(self, a: int, b: int) -> slice:
         """Rows of the flattened ``[n*T, D]`` buffers holding absolute samples ``[a, b)``."""
@@ -136,6 +138,12 @@ class ResidentShard:
     def _expect(self, what: str, layer: int, have: int, need: int) -> None:
         if have != need:
             raise CalibrationError(f"{what}({layer}) out of chain order: the shard holds layer {have}, needs {need}")
+
+    def _expect_prev(self, what: str, layer: int) -> None:
+        prev = self.preds[layer]
+        if prev is not None and prev not in self.recon:
+            raise CalibrationError(f"{what}({layer}) out of chain order: the shard holds no reconstruction of layer "
+                                   f"{prev}")
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -169,7 +177,7 @@ class ResidentShard:
         t0 = time.perf_counter()
         if layer == 0:  # (re)start the chain
             self.hidden = self.checkpoint.embed(self.tokens, self.device, DTYPES[self.dtype])
-            self.hidden_layer, self.prev_layer, self.prev = -1, -1, {}
+            self.hidden_layer, self.recon = -1, {}
         self._expect("forward", layer, self.hidden_layer + 1, layer)
         module = self._load(layer).result()
         self._pending = {k: v for k, v in self._pending.items() if k > layer}
@@ -211,34 +219,35 @@ class ResidentShard:
     def _kv(self, kind: str, a: int, b: int) -> torch.Tensor:
         return self.kv[kind][self._rows(a, b)].float()
 
-    def _prev(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._rows(a, b)
-        return self.prev["keys"][rows], self.prev["values"][rows]
+    def _prev(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, prev = self._rows(a, b), self.recon[self.preds[layer]]
+        return prev["keys"][rows], prev["values"][rows]
 
     @torch.no_grad()
     def key_stats(self, layer: int) -> RidgeStats:
-        """Key predictor statistics (CPU): X = K̂_{l-1}, Y = K_l (as :func:`pipeline.fit.layer_stats_keys`)."""
+        """Key predictor statistics (CPU): X = K̂_p, Y = K_l (as :func:`pipeline.fit.layer_stats_keys`)."""
         t0 = time.perf_counter()
         self._expect("key_stats", layer, self.kv_layer, layer)
-        self._expect("key_stats", layer, self.prev_layer, layer - 1)
+        self._expect_prev("key_stats", layer)
         total = None
         for a, b in self._batches():
-            total = _accumulate(total, _stats(self._prev(a, b)[0], self._kv("keys", a, b), layer, "keys", (a, b)))
+            total = _accumulate(total, _stats(self._prev(layer, a, b)[0], self._kv("keys", a, b), layer, "keys",
+                                              (a, b)))
         total = _cpu(total)
         self._timed("key_stats", t0)
         return total
 
     @torch.no_grad()
     def value_stats(self, layer: int, codec: LayerCodec) -> RidgeStats:
-        """Value predictor statistics (CPU): X = [K̂_l, V̂_{l-1}], Y = V_l, K̂_l encoded with ``codec``'s key part
+        """Value predictor statistics (CPU): X = [K̂_l, V̂_p], Y = V_l, K̂_l encoded with ``codec``'s key part
         (as :func:`pipeline.fit.layer_stats_values`)."""
         t0 = time.perf_counter()
         self._expect("value_stats", layer, self.kv_layer, layer)
-        self._expect("value_stats", layer, self.prev_layer, layer - 1)
+        self._expect_prev("value_stats", layer)
         key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None).to(self.device)
         total = None
         for a, b in self._batches():
-            prev = self._prev(a, b)
+            prev = self._prev(layer, a, b)
             keys, values = self._kv("keys", a, b), self._kv("values", a, b)
             try:
                 _, (keys_hat, _) = encode(keys, values, prev, key_only)
@@ -251,29 +260,32 @@ class ResidentShard:
 
     @torch.no_grad()
     def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
-        """Encode the shard's ``K_l, V_l`` with ``codec``; K̂_l, V̂_l replace K̂_{l-1}, V̂_{l-1} on the device.
+        """Encode the shard's ``K_l, V_l`` with ``codec``; K̂_l, V̂_l replace the predecessor's K̂_p, V̂_p on the device.
 
         Returns the squared-error sums of :func:`pipeline.fit.reconstruct_shard` (``{keys,values}_{err,pred_err,
         norm}``). Each row batch's reconstruction overwrites the rows it was predicted from.
         """
         t0 = time.perf_counter()
         self._expect("reconstruct", layer, self.kv_layer, layer)
-        self._expect("reconstruct", layer, self.prev_layer, layer - 1)
+        self._expect_prev("reconstruct", layer)
         codec = codec.to(self.device)
-        if layer == 0:
-            self.prev = {kind: torch.empty(self.kv[kind].shape, device=self.device, dtype=torch.float32)
-                         for kind in KINDS}
-        self.prev_layer = -2  # invalid until every batch is done
+        prev_layer = self.preds[layer]
+        if prev_layer is None:
+            out = {kind: torch.empty(self.kv[kind].shape, device=self.device, dtype=torch.float32) for kind in KINDS}
+        else:
+            out = self.recon.pop(prev_layer)  # invalid (held by no layer) until every batch is done
+            self.recon[-1] = out
         sums = dict.fromkeys(SUMS, 0.0)
         for a, b in self._batches():
-            prev = None if layer == 0 else self._prev(a, b)
+            rows = self._rows(a, b)
+            prev = None if prev_layer is None else (out["keys"][rows], out["values"][rows])
             keys, values = self._kv("keys", a, b), self._kv("values", a, b)
             keys_hat, values_hat = encode_with_errors(keys, values, prev, codec, sums,
                                                       f"layer {layer}, samples [{a}, {b})")
-            rows = self._rows(a, b)
-            self.prev["keys"][rows] = keys_hat
-            self.prev["values"][rows] = values_hat
-        self.prev_layer = layer
+            out["keys"][rows] = keys_hat
+            out["values"][rows] = values_hat
+        self.recon.pop(-1, None)
+        self.recon[layer] = out
         if layer + 1 == self.checkpoint.num_layers:
             self.finish()
         self._timed("reconstruct", t0)
@@ -284,7 +296,7 @@ class ResidentShard:
         try:
             self.finish()
         finally:
-            self.hidden, self.kv, self.prev = None, {}, {}
+            self.hidden, self.kv, self.recon = None, {}, {}
             self._prefetch.shutdown(wait=True, cancel_futures=True)
             if self.group is not None:
                 self._writer.shutdown(wait=True)
@@ -317,12 +329,13 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     if any(s["num_layers"] != num_layers for s in shapes):
         raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
     fits = []
+    preds = predecessors(shapes[0]["windows"])
     bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
     for layer in bar:
         shards_call("forward", layer)
-        keys_q, values_q = residual_quantizers(cfg, layer)
+        keys_q, values_q = residual_quantizers(cfg, layer, preds[layer] is None)
         codec = LayerCodec(keys_q, values_q)
-        if layer > 0:
+        if preds[layer] is not None:
             key_predictor = solve_predictor(_sum(shards_call("key_stats", layer)), cfg)
             value_stats = _sum(shards_call("value_stats", layer, LayerCodec(keys_q, values_q, key_predictor, None)))
             codec = LayerCodec(keys_q, values_q, key_predictor, solve_predictor(value_stats, cfg))

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from aquakv.bundle import Bundle, decode_bundle, encode_bundle, fingerprint_of
 from aquakv.codec import LayerCodec, encode, gaussian_residual
 from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.family import predecessors
 from aquakv.predictors import fit_ridge, ridge_stats
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a busy 2-core machine
@@ -53,17 +54,20 @@ def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: Quantizer
 
 
 def chain_fit(keys: list[torch.Tensor], values: list[torch.Tensor], q: QuantizerConfig, first: QuantizerConfig,
-              fingerprint: dict, predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
-    """Fit codecs on per-layer pre-RoPE ``keys``, ``values [tokens, D]``; a verified bundle via bytes."""
-    codecs, prev = [], None
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cfg = first if i == 0 else q
+              fingerprint: dict, predictors: bool = True, cache: CacheConfig | None = None,
+              windows: list[int | None] | None = None) -> Bundle:
+    """Fit codecs on per-layer pre-RoPE ``keys``, ``values [tokens, D]``, each layer predicted from its predecessor
+    (``windows``: each layer's sliding window, :func:`aquakv.family.predecessors`); a verified bundle via bytes."""
+    codecs, recon = [], {}
+    for i, (k, v, p) in enumerate(zip(keys, values, predecessors(windows or [None] * len(keys)), strict=True)):
+        cfg = first if p is None else q
         codec = LayerCodec(gaussian_residual(cfg, 2 * i), gaussian_residual(cfg, 2 * i + 1))
+        prev = recon.get(p)
         if predictors and prev is not None:
             codec.key_predictor = fit_ridge(ridge_stats(prev[0], k))
             _, (k_hat, _) = encode(k, v, prev, codec)
             codec.value_predictor = fit_ridge(ridge_stats(torch.cat([k_hat, prev[1]], -1), v))
-        _, prev = encode(k, v, prev, codec)
+        _, recon[i] = encode(k, v, prev, codec)
         codecs.append(codec)
     return decode_bundle(encode_bundle(codecs, cache or CacheConfig(), fingerprint))
 

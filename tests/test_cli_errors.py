@@ -44,6 +44,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     tensors = load_file(shard)
     tensors[name][0, 0] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
+    (root / "mla").mkdir()
+    (root / "mla" / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "kv_lora_rank": 512}))
     (root / "bad.yaml").write_text(f"model: {model}\ndata: data.txt\nseq_len: 4\nbogus_field: 1\n")
     (root / "broken.yaml").write_text("model: [unclosed\n")
     (root / "readonly").mkdir()
@@ -67,6 +69,8 @@ CASES = {
     "binary data": ({"--data": "binary.txt"}, "CalibrationError: data file binary.txt is not UTF-8 text"),
     "missing model": ({"--model": "no-such-model"}, "CalibrationError: model directory no-such-model does not exist"),
     "missing shard": ({"--model": "BROKEN"}, "CalibrationError: checkpoint "),
+    "unsupported model": ({"--model": "mla"}, "UnsupportedModelError: model_type 'deepseek_v3' is not supported: "
+                          "multi-head latent attention"),
     "sequence too long": ({"--seq-len": "512"}, "CalibrationError: seq_len 512 exceeds the model's "
                           "max_position_embeddings 256"),
     "unwritable registry": ({"--out": "readonly/registry"}, "RegistryNotWritableError: registry readonly/registry"),

@@ -46,20 +46,21 @@ FAMILIES = {
     "smollm3": {"no_rope_layers": [1, 0, 1, 0]},  # layers without RoPE
     "stablelm": {"partial_rotary_factor": 0.25},  # partial rotary, split by the attention itself
     "gpt_neox": {"rotary_pct": 0.25, "num_key_value_heads": None},  # partial rotary inside apply_rotary_pos_emb
+    "mistral-window": {"sliding_window": 32},  # every layer slides
+    "gemma2": {"head_dim": 16, "sliding_window": 32},  # local / global alternate; softcapping (eager attention)
+    "gemma3_text": {"head_dim": 16, "sliding_window": 32,  # local and global rotary (per layer type)
+                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]},
 }
 REFUSED = {
-    "gemma2": ("gemma2", {"head_dim": 16}, "sliding-window layers"),
-    "gemma3_text": ("gemma3_text", {"head_dim": 16}, "sliding-window layers"),
-    "mistral-window": ("mistral", {"sliding_window": 64}, "sliding-window layers"),
     "deepseek_v3": ("deepseek_v3", {}, "latent"),
     "qwen3_next": ("qwen3_next", {}, "linear-attention"),
 }
 Q4 = QuantizerConfig(dim=2, size=256, group_size=32)
 
 
-def build(model_type: str, extra: dict) -> AutoModelForCausalLM:
+def build(name: str, extra: dict) -> AutoModelForCausalLM:
     cfg = {k: v for k, v in {**BASE, **extra}.items() if v is not None or k == "sliding_window"}
-    config = transformers.CONFIG_MAPPING[model_type](**cfg)
+    config = transformers.CONFIG_MAPPING[name.split("-")[0]](**cfg)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -92,7 +93,9 @@ def bundle_of(family: tuple, q: QuantizerConfig = Q4, cache: CacheConfig | None 
     from aquakv.bundle import fingerprint_of
 
     _, model, keys, values, _ = family
-    return chain_fit(keys, values, q, q, fingerprint_of(model), cache=cache or CacheConfig(sinks=2, recent_window=8))
+    specs = describe_model(model)
+    return chain_fit(keys, values, q, q, fingerprint_of(model, specs),
+                     cache=cache or CacheConfig(sinks=2, recent_window=8), windows=[s.window for s in specs])
 
 
 def test_collected_kv_equal_what_the_cache_receives(family: tuple) -> None:
@@ -100,15 +103,18 @@ def test_collected_kv_equal_what_the_cache_receives(family: tuple) -> None:
     cache = AquaKVCache.from_bundle(bundle_of(family), model, compress=False)
     with torch.no_grad():
         model(ids, **cache_kwargs(model, cache), use_cache=True)
-    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    for i, layer in enumerate(cache.layers):
+    b, t = ids.shape
+    for i, layer in enumerate(cache.layers):  # a sliding layer holds only the tokens its window still sees
         got_k = torch.cat([layer.sink_keys, layer.keys], -2).float()
         got_v = torch.cat([layer.sink_values, layer.values], -2).float()
+        held = got_k.shape[-2]
         if layer.rope is not None:
+            positions = torch.arange(t - held, t)[None].expand(b, -1)
             got_k = layer.rope.unrotate(got_k, *layer.rope.cos_sin(positions, got_k.device))
-        flat = [x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]) for x in (got_k, got_v)]
-        torch.testing.assert_close(flat[0], keys[i], rtol=1e-5, atol=1e-5, msg=f"layer {i} keys")
-        torch.testing.assert_close(flat[1], values[i], rtol=1e-5, atol=1e-5, msg=f"layer {i} values")
+        for kind, got, want in (("keys", got_k, keys[i]), ("values", got_v, values[i])):
+            got = got.transpose(1, 2).reshape(b, held, -1)
+            torch.testing.assert_close(got, want.view(b, t, -1)[:, t - held:], rtol=1e-5, atol=1e-5,
+                                       msg=f"layer {i} {kind}")
 
 
 def test_compression_off_equals_dynamic_cache(family: tuple) -> None:
@@ -142,7 +148,7 @@ def test_lossless_codec_reproduces_exact_logits(family: tuple, monkeypatch: pyte
     exact = stepped_logits(model, long_ids, DynamicCache(config=model.config))
     cache = AquaKVCache.from_bundle(bundle, model)
     approx = stepped_logits(model, long_ids, cache)
-    assert cache.layers[-1].compressed_len >= 128
+    assert all(layer.compressed_len + layer.compressed_start >= 128 for layer in cache.layers)
     rel = float((approx - exact).norm() / exact.norm())
     assert rel < 1e-4, f"{name}: {rel}"
 
@@ -162,7 +168,34 @@ def test_four_bit_logits_close_and_generate_runs(family: tuple) -> None:
     cache = AquaKVCache.from_bundle(bundle_of(family), model)
     out = model.generate(ids[:, :20], **cache_kwargs(model, cache), max_new_tokens=40, do_sample=False)
     assert out.shape == (2, 60)
-    assert cache.layers[0].compressed_len >= 40  # several blocks of the 8-token window
+    assert cache.layers[0].compressed_len + cache.layers[0].compressed_start >= 40  # several 8-token blocks
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "gemma2", "gemma3_text"])
+def test_sliding_layers_hold_bounded_bytes(name: str) -> None:
+    """Sliding layers drop what their window can no longer see: their bytes stop growing; global layers grow."""
+    model = build(name, FAMILIES[name])
+    from aquakv.bundle import fingerprint_of
+
+    specs = describe_model(model)
+    d = model.config.num_key_value_heads * model.config.head_dim
+    keys = [torch.randn(256, d) for _ in specs]
+    bundle = chain_fit(keys, keys, Q4, Q4, fingerprint_of(model, specs), cache=CacheConfig(sinks=2, recent_window=8),
+                       windows=[s.window for s in specs])
+    cache = AquaKVCache.from_bundle(bundle, model)
+    ids = torch.randint(3, 96, (1, 400), generator=torch.Generator().manual_seed(6))
+    held = []
+    with torch.no_grad():
+        for s in range(0, 400, 8):
+            model(ids[:, s:s + 8], **cache_kwargs(model, cache), use_cache=True)
+            held.append([layer.nbytes() for layer in cache.layers])
+    for spec, layer in zip(specs, cache.layers, strict=True):
+        per_token = layer.nbytes() / max(1, layer.compressed_len + layer.keys.shape[-2] + layer.sink_keys.shape[-2])
+        if spec.window is None:
+            assert held[-1][spec.index] > 3 * held[10][spec.index]
+        else:
+            assert max(h[spec.index] for h in held) <= per_token * (spec.window - 1 + 8) * 1.5
+            assert layer.compressed_len + layer.keys.shape[-2] + layer.sink_keys.shape[-2] <= spec.window - 1 + 8
 
 
 def test_layer_kinds_recorded_in_the_fingerprint() -> None:

@@ -65,7 +65,7 @@ def _no_predictor_rel_mse(act: Path, layer: int, cfg: CalibrationConfig) -> tupl
     group = zarr.open_group(str(act), mode="r")
     keys = torch.from_numpy(group[f"keys/{layer}"][:]).reshape(-1, DIM)
     values = torch.from_numpy(group[f"values/{layer}"][:]).reshape(-1, DIM)
-    _, (k_hat, v_hat) = encode(keys, values, None, LayerCodec(*fit.residual_quantizers(cfg, layer)))
+    _, (k_hat, v_hat) = encode(keys, values, None, LayerCodec(*fit.residual_quantizers(cfg, layer, layer == 0)))
     return relative_mse(keys, k_hat), relative_mse(values, v_hat)
 
 
@@ -82,10 +82,10 @@ def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
     write_store(act)
     cfg = _cfg()
     recon = str(tmp_path / "recon.zarr")
-    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, cfg, [(0, SAMPLES)]),
+    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, [(0, SAMPLES)]),
                           [(0, SAMPLES)])
-    one = fit.layer_stats_keys(str(act), recon, 1, 0, SAMPLES)
-    parts = [fit.layer_stats_keys(str(act), recon, 1, a, b) for a, b in fit.shard_ranges(SAMPLES, 5)]
+    one = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
+    parts = [fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in fit.shard_ranges(SAMPLES, 5)]
     total = parts[0]
     for p in parts[1:]:
         total = total + p
@@ -135,11 +135,11 @@ def test_parallel_noise_model_matches_chain(tmp_path: Path) -> None:
     write_store(act, layers=2, samples=2 * half, seq=256)
     cfg = _cfg(first_layer=Q2)  # a coarse first layer makes the noise matter
     everything = [(0, 2 * half)]
-    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, cfg, everything), everything)
-    train, test = (fit.layer_stats_keys(str(act), recon, 1, a, b) for a, b in ((0, half), (half, 2 * half)))
-    exact = [fit.layer_stats_exact(str(act), layer, 0, half) for layer in range(2)]
+    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, everything), everything)
+    train, test = (fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in ((0, half), (half, 2 * half)))
+    exact = [fit.layer_stats_exact(str(act), layer, layer - 1 if layer else None, 0, half) for layer in range(2)]
     chain_err = residual_mse(test, fit_ridge(train, cfg.damping))
-    parallel_err = residual_mse(test, fit.solve_parallel(exact, cfg)[1].key_predictor)
+    parallel_err = residual_mse(test, fit.solve_parallel(exact, cfg, [None, 0])[1].key_predictor)
     naive_err = residual_mse(test, fit_ridge(exact[1].keys, cfg.damping))
     print(f"\nlayer-1 key predictor, held-out relative MSE: chain {chain_err:.4f} parallel {parallel_err:.4f} "
           f"exact-input {naive_err:.4f}")

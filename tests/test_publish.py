@@ -35,8 +35,8 @@ def bundle_files(version: str = "v1", tag: str = "a", name: str = "demo") -> dic
     """A small valid bundle; ``tag`` changes its bytes (validation metrics), nothing else."""
     cfg = CalibrationConfig(model="m", data="d")
     gen = torch.Generator().manual_seed(0)
-    codecs = [LayerCodec(*residual_quantizers(cfg, 0))]
-    keys, values = residual_quantizers(cfg, 1)
+    codecs = [LayerCodec(*residual_quantizers(cfg, 0, True))]
+    keys, values = residual_quantizers(cfg, 1, False)
     codecs.append(LayerCodec(keys, values, Predictor(torch.randn(32, 32, generator=gen), torch.zeros(32)),
                              Predictor(torch.randn(64, 32, generator=gen), torch.zeros(32))))
     return encode_bundle(codecs, CacheConfig(), FINGERPRINT, validation={"tag": tag}, name=name, version=version)
