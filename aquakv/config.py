@@ -103,6 +103,10 @@ class CalibrationConfig(_Frozen):
     # or: per layer, the smallest rank (a multiple of 16) within this relative residual-MSE budget of full rank
     predictor_rank_budget: float | None = Field(None, ge=0, le=10)
     fit_mode: Literal["chain", "parallel"] = "chain"
+    # "fitted": each layer's keys and values grids are Lloyd-fitted to that layer's calibration residuals (chain mode)
+    grids: Literal["gaussian", "fitted"] = "gaussian"
+    # leave each sample's first cache.sinks tokens (exact at inference) out of the predictor and grid statistics
+    exclude_sinks: bool = False
     cache: CacheConfig = CacheConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_ppl_increase: float = Field(0.05, gt=0)
@@ -116,7 +120,17 @@ class CalibrationConfig(_Frozen):
     def _one_rank_policy(self) -> CalibrationConfig:
         if self.predictor_rank is not None and self.predictor_rank_budget is not None:
             raise ValueError("set predictor_rank (fixed) or predictor_rank_budget (per layer), not both")
+        if self.grids == "fitted" and self.fit_mode != "chain":
+            raise ValueError("grids: fitted needs fit_mode: chain (grids are fitted to the chain's residuals)")
+        if self.exclude_sinks and self.cache.sinks >= self.seq_len:
+            raise ValueError(f"exclude_sinks leaves no token of a {self.seq_len}-token sample "
+                             f"(cache.sinks = {self.cache.sinks})")
         return self
+
+    @property
+    def skipped_tokens(self) -> int:
+        """Leading tokens of every calibration sample left out of the statistics (see ``exclude_sinks``)."""
+        return self.cache.sinks if self.exclude_sinks else 0
 
     def collect_digest(self) -> str:
         """What the collected activations depend on: model, data and sampling, never quantizer settings."""
@@ -126,9 +140,10 @@ class CalibrationConfig(_Frozen):
 
     def fit_digest(self) -> str:
         """What the fitted layers depend on: the activations plus quantizers, damping, rank and fit mode."""
-        fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode")
-        blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields))},
-                          sort_keys=True).encode()
+        fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode",
+                  "grids")
+        blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields)),
+                           "skipped_tokens": self.skipped_tokens}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def digest(self) -> str:

@@ -38,15 +38,26 @@ def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int | None = None)
     return out.view(vectors.shape[:-1])
 
 
-def lloyd(samples: torch.Tensor, grid: torch.Tensor, iters: int) -> torch.Tensor:
-    """Lloyd (k-means) refinement of ``grid`` ``[n, d]`` on ``samples`` ``[N, d]``; empty cells keep their point."""
+def lloyd(samples: torch.Tensor, grid: torch.Tensor, iters: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Lloyd (k-means) refinement of ``grid`` ``[n, d]`` on ``samples`` ``[N, d]`` (optionally ``weights [N]``: a
+    weighted mean per cell); empty cells keep their point."""
     n = grid.shape[0]
+    w = torch.ones(samples.shape[0], dtype=grid.dtype) if weights is None else weights.to(grid.dtype)
+    weighted = samples * w[:, None]
     for _ in range(iters):
         idx = nearest(samples, grid)
-        sums = torch.zeros_like(grid).index_add_(0, idx, samples)
-        counts = torch.bincount(idx, minlength=n).to(grid.dtype).unsqueeze(1)
-        grid = torch.where(counts > 0, sums / counts.clamp(min=1), grid)
+        sums = torch.zeros_like(grid).index_add_(0, idx, weighted)
+        mass = torch.zeros(n, dtype=grid.dtype).index_add_(0, idx, w).unsqueeze(1)
+        grid = torch.where(mass > 0, sums / mass.clamp(min=1e-30), grid)
     return grid
+
+
+def fit_grid(vectors: torch.Tensor, weights: torch.Tensor, init: torch.Tensor, iters: int = 25) -> torch.Tensor:
+    """A grid fitted to the vectors a layer will really quantize (``[N, d]``, see
+    :func:`aquakv.quantize.unit_vectors`), each weighted by its group's squared scale ``[N]`` (a vector's error costs
+    that much in the layer's output): Lloyd iterations from ``init`` (the Gaussian grid), so a cell the data never
+    reaches keeps its Gaussian point. Deterministic: no sampling inside."""
+    return lloyd(vectors.float(), init.float().clone(), iters, weights.float()).contiguous()
 
 
 def distortion(grid: torch.Tensor, samples: torch.Tensor) -> float:

@@ -62,15 +62,22 @@ def _check_finite(x: torch.Tensor) -> None:
         )
 
 
-def quantize_reference(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
-    """The PyTorch reference of :func:`quantize`, on any device."""
-    _check_finite(x)
+def unit_vectors(x: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the grid quantizes: ``x [..., C]`` rotated per group, each group scaled to norm ``sqrt(g)`` (coordinates
+    ~ N(0, 1) for Gaussian data), cut into ``d``-dim vectors ``[..., G*g/d, d]``; and the group norms ``[..., G]``."""
     g, d = cfg.group_size, cfg.dim
     groups = rotate(x.float(), signs.float())  # [..., G, g]
     norms = groups.norm(dim=-1, keepdim=True)
     unit = groups * (g**0.5) / norms.clamp_min(1e-12)
-    idx = nearest(unit.reshape(*unit.shape[:-2], -1, d), grid.to(unit))  # [..., G*g/d]
-    return Quantized(pack(idx, cfg.index_bits), norms.squeeze(-1).to(cfg.torch_scale_dtype), x.shape[-1])
+    return unit.reshape(*unit.shape[:-2], -1, d), norms.squeeze(-1)
+
+
+def quantize_reference(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> Quantized:
+    """The PyTorch reference of :func:`quantize`, on any device."""
+    _check_finite(x)
+    unit, norms = unit_vectors(x, signs, cfg)
+    idx = nearest(unit, grid.to(unit))  # [..., G*g/d]
+    return Quantized(pack(idx, cfg.index_bits), norms.to(cfg.torch_scale_dtype), x.shape[-1])
 
 
 def dequantize_reference(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:

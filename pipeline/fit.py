@@ -45,8 +45,9 @@ from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
-from aquakv.grids import expected_distortion
+from aquakv.grids import expected_distortion, fit_grid
 from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
+from aquakv.quantize import unit_vectors
 
 KINDS = ("keys", "values")
 RECON_STORE = "recon.zarr"
@@ -195,24 +196,61 @@ def _accumulate(total: Any, part: Any) -> Any:
     return part if total is None else total + part
 
 
+def kept_rows(samples: int, seq_len: int, skip: int, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """Row mask ``[samples * seq_len]`` leaving out each sample's first ``skip`` tokens (None: keep all)."""
+    if skip == 0:
+        return None
+    return (torch.arange(seq_len, device=device) >= skip).repeat(samples)
+
+
+def _keep(mask: torch.Tensor | None, *xs: torch.Tensor) -> list[torch.Tensor]:
+    return list(xs) if mask is None else [x[mask] for x in xs]
+
+
+def residual_units(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None,
+                   codec: LayerCodec, kind: str, stride: int) -> torch.Tensor:
+    """Every ``stride``-th vector the ``kind`` grid will quantize for rows ``[N, D]``, with its weight: ``[m, d + 1]``.
+
+    The vectors are the residual after the predictor (values: given K̂_l from ``codec``'s key part, as
+    :func:`aquakv.codec.encode` makes it), rotated and scaled by :func:`aquakv.quantize.unit_vectors`; the weight
+    (last column) is the squared scale of the vector's group over ``g``, what a unit error of the vector costs."""
+    if kind == "keys":
+        residual, q = keys - codec.predict_keys(prev, keys), codec.keys
+    else:
+        _, (keys_hat, _) = encode(keys, values, prev, LayerCodec(codec.keys, codec.values, codec.key_predictor, None))
+        residual, q = values - codec.predict_values(keys_hat, prev), codec.values
+    unit, norms = unit_vectors(residual, q.signs, q.config)  # [N, G*g/d, d], [N, G]
+    per_group = q.config.group_size // q.config.dim
+    weights = (norms * norms / q.config.group_size).repeat_interleave(per_group, -1)
+    return torch.cat([unit, weights[..., None]], -1).reshape(-1, q.config.dim + 1)[::stride].cpu()
+
+
+def grid_stride(tokens: int, channels: int, config: QuantizerConfig, vectors: int) -> int:
+    """Subsampling stride so that ``tokens`` rows of ``channels`` give about ``vectors`` grid vectors."""
+    per_row = -(-channels // config.group_size) * config.group_size // config.dim
+    return max(1, tokens * per_row // max(vectors, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # per-shard work (top-level, picklable, plain arguments)
 
 
-def layer_stats_keys(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
+def layer_stats_keys(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int, skip: int = 0,
                      device: str = "cpu") -> RidgeStats:
-    """Key predictor statistics of samples ``[start, stop)``: X = K̂_prev ``[N, D]`` (recon), Y = K_l ``[N, D]``."""
+    """Key predictor statistics of samples ``[start, stop)``: X = K̂_prev ``[N, D]`` (recon), Y = K_l ``[N, D]``
+    (without each sample's first ``skip`` tokens)."""
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
+    seq_len = act[f"keys/{layer}"].shape[1]
     total = None
-    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
-        x = _read(rec, "keys", prev, a, b, device)
-        y = _read(act, "keys", layer, a, b, device)
+    for a, b in _batches(start, stop, seq_len):
+        x, y = _keep(kept_rows(b - a, seq_len, skip, device), _read(rec, "keys", prev, a, b, device),
+                     _read(act, "keys", layer, a, b, device))
         total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
     return _cpu(total)
 
 
 def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
-                       codec: LayerCodec, device: str = "cpu") -> RidgeStats:
+                       codec: LayerCodec, skip: int = 0, device: str = "cpu") -> RidgeStats:
     """Value predictor statistics: X = [K̂_l, V̂_prev] ``[N, 2D]``, Y = V_l ``[N, D]``.
 
     K̂_l comes from :func:`aquakv.codec.encode` with ``codec``'s key predictor and quantizer (its value
@@ -220,10 +258,11 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, st
     """
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
     key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None)
+    seq_len = act[f"keys/{layer}"].shape[1]
     total = None
-    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
-        prev_kv = (_read(rec, "keys", prev, a, b, device), _read(rec, "values", prev, a, b, device))
-        keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
+    for a, b in _batches(start, stop, seq_len):
+        rows = [_read(g, kind, i, a, b, device) for g, i in ((act, layer), (rec, prev)) for kind in KINDS]
+        keys, values, *prev_kv = _keep(kept_rows(b - a, seq_len, skip, device), *rows)
         try:
             _, (keys_hat, _) = encode(keys, values, prev_kv, key_only.to(device))
         except NonFiniteError as e:
@@ -232,27 +271,48 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, st
     return _cpu(total)
 
 
-def layer_stats_exact(act_path: str, layer: int, prev: int | None, start: int, stop: int,
+def layer_stats_exact(act_path: str, layer: int, prev: int | None, start: int, stop: int, skip: int = 0,
                       device: str = "cpu") -> ExactStats:
     """Parallel-mode statistics of samples ``[start, stop)`` from exact inputs (see :class:`ExactStats`)."""
     act = zarr.open_group(act_path, mode="r")
+    seq_len = act[f"keys/{layer}"].shape[1]
     total = None
-    for a, b in _batches(start, stop, act[f"keys/{layer}"].shape[1]):
-        keys, values = _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)
+    for a, b in _batches(start, stop, seq_len):
+        mask = kept_rows(b - a, seq_len, skip, device)
+        keys, values = _keep(mask, _read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device))
         if prev is None:
             for kind, y in (("keys", keys), ("values", values)):
                 if not torch.isfinite(y).all():
                     raise NonFiniteError(f"layer {layer} {kind}, samples [{a}, {b}): NaN or Inf in the activations")
             key_stats = value_stats = None
         else:
-            prev_keys = _read(act, "keys", prev, a, b, device)
-            prev_values = _read(act, "values", prev, a, b, device)
+            prev_keys, prev_values = _keep(mask, _read(act, "keys", prev, a, b, device),
+                                           _read(act, "values", prev, a, b, device))
             key_stats = _cpu(_stats(prev_keys, keys, layer, "keys", (a, b)))
             value_stats = _cpu(_stats(torch.cat([keys, prev_values], 1), values, layer, "values", (a, b)))
         keys_sq, values_sq = (keys.double() ** 2).sum(0).cpu(), (values.double() ** 2).sum(0).cpu()
         part = ExactStats(key_stats, value_stats, keys_sq, values_sq, keys.shape[0])
         total = _accumulate(total, part)
     return total
+
+
+def grid_samples(act_path: str, recon_path: str, layer: int, prev: int | None, start: int, stop: int,
+                 codec: LayerCodec, kind: str, skip: int, vectors: int, device: str = "cpu") -> torch.Tensor:
+    """About ``vectors`` of the vectors ``[m, d]`` layer ``layer``'s ``kind`` grid will quantize in samples
+    ``[start, stop)`` (:func:`residual_units`, without each sample's first ``skip`` tokens)."""
+    act = zarr.open_group(act_path, mode="r")
+    rec = None if prev is None else zarr.open_group(recon_path, mode="r")
+    seq_len, dim = act[f"keys/{layer}"].shape[1:]
+    config = (codec.keys if kind == "keys" else codec.values).config
+    stride = grid_stride((stop - start) * (seq_len - skip), dim, config, vectors)
+    codec, parts = codec.to(device), []
+    for a, b in _batches(start, stop, seq_len):
+        rows = [_read(act, "keys", layer, a, b, device), _read(act, "values", layer, a, b, device)]
+        if prev is not None:
+            rows += [_read(rec, "keys", prev, a, b, device), _read(rec, "values", prev, a, b, device)]
+        keys, values, *prev_kv = _keep(kept_rows(b - a, seq_len, skip, device), *rows)
+        parts.append(residual_units(keys, values, tuple(prev_kv) or None, codec, kind, stride))
+    return torch.cat(parts)
 
 
 def reconstruct_shard(act_path: str, recon_path: str, layer: int, prev: int | None, start: int, stop: int,
@@ -318,20 +378,49 @@ def _repeat(n: int, *plain: Any) -> list[list[Any]]:
     return [[v] * n for v in plain]
 
 
+GRID_VECTORS = 1 << 16  # vectors a fitted grid sees (at least; 512 per grid point for large grids)
+
+
+def _fitted(residual: Residual, samples: torch.Tensor) -> Residual:
+    """``residual`` with its grid fitted to ``samples [m, d + 1]`` (vectors, weights: :func:`residual_units`)."""
+    return Residual(residual.config, fit_grid(samples[:, :-1], samples[:, -1], residual.grid), residual.signs)
+
+
+def solve_layer(cfg: CalibrationConfig, layer: int, prev: int | None, key_stats: Callable[[], RidgeStats],
+                value_stats: Callable[[LayerCodec], RidgeStats],
+                grid_samples: Callable[[LayerCodec, str, int], torch.Tensor]) -> LayerCodec:
+    """One layer of the chain, wherever its data live (Zarr shards or resident workers): solve the key predictor,
+    fit the keys grid to the key residuals (``cfg.grids == "fitted"``), then the value predictor given K̂_l and
+    the values grid. ``key_stats()``, ``value_stats(partial codec)`` and ``grid_samples(codec, kind, vectors)``
+    gather over all shards."""
+    keys_q, values_q = residual_quantizers(cfg, layer, prev is None)
+    key_predictor = value_predictor = None
+    if prev is not None:
+        key_predictor = solve_predictor(key_stats(), cfg)
+    if cfg.grids == "fitted":
+        vectors = max(GRID_VECTORS, 512 * keys_q.config.size)
+        keys_q = _fitted(keys_q, grid_samples(LayerCodec(keys_q, values_q, key_predictor, None), "keys", vectors))
+    if prev is not None:
+        value_predictor = solve_predictor(value_stats(LayerCodec(keys_q, values_q, key_predictor, None)), cfg)
+    if cfg.grids == "fitted":
+        vectors = max(GRID_VECTORS, 512 * values_q.config.size)
+        partial = LayerCodec(keys_q, values_q, key_predictor, value_predictor)
+        values_q = _fitted(values_q, grid_samples(partial, "values", vectors))
+    return LayerCodec(keys_q, values_q, key_predictor, value_predictor)
+
+
 def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cfg: CalibrationConfig,
                 shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerCodec:
     """Chain-mode codec of ``layer``: needs K̂_prev, V̂_prev in the recon store (``prev`` None: no predictors)."""
-    keys_q, values_q = residual_quantizers(cfg, layer, prev is None)
-    if prev is None:
-        return LayerCodec(keys_q, values_q)
-    n = len(shards)
+    n, skip = len(shards), cfg.skipped_tokens
     columns = [*_repeat(n, str(act_path), str(recon_path), layer, prev), [a for a, _ in shards],
                [b for _, b in shards]]
-    key_stats = _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, device)))
-    key_predictor = solve_predictor(key_stats, cfg)
-    partial = LayerCodec(keys_q, values_q, key_predictor, None)
-    value_stats = _sum(map_fn(layer_stats_values, *columns, *_repeat(n, partial, device)))
-    return LayerCodec(keys_q, values_q, key_predictor, solve_predictor(value_stats, cfg))
+    return solve_layer(
+        cfg, layer, prev,
+        lambda: _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, skip, device))),
+        lambda codec: _sum(map_fn(layer_stats_values, *columns, *_repeat(n, codec, skip, device))),
+        lambda codec, kind, vectors: torch.cat(list(map_fn(grid_samples, *columns,
+                                                           *_repeat(n, codec, kind, skip, -(-vectors // n), device)))))
 
 
 def _sum(parts: Iterable[Any]) -> Any:
@@ -423,7 +512,7 @@ def parallel_codecs(act_path: str, cfg: CalibrationConfig, shards: list[tuple[in
     preds = info.predecessors
     tasks = [(layer, preds[layer], a, b) for layer in range(info.num_layers) for a, b in shards]
     results = map_fn(layer_stats_exact, *_repeat(len(tasks), str(act_path)), *map(list, zip(*tasks, strict=True)),
-                     *_repeat(len(tasks), device))
+                     *_repeat(len(tasks), cfg.skipped_tokens, device))
     return solve_parallel(_per_layer(results, len(shards)), cfg, preds)
 
 

@@ -46,14 +46,17 @@ from pipeline.fit import (
     _accumulate,
     _batches,
     _cpu,
+    _keep,
     _stats,
     _sum,
     encode_with_errors,
+    grid_stride,
+    kept_rows,
     layer_metrics,
     load_fits,
-    residual_quantizers,
+    residual_units,
     save_codec,
-    solve_predictor,
+    solve_layer,
 )
 
 ShardsCall = Callable[..., list[Any]]
@@ -223,22 +226,25 @@ class ResidentShard:
         rows, prev = self._rows(a, b), self.recon[self.preds[layer]]
         return prev["keys"][rows], prev["values"][rows]
 
+    def _mask(self, a: int, b: int, skip: int) -> torch.Tensor | None:
+        return kept_rows(b - a, self.seq_len, skip, self.device)
+
     @torch.no_grad()
-    def key_stats(self, layer: int) -> RidgeStats:
+    def key_stats(self, layer: int, skip: int = 0) -> RidgeStats:
         """Key predictor statistics (CPU): X = K̂_p, Y = K_l (as :func:`pipeline.fit.layer_stats_keys`)."""
         t0 = time.perf_counter()
         self._expect("key_stats", layer, self.kv_layer, layer)
         self._expect_prev("key_stats", layer)
         total = None
         for a, b in self._batches():
-            total = _accumulate(total, _stats(self._prev(layer, a, b)[0], self._kv("keys", a, b), layer, "keys",
-                                              (a, b)))
+            x, y = _keep(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
+            total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
         total = _cpu(total)
         self._timed("key_stats", t0)
         return total
 
     @torch.no_grad()
-    def value_stats(self, layer: int, codec: LayerCodec) -> RidgeStats:
+    def value_stats(self, layer: int, codec: LayerCodec, skip: int = 0) -> RidgeStats:
         """Value predictor statistics (CPU): X = [K̂_l, V̂_p], Y = V_l, K̂_l encoded with ``codec``'s key part
         (as :func:`pipeline.fit.layer_stats_values`)."""
         t0 = time.perf_counter()
@@ -247,8 +253,8 @@ class ResidentShard:
         key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None).to(self.device)
         total = None
         for a, b in self._batches():
-            prev = self._prev(layer, a, b)
-            keys, values = self._kv("keys", a, b), self._kv("values", a, b)
+            keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
+                                        *self._prev(layer, a, b))
             try:
                 _, (keys_hat, _) = encode(keys, values, prev, key_only)
             except NonFiniteError as e:
@@ -257,6 +263,24 @@ class ResidentShard:
         total = _cpu(total)
         self._timed("value_stats", t0)
         return total
+
+    @torch.no_grad()
+    def grid_samples(self, layer: int, codec: LayerCodec, kind: str, skip: int, vectors: int) -> torch.Tensor:
+        """About ``vectors`` of the vectors layer ``layer``'s ``kind`` grid will quantize (CPU ``[m, d]``; as
+        :func:`pipeline.fit.grid_samples`)."""
+        t0 = time.perf_counter()
+        self._expect("grid_samples", layer, self.kv_layer, layer)
+        self._expect_prev("grid_samples", layer)
+        config = (codec.keys if kind == "keys" else codec.values).config
+        stride = grid_stride((self.stop - self.start) * (self.seq_len - skip), self.kv_dim, config, vectors)
+        codec, parts = codec.to(self.device), []
+        for a, b in self._batches():
+            prev = self._prev(layer, a, b) if self.preds[layer] is not None else ()
+            keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
+                                        *prev)
+            parts.append(residual_units(keys, values, tuple(prev) or None, codec, kind, stride))
+        self._timed("grid_samples", t0)
+        return torch.cat(parts)
 
     @torch.no_grad()
     def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
@@ -333,12 +357,13 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
     for layer in bar:
         shards_call("forward", layer)
-        keys_q, values_q = residual_quantizers(cfg, layer, preds[layer] is None)
-        codec = LayerCodec(keys_q, values_q)
-        if preds[layer] is not None:
-            key_predictor = solve_predictor(_sum(shards_call("key_stats", layer)), cfg)
-            value_stats = _sum(shards_call("value_stats", layer, LayerCodec(keys_q, values_q, key_predictor, None)))
-            codec = LayerCodec(keys_q, values_q, key_predictor, solve_predictor(value_stats, cfg))
+        skip, n = cfg.skipped_tokens, len(shapes)
+        codec = solve_layer(
+            cfg, layer, preds[layer],
+            lambda: _sum(shards_call("key_stats", layer, skip)),  # noqa: B023  (called before the loop moves on)
+            lambda partial: _sum(shards_call("value_stats", layer, partial, skip)),  # noqa: B023
+            lambda partial, kind, vectors: torch.cat(
+                shards_call("grid_samples", layer, partial, kind, skip, -(-vectors // n))))  # noqa: B023
         sums: dict[str, float] = {}
         for part in shards_call("reconstruct", layer, codec):
             sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}

@@ -230,3 +230,20 @@ def test_bfloat16_store_is_read(tmp_path: Path) -> None:
     a = fit.fit_all(act, tmp_path / "w1", _cfg(), progress=False)
     b = fit.fit_all(tmp_path / "bf.zarr", tmp_path / "w2", _cfg(), progress=False)
     assert b[1].metrics["keys_rel_mse"] == pytest.approx(a[1].metrics["keys_rel_mse"], rel=0.2)
+
+
+def test_sinks_left_out_of_the_statistics(tmp_path: Path) -> None:
+    """``exclude_sinks``: every sample's first ``cache.sinks`` tokens (exact at inference) enter no statistics."""
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    recon = str(tmp_path / "recon.zarr")
+    cfg = _cfg(exclude_sinks=True, seq_len=SEQ)
+    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, [(0, SAMPLES)]),
+                          [(0, SAMPLES)])
+    full = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
+    skipped = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES, cfg.skipped_tokens)
+    assert cfg.skipped_tokens == cfg.cache.sinks == 4
+    assert full.count == SAMPLES * SEQ and skipped.count == SAMPLES * (SEQ - 4)
+    assert cfg.fit_digest() != cfg.model_copy(update={"exclude_sinks": False}).fit_digest()
+    with pytest.raises(ValueError, match="fit_mode: chain"):
+        _cfg(grids="fitted", fit_mode="parallel")

@@ -130,3 +130,26 @@ def test_out_of_order_calls_are_refused(assets: dict) -> None:
     shard.forward(0)
     with pytest.raises(CalibrationError, match="chain order"):
         shard.key_stats(1)
+
+
+def test_fitted_grids_and_sinks_out_equal_staged(assets: dict, tmp_path: Path) -> None:
+    """With per-layer fitted grids and the sinks left out of the statistics, resident == staged, grids included."""
+    cfg = _cfg(assets).model_copy(update={"grids": "fitted", "exclude_sinks": True})
+    act = assets["root"] / "activations.zarr"  # collected by the `staged` fixture's run of the same model
+    if not act.exists():
+        ckpt = Checkpoint(assets["model"])
+        open_activations(act, LAYERS, SAMPLES, SEQ, ckpt.kv_dim)
+        collect_shard(ckpt, assets["data"], 0, act, progress=False)
+    staged = fit_all(act, tmp_path / "staged", cfg, progress=False, num_shards=2)
+    resident = fit_resident(local_shards_call(_shards(assets, 2)), cfg, tmp_path / "resident", LAYERS, progress=False)
+    _assert_same(staged, resident, exact=True)
+    gaussian = fit_all(act, tmp_path / "gaussian", _cfg(assets).model_copy(update={"exclude_sinks": True}),
+                       progress=False, num_shards=2)
+    for s, r, g in zip(staged, resident, gaussian, strict=True):
+        for kind in KINDS:
+            fitted = getattr(s.codec, kind).grid
+            assert torch.equal(fitted, getattr(r.codec, kind).grid)
+            assert not torch.equal(fitted, getattr(g.codec, kind).grid)  # each layer's own grid
+    # weighted Lloyd from the Gaussian grid on each layer's own residuals: the chain's errors shrink
+    for kind in KINDS:
+        assert sum(f.metrics[f"{kind}_rel_mse"] for f in staged) < sum(f.metrics[f"{kind}_rel_mse"] for f in gaussian)
