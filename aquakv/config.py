@@ -107,6 +107,9 @@ class CalibrationConfig(_Frozen):
     grids: Literal["gaussian", "fitted"] = "gaussian"
     # leave each sample's first cache.sinks tokens (exact at inference) out of the predictor and grid statistics
     exclude_sinks: bool = False
+    # average stored bits/value (index + scales, all layers): each layer's keys and values get the grid size of
+    # keys.dim / values.dim that minimises the summed relative error (pipeline.budget); None: keys / values as given
+    bit_budget: float | None = Field(None, gt=0, le=16)
     cache: CacheConfig = CacheConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_ppl_increase: float = Field(0.05, gt=0)
@@ -122,6 +125,9 @@ class CalibrationConfig(_Frozen):
             raise ValueError("set predictor_rank (fixed) or predictor_rank_budget (per layer), not both")
         if self.grids == "fitted" and self.fit_mode != "chain":
             raise ValueError("grids: fitted needs fit_mode: chain (grids are fitted to the chain's residuals)")
+        if self.bit_budget is not None and (self.fit_mode != "chain" or self.resident):
+            raise ValueError("bit_budget needs fit_mode: chain and resident: false (the allocation reads every "
+                             "layer's activations before the chain starts)")
         if self.exclude_sinks and self.cache.sinks >= self.seq_len:
             raise ValueError(f"exclude_sinks leaves no token of a {self.seq_len}-token sample "
                              f"(cache.sinks = {self.cache.sinks})")
@@ -141,7 +147,7 @@ class CalibrationConfig(_Frozen):
     def fit_digest(self) -> str:
         """What the fitted layers depend on: the activations plus quantizers, damping, rank and fit mode."""
         fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode",
-                  "grids")
+                  "grids", "bit_budget")
         blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields)),
                            "skipped_tokens": self.skipped_tokens}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -45,9 +45,10 @@ from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
-from aquakv.grids import expected_distortion, fit_grid
+from aquakv.grids import expected_distortion, fit_grid, gaussian_grid
 from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
 from aquakv.quantize import unit_vectors
+from pipeline import budget
 
 KINDS = ("keys", "values")
 RECON_STORE = "recon.zarr"
@@ -56,6 +57,7 @@ SIGN_SEED = 0xA0A0
 ROWS_PER_READ = 1 << 16  # tokens read at once within a shard (bounds memory, keeps whole-sample reads)
 
 MapFn = Callable[..., Iterable[Any]]
+Allocation = dict[tuple[int, str], QuantizerConfig]  # (layer, "keys" | "values") -> quantizer of a bit budget
 
 
 @dataclass(frozen=True)
@@ -360,10 +362,14 @@ def sign_seed(layer: int, kind: str) -> int:
     return SIGN_SEED + 2 * layer + KINDS.index(kind)
 
 
-def residual_quantizers(cfg: CalibrationConfig, layer: int, chain_start: bool) -> tuple[Residual, Residual]:
+def residual_quantizers(cfg: CalibrationConfig, layer: int, chain_start: bool,
+                        allocation: Allocation | None = None) -> tuple[Residual, Residual]:
     """Keys and values residual quantizers of ``layer`` (``cfg.first_layer`` for a layer without predictors: layer 0,
-    and the first global / local layer of models with sliding-window layers)."""
+    and the first global / local layer of models with sliding-window layers; else the ``allocation`` of a bit
+    budget, or ``cfg.keys`` / ``cfg.values``)."""
     key_cfg, value_cfg = (cfg.first_layer, cfg.first_layer) if chain_start else (cfg.keys, cfg.values)
+    if allocation is not None and not chain_start:
+        key_cfg, value_cfg = allocation[(layer, "keys")], allocation[(layer, "values")]
     return (gaussian_residual(key_cfg, sign_seed(layer, "keys")),
             gaussian_residual(value_cfg, sign_seed(layer, "values")))
 
@@ -388,12 +394,13 @@ def _fitted(residual: Residual, samples: torch.Tensor) -> Residual:
 
 def solve_layer(cfg: CalibrationConfig, layer: int, prev: int | None, key_stats: Callable[[], RidgeStats],
                 value_stats: Callable[[LayerCodec], RidgeStats],
-                grid_samples: Callable[[LayerCodec, str, int], torch.Tensor]) -> LayerCodec:
+                grid_samples: Callable[[LayerCodec, str, int], torch.Tensor],
+                allocation: Allocation | None = None) -> LayerCodec:
     """One layer of the chain, wherever its data live (Zarr shards or resident workers): solve the key predictor,
     fit the keys grid to the key residuals (``cfg.grids == "fitted"``), then the value predictor given K̂_l and
     the values grid. ``key_stats()``, ``value_stats(partial codec)`` and ``grid_samples(codec, kind, vectors)``
     gather over all shards."""
-    keys_q, values_q = residual_quantizers(cfg, layer, prev is None)
+    keys_q, values_q = residual_quantizers(cfg, layer, prev is None, allocation)
     key_predictor = value_predictor = None
     if prev is not None:
         key_predictor = solve_predictor(key_stats(), cfg)
@@ -410,7 +417,8 @@ def solve_layer(cfg: CalibrationConfig, layer: int, prev: int | None, key_stats:
 
 
 def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cfg: CalibrationConfig,
-                shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerCodec:
+                shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu",
+                allocation: Allocation | None = None) -> LayerCodec:
     """Chain-mode codec of ``layer``: needs K̂_prev, V̂_prev in the recon store (``prev`` None: no predictors)."""
     n, skip = len(shards), cfg.skipped_tokens
     columns = [*_repeat(n, str(act_path), str(recon_path), layer, prev), [a for a, _ in shards],
@@ -420,7 +428,8 @@ def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cf
         lambda: _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, skip, device))),
         lambda codec: _sum(map_fn(layer_stats_values, *columns, *_repeat(n, codec, skip, device))),
         lambda codec, kind, vectors: torch.cat(list(map_fn(grid_samples, *columns,
-                                                           *_repeat(n, codec, kind, skip, -(-vectors // n), device)))))
+                                                           *_repeat(n, codec, kind, skip, -(-vectors // n), device)))),
+        allocation)
 
 
 def _sum(parts: Iterable[Any]) -> Any:
@@ -544,10 +553,10 @@ def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens
 
 
 def fit_layer(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
-              map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
+              map_fn: MapFn = map, device: str = "cpu", allocation: Allocation | None = None) -> LayerFit:
     """Chain mode, one layer: solve its predictors from shard statistics, then reconstruct it for its successors."""
     codec = chain_codec(act_path, recon_path, layer, store_info(act_path).predecessors[layer], cfg, shards, map_fn,
-                        device)
+                        device, allocation)
     return reconstruct_layer(act_path, recon_path, layer, codec, shards, map_fn, device)
 
 
@@ -631,6 +640,44 @@ def _solved_codecs(act_path: str, workdir: Path, cfg: CalibrationConfig, shards:
     return codecs
 
 
+def bit_allocation(act_path: str, workdir: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]],
+                   map_fn: MapFn = map, device: str = "cpu") -> Allocation:
+    """``cfg.bit_budget`` spread over the layers (:mod:`pipeline.budget`), from one pass of exact-input statistics:
+    each layer's residual energy after a noise-free predictor, relative to its data's. Saved in
+    ``fit/budget.json`` (keyed by the fit digest) and reloaded on resume."""
+    path = workdir / FIT_DIR / "budget.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved["digest"] == cfg.fit_digest():
+            return {(int(layer), kind): QuantizerConfig(**q) for layer, kind, q in saved["allocation"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    info = store_info(act_path)
+    preds = info.predecessors
+    tasks = [(layer, preds[layer], a, b) for layer in range(info.num_layers) for a, b in shards]
+    results = map_fn(layer_stats_exact, *_repeat(len(tasks), act_path), *map(list, zip(*tasks, strict=True)),
+                     *_repeat(len(tasks), cfg.skipped_tokens, device))
+    items = []
+    for layer, s in enumerate(_per_layer(results, len(shards))):
+        if preds[layer] is None:
+            continue
+        for kind, stats, y_sq in (("keys", s.keys, s.keys_sq), ("values", s.values, s.values_sq)):
+            _, energy = _noisy_solve(stats, torch.zeros(stats.xtx.shape[0] - 1, dtype=torch.float64), y_sq, cfg)
+            items.append(budget.Item(layer, kind, float(energy.sum() / (y_sq.sum() / s.count).clamp_min(1e-30))))
+    choices = {"keys": budget.options(cfg.keys), "values": budget.options(cfg.values)}
+    distortion = {q: expected_distortion(gaussian_grid(q.dim, q.size)) for qs in choices.values() for q in qs}
+    starts = sum(p is None for p in preds)
+    try:
+        allocation = budget.allocate(items, choices, distortion, cfg.bit_budget, 2 * starts *
+                                     cfg.first_layer.bits_per_value, 2 * starts)
+    except ValueError as e:
+        raise CalibrationError(f"{e}; raise bit_budget") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps({"digest": cfg.fit_digest(), "allocation": [
+        [layer, kind, q.model_dump()] for (layer, kind), q in sorted(allocation.items())]}, indent=1).encode())
+    return allocation
+
+
 def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: CalibrationConfig, map_fn: MapFn = map,
             progress: bool = True, num_shards: int | None = None, device: str = "cpu") -> list[LayerFit]:
     """Fit every layer (``cfg.fit_mode``), resuming after the finished layers found under ``workdir``.
@@ -646,14 +693,16 @@ def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: Calibr
     fits = load_fits(workdir, cfg, info.num_layers)
     if len(fits) == info.num_layers:
         return fits
-    codecs = None
+    codecs = allocation = None
     if cfg.fit_mode == "parallel":
         codecs = _solved_codecs(act_path, workdir, cfg, shards, map_fn, device, info.num_layers)
+    if cfg.bit_budget is not None:
+        allocation = bit_allocation(act_path, workdir, cfg, shards, map_fn, device)
     bar = tqdm(range(len(fits), info.num_layers), desc=f"fit ({cfg.fit_mode})", disable=not progress,
                initial=len(fits), total=info.num_layers)
     for layer in bar:
         if codecs is None:
-            fit = fit_layer(act_path, recon_path, layer, cfg, shards, map_fn, device)
+            fit = fit_layer(act_path, recon_path, layer, cfg, shards, map_fn, device, allocation)
         else:
             fit = reconstruct_layer(act_path, recon_path, layer, codecs[layer], shards, map_fn, device)
         save_codec(workdir / FIT_DIR / str(layer), fit.codec,
