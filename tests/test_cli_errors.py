@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from aquakv.cli import main as cli
+from aquakv_cli.main import main as cli
 from pipeline.testing import write_tiny_llama
 
 ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -23,7 +23,7 @@ ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK"
 
 
 def aquakv(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aquakv.cli", *args], cwd=cwd, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "aquakv_cli", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=600)
 
 

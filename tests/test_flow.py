@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import pipeline.fit
 from aquakv.cache import AquaKVCache
-from aquakv.cli import main as cli
+from aquakv_cli.main import main as cli
 from aquakv.compat import cache_kwargs
 from aquakv.errors import CalibrationError
 from aquakv.registry import load_bundle

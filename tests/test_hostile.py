@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from test_publish import bundle_files
 
 from aquakv.bundle import GRIDS, MANIFEST, PREDICTORS, decode_bundle, read_bundle_dir, sha256, write_bundle
-from aquakv.cli import main as cli
+from aquakv_cli.main import main as cli
 from aquakv.errors import (
     AquaKVError,
     BundleIntegrityError,

@@ -1,0 +1,3 @@
+from aquakv_cli.main import main
+
+main()
