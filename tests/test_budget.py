@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_fit import DIM, _cfg, write_store
 
 from aquakv.bundle import bits_per_value
 from aquakv.config import QuantizerConfig
 from aquakv.grids import expected_distortion, gaussian_grid
 from pipeline import budget, fit
-from test_fit import DIM, _cfg, write_store
 
 Q = QuantizerConfig(dim=2, size=16, group_size=32)
 

@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import pipeline.fit
 from aquakv.cache import AquaKVCache
-from aquakv_cli.main import main as cli
 from aquakv.compat import cache_kwargs
 from aquakv.errors import CalibrationError
 from aquakv.registry import load_bundle
+from aquakv_cli.main import main as cli
 from cluster.workers import collect_worker, connect, ray_map
 from flows.calibrate import calibrate
 from pipeline.collect import open_activations, read_activations

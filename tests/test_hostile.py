@@ -23,7 +23,6 @@ from safetensors.torch import save as save_safetensors
 from test_publish import bundle_files
 
 from aquakv.bundle import GRIDS, MANIFEST, PREDICTORS, decode_bundle, read_bundle_dir, sha256, write_bundle
-from aquakv_cli.main import main as cli
 from aquakv.errors import (
     AquaKVError,
     BundleIntegrityError,
@@ -33,6 +32,7 @@ from aquakv.errors import (
     UnsafeBundlePathError,
 )
 from aquakv.registry import STALE_AFTER_S, load_bundle, pull, sweep_leftovers, temp_name
+from aquakv_cli.main import main as cli
 from pipeline.collect import open_activations
 
 
