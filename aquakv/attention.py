@@ -226,6 +226,7 @@ class TritonBackend:
 
     def __init__(self, settings: KernelSettings):
         self.settings = settings
+        self.handoff: tuple[bool, int] | None = None  # the scratch layout, fixed at the first fused read
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
                codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
@@ -238,15 +239,17 @@ class TritonBackend:
 
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        from aquakv.kernels.decode import attend_exact, decode_attention, needs_own_buffer, scratch_dtype
+        from aquakv.kernels.decode import attend_exact, decode_attention, handoff, needs_own_buffer, scratch_dtype
 
         layer, shared = seg.layer, seg.layer.shared
         compressed = None
         if seg.length:
             b, _, q_len, hd = query.shape
-            d = exact_keys.shape[1] * hd
+            if self.handoff is None:
+                self.handoff = handoff(shared.codecs, self.settings, exact_keys.shape[1] * hd)
+            projected, columns = self.handoff
             if layer.layer_idx == 0 or shared.scratch is None:
-                shared.ensure_scratch(b, seg.length, d, scratch_dtype(self.settings), query.device)
+                shared.ensure_scratch(b, seg.length, columns // 2, scratch_dtype(self.settings), query.device)
             src = shared.scratch_src
             dst = 1 - src if needs_own_buffer(layer.codec, self.settings) else src
             valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
@@ -254,7 +257,8 @@ class TritonBackend:
             compressed = decode_attention(
                 query, seg.block.keys, seg.block.values, seg.length, layer.codec,
                 shared.scratch_buffer(src), shared.scratch_buffer(dst), shared.positions, shared.inv_freq(query.device),
-                float(getattr(rotary, "attention_scaling", 1.0)), valid, scaling, self.settings)
+                float(getattr(rotary, "attention_scaling", 1.0)), valid, scaling, self.settings, projected,
+                shared.codecs[layer.layer_idx + 1] if layer.layer_idx + 1 < len(shared.codecs) else None)
             shared.scratch_src = dst
         return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed)
 

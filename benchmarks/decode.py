@@ -9,8 +9,10 @@ filled directly (random keys / values / codes of the right shapes, no prefill); 
 timed steps: **GPU ms** = the sum of kernel durations of one step from ``torch.profiler`` (median over the profiled
 steps), **wall ms** = CUDA events around ``model(...)`` (median). Quality is not measured here.
 
-Sections: ``ceilings`` (copy bandwidth, bf16 matmul), ``layer`` (one layer: flash SDPA over bf16 KV vs AQUA-KV's fused
-attention vs reconstruct-then-SDPA), ``e2e`` (decode steps), ``budget`` (tokens/s at a fixed KV-memory budget).
+Sections: ``ceilings`` (copy bandwidth, bf16 matmul), ``sweep`` (the decode kernel alone: scratch hand-on and launch
+configs), ``layer`` (one layer: flash SDPA over bf16 KV vs AQUA-KV's fused attention vs reconstruct-then-SDPA),
+``e2e`` (decode steps), ``budget`` (tokens/s at a fixed KV-memory budget). The ``layer`` section also times the
+fused attention's kernels as one CUDA-graph replay (**graph ms**: no launch gaps).
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings) -> list[dict]
     free()
     rotary = rotary_module()
     for kind, rank in RANKS.items():
-        codecs = make_codecs(2, kvh * hd, rank)
+        codecs = make_codecs(3, kvh * hd, rank)  # layer 1 is timed: it reads layer 0's hand-on and hands on its own
         cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=settings)
         fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
         shared = cache.shared
@@ -209,9 +211,15 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings) -> list[dict]
             return triton_b.attend(segs[1], q, *exact[1], None, hd**-0.5)
 
         rows = []
-        g = gpu_ms(fused, 10, rows)
+        try:
+            g = gpu_ms(fused, 10, rows)
+        except Exception as e:  # noqa: BLE001
+            out.append({"method": f"aquakv fused attention, {kind}", "error": f"{type(e).__name__}: {e}"[:300]})
+            del cache, segs, exact
+            free()
+            continue
         out.append({"method": f"aquakv fused attention, {kind}", "gpu_ms": g, "wall_ms": events_ms(fused),
-                    "kernels": rows[:8]})
+                    "graph_ms": graph_replay_ms(fused), "kernels": rows[:8]})
         # reconstruct-then-attend on the same layer (Triton reconstruction, then flash SDPA over the result)
         read_compressed(cache.layers[0], settings)
         prev = shared.prev_old
@@ -242,6 +250,61 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings) -> list[dict]
         log(f"layer B={batch} T={tokens} {r['method']:58s} GPU {r.get('gpu_ms', float('nan')):7.3f} ms  "
             f"wall {r.get('wall_ms', float('nan')):7.3f} ms  x{r['ratio_to_flash']:.1f} flash "
             f"{r.get('rel_err_vs_fp32_reference', '')}")
+    return out
+
+
+def graph_replay_ms(fn, reps: int = 20) -> float | str:
+    """Milliseconds per replay of ``fn()`` captured in a CUDA graph (no launch gaps), or why capture failed."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = events_ms(graph.replay, 3, reps)
+        del graph
+        return ms
+    except Exception as e:  # noqa: BLE001
+        torch.cuda.synchronize()
+        return f"{type(e).__name__}: {e}"[:300]
+
+
+def sweep(batch: int, tokens: int, settings: KernelSettings) -> list[dict]:
+    """``_decode_attention_kernel`` alone on a middle r64 layer at ``tokens``: the full-reconstruction hand-on vs the
+    projected one, over launch configs ``(tokens per program, warps, stages)``."""
+    from aquakv.kernels.decode import decode_attention
+
+    kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
+    d = kvh * hd
+    codecs = make_codecs(3, d, 64)
+    cache = AquaKVCache(codecs, CacheConfig(), rotary_module(), kernels=settings)
+    fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
+    layer = cache.layers[1]
+    q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
+    inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
+    out = []
+    for projected, cols, configs in ((False, 2 * d, [(64, 4, 4)]),
+                                     (True, 128, [(64, 4, 3), (128, 8, 1), (128, 8, 2), (128, 16, 2),
+                                                  (256, 16, 2)])):
+        scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
+        for launch in configs:
+            def fn(scratch=scratch, projected=projected, launch=launch):
+                return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
+                                        layer.codec, scratch, scratch, positions, inv_freq, 1.0, None,
+                                        hd**-0.5, settings, projected, codecs[2], launch)
+            rec = {"batch": batch, "tokens": tokens, "handoff": "projected" if projected else "full",
+                   "launch": list(launch)}
+            try:
+                rec["gpu_ms"] = gpu_ms(fn, 10)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+            log("sweep", json.dumps(rec))
+            out.append(rec)
+        del scratch
+    free()
     return out
 
 
@@ -451,6 +514,11 @@ def main() -> None:
         del a
         free()
         save()
+    if "sweep" in args.sections:
+        result["sweep"] = []
+        for batch in args.layer_batches:
+            result["sweep"] += sweep(batch, 32768, settings)
+            save()
     if "layer" in args.sections:
         for batch in args.layer_batches:
             try:

@@ -155,3 +155,27 @@ def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
     settings = KernelSettings()
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.enabled = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("ranks,want", [((16, 40), (True, 128)), ((None, 16), (False, 1024)),
+                                        ((128, 16), (False, 1024))])
+def test_scratch_hand_on_is_projected_only_for_low_rank_predictors(ranks, want):
+    """The fused path hands layer l+1 only its low-rank projections of layer l's reconstruction (the widest layer's
+    RK + RV columns, ranks padded to powers of two) when every predictor has rank <= 64; else the whole ``[K̂ | V̂]``."""
+    from aquakv.codec import LayerCodec, gaussian_residual
+    from aquakv.kernels.decode import handoff
+    from aquakv.predictors import Predictor
+
+    gen = torch.Generator().manual_seed(0)
+    d = 512
+    q = QuantizerConfig(dim=2, size=16, group_size=64)
+
+    def predictor(d_in: int, rank: int | None) -> Predictor:
+        w = torch.randn(d_in, rank or d, generator=gen)
+        return Predictor(w @ torch.randn(rank, d, generator=gen) if rank else w, torch.zeros(d))
+
+    codecs = [LayerCodec(gaussian_residual(q, 0), gaussian_residual(q, 1))]
+    for i, rank in enumerate(ranks, 1):
+        codecs.append(LayerCodec(gaussian_residual(q, 2 * i), gaussian_residual(q, 2 * i + 1),
+                                 predictor(d, rank), predictor(2 * d, rank)))
+    assert handoff(codecs, KernelSettings(), d) == want

@@ -1,11 +1,12 @@
 """The decode path on CUDA: flash-decoding attention straight from the compressed cache.
 
 :func:`decode_attention` launches ``_decode_attention_kernel`` over (tile of compressed tokens, batch row). Each
-program reconstructs its tile of layer ``l`` from the codes and layer ``l-1``'s reconstruction of the same tile (read
-from a per-pass scratch), writes layer ``l``'s reconstruction there for layer ``l+1``, applies RoPE at the tokens' own
-positions and returns attention partials (normalized output + log-sum-exp) of every query head; :func:`attend_exact`
-(``_exact_merge_kernel``, one program per query row) attends to the exact segments (sinks, recent window, new tokens)
-and merges the partials into the layer's output.
+program reconstructs its tile of layer ``l`` from the codes and what layer ``l-1`` handed on for the same tile (read
+from a per-pass scratch: its reconstruction, or only its low-rank projections, :func:`handoff`), hands layer ``l``'s
+on to layer ``l+1`` the same way, applies RoPE at the tokens' own positions and returns attention partials
+(normalized output + log-sum-exp) of every query head; :func:`attend_exact` (``_exact_merge_kernel``, one program
+per query row) attends to the exact segments (sinks, recent window, new tokens) and merges the partials into the
+layer's output.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ if HAS_TRITON:
     from aquakv.kernels.jit import _decode_attention_kernel, _exact_merge_kernel
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
+# Highest predictor rank of the projected hand-on: at rank 128 its [tile, rank] accumulators spill and the pipelined
+# kernel needs more shared memory than an H100 / H200 SM has (244 KB at 64-token tiles, 2026-11-26).
+MAX_PROJECTED_RANK = 64
 
 
 def scratch_dtype(settings: KernelSettings) -> torch.dtype:
@@ -51,6 +55,20 @@ def needs_own_buffer(codec, settings: KernelSettings) -> bool:
     return False
 
 
+def handoff(codecs, settings: KernelSettings, channels: int) -> tuple[bool, int]:
+    """``(projected, columns)`` of the scratch rows one layer hands to the next: the next layer's low-rank projections
+    of its inputs (``projected``: every predictor low rank, at most :data:`MAX_PROJECTED_RANK`, or absent; the widest
+    layer's ``RK + RV`` columns, at least 16) or the full reconstruction ``[K̂ | V̂]`` (``2 * channels`` columns)."""
+    width = 16
+    for codec in codecs:
+        modes = [_predictor_operands(p, p.weight.device, settings) for p in (codec.key_predictor,
+                                                                               codec.value_predictor) if p is not None]
+        if any(m[0] == 1 or m[5] > MAX_PROJECTED_RANK for m in modes):
+            return False, 2 * channels
+        width = max(width, sum(m[5] for m in modes))
+    return True, width
+
+
 def supports_fused(codec, head_dim: int) -> bool:
     """Whether the decode kernel handles this layer: each half-head of columns lies inside one Hadamard group."""
     return all(r.config.group_size % (head_dim // 2) == 0 for r in (codec.keys, codec.values))
@@ -62,17 +80,19 @@ def _sm_count(device: torch.device) -> int:
     return 16
 
 
-def _launch_config(rows: int, full_rank: bool, settings: KernelSettings, device: torch.device) -> tuple[int, int, int]:
-    """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens``: 64-token tiles once
-    they give every SM two programs, else 32 (measured on an H200, 2026-11-26: 128-token tiles with 8 warps were no
-    faster, 4 warps with 128 tokens spilled; 64-token tiles with 8 warps or 32-token tiles were slower). 4 pipeline
-    stages for 64-token tiles with low-rank or no predictors (0.255 vs 0.281 ms per layer with 2, rank 64, 32k, batch
-    1); a ``full_rank`` predictor keeps 2 (4 were 1.4x slower there)."""
-    if settings.tile_tokens:
-        bt = settings.tile_tokens
-    else:
-        bt = 64 if rows >= 2 * _sm_count(device) * 64 else 32
-    return bt, 4, 4 if bt == 64 and not full_rank else 2
+def _launch_config(rows: int, full_rank: bool, projected: bool, settings: KernelSettings,
+                   device: torch.device) -> tuple[int, int, int]:
+    """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens`` (measured on H200s,
+    2026-11-26, rank 64 at 32k). Projected hand-on: 128-token tiles with 8 warps, 1 stage once they give every SM a
+    program (0.198 vs 0.204 ms per layer with 2 stages, 0.277 with 64-token tiles; batch 1). Full hand-on: 64-token
+    tiles once they give every SM two programs, else 32 (128-token tiles were no faster there); 4 stages for 64-token
+    tiles without a full-rank predictor (0.255 vs 0.281 ms with 2), a ``full_rank`` predictor keeps 2 (4 were 1.4x
+    slower)."""
+    sms = _sm_count(device)
+    bt = settings.tile_tokens or (128 if projected and rows >= sms * 128 else 64 if rows >= 2 * sms * 64 else 32)
+    if bt >= 128:
+        return bt, 8, 1
+    return bt, 4, (3 if projected else 4) if bt == 64 and not full_rank else 2
 
 
 _TABLES = _PerTensor()
@@ -103,19 +123,23 @@ def _codes_operand(codes: torch.Tensor, cfg) -> tuple[torch.Tensor, bool]:
 def decode_attention(
     query: torch.Tensor, keys_q, values_q, length: int, codec, prev: torch.Tensor, cur: torch.Tensor,
     positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, key_mask: torch.Tensor | None,
-    scaling: float, settings: KernelSettings,
+    scaling: float, settings: KernelSettings, projected: bool = False, next_codec=None,
+    launch: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention partials of ``query [B, Hq, Q, hd]`` over ``length`` compressed tokens.
 
     ``keys_q`` / ``values_q``: codes ``[B, length, row_bytes]`` and scales ``[B, length, groups]`` of the key and
     value residuals; ``codec``: the layer's :class:`~aquakv.codec.LayerCodec` (grids, signs, predictors);
-    ``prev`` / ``cur``: scratch ``[B, capacity, 2 * D]`` (``K̂ | V̂``, pre-RoPE) holding layer ``l-1``'s reconstruction
-    / receiving layer ``l``'s (may be the same tensor unless :func:`needs_own_buffer`); ``positions [B, >= length]``
-    int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns ``o [B, Hq, Q, tiles, hd]`` float32
-    (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log; ``-inf`` for a fully masked tile).
+    ``prev`` / ``cur``: scratch ``[B, capacity, columns]`` holding what this layer reads / receiving what the next
+    layer (``next_codec``, None for the last) reads (may be the same tensor unless :func:`needs_own_buffer`): the full
+    reconstruction ``[K̂ | V̂]`` pre-RoPE, or its low-rank projections when ``projected`` (see :func:`handoff`);
+    ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
+    ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
+    ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
+    default (benchmark sweeps).
     """
     b, hq, qlen, hd = query.shape
-    d = prev.shape[-1] // 2
+    d = keys_q.channels
     h = d // hd
     gq = hq // h
     if gq * qlen > MAX_QUERY_ROWS:
@@ -128,7 +152,13 @@ def decode_attention(
         query = query.contiguous()
     kmode, kw, kb, ka, kup, rk = _predictor_operands(codec.key_predictor, dev, settings)
     vmode, vw, vb, va, vup, rv = _predictor_operands(codec.value_predictor, dev, settings)
-    bt, warps, stages = _launch_config(b * length, kmode == 1 or vmode == 1, settings, dev)
+    ka2 = va2 = None
+    rk2 = rv2 = 0
+    if projected and next_codec is not None:
+        nkmode, _, _, ka2, _, rk2 = _predictor_operands(next_codec.key_predictor, dev, settings)
+        nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
+        rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
+    bt, warps, stages = launch or _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev)
     nt = math.ceil(length / bt)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
@@ -153,12 +183,12 @@ def decode_attention(
         kw if kw is not None else dummy, kb if kb is not None else dummy, ka if ka is not None else dummy,
         kup if kup is not None else dummy,
         vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
-        vup if vup is not None else dummy,
+        vup if vup is not None else dummy, ka2 if ka2 is not None else dummy, va2 if va2 is not None else dummy,
         positions, positions.stride(0), inv_freq, float(rope_scale),
         mask, probs, o, lse,
         length, nt, hq, qlen, float(scaling) * math.log2(math.e),
         DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
-        KPRED=kmode, VPRED=vmode, RK=rk, RV=rv,
+        KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected, RK2=rk2, RV2=rv2,
         GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
         GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
         HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,

@@ -340,6 +340,15 @@ def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_
                            INTERP)
 
 
+@triton.jit
+def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTERP: tl.constexpr):
+    """``acc + [xl | xh] @ W[c0 : c0 + 2 HB, 0:R]``: one head's columns of a ``[BT, D]`` row block times the
+    matching rows of a row-major ``W [D, R]``."""
+    w_rows = (c0 + tl.arange(0, HB))[:, None] * R + tl.arange(0, R)[None, :]
+    acc = _dot16(xl, tl.load(w_ptr + w_rows), acc, INTERP)
+    return _dot16(xh, tl.load(w_ptr + (w_rows + HB * R)), acc, INTERP)
+
+
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
 # (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
 @triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
@@ -349,28 +358,33 @@ def _decode_attention_kernel(
     vc_ptr, vc_rl, vs_ptr, v_groups, vgrid_ptr, vhr_ptr,
     prev_ptr, cur_ptr, s_sb, s_st,
     kw_ptr, kb_ptr, ka_ptr, kup_ptr,
-    vw_ptr, vb_ptr, va_ptr, vup_ptr,
+    vw_ptr, vb_ptr, va_ptr, vup_ptr, ka2_ptr, va2_ptr,
     pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
     mask_ptr, p_ptr, o_ptr, lse_ptr,
     C, NT, HQ, QLEN, scale_log2,
     DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr,
     KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+    PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr,
     GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
     GS_V: tl.constexpr, D_V: tl.constexpr, BITS_V: tl.constexpr, WORDS_V: tl.constexpr,
     HAS_MASK: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Attention of all query heads to one tile of ``BT`` compressed tokens of batch row ``b``.
 
-    Scratch rows ``[K̂ (DM columns), V̂ (DM columns)]`` pre-RoPE: ``prev`` holds layer ``l-1``'s reconstruction,
-    ``cur`` receives layer ``l``'s (the same buffer when every predictor is low rank or absent: each input is
-    consumed before its columns are overwritten). Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight
-    ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``; the value predictor's input is ``[K̂_l, V̂_{l-1}]``.
+    Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``;
+    the value predictor's input is ``[K̂_l, V̂_{l-1}]``. The scratch hands layer ``l``'s reconstruction to layer
+    ``l+1``: ``prev`` holds what layer ``l`` reads, ``cur`` receives what layer ``l+1`` reads (the same buffer unless a
+    predictor is full rank: each input is read before its columns are overwritten). Rows are either the full
+    reconstruction ``[K̂ (DM columns) | V̂ (DM)]`` pre-RoPE, or, with ``PROJ`` (every predictor low rank or absent),
+    only the next layer's low-rank projections of it, ``[K̂ @ a^K_{l+1} (RK2 columns) | V̂ @ a^V_{l+1}[DM:] (RV2)]``
+    (``ka2`` / ``va2``; ``RK2 = 0`` / ``RV2 = 0``: nothing to hand on): 16x fewer scratch bytes at rank D/16, and the
+    projections are computed from the tiles already in registers.
 
-    Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, stored for layer ``l+1``,
-    RoPE'd, scored by its ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of
-    ``p`` (bf16, L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) V̂ of head ``h``, stored, times the
-    probabilities read back -> the tile's normalized output ``o`` per (query head, query row).
+    Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, RoPE'd, scored by its
+    ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of ``p`` (bf16,
+    L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) V̂ of head ``h`` times the probabilities read back
+    -> the tile's normalized output ``o`` per (query head, query row).
     """
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -390,15 +404,25 @@ def _decode_attention_kernel(
     if HAS_MASK:
         kvalid = kvalid & (tl.load(mask_ptr + b.to(tl.int64) * C + t, mask=tmask, other=0) != 0)
 
-    # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head, into cur[:, 0:DM]; scores and probabilities
+    # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head; scores and probabilities; hand-on of K̂_l
     zk = 0.0  # the low-rank projections, read only where KPRED / VPRED == 2
     zv = 0.0
-    if KPRED == 2:
-        zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
-                         tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
-    if VPRED == 2:  # the value predictor's low-rank input projection, V̂_{l-1} part first (before it is overwritten)
-        zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK,
-                         tl.zeros((BT, RV), tl.float32), INTERP)
+    if PROJ:  # layer l-1 wrote them: [K̂_{l-1} @ a^K (RK) | V̂_{l-1} @ a^V[DM:] (RV)]
+        if KPRED == 2:
+            zk = tl.load(prev_ptr + srow[:, None] + tl.arange(0, RK)[None, :], mask=tmask[:, None],
+                         other=0.0).to(kup_ptr.dtype.element_ty)
+        if VPRED == 2:
+            zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
+                         mask=tmask[:, None], other=0.0).to(tl.float32)
+    else:
+        if KPRED == 2:
+            zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
+                             tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
+        if VPRED == 2:  # the value predictor's input projection, V̂_{l-1} part first (before it is overwritten)
+            zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK,
+                             tl.zeros((BT, RV), tl.float32), INTERP)
+    kd = cur_ptr.dtype.element_ty if not PROJ else q_ptr.dtype.element_ty  # K̂, V̂ tiles: scratch / model dtype
+    nk = tl.zeros((BT, RK2 if RK2 > 0 else 16), tl.float32)  # K̂_l @ a^K_{l+1}
     for h in range(H):
         c0 = h * HD
         acc_l = tl.zeros((BT, HB), tl.float32)
@@ -408,17 +432,19 @@ def _decode_attention_kernel(
             acc_h = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
         kl = _low_rank_bias_residual(acc_l, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask,
                                      kc_rl, k_groups, c0, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
-                                     INTERP).to(cur_ptr.dtype.element_ty)
+                                     INTERP).to(kd)
         kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask,
                                      kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
-                                     INTERP).to(cur_ptr.dtype.element_ty)
+                                     INTERP).to(kd)
         if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
-            va_rows = (c0 + tl.arange(0, HB))[:, None] * RV + tl.arange(0, RV)[None, :]
-            zv = _dot16(kl, tl.load(va_ptr + va_rows), zv, INTERP)
-            zv = _dot16(kh, tl.load(va_ptr + (va_rows + HB * RV)), zv, INTERP)
-        tl.store(cur_ptr + srow[:, None] + c0 + half[None, :], kl, mask=tmask[:, None])
-        tl.store(cur_ptr + srow[:, None] + c0 + HB + half[None, :], kh, mask=tmask[:, None])
-        # RoPE at the tokens' positions (the reference rounds K̂ to the scratch dtype first), then the scores
+            zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
+        if PROJ:
+            if RK2 > 0:
+                nk = _head_times(kl, kh, ka2_ptr, c0, RK2, HB, nk, INTERP)
+        else:
+            tl.store(cur_ptr + srow[:, None] + c0 + half[None, :], kl, mask=tmask[:, None])
+            tl.store(cur_ptr + srow[:, None] + c0 + HB + half[None, :], kh, mask=tmask[:, None])
+        # RoPE at the tokens' positions (K̂ rounded to kd first, as the reference rounds it), then the scores
         pos = tl.load(pos_ptr + b.to(tl.int64) * pos_sb + t, mask=tmask, other=0).to(tl.float32)
         cos, sin = _rope_cos_sin(pos, tl.load(inv_freq_ptr + half), rope_scale, INTERP)  # (in the loop: not hoisted)
         fl = kl.to(tl.float32)
@@ -439,10 +465,15 @@ def _decode_attention_kernel(
         part = ((b * HQ + qhead).to(tl.int64) * QLEN + qi) * NT + tile
         tl.store(lse_ptr + part, tl.where(lsum > 0, (mx + tl.log2(lsum)) * LN2, float("-inf")), mask=rvalid)
     tl.debug_barrier()  # K̂_l of every head and the probabilities are written (read back through L2: ".cg" loads)
+    if PROJ:  # every input of prev was read before the barrier
+        if RK2 > 0:
+            tl.store(cur_ptr + srow[:, None] + tl.arange(0, RK2)[None, :], nk.to(cur_ptr.dtype.element_ty),
+                     mask=tmask[:, None])
 
-    # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head, into cur[:, DM:2DM]; outputs
+    # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
     if VPRED == 2:  # complete: only its bf16 operand is needed from here on (half the registers of fp32)
         zv = zv.to(vup_ptr.dtype.element_ty)
+    nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
     for h in range(H):
         c0 = h * HD
         acc_l = tl.zeros((BT, HB), tl.float32)
@@ -455,18 +486,26 @@ def _decode_attention_kernel(
                                 INTERP)
         vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
                                      vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                     INTERP).to(cur_ptr.dtype.element_ty)
+                                     INTERP).to(kd)
         vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
                                      vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                     INTERP).to(cur_ptr.dtype.element_ty)
-        tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
-        tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
+                                     INTERP).to(kd)
+        if PROJ:
+            if RV2 > 0:
+                nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
+        else:
+            tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
+            tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
         p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
         part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
         tl.store(o_ptr + part[:, None] * HD + half[None, :], _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP),
                  mask=rvalid[:, None])
         tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
                  _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
+    if PROJ:
+        if RV2 > 0:
+            tl.store(cur_ptr + srow[:, None] + RK2 + tl.arange(0, RV2)[None, :], nv.to(cur_ptr.dtype.element_ty),
+                     mask=tmask[:, None])
 
 
 @triton.jit
