@@ -37,6 +37,12 @@ class Residual:
         return Residual(self.config, self.grid.to(device), self.signs.to(device))
 
 
+def value_inputs(keys: torch.Tensor, prev_values: torch.Tensor) -> torch.Tensor:
+    """The value predictor's input ``[..., 2D]``: this layer's keys, then the predecessor's values. The weight's rows
+    follow this layout (``W[:D]`` keys, ``W[D:]`` values), which the Triton kernels split on."""
+    return torch.cat([keys, prev_values], dim=-1)
+
+
 @dataclass
 class LayerCodec:
     """How one layer's keys and values ``[..., D]`` are stored."""
@@ -65,7 +71,7 @@ class LayerCodec:
             return torch.zeros_like(keys_hat, dtype=torch.float32)
         if prev is None:
             raise ValueError("this layer's value predictor needs the previous layer's reconstruction")
-        return self.value_predictor(torch.cat([keys_hat, prev[1].float()], dim=-1))
+        return self.value_predictor(value_inputs(keys_hat, prev[1].float()))
 
 
 @dataclass

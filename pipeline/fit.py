@@ -41,7 +41,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from aquakv.bundle import bits_per_value
-from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual
+from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual, value_inputs
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
@@ -269,7 +269,7 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, st
             _, (keys_hat, _) = encode(keys, values, prev_kv, key_only.to(device))
         except NonFiniteError as e:
             raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-        total = _accumulate(total, _stats(torch.cat([keys_hat, prev_kv[1]], 1), values, layer, "values", (a, b)))
+        total = _accumulate(total, _stats(value_inputs(keys_hat, prev_kv[1]), values, layer, "values", (a, b)))
     return _cpu(total)
 
 
@@ -291,7 +291,7 @@ def layer_stats_exact(act_path: str, layer: int, prev: int | None, start: int, s
             prev_keys, prev_values = _keep(mask, _read(act, "keys", prev, a, b, device),
                                            _read(act, "values", prev, a, b, device))
             key_stats = _cpu(_stats(prev_keys, keys, layer, "keys", (a, b)))
-            value_stats = _cpu(_stats(torch.cat([keys, prev_values], 1), values, layer, "values", (a, b)))
+            value_stats = _cpu(_stats(value_inputs(keys, prev_values), values, layer, "values", (a, b)))
         keys_sq, values_sq = (keys.double() ** 2).sum(0).cpu(), (values.double() ** 2).sum(0).cpu()
         part = ExactStats(key_stats, value_stats, keys_sq, values_sq, keys.shape[0])
         total = _accumulate(total, part)
@@ -497,7 +497,7 @@ def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig,
         else:
             key_predictor, key_energy = _noisy_solve(s.keys, noise[prev][0], s.keys_sq, cfg)
             noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
-            value_predictor, value_energy = _noisy_solve(s.values, torch.cat([noise_keys, noise[prev][1]]),
+            value_predictor, value_energy = _noisy_solve(s.values, value_inputs(noise_keys, noise[prev][1]),
                                                          s.values_sq, cfg)
         noise.append((noise_keys, _quantization_noise(value_energy, values_q.config, distortions[values_q.config])))
         codecs.append(LayerCodec(keys_q, values_q, key_predictor, value_predictor))

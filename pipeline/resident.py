@@ -33,7 +33,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from aquakv.codec import LayerCodec, encode
+from aquakv.codec import LayerCodec, encode, value_inputs
 from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
@@ -259,7 +259,7 @@ class ResidentShard:
                 _, (keys_hat, _) = encode(keys, values, prev, key_only)
             except NonFiniteError as e:
                 raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-            total = _accumulate(total, _stats(torch.cat([keys_hat, prev[1]], 1), values, layer, "values", (a, b)))
+            total = _accumulate(total, _stats(value_inputs(keys_hat, prev[1]), values, layer, "values", (a, b)))
         total = _cpu(total)
         self._timed("value_stats", t0)
         return total
