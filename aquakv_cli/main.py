@@ -25,6 +25,14 @@ def cmd_pull(a: argparse.Namespace) -> None:
     print(pull(a.uri, a.to))
 
 
+def _stored_bits(entry: dict, kv_dim: int) -> float:
+    """Stored bits per value of one residual (index + scales, Hadamard-group padding included), as the total."""
+    g = entry["group_size"]
+    padded = -(-kv_dim // g) * g
+    scale = 32 if entry.get("scale_dtype") == "float32" else 16
+    return ((entry["size"].bit_length() - 1) / entry["dim"] + scale / g) * padded / kv_dim
+
+
 def format_manifest(m: dict) -> str:
     """A readable table of a bundle manifest."""
     fp, bpv = m["model"], m["bits_per_value"]
@@ -37,9 +45,10 @@ def format_manifest(m: dict) -> str:
            "(sinks and recent window exact, not counted)", "",
            f"{'layer':>5}  {'keys grid':<18} {'values grid':<18} {'bits/v':>6}  {'kind':<10} predictors (K, V)"]
     kinds = fp.get("layer_kinds") or ["?"] * len(m["layers"])
+    kv_dim = fp["num_kv_heads"] * fp["head_dim"]
     for i, layer in enumerate(m["layers"]):
         k, v = layer["keys"], layer["values"]
-        bits = (k["size"].bit_length() - 1) / k["dim"] / 2 + (v["size"].bit_length() - 1) / v["dim"] / 2
+        bits = sum(_stored_bits(e, kv_dim) for e in (k, v)) / 2
         preds = ", ".join("-" if e["predictor"] is None else "x".join(map(str, e["predictor"])) for e in (k, v))
         out.append(f"{i:>5}  d={k['dim']} n={k['size']:<4} g={k['group_size']:<4} d={v['dim']} n={v['size']:<4} "
                    f"g={v['group_size']:<4} {bits:>6.2f}  {kinds[i]:<10} {preds}")
@@ -87,13 +96,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
-    from aquakv.config import CalibrationConfig, QuantizerConfig
+    from aquakv.config import CalibrationConfig
     from pipeline.inputs import check_inputs
 
     overrides: dict = {"registry": a.out, "workdir": a.workdir, "workers": a.workers, "ray_address": a.ray_address,
                        "num_samples": a.samples, "seq_len": a.seq_len, "name": a.name, "version": a.version}
-    if a.bits:
-        overrides["keys"] = overrides["values"] = QuantizerConfig.for_bits(a.bits).model_dump()
     if a.config:
         cfg = CalibrationConfig.from_yaml(a.config, model=a.model, data=a.data, **overrides)
     else:
@@ -101,6 +108,10 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
             raise ConfigError("give --config FILE.yaml, or both --model and --data")
         cfg = CalibrationConfig.validated(
             {"model": a.model, "data": a.data, **{k: v for k, v in overrides.items() if v is not None}})
+    if a.bits:  # the grid size for that many index bits; the config's grid dimension and groups stay
+        cfg = CalibrationConfig.validated({**cfg.model_dump(mode="json"), **{
+            kind: {**q.model_dump(mode="json"), "size": 2 ** (a.bits * q.dim)}
+            for kind, q in (("keys", cfg.keys), ("values", cfg.values))}}, source="--bits")
     check_inputs(cfg)  # seconds, before Prefect and Ray start
     from flows.calibrate import calibrate
 
