@@ -210,8 +210,10 @@ def _keep(mask: torch.Tensor | None, *xs: torch.Tensor) -> list[torch.Tensor]:
 
 
 def residual_units(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None,
-                   codec: LayerCodec, kind: str, stride: int) -> torch.Tensor:
-    """Every ``stride``-th vector the ``kind`` grid will quantize for rows ``[N, D]``, with its weight: ``[m, d + 1]``.
+                   codec: LayerCodec, kind: str, stride: int, seed: int = 0) -> torch.Tensor:
+    """One in ``stride`` of the vectors the ``kind`` grid will quantize for rows ``[N, D]`` (a fixed-seed random
+    choice: a plain stride would alias with the row length and pick the same channels of every token), with their
+    weights: ``[m, d + 1]``.
 
     The vectors are the residual after the predictor (values: given K̂_l from ``codec``'s key part, as
     :func:`aquakv.codec.encode` makes it), rotated and scaled by :func:`aquakv.quantize.unit_vectors`; the weight
@@ -224,7 +226,12 @@ def residual_units(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.T
     unit, norms = unit_vectors(residual, q.signs, q.config)  # [N, G*g/d, d], [N, G]
     per_group = q.config.group_size // q.config.dim
     weights = (norms * norms / q.config.group_size).repeat_interleave(per_group, -1)
-    return torch.cat([unit, weights[..., None]], -1).reshape(-1, q.config.dim + 1)[::stride].cpu()
+    samples = torch.cat([unit, weights[..., None]], -1).reshape(-1, q.config.dim + 1)
+    if stride > 1:
+        gen = torch.Generator().manual_seed(seed)
+        samples = samples[torch.randperm(samples.shape[0], generator=gen)[: samples.shape[0] // stride].to(
+            samples.device)]
+    return samples.cpu()
 
 
 def grid_stride(tokens: int, channels: int, config: QuantizerConfig, vectors: int) -> int:
@@ -313,7 +320,7 @@ def grid_samples(act_path: str, recon_path: str, layer: int, prev: int | None, s
         if prev is not None:
             rows += [_read(rec, "keys", prev, a, b, device), _read(rec, "values", prev, a, b, device)]
         keys, values, *prev_kv = _keep(kept_rows(b - a, seq_len, skip, device), *rows)
-        parts.append(residual_units(keys, values, tuple(prev_kv) or None, codec, kind, stride))
+        parts.append(residual_units(keys, values, tuple(prev_kv) or None, codec, kind, stride, seed=a))
     return torch.cat(parts)
 
 

@@ -278,7 +278,7 @@ class ResidentShard:
             prev = self._prev(layer, a, b) if self.preds[layer] is not None else ()
             keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
                                         *prev)
-            parts.append(residual_units(keys, values, tuple(prev) or None, codec, kind, stride))
+            parts.append(residual_units(keys, values, tuple(prev) or None, codec, kind, stride, seed=a))
         self._timed("grid_samples", t0)
         return torch.cat(parts)
 

@@ -11,10 +11,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from aquakv import kernels
 from aquakv.attention import TorchBackend
 from aquakv.cache import AquaKVCache
-from aquakv.codec import EncodedBlock, LayerCodec, gaussian_residual
+from aquakv.codec import EncodedBlock, LayerCodec, Residual, gaussian_residual
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
-from aquakv.grids import gaussian_grid
+from aquakv.grids import fit_grid, gaussian_grid
 from aquakv.hadamard import random_signs, rotate, walsh_hadamard
 from aquakv.kernels import KernelSettings
 from aquakv.packing import pack, packed_bytes, unpack
@@ -35,6 +35,45 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def fitted_grid(dim: int, size: int, seed: int) -> torch.Tensor:
+    """A grid as calibration fits it per layer (:func:`aquakv.grids.fit_grid`: weighted Lloyd from the Gaussian
+    grid) on skewed, shifted, scaled data, different per ``seed``: not the Gaussian grid."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16 * size, dim, generator=gen) * (0.5 + torch.rand(dim, generator=gen))
+    vectors = x * x.abs().sqrt() + 0.3 * torch.randn(dim, generator=gen)
+    grid = fit_grid(vectors, torch.rand(16 * size, generator=gen) ** 2, gaussian_grid(dim, size), iters=8)
+    assert (grid - gaussian_grid(dim, size)).abs().max() > 0.1
+    return grid
+
+
+def fitted_residual(residual: Residual, seed: int) -> Residual:
+    """``residual`` with a :func:`fitted_grid` of its shape in place of its grid."""
+    cfg = residual.config
+    return Residual(cfg, fitted_grid(cfg.dim, cfg.size, seed).to(residual.grid.device), residual.signs)
+
+
+def check_quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> None:
+    """The quantize kernel gives the reference's codes (but for near-ties) in the same layout, and its scales."""
+    group, dim = cfg.group_size, cfg.dim
+    ours = Quantized(*host.quantize(x, grid, signs, cfg), x.shape[-1])
+    ref = quantize_reference(x, grid, signs, cfg)
+    assert ours.codes.shape == ref.codes.shape and ours.codes.dtype == torch.uint8
+    assert ours.scales.shape == ref.scales.shape and ours.scales.dtype == ref.scales.dtype
+    count = ref.scales.shape[-1] * group // dim
+    idx, ref_idx = unpack(ours.codes, cfg.index_bits, count), unpack(ref.codes, cfg.index_bits, count)
+    assert torch.equal(pack(idx, cfg.index_bits), ours.codes)  # same layout, padding bits zero
+    mismatch = idx != ref_idx
+    assert mismatch.float().mean() < 1e-3
+    if mismatch.any():  # only near-ties may differ: compare both choices' distances on the reference unit vectors
+        groups = rotate(x.float(), signs)
+        unit = groups * group**0.5 / groups.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        vecs = unit.reshape(*unit.shape[:-2], -1, dim)[mismatch]
+        d_ours = ((vecs - grid[idx[mismatch]]) ** 2).sum(-1)
+        d_ref = ((vecs - grid[ref_idx[mismatch]]) ** 2).sum(-1)
+        assert torch.allclose(d_ours, d_ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ours.scales.float(), ref.scales.float(), rtol=2e-3, atol=0)
+
+
 def test_rotation_matrices_are_the_reference_transform():
     g = 64
     signs = random_signs(g, 7)
@@ -53,23 +92,7 @@ def test_quantize_matches_reference(dim, size, group, channels, dtype):
     grid, signs = gaussian_grid(dim, size).to(DEV), random_signs(group, 11).to(DEV)
     x = (torch.randn(517, channels, device=DEV) * torch.rand(1, channels, device=DEV) * 5).to(dtype)
     x[3, :5] = 40.0  # an outlier row
-    ours = Quantized(*host.quantize(x, grid, signs, cfg), channels)
-    ref = quantize_reference(x, grid, signs, cfg)
-    assert ours.codes.shape == ref.codes.shape and ours.codes.dtype == torch.uint8
-    assert ours.scales.shape == ref.scales.shape and ours.scales.dtype == ref.scales.dtype
-    count = ref.scales.shape[-1] * group // dim
-    idx, ref_idx = unpack(ours.codes, cfg.index_bits, count), unpack(ref.codes, cfg.index_bits, count)
-    assert torch.equal(pack(idx, cfg.index_bits), ours.codes)  # same layout, padding bits zero
-    mismatch = idx != ref_idx
-    assert mismatch.float().mean() < 1e-3
-    if mismatch.any():  # only near-ties may differ: compare both choices' distances on the reference unit vectors
-        groups = rotate(x.float(), signs)
-        unit = groups * group**0.5 / groups.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        vecs = unit.reshape(*unit.shape[:-2], -1, dim)[mismatch]
-        d_ours = ((vecs - grid[idx[mismatch]]) ** 2).sum(-1)
-        d_ref = ((vecs - grid[ref_idx[mismatch]]) ** 2).sum(-1)
-        assert torch.allclose(d_ours, d_ref, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(ours.scales.float(), ref.scales.float(), rtol=2e-3, atol=0)
+    check_quantize(x, grid, signs, cfg)
 
 
 @pytest.mark.parametrize("dim,size,group,channels", QUANTIZERS)
@@ -90,6 +113,20 @@ def test_dequantize_matches_reference_and_codes_interchange(dim, size, group, ch
     ref_q = quantize_reference(x.cpu(), grid.cpu(), signs.cpu(), cfg)
     back = host.dequantize(ref_q.codes.to(DEV), ref_q.scales.to(DEV), channels, grid, signs, cfg)
     assert _rel(back.cpu(), dequantize_reference(ref_q, grid.cpu(), signs.cpu(), cfg)) < 1e-6
+
+
+@pytest.mark.parametrize("dim,size,group,channels", [(2, 16, 64, 1024), (1, 16, 64, 130), (2, 256, 64, 192)])
+def test_fitted_grids_quantize_and_dequantize_match_the_reference(dim, size, group, channels):
+    """Calibration fits a grid per layer (weighted Lloyd): the codec kernels handle any grid, not only the
+    Gaussian one."""
+    cfg = QuantizerConfig(dim=dim, size=size, group_size=group)
+    for layer in range(2):
+        grid, signs = fitted_grid(dim, size, layer).to(DEV), random_signs(group, 20 + layer).to(DEV)
+        x = torch.randn(400, channels, device=DEV) * torch.rand(1, channels, device=DEV) * 4
+        check_quantize(x, grid, signs, cfg)
+        q = Quantized(*host.quantize(x, grid, signs, cfg), channels)
+        ours = host.dequantize(q.codes, q.scales, channels, grid, signs, cfg)
+        assert _rel(ours, dequantize_reference(q, grid, signs, cfg)) < 1e-6
 
 
 def test_quantize_module_dispatches_to_kernels_on_cuda():
@@ -208,15 +245,11 @@ def test_cache_on_the_kernel_path_matches_the_reference_logits():
 # ------------------------------------------------------------------------------- fused decode attention (Triton)
 
 
-@pytest.mark.parametrize("rank,head_dim,kv_heads,q_len", [(None, 128, 2, 1), (24, 128, 2, 3), (None, 64, 3, 2),
-                                                         (40, 64, 2, 1)])
-def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim, kv_heads, q_len):
+def check_fused_layers(cache: AquaKVCache, kv_heads: int, head_dim: int, q_len: int, tokens: int) -> None:
     """Layer by layer: the kernel's partials merged with the exact segments equal the PyTorch reference of the same
     math, and the scratch it leaves holds this layer's reconstruction (what layer l+1 reads)."""
     from aquakv.attention import Segments, TritonBackend
 
-    tokens = 150
-    cache = synthetic_cache(2, kv_heads, head_dim, 3, tokens, 5, torch.bfloat16, rank=rank)
     ref_backend, ours = TorchBackend(KernelSettings(enabled=False), tile=32), TritonBackend(KernelSettings())
     gen = torch.Generator().manual_seed(1)
     hq = 2 * kv_heads
@@ -246,6 +279,24 @@ def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim,
             rk, rv = ka.shape[1], va.shape[1]
             assert _rel(scratch[..., :rk], keys_hat @ ka) < 2e-2
             assert _rel(scratch[..., rk : rk + rv], values_hat @ va) < 2e-2
+
+
+@pytest.mark.parametrize("rank,head_dim,kv_heads,q_len", [(None, 128, 2, 1), (24, 128, 2, 3), (None, 64, 3, 2),
+                                                         (40, 64, 2, 1)])
+def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim, kv_heads, q_len):
+    cache = synthetic_cache(2, kv_heads, head_dim, 3, 150, 5, torch.bfloat16, rank=rank)
+    check_fused_layers(cache, kv_heads, head_dim, q_len, 150)
+
+
+@pytest.mark.parametrize("rank", [None, 24])
+def test_fitted_grids_on_the_fused_decode_path(rank):
+    """Per-layer fitted grids (not the Gaussian grid) through the decode kernel: full and projected hand-on."""
+    cache = synthetic_cache(2, 2, 128, 3, 150, 5, torch.bfloat16, rank=rank)
+    for i, codec in enumerate(cache.shared.codecs):
+        for part, seed in (("keys", 2 * i), ("values", 2 * i + 1)):
+            r = getattr(codec, part)
+            setattr(codec, part, fitted_residual(r, seed))
+    check_fused_layers(cache, 2, 128, 1, 150)
 
 
 @pytest.mark.parametrize("q_len,window,mask_kind,length", [(1, 9, None, 70), (3, 9, None, 70), (1, 9, "bool", 70),
@@ -283,10 +334,13 @@ def test_exact_merge_kernel_equals_the_reference_merge(q_len, window, mask_kind,
     assert torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-5), (got.cpu() - want).abs().max()
 
 
-@pytest.mark.parametrize("scratch,tol", [("bf16", 2e-2), ("fp8", 1e-1)])
-def test_fused_path_logits_match_the_reference_path(scratch, tol):
+@pytest.mark.parametrize("scratch,tol,grids", [("bf16", 2e-2, "gaussian"), ("fp8", 1e-1, "gaussian"),
+                                               ("bf16", 2e-2, "fitted")])
+def test_fused_path_logits_match_the_reference_path(scratch, tol, grids):
     """A tiny Llama through AquaKVCache: fused Triton attention vs reconstruct-then-attend in PyTorch, on the same
-    device; sinks, several compressed blocks, batch 2 with left padding, prefill chunks then q_len 1 steps."""
+    device; sinks, several compressed blocks, batch 2 with left padding, prefill chunks then q_len 1 steps; the
+    bundle's Gaussian grids, or a fitted grid per layer (encode through the quantize kernel, decode in the fused
+    kernel)."""
     if DEV != "cuda" and scratch == "fp8":
         pytest.skip("fp8 scratch needs CUDA")
     from conftest import calibrate_in_memory, tiny_llama
@@ -296,6 +350,9 @@ def test_fused_path_logits_match_the_reference_path(scratch, tol):
     ids = torch.randint(0, 128, (2, 420), generator=torch.Generator().manual_seed(0)).to(DEV)
     bundle = calibrate_in_memory(model.cpu(), ids[:, :200].cpu(), q, QuantizerConfig(dim=2, size=256, group_size=64),
                                  cache=CacheConfig(recent_window=64))
+    if grids == "fitted":
+        for i, codec in enumerate(bundle.codecs):
+            codec.keys, codec.values = fitted_residual(codec.keys, 2 * i), fitted_residual(codec.values, 2 * i + 1)
     model = model.to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
