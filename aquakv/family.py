@@ -78,13 +78,17 @@ def head_dim(config: object) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _base_part(model: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    part = getattr(base, name, None)
+    if not isinstance(part, kind):
+        raise UnsupportedModelError(f"{type(model).__name__} has no {kind.__name__} at base_model.{name}")
+    return part
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a causal LM or of its base model."""
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(f"{type(model).__name__} has no list of decoder layers at base_model.layers")
-    return layers
+    return _base_part(model, "layers", nn.ModuleList)
 
 
 def attention_of(layer: nn.Module) -> nn.Module:
@@ -263,11 +267,7 @@ def _model_apply(attn: nn.Module) -> Callable:
 
 def rotary_module(model: nn.Module) -> nn.Module:
     """The base model's rotary embedding module."""
-    base = getattr(model, "base_model", model)
-    rotary = getattr(base, "rotary_emb", None)
-    if not isinstance(rotary, nn.Module):
-        raise UnsupportedModelError(f"{type(base).__name__} has no rotary_emb module")
-    return rotary
+    return _base_part(model, "rotary_emb", nn.Module)
 
 
 def _layer_type(rotary: nn.Module, config: object, index: int) -> str | None:
