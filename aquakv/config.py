@@ -71,6 +71,7 @@ class QuantizerConfig(_Frozen):
         return cls(dim=dim, size=2 ** (bits * dim), **kw)
 
 
+FIT_ALGORITHM = 2  # bump when the fit's math changes, so resumed runs never mix layers fitted two ways
 MAX_SINKS = 1024
 MAX_RECENT_WINDOW = 1 << 16
 
@@ -149,7 +150,7 @@ class CalibrationConfig(_Frozen):
         fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode",
                   "grids", "bit_budget")
         blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields)),
-                           "skipped_tokens": self.skipped_tokens}, sort_keys=True).encode()
+                           "skipped_tokens": self.skipped_tokens, "algorithm": FIT_ALGORITHM}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def digest(self) -> str:
