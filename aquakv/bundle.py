@@ -386,14 +386,20 @@ class Bundle:
         return bits_per_value(self.codecs, self.manifest["model"]["num_kv_heads"] * self.manifest["model"]["head_dim"])
 
 
+def stored_bits(config: QuantizerConfig, kv_dim: int) -> tuple[float, float]:
+    """Index and scale bits stored per value of ``kv_dim`` channels (Hadamard-group padding included)."""
+    padded = math.ceil(kv_dim / config.group_size) * config.group_size
+    return (config.index_bits_per_value * padded / kv_dim,
+            (config.bits_per_value - config.index_bits_per_value) * padded / kv_dim)
+
+
 def bits_per_value(codecs: list[LayerCodec], kv_dim: int) -> dict[str, float]:
     """Average stored bits per cached value over layers, keys and values: index bits, scale bits, total."""
     index = scales = 0.0
     for codec in codecs:
         for r in (codec.keys, codec.values):
-            padded = math.ceil(kv_dim / r.config.group_size) * r.config.group_size
-            index += r.config.index_bits_per_value * padded / kv_dim
-            scales += (r.config.bits_per_value - r.config.index_bits_per_value) * padded / kv_dim
+            i, sc = stored_bits(r.config, kv_dim)
+            index, scales = index + i, scales + sc
     n = 2 * len(codecs)
     return {"index": index / n, "scales": scales / n, "total": (index + scales) / n}
 

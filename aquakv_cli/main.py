@@ -26,11 +26,12 @@ def cmd_pull(a: argparse.Namespace) -> None:
 
 
 def _stored_bits(entry: dict, kv_dim: int) -> float:
-    """Stored bits per value of one residual (index + scales, Hadamard-group padding included), as the total."""
-    g = entry["group_size"]
-    padded = -(-kv_dim // g) * g
-    scale = 32 if entry.get("scale_dtype") == "float32" else 16
-    return ((entry["size"].bit_length() - 1) / entry["dim"] + scale / g) * padded / kv_dim
+    """Stored bits per value of one residual of a (validated) manifest layer entry, as in the overall total."""
+    from aquakv.bundle import stored_bits
+    from aquakv.config import QuantizerConfig
+
+    config = QuantizerConfig(**{k: entry[k] for k in ("dim", "size", "group_size", "scale_dtype")})
+    return sum(stored_bits(config, kv_dim))
 
 
 def format_manifest(m: dict) -> str:
