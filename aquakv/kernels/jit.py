@@ -149,6 +149,23 @@ def _addr(rb, rt, c0, WIDTH: tl.constexpr, s_b, s_t, s_h, HD: tl.constexpr):
     return row[:, None] + tl.arange(0, WIDTH)[None, :]
 
 @triton.jit
+def _rows_times_weight(acc_l, acc_h, a_ptr, s_b, s_t, s_h, K, w_row0, rb, rt, rmask, w_ptr, N, cl, ch,
+                       BK: tl.constexpr, HD: tl.constexpr, PRED: tl.constexpr, INTERP: tl.constexpr):
+    """``acc += A[rows, :K] @ W[w_row0 : w_row0 + K, cl | ch]`` for one input ``A`` (a view, see :func:`_addr`), the
+    two column halves accumulated apart: one predictor input (``[K̂_l]``, or each part of ``[K̂_l, V̂_p]``)."""
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        a = tl.load(a_ptr + _addr(rb, rt, k0, BK, s_b, s_t, s_h, HD), mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wrow = (w_row0 + kk)[:, None].to(tl.int64) * N
+        wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
+        wh = tl.load(w_ptr + wrow + ch[None, :], mask=kmask[:, None], other=0.0)
+        acc_l = _mma(a, wl, acc_l, PRED, INTERP)
+        acc_h = _mma(a, wh, acc_h, PRED, INTERP)
+    return acc_l, acc_h
+
+
+@triton.jit
 def _fused_kernel(a1_ptr, a1_sb, a1_st, a1_sh, K1,
                   a2_ptr, a2_sb, a2_st, a2_sh, K2,
                   w_ptr, bias_ptr, N,
@@ -179,27 +196,11 @@ def _fused_kernel(a1_ptr, a1_sb, a1_st, a1_sh, K1,
     acc_l = tl.zeros((BM, HB), tl.float32)
     acc_h = tl.zeros((BM, HB), tl.float32)
     if HAS_PRED:
-        for k0 in range(0, K1, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < K1
-            a = tl.load(a1_ptr + _addr(rb, rt, k0, BK, a1_sb, a1_st, a1_sh, HD),
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wrow = kk[:, None].to(tl.int64) * N
-            wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
-            wh = tl.load(w_ptr + wrow + ch[None, :], mask=kmask[:, None], other=0.0)
-            acc_l = _mma(a, wl, acc_l, PRED, INTERP)
-            acc_h = _mma(a, wh, acc_h, PRED, INTERP)
+        acc_l, acc_h = _rows_times_weight(acc_l, acc_h, a1_ptr, a1_sb, a1_st, a1_sh, K1, 0, rb, rt, rmask, w_ptr, N,
+                                          cl, ch, BK, HD, PRED, INTERP)
         if HAS_A2:
-            for k0 in range(0, K2, BK):
-                kk = k0 + tl.arange(0, BK)
-                kmask = kk < K2
-                a = tl.load(a2_ptr + _addr(rb, rt, k0, BK, a2_sb, a2_st, a2_sh, HD),
-                            mask=rmask[:, None] & kmask[None, :], other=0.0)
-                wrow = (K1 + kk)[:, None].to(tl.int64) * N
-                wl = tl.load(w_ptr + wrow + cl[None, :], mask=kmask[:, None], other=0.0)
-                wh = tl.load(w_ptr + wrow + ch[None, :], mask=kmask[:, None], other=0.0)
-                acc_l = _mma(a, wl, acc_l, PRED, INTERP)
-                acc_h = _mma(a, wh, acc_h, PRED, INTERP)
+            acc_l, acc_h = _rows_times_weight(acc_l, acc_h, a2_ptr, a2_sb, a2_st, a2_sh, K2, K1, rb, rt, rmask, w_ptr,
+                                              N, cl, ch, BK, HD, PRED, INTERP)
     if HAS_BIAS:
         acc_l += tl.load(bias_ptr + cl).to(tl.float32)[None, :]
         acc_h += tl.load(bias_ptr + ch).to(tl.float32)[None, :]
