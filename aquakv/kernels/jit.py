@@ -448,14 +448,17 @@ def _decode_attention_kernel(
         # RoPE at the tokens' positions (K̂ rounded to kd first, as the reference rounds it), then the scores
         pos = tl.load(pos_ptr + b.to(tl.int64) * pos_sb + t, mask=tmask, other=0).to(tl.float32)
         cos, sin = _rope_cos_sin(pos, tl.load(inv_freq_ptr + half), rope_scale, INTERP)  # (in the loop: not hoisted)
-        fl = kl.to(tl.float32)
-        fh = kh.to(tl.float32)
         qhead = h * GQ + g
         qoff = b.to(tl.int64) * q_sb + qhead.to(tl.int64) * q_sh + qi.to(tl.int64) * q_st
         ql = tl.load(q_ptr + qoff[:, None] + half[None, :], mask=rvalid[:, None], other=0.0)
         qh = tl.load(q_ptr + qoff[:, None] + HB + half[None, :], mask=rvalid[:, None], other=0.0)
-        s = _dot16(ql, tl.trans(fl * cos - fh * sin), tl.zeros((QM, BT), tl.float32), INTERP)
-        s = _dot16(qh, tl.trans(fh * cos + fl * sin), s, INTERP) * scale_log2
+        rd = tl.float32 if INTERP else q_ptr.dtype.element_ty  # RoPE in the model's dtype, as the model applies it
+        rl = kl.to(rd)  # (bf16 tiles: half the registers of fp32, the kernel's peak; the interpreter stays fp32)
+        rh = kh.to(rd)
+        cos = cos.to(rd)
+        sin = sin.to(rd)
+        s = _dot16(ql, tl.trans(rl * cos - rh * sin), tl.zeros((QM, BT), tl.float32), INTERP)
+        s = _dot16(qh, tl.trans(rh * cos + rl * sin), s, INTERP) * scale_log2
         s = tl.where(kvalid[None, :], s, float("-inf"))
         mx = tl.max(s, axis=1)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
