@@ -17,6 +17,7 @@ the model's ``"aquakv"`` attention function attends straight from the compressed
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -345,6 +346,22 @@ class AquaKVCache(Cache):
         if layer_idx == 0:
             self.shared.chains = {}
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def step_state(self) -> dict:
+        """What the layers of one forward pass hand each other: token positions, each chain's reconstructions, the
+        RoPE memo. Saving it after layer ``l`` of every pass and restoring it before layer ``l + 1`` runs many passes
+        layer-major, one layer's weights at a time (:func:`pipeline.validate.streamed_nll`). Not on the fused path:
+        its scratch buffers are overwritten in place (build the cache with ``attention="full"``)."""
+        if self.shared.scratch is not None:
+            raise RuntimeError("step_state needs attention='full': the fused path hands layers on in place")
+        s = self.shared
+        return {"positions": s.positions, "chains": dict(s.chains), "rope_memo": dict(s.rope_memo),
+                "prev_old": s.prev_old, "prev_new": s.prev_new}
+
+    def restore_step_state(self, state: dict) -> None:
+        """Undo the layers run since ``state`` was saved by :meth:`step_state` (their own tokens stay)."""
+        for name, value in state.items():
+            setattr(self.shared, name, copy.copy(value))
 
     def nbytes(self) -> int:
         """Bytes held between steps by every layer, plus the shared token positions."""

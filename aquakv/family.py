@@ -162,14 +162,16 @@ class LayerCall:
 def layer_inputs(model: nn.Module, stop: int | None = None, **inputs: object) -> tuple[torch.Tensor, list[LayerCall]]:
     """Run the model's base forward on ``inputs`` (``input_ids=`` or ``inputs_embeds=``, optional ``position_ids=``)
     with its decoder layers replaced by catchers; returns the hidden states layer 0 receives ``[B, T, hidden]`` and
-    the call of layers ``0..stop-1`` (all by default). Nothing of the layers runs; the model is left unchanged."""
+    the call of layers ``0..stop-1`` (all by default). Nothing of the layers runs; the model is left unchanged.
+    A cache (:func:`aquakv.compat.cache_kwargs`) with ``use_cache=True`` records the calls of a pass that
+    continues that cache's tokens."""
     base = getattr(model, "base_model", model)
     layers = decoder_layers(model)
     stop = len(layers) if stop is None else stop
     calls: list = []
     base.layers = nn.ModuleList([_Catcher(layer, calls, i == stop - 1) for i, layer in enumerate(layers)])
     try:
-        base(**inputs, use_cache=False)
+        base(**{"use_cache": False, **inputs})
     except _Stop:
         pass
     finally:
@@ -192,7 +194,8 @@ class _Capture(DynamicCache):
         return key_states, value_states
 
 
-def _cache_kwarg(call: LayerCall) -> str:
+def cache_kwarg(call: LayerCall) -> str:
+    """The name of the argument a decoder layer takes its cache by (``past_key_values`` / ``past_key_value``)."""
     found = [k for k in _CACHE_KWARGS if k in call.kwargs]
     if len(found) != 1:
         raise UnsupportedModelError(f"cannot tell which argument of a decoder layer is its cache (found {found})")
@@ -204,7 +207,7 @@ def cached_kv(layer: nn.Module, hidden: torch.Tensor, call: LayerCall,
     """Run ``layer`` on ``hidden [B, T, hidden]`` as the model would; returns its output hidden states and the keys
     and values ``[B, H, T, hd]`` it hands its cache (``position_embeddings`` replaces the call's, for probes)."""
     capture = _Capture()
-    kwargs = {**call.kwargs, _cache_kwarg(call): capture}
+    kwargs = {**call.kwargs, cache_kwarg(call): capture}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = True
     if position_embeddings is not None:

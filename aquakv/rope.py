@@ -26,6 +26,12 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def remember_positions(rotary: torch.nn.Module, position_ids: torch.Tensor) -> None:
+    """What the hook of :func:`track_positions` does on each call; for a caller that runs the layers of a pass
+    itself (``pipeline.validate.streamed_nll``) and replays the pass's positions before its first layer."""
+    rotary._aquakv_positions = position_ids
+
+
 def track_positions(rotary: torch.nn.Module) -> None:
     """Make ``rotary`` remember the ``position_ids`` of its last call (once per module), so a cache can
     re-apply RoPE to the tokens it decompresses at their own positions, left padding included."""
@@ -33,7 +39,7 @@ def track_positions(rotary: torch.nn.Module) -> None:
         return
 
     def remember(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        module._aquakv_positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        remember_positions(module, kwargs["position_ids"] if "position_ids" in kwargs else args[1])
 
     rotary.register_forward_pre_hook(remember, with_kwargs=True)
     rotary._aquakv_tracked = True

@@ -72,6 +72,21 @@ def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, stor
                          progress=False, hidden_every=hidden_every)
 
 
+def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, codecs: list, cache: Any,
+                    dtype: str, step: int = 32) -> tuple[dict, dict]:
+    """Held-out sequences ``[start, stop)``: exact and AQUA-KV NLL sums on the checkpoint streamed one layer at a
+    time (:func:`pipeline.validate.streamed_sums`), and the model fingerprint."""
+    import torch
+    import zarr
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.validate import streamed_sums
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    heldout = torch.from_numpy(zarr.open_group(tokens_path, mode="r")["heldout"][start:stop]).long()
+    return streamed_sums(Checkpoint(model_dir), heldout, codecs, cache, step, device, getattr(torch, dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # resident mode: one long-lived actor per shard (pipeline.resident), its samples kept on its GPU
 

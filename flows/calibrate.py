@@ -30,6 +30,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from aquakv.config import CalibrationConfig  # noqa: E402
 
+VALIDATION_STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
+
 
 def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> CalibrationConfig:
     """A validated config from a YAML path, a dict or a config, with ``overrides`` (None = keep) applied."""
@@ -162,23 +164,28 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activatio
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict]:
-    """Held-out perplexity with the real cache vs exact; refuses to go on when the gate is missed."""
+    """Held-out perplexity with the real cache vs exact, on the Ray workers (held-out sequences split over them,
+    the checkpoint streamed one layer at a time: :func:`pipeline.validate.streamed_sums`); refuses to go on when
+    the gate is missed. Returns the metrics and the model fingerprint the workers probed."""
     cfg = CalibrationConfig.model_validate(config)
-    import torch
     import zarr
-    from transformers import AutoModelForCausalLM
 
-    from aquakv.bundle import decode_bundle, encode_bundle, fingerprint_of
-    from pipeline.validate import check_gate, validate
+    from cluster.workers import ray_map, validate_worker
+    from pipeline.fit import shard_ranges
+    from pipeline.validate import check_gate, metrics_from
 
     logger = get_run_logger()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype)).to(device).eval()
-    fingerprint = fingerprint_of(model)
+    shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
+    shards = shard_ranges(shape[0], cfg.workers)
     codecs = [f.codec for f in fits]
-    bundle = decode_bundle(encode_bundle(codecs, cfg.cache, fingerprint))
-    heldout = torch.from_numpy(zarr.open_group(tokens, mode="r")["heldout"][:]).long()
-    metrics = validate(model, heldout, bundle, cache=cfg.cache, fits=fits)
+    logger.info("validate: %d held-out sequences x %d tokens over %d workers, streaming the checkpoint", *shape,
+                len(shards))
+    n = len(shards)
+    results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards], [b for _, b in shards],
+                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n, [VALIDATION_STEP] * n)
+    fingerprint = results[0][1]
+    kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
+    metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, VALIDATION_STEP, fits)
     logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",
                 metrics["ppl_aquakv"], metrics["ppl_exact"], 100 * metrics["ppl_increase"],
                 metrics["bits_per_value"]["total"])

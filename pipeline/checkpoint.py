@@ -156,7 +156,7 @@ class Checkpoint:
             raise CalibrationError(f"{self.layer_cls.__name__} has state not stored in the checkpoint")
         return layer.to(device).requires_grad_(False).eval()
 
-    def _base(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def base(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """The skeleton's base model with its own tensors (embedding, buffers) on ``device`` in ``dtype``."""
         base = self.skeleton.base_model
         if self._placed != (device, dtype):
@@ -177,7 +177,7 @@ class Checkpoint:
     ) -> torch.Tensor:
         """What the model hands its first decoder layer for ``input_ids [B, T]``: ``[B, T, hidden]`` (embedding,
         its scale or multiplier, by the model's own forward), ``batch`` sequences at a time."""
-        base = self._base(torch.device(device), dtype)
+        base = self.base(torch.device(device), dtype)
         return torch.cat([layer_inputs(base, stop=1, input_ids=input_ids[a:a + batch].to(device))[0].to(dtype)
                           for a in range(0, input_ids.shape[0], batch)])
 
@@ -185,7 +185,7 @@ class Checkpoint:
         """How the model calls layer ``i`` on full sequences ``hidden [B, T, hidden]`` (mask, position embeddings)."""
         key = (hidden.shape[0], hidden.shape[1], hidden.device, hidden.dtype)
         if key not in self._calls:
-            base = self._base(hidden.device, hidden.dtype)
+            base = self.base(hidden.device, hidden.dtype)
             embeds = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
             positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
             self._calls[key] = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
@@ -195,13 +195,55 @@ class Checkpoint:
         """Layer ``i``'s :class:`LayerSpec` (its RoPE as the model applies it), probed once on the loaded ``layer``."""
         if i not in self._specs:
             param = next(layer.parameters())
-            base = self._base(param.device, param.dtype)
+            base = self.base(param.device, param.dtype)
             positions = probe_positions(param.device)
             embeds = torch.zeros(1, positions.shape[1], self.config.hidden_size, device=param.device, dtype=param.dtype)
             with probing(self.config):
                 calls = layer_inputs(base, inputs_embeds=embeds, position_ids=positions)[1]
                 self._specs[i] = describe_layer(i, layer, calls[i], rotary_module(base), self.config, positions)
         return self._specs[i]
+
+    def _head(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The whole skeleton with the base tensors and the output head on ``device``. The head's tensors are the
+        checkpoint's tensors outside the base model and the layers (the saved name may differ from the module's:
+        GPT-NeoX saves ``embed_out``), else the embedding where the config ties them."""
+        model = self.skeleton
+        self.base(device, dtype)
+        head = model.get_output_embeddings()
+        outside = [k for k in self.weight_map if not _LAYER_KEY.match(k) and k not in self._base_keys.values()]
+        stored = {}
+        for name, _ in head.named_parameters():
+            keys = [k for k in outside if k.rsplit(".", 1)[-1] == name]
+            if len(keys) > 1:
+                raise CalibrationError(f"checkpoint {self.path}: cannot tell the output head's {name} among {keys}")
+            stored.update({name: keys[0]} if keys else {})
+        if stored:
+            for name, t in self._read(stored).items():
+                if t.shape != getattr(head, name).shape:
+                    raise CalibrationError(f"checkpoint {self.path}: {stored[name]} has shape {tuple(t.shape)}, the "
+                                           f"output head's {name} {tuple(getattr(head, name).shape)}")
+                setattr(head, name, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        elif getattr(self.config, "tie_word_embeddings", False):
+            head.weight = model.get_input_embeddings().weight
+        else:
+            raise CalibrationError(f"checkpoint {self.path}: no output head tensor and the config does not tie it to "
+                                   "the embedding")
+        return model
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, tuple_out: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for what the last decoder layer returned, ``hidden [B, T, hidden]``: the model's
+        own forward from there on (final norm, output head, any logit scale or softcap), its decoder layers
+        replaced by replays of ``hidden`` (returned as a 1-tuple where the real layers return tuples)."""
+        model = self._head(hidden.device, hidden.dtype)
+        base = model.base_model
+        layers = base.layers
+        base.layers = nn.ModuleList([_Replay(hidden, tuple_out) for _ in layers])
+        try:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            return model(inputs_embeds=hidden, position_ids=positions, use_cache=False).logits
+        finally:
+            base.layers = layers
 
     @torch.no_grad()
     def forward_layer(self, i: int, layer: nn.Module,
@@ -219,6 +261,17 @@ class Checkpoint:
             return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
         return out, flat(keys), flat(values)
+
+
+class _Replay(nn.Module):
+    """A decoder layer's stand-in that returns hidden states computed elsewhere."""
+
+    def __init__(self, hidden: torch.Tensor, tuple_out: bool) -> None:
+        super().__init__()
+        self.hidden, self.tuple_out = hidden, tuple_out
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor]:
+        return (self.hidden,) if self.tuple_out else self.hidden
 
 
 class LayerStream:

@@ -4,21 +4,36 @@ Tokens are fed in ``step``-token chunks so that the AQUA-KV cache really compres
 full-sequence forward would attend to exact keys and values only). Held-out sequences too short for any prediction
 to read a compressed token (they never leave the exact sinks + recent window) are refused: such a validation
 measures nothing, and the gate refuses metrics where no prediction read a compressed token.
+
+Two ways to run the same passes: :func:`validate` on a model in memory (tests, benchmarks), and
+:func:`streamed_sums` on a :class:`pipeline.checkpoint.Checkpoint` read one decoder layer at a time, what the flow's
+Ray workers run (a 70B model never sits whole on one device or on the flow's host): every chunk of every held-out
+sequence goes through layer ``l`` before layer ``l + 1`` is loaded, each layer called with the arguments the model's
+own forward gives it for that chunk and cache, and the cache's step state (:meth:`AquaKVCache.step_state`) carried
+from layer to layer per chunk; both reduce to the same sums (:func:`metrics_from`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
-from aquakv.bundle import Bundle
+from aquakv.bundle import Bundle, attention_weights, bits_per_value, model_fingerprint
 from aquakv.cache import AquaKVCache
+from aquakv.codec import LayerCodec
+from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig
 from aquakv.errors import CalibrationError
 from aquakv.eval import window_nll
+from aquakv.family import LayerSpec, cache_kwarg, kv_heads, layer_inputs, rotary_module
+from aquakv.kernels.settings import KernelSettings
+from aquakv.rope import remember_positions
+from pipeline.checkpoint import Checkpoint, LayerStream
 from pipeline.fit import LayerFit
 
 
@@ -31,6 +46,41 @@ def compressed_predictions(length: int, cache: CacheConfig, step: int) -> int:
     return max(0, length - 1 - first)
 
 
+def _check_heldout(tokens_heldout: torch.Tensor, layout: CacheConfig, step: int) -> None:
+    if tokens_heldout.ndim != 2 or tokens_heldout.shape[1] < 2 or tokens_heldout.shape[0] < 1:
+        raise CalibrationError(f"held-out tokens must be [n >= 1, T >= 2], got {tuple(tokens_heldout.shape)}")
+    length = tokens_heldout.shape[1]
+    if layout.compress and not compressed_predictions(length, layout, step):
+        raise CalibrationError(
+            f"held-out sequences of {length} tokens never leave the exact sinks + recent window ({layout.sinks} + "
+            f"{layout.recent_window} tokens, fed {step} at a time), so validation would measure nothing: use held-out "
+            f"sequences longer than {math.ceil((layout.sinks + layout.recent_window) / step) * step + 1} tokens "
+            "(seq_len) or a smaller recent window"
+        )
+
+
+def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int, layout: CacheConfig,
+                 heldout_shape: tuple[int, int], step: int, fits: Sequence[LayerFit] | None = None) -> dict:
+    """Held-out metrics from per-batch sums ``{nll_exact, nll_aquakv, count, cache_bits, cached_values}``: see
+    :func:`validate`."""
+    total = {k: sum(p[k] for p in sums) for k in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values")}
+    ppl_exact = math.exp(total["nll_exact"] / total["count"])
+    ppl_aquakv = math.exp(total["nll_aquakv"] / total["count"])
+    metrics = {
+        "ppl_exact": ppl_exact,
+        "ppl_aquakv": ppl_aquakv,
+        "ppl_increase": ppl_aquakv / ppl_exact - 1,
+        "tokens": total["count"],
+        "step": step,
+        "bits_per_value": bits_per_value(list(codecs), kv_dim),
+        "cache_bits_per_value": total["cache_bits"] / total["cached_values"],
+        "compressed_predictions": heldout_shape[0] * compressed_predictions(heldout_shape[1], layout, step),
+    }
+    if fits is not None:
+        metrics["layers"] = [{"layer": f.layer, **f.metrics} for f in fits]
+    return metrics
+
+
 def validate(
     model: torch.nn.Module,
     tokens_heldout: torch.Tensor,
@@ -40,7 +90,7 @@ def validate(
     fits: Sequence[LayerFit] | None = None,
     batch_size: int = 8,
 ) -> dict:
-    """Held-out metrics of ``bundle`` on ``tokens_heldout [n, T]``.
+    """Held-out metrics of ``bundle`` on ``tokens_heldout [n, T]`` with ``model`` in memory.
 
     ``cache`` overrides the bundle's cache layout. Returns ``ppl_exact``, ``ppl_aquakv``, ``ppl_increase``
     (relative: ``ppl_aquakv / ppl_exact - 1``), ``tokens``, ``bits_per_value`` (the codes: index, scales, total),
@@ -48,42 +98,109 @@ def validate(
     and recent window included), ``compressed_predictions`` (predictions that read compressed tokens) and, with
     ``fits``, ``layers``: each layer's fit metrics.
     """
-    if tokens_heldout.ndim != 2 or tokens_heldout.shape[1] < 2 or tokens_heldout.shape[0] < 1:
-        raise CalibrationError(f"held-out tokens must be [n >= 1, T >= 2], got {tuple(tokens_heldout.shape)}")
     layout = cache or bundle.cache
-    length = tokens_heldout.shape[1]
-    if layout.compress and not compressed_predictions(length, layout, step):
-        raise CalibrationError(
-            f"held-out sequences of {length} tokens never leave the exact sinks + recent window ({layout.sinks} + "
-            f"{layout.recent_window} tokens, fed {step} at a time), so validation would measure nothing: use held-out "
-            f"sequences longer than {math.ceil((layout.sinks + layout.recent_window) / step) * step + 1} tokens "
-            "(seq_len) or a smaller recent window"
-        )
+    _check_heldout(tokens_heldout, layout, step)
     fingerprint = bundle.fingerprint
     values_per_token = 2 * fingerprint["num_layers"] * fingerprint["num_kv_heads"] * fingerprint["head_dim"]
-    nll_exact = nll_aquakv = 0.0
-    count = cache_bits = cached_values = 0
+    sums = []
     for rows in tokens_heldout.long().split(batch_size):
         exact, _ = window_nll(model, rows, DynamicCache(config=model.config), step)
         aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache)
         aquakv, n = window_nll(model, rows, aquakv_cache, step)
-        nll_exact, nll_aquakv, count = nll_exact + exact, nll_aquakv + aquakv, count + n
-        cache_bits += 8 * aquakv_cache.nbytes()
-        cached_values += values_per_token * rows.numel()
-    ppl_exact, ppl_aquakv = math.exp(nll_exact / count), math.exp(nll_aquakv / count)
-    metrics = {
-        "ppl_exact": ppl_exact,
-        "ppl_aquakv": ppl_aquakv,
-        "ppl_increase": ppl_aquakv / ppl_exact - 1,
-        "tokens": count,
-        "step": step,
-        "bits_per_value": bundle.bits_per_value(),
-        "cache_bits_per_value": cache_bits / cached_values,
-        "compressed_predictions": len(tokens_heldout) * compressed_predictions(length, layout, step),
-    }
-    if fits is not None:
-        metrics["layers"] = [{"layer": f.layer, **f.metrics} for f in fits]
-    return metrics
+        sums.append({"nll_exact": exact, "nll_aquakv": aquakv, "count": n, "cache_bits": 8 * aquakv_cache.nbytes(),
+                     "cached_values": values_per_token * rows.numel()})
+    kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
+    return metrics_from(sums, bundle.codecs, kv_dim, layout, tuple(tokens_heldout.shape), step, fits)
+
+
+@torch.no_grad()
+def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32,
+                 on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[float, int]:
+    """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks through ``cache``, with
+    the checkpoint streamed one decoder layer at a time (each loaded once; ``on_layer(i, layer)`` sees it first).
+
+    A first pass records, per chunk, the hidden states entering layer 0 and every layer's call (mask, position
+    embeddings, cache position) from the model's own forward, against a ``DynamicCache`` of zeros advanced chunk by
+    chunk (masks depend only on how many tokens each layer's cache holds). Then every chunk goes through layer
+    ``l`` in order with the real ``cache``; an ``AquaKVCache``'s step state after layer ``l`` of chunk ``c`` is
+    restored before layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a
+    whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`)."""
+    ids = ids.to(device)
+    base = ckpt.base(torch.device(device), dtype)
+    rotary = rotary_module(base)
+    tracker = DynamicCache(config=ckpt.config)
+    starts = list(range(0, ids.shape[1] - 1, step))
+    hidden, calls, positions = [], [], []
+    for start in starts:
+        chunk = ids[:, start:start + step]
+        pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
+        h, layer_calls = layer_inputs(base, input_ids=chunk, position_ids=pos, use_cache=True,
+                                      **cache_kwargs(base, tracker))
+        hidden.append(h.to(dtype))
+        calls.append(layer_calls)
+        positions.append(pos)
+        zeros = torch.zeros(1, kv_heads(ckpt.config), chunk.shape[1], ckpt.head_dim, device=device, dtype=dtype)
+        for i in range(ckpt.num_layers):
+            tracker.update(zeros, zeros, i)
+    del tracker
+    stateful = isinstance(cache, AquaKVCache)
+    states: list[dict] | None = None
+    tuple_out = False
+    for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
+        if on_layer is not None:
+            on_layer(i, layer)
+        saved = []
+        for c in range(len(starts)):
+            if states is not None:
+                cache.restore_step_state(states[c])
+            if i == 0:  # what the pass's rotary call told the cache: the chunk's token positions
+                remember_positions(rotary, positions[c])
+            call = calls[c][i]
+            kwargs = {**call.kwargs, cache_kwarg(call): cache}
+            out = layer(hidden[c], *call.args, **kwargs)
+            tuple_out = isinstance(out, tuple)
+            hidden[c] = out[0] if tuple_out else out
+            if stateful:
+                saved.append(cache.step_state())
+        states = saved if stateful else None
+    total, count = 0.0, 0
+    for c, start in enumerate(starts):
+        targets = ids[:, start + 1:start + step + 1]
+        logits = ckpt.logits(hidden[c], tuple_out)[:, :targets.shape[1]]
+        total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+    return total, count
+
+
+def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequence[LayerCodec], layout: CacheConfig,
+                  step: int = 32, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
+    exact pass (``DynamicCache``) also probes each layer's :class:`LayerSpec` and the model fingerprint, then the
+    AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in place). Returns the sums
+    :func:`metrics_from` takes and the fingerprint."""
+    _check_heldout(tokens_heldout, layout, step)
+    specs: dict[int, LayerSpec] = {}
+    probes: dict[str, torch.Tensor] = {}
+
+    def probe(i: int, layer: nn.Module) -> None:
+        specs[i] = ckpt.spec(i, layer)
+        if i == 0:
+            probes["first"] = attention_weights(layer)[0].float().cpu()
+        if i == ckpt.num_layers - 1:
+            probes["last"] = attention_weights(layer)[-1].float().cpu()
+
+    rows = tokens_heldout.long()
+    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), step, device, dtype, probe)
+    spec_list = [specs[i] for i in range(ckpt.num_layers)]
+    fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
+    cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton),
+                        kernels=KernelSettings.from_env(attention="full"), specs=spec_list)
+    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype)
+    return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
+             "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel()}, fingerprint)
 
 
 def check_gate(metrics: dict, max_ppl_increase: float) -> None:

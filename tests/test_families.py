@@ -19,6 +19,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import aquakv.attention
+from aquakv.bundle import check_fingerprint
 from aquakv.cache import AquaKVCache
 from aquakv.codec import Residual
 from aquakv.compat import cache_kwargs
@@ -28,6 +29,7 @@ from aquakv.family import describe_model
 from aquakv.quantize import Quantized
 from conftest import chain_fit
 from pipeline.checkpoint import Checkpoint, LayerStream
+from pipeline.validate import metrics_from, streamed_sums, validate
 
 BASE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -218,3 +220,22 @@ def test_unsupported_families_are_refused_up_front(case: str, tmp_path: Path, bu
     model.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=why):
         Checkpoint(tmp_path)
+
+
+def test_streamed_validation_equals_the_whole_model(family: tuple, tmp_path: Path) -> None:
+    """The flow's validation streams the checkpoint one layer at a time (every chunk through layer l before layer
+    l + 1 loads, the cache's step state carried per chunk): the same sums as the whole model fed chunk by chunk."""
+    name, model, *_ = family
+    bundle = bundle_of(family, QuantizerConfig(dim=2, size=16, group_size=32), CacheConfig(sinks=2, recent_window=8))
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (2, 72), generator=torch.Generator().manual_seed(5))
+    whole = validate(model, ids, bundle, step=8)
+    sums, fingerprint = streamed_sums(Checkpoint(tmp_path), ids, bundle.codecs, bundle.cache, step=8)
+    kv_dim = bundle.fingerprint["num_kv_heads"] * bundle.fingerprint["head_dim"]
+    streamed = metrics_from([sums], bundle.codecs, kv_dim, bundle.cache, tuple(ids.shape), 8)
+    assert abs(whole["ppl_aquakv"] / whole["ppl_exact"] - 1) > 1e-4, "the cache compressed during the pass"
+    for key in ("ppl_exact", "ppl_aquakv", "cache_bits_per_value"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-5), (name, key)
+    assert streamed["tokens"] == whole["tokens"] and streamed["bits_per_value"] == whole["bits_per_value"]
+    check_fingerprint(bundle.fingerprint, fingerprint)
+    assert fingerprint["layer_kinds"] == bundle.fingerprint["layer_kinds"]

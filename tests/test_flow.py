@@ -23,6 +23,7 @@ from cluster.workers import collect_worker, connect, ray_map
 from flows.calibrate import calibrate
 from pipeline.collect import open_activations, read_activations
 from pipeline.testing import write_tiny_llama
+from pipeline.validate import validate
 
 LAYERS = 4
 
@@ -70,6 +71,12 @@ def test_flow_publishes_a_bundle_that_generates(first_run, assets, capsys):
     out = model.generate(torch.randint(3, 200, (2, 40)), **cache_kwargs(model, cache), max_new_tokens=30,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (2, 70) and cache.layers[LAYERS - 1].compressed_len > 0
+    # the flow validated on its Ray workers, streaming the checkpoint: the whole model in memory gives the same
+    tokens = next((assets["root"] / "a" / "work").glob("activations-*/tokens.zarr"))
+    heldout = torch.from_numpy(zarr.open_group(str(tokens), mode="r")["heldout"][:]).long()
+    whole = validate(model, heldout, bundle)
+    for key in ("ppl_exact", "ppl_aquakv", "cache_bits_per_value"):
+        assert bundle.manifest["validation"][key] == pytest.approx(whole[key], rel=1e-5), key
     cli(["inspect", first_run["bundle"]])
     shown = capsys.readouterr().out
     assert "tiny/v1" in shown and "d=2 n=256" in shown and "ppl_exact" in shown
