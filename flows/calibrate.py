@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,18 +223,28 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     logger = get_run_logger()
     logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
                 _collect_digest(cfg))
-    connect(cfg.ray_address, cfg.workers)
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds[stage] = round(time.perf_counter() - start, 2)
+        return out
+
+    timed("ray", connect, cfg.ray_address, cfg.workers)
     config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
-    model_dir, tokens = data_stage(config)
+    model_dir, tokens = timed("data", data_stage, config)
     if cfg.resident:
-        fits = collect_fit_stage(config, model_dir, tokens)
+        fits = timed("collect_fit", collect_fit_stage, config, model_dir, tokens)
     else:
-        activations = collect_stage(config, model_dir, tokens)
-        fits = fit_stage(config, activations)
-    metrics, fingerprint = validate_stage(config, model_dir, tokens, fits)
-    uri = publish_stage(config, fits, metrics, fingerprint)
+        activations = timed("collect", collect_stage, config, model_dir, tokens)
+        fits = timed("fit", fit_stage, config, activations)
+    metrics, fingerprint = timed("validate", validate_stage, config, model_dir, tokens, fits)
+    uri = timed("publish", publish_stage, config, fits, metrics, fingerprint)
+    logger.info("stage seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],
-               "ppl_aquakv": metrics["ppl_aquakv"], "ppl_increase": metrics["ppl_increase"], "digest": cfg.digest()}
+               "ppl_aquakv": metrics["ppl_aquakv"], "ppl_increase": metrics["ppl_increase"], "digest": cfg.digest(),
+               "seconds": seconds}
     print(f"\nbundle     {uri}\nbits/value {metrics['bits_per_value']['total']:.3f} "
           f"(index {metrics['bits_per_value']['index']:.3f} + scales {metrics['bits_per_value']['scales']:.3f}; "
           f"sinks and recent window exact)\nheld-out   ppl {metrics['ppl_aquakv']:.4f} vs exact "

@@ -1,0 +1,148 @@
+"""The whole calibration flow on GPUs: Llama-3.1-70B-shaped synthetic checkpoint, Prefect + Ray, 1 and N workers.
+
+``write`` makes the checkpoint (``--layers`` 70B-shaped decoder layers of random bf16 weights, one safetensors shard
+per layer, :func:`benchmarks.multigpu.write_checkpoint`), a tokenizer trained locally and a synthetic text; ``run``
+calibrates it with ``python flows/calibrate.py --config ...`` in a fresh process per worker count (so every run pays
+Prefect's ephemeral API and Ray's start-up, as a user's does), each in its own work directory (nothing resumed), and
+records the outer wall time, the flow's own stage seconds, and whether the N-worker bundle's tensors equal the
+1-worker bundle's. The projection to 80 layers x 2M calibration tokens scales collect / fit by layers x tokens and
+validation by layers (the held-out size stays the run's), and keeps start-up, data and publish as measured.
+
+    python benchmarks/calibration.py --sections write run --gpus 1,2 --mode resident --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.multigpu import write_checkpoint  # noqa: E402
+from pipeline.testing import tiny_tokenizer  # noqa: E402
+
+TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
+ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HUB_OFFLINE": "1"}
+
+
+def write(args: argparse.Namespace) -> None:
+    """Checkpoint + tokenizer + a text long enough for the samples and the held-out windows."""
+    root = Path(args.workdir)
+    ckpt = write_checkpoint(root / "model", args.layers, args.hidden, args.heads, args.kv_heads, args.mlp, args.vocab)
+    tiny_tokenizer(min(args.vocab, 512)).save_pretrained(ckpt)
+    rng = random.Random(0)
+    words = [w for w in "the fox river cache keys values model layer token bright morning silver over under "
+             "north south quickly slowly every number seven eleven forty quiet loud green".split()]
+    need = (args.samples + args.heldout) * args.seq_len * 6  # characters: a few per token
+    with open(root / "text.txt", "w") as f:
+        written = 0
+        while written < need:
+            line = " ".join(rng.choice(words) for _ in range(200)) + f" {rng.randrange(10**6)}.\n\n"
+            f.write(line)
+            written += 260
+    print(f"wrote {ckpt} ({args.layers} layers) and {root / 'text.txt'}", flush=True)
+
+
+def run_flow(args: argparse.Namespace, workers: int) -> dict:
+    root = Path(args.workdir) / f"run-{args.mode}-{workers}"
+    cfg = {"name": "llama70b-shape", "model": str(Path(args.workdir) / "model"), "data": str(Path(args.workdir) /
+           "text.txt"), "seq_len": args.seq_len, "num_samples": args.samples, "heldout_samples": args.heldout,
+           "dtype": "bfloat16", "workers": workers, "resident": args.mode == "resident", "max_ppl_increase": 10.0,
+           "registry": str(root / "registry"), "workdir": str(root / "work")}
+    shutil.rmtree(root, ignore_errors=True)  # nothing resumed: every run does the whole flow
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, **ENV, "PREFECT_HOME": str(root / "prefect")}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "flows/calibrate.py", "--config", str(root / "config.yaml")], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - start
+    (root / "flow.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], flush=True)
+        return {"workers": workers, "mode": args.mode, "error": proc.returncode, "wall_s": wall}
+    lines = proc.stdout.splitlines()
+    first = max(i for i, line in enumerate(lines) if line == "{")  # the flow's summary, printed as indented JSON
+    summary = json.JSONDecoder().raw_decode("\n".join(lines[first:]))[0]
+    rec = {"workers": workers, "mode": args.mode, "whole_flow_s": round(wall, 1), **summary}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def bundle_tensors(uri: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(uri).iterdir()) if p.suffix == ".safetensors"}
+
+
+def project(rec: dict, args: argparse.Namespace) -> float:
+    """Minutes for 80 layers x 2M tokens: collect / fit scale with layers x tokens, validation with layers."""
+    s = rec["seconds"]
+    tokens = args.samples * args.seq_len
+    scale = (TARGET_LAYERS / args.layers) * (TARGET_TOKENS / tokens)
+    work = sum(s.get(k, 0.0) for k in ("collect", "fit", "collect_fit")) * scale
+    fixed = sum(s.get(k, 0.0) for k in ("ray", "data", "publish"))
+    startup = rec["whole_flow_s"] - sum(s.values())  # interpreter, Prefect's API, imports
+    return (work + s["validate"] * TARGET_LAYERS / args.layers + fixed + startup) / 60
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", nargs="+", default=["write", "run"], choices=["write", "run"])
+    p.add_argument("--gpus", default="1,2", help="worker counts, one flow each (the first is the baseline)")
+    p.add_argument("--mode", default="resident", choices=["resident", "staged"])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--heldout", type=int, default=4, help="held-out sequences of --seq-len tokens")
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=28672)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--workdir", default="/tmp/aquakv-flow")
+    p.add_argument("--out", default="docs/benchmarks")
+    args = p.parse_args(argv)
+    if "write" in args.sections:
+        write(args)
+    if "run" not in args.sections:
+        return
+    runs = [run_flow(args, int(n)) for n in args.gpus.split(",")]
+    ok = [r for r in runs if "error" not in r]
+    result = {"date": datetime.date.today().isoformat(), "command": "python benchmarks/calibration.py " +
+              " ".join(sys.argv[1:] if argv is None else argv),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "gpus_visible": torch.cuda.device_count(), "settings": vars(args), "runs": runs}
+    if ok and ok[0]["workers"] == int(args.gpus.split(",")[0]):
+        base = ok[0]
+        result["projected_70b_minutes"] = round(project(base, args), 2)
+        result["whole_flow_s"] = base["whole_flow_s"]
+        reference = bundle_tensors(base["bundle"])
+        for r in ok[1:]:
+            r["projected_70b_minutes"] = round(project(r, args), 2)
+            r["bundle_matches_1gpu"] = bundle_tensors(r["bundle"]) == reference
+            work = [sum(x["seconds"].get(k, 0.0) for k in ("collect", "fit", "collect_fit")) for x in (base, r)]
+            r["speedup_collect_fit"] = round(work[0] / work[1], 3)
+            r["speedup_whole_flow"] = round(base["whole_flow_s"] / r["whole_flow_s"], 3)
+            r["speedup_projected"] = round(result["projected_70b_minutes"] / r["projected_70b_minutes"], 3)
+        if len(ok) > 1:
+            result["speedup_2gpu"] = ok[1]["speedup_projected"]
+            result["bundle_matches_1gpu"] = ok[1]["bundle_matches_1gpu"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"calibration-flow-{args.mode}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
