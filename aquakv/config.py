@@ -119,6 +119,9 @@ class CalibrationConfig(_Frozen):
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
     resident: bool = False  # execution strategy: fused collect+fit on the workers (pipeline.resident), not hashed
+    # resident only: also write K/V to activations.zarr in the background, so a re-fit with other quantizers skips
+    # collection (2 x layers x tokens x D values: ~655 GB bf16 for 70B x 2M tokens), not hashed
+    write_activations: bool = True
 
     @model_validator(mode="after")
     def _one_rank_policy(self) -> CalibrationConfig:
@@ -155,7 +158,8 @@ class CalibrationConfig(_Frozen):
 
     def digest(self) -> str:
         """What the bundle depends on: everything but where things go and how many workers do it."""
-        skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase", "resident"}
+        skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase", "resident",
+                "write_activations"}
         blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -126,10 +126,10 @@ def fit_stage(config: dict, activations: str) -> list:
 
 
 @task(name="collect_fit", cache_policy=NO_CACHE)
-def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activations: bool = True) -> list:
+def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> list:
     """Resident mode (``cfg.resident``): collect and chain-fit in one pass, one Ray actor per shard keeping its
     samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). No per-layer resume: a finished fit is
-    loaded, an interrupted one restarts at layer 0. ``write_activations``: the actors also write K/V to
+    loaded, an interrupted one restarts at layer 0. ``cfg.write_activations``: the actors also write K/V to
     ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
     settings can run the staged fit without collecting again."""
     cfg = CalibrationConfig.model_validate(config)
@@ -145,7 +145,7 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str, write_activatio
     ckpt = Checkpoint(model_dir)
     paths = _paths(cfg)
     activations = None
-    if write_activations:
+    if cfg.write_activations:
         group = open_activations(paths["activations"], ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim,
                                  dtype=cfg.dtype, attrs={"windows": ckpt.windows})
         if not all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):

@@ -168,3 +168,15 @@ def test_missed_gate_publishes_nothing(first_run, harness, assets):
         calibrate(config(assets, "a", keys=q1, values=q1, first_layer=q1, max_ppl_increase=1e-6, version="v9"))
     assert not (assets["root"] / "a" / "registry" / "tiny" / "v9").exists()
     assert np.isfinite(first_run["ppl_aquakv"])
+
+
+def test_resident_flow_without_activations_publishes_the_staged_bundle(first_run, harness, assets):
+    """resident: true, write_activations: false: collect+fit on the workers, nothing written to activations.zarr,
+    validation streamed on the workers, and the same predictors and codes as the staged run."""
+    summary = calibrate(config(assets, "resident", resident=True, write_activations=False))
+    assert not list((assets["root"] / "resident" / "work").glob("activations-*/activations.zarr"))
+    assert set(summary["seconds"]) == {"ray", "data", "collect_fit", "validate", "publish"}
+    staged = {p.name: p.read_bytes() for p in Path(first_run["bundle"]).glob("*.safetensors")}
+    resident = {p.name: p.read_bytes() for p in Path(summary["bundle"]).glob("*.safetensors")}
+    assert staged and resident == staged
+    assert summary["ppl_aquakv"] == pytest.approx(first_run["ppl_aquakv"], rel=1e-6)
