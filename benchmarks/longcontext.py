@@ -71,8 +71,9 @@ class Recipe:
     """A task and its difficulty levers.
 
     Defaults from a few trials with the exact cache of SmolLM2-135M-Instruct (busy 2-core machine, so few): multikey
-    2 keys 2/2 at 1k, 4 keys 0/1 at 2k (it named another needle's number), so 3; vartrack 0/2 at 1k even with one
-    chain of one hop (the model lists "A: B: C:"), so the easiest setting; commonwords 3 words 0.33 at 2k.
+    2 keys 2/2 at 1k, 4 keys 0/1 at 2k (it named another needle's number), 3 keys 3/3 at 1k; vartrack with one chain
+    of one hop 2.5/3 at 1k once the answer is primed with "VAR" (0/3 before: the model listed "A: B: C:");
+    commonwords 3 words 0.33 at 2k, 0/3 at 1k.
     """
 
     task: str
@@ -152,9 +153,9 @@ def vartrack(recipe: Recipe, encode: Encode, length: int, seed: int) -> Trial:
         statements += [(d, f"VAR {b} = VAR {a}.") for d, a, b in zip(depths[1:], chain[:-1], chain[1:], strict=True)]
     target = rng.randrange(recipe.chains)
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+    # the answer is primed with "VAR": without it SmolLM2-135M lists "A: B: C:" (0 of 2 at 1k on the exact cache)
     tail = (f"\nQuestion: Find all variables that are assigned the value {values[target]} in the text above. "
-            f"Answer: According to the chain(s) of variable assignment in the text above, {recipe.hops + 1} "
-            f"variables are assigned the value {values[target]}, they are:")
+            f"Answer: The variables assigned the value {values[target]} are VAR")
     max_new = 8 * (recipe.hops + 1)
     budget = length - max_new
     prompt = _fit(encode, budget, lambda n: head + _haystack(n, statements) + tail, _noise_units(encode, budget))
