@@ -71,7 +71,7 @@ class QuantizerConfig(_Frozen):
         return cls(dim=dim, size=2 ** (bits * dim), **kw)
 
 
-FIT_ALGORITHM = 2  # bump when the fit's math changes, so resumed runs never mix layers fitted two ways
+FIT_ALGORITHM = 3  # bump when the fit's math changes, so resumed runs never mix layers fitted two ways
 MAX_SINKS = 1024
 MAX_RECENT_WINDOW = 1 << 16
 

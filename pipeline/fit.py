@@ -198,6 +198,42 @@ def _accumulate(total: Any, part: Any) -> Any:
     return part if total is None else total + part
 
 
+class PairwiseSum:
+    """Sum of a sequence in a fixed binary tree over its order, ``((a + b) + (c + d)) + ...``, kept as a stack of
+    ``log2 n`` partial sums. Float sums depend on their order; this tree does not depend on how the sequence is cut:
+    shards that each cover an aligned power-of-two block of it (``shard_ranges(2^k m, 2^j)`` with ``j <= k``) summed
+    the same way give the bits one pass over the whole gives, so 1, 2 or 4 workers fit the same bundle."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, Any]] = []  # (tree level, partial sum), levels strictly decreasing
+
+    def add(self, value: Any) -> None:
+        level = 0
+        while self._stack and self._stack[-1][0] == level:
+            value = self._stack.pop()[1] + value
+            level += 1
+        self._stack.append((level, value))
+
+    def total(self) -> Any:
+        """The sum (None for an empty sequence): remaining partials combined from the right."""
+        if not self._stack:
+            return None
+        value = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            value = left + value
+        return value
+
+
+def _add_samples(total: PairwiseSum, x: torch.Tensor, y: torch.Tensor, samples: int, layer: int, kind: str,
+                 start: int) -> None:
+    """Ridge statistics of each sample's rows of ``x, y`` (``samples`` equal runs of rows, from sample ``start``)
+    added to ``total`` one sample at a time: the tree is over samples, whatever the row batches or shards."""
+    per = x.shape[0] // samples
+    for i in range(samples):
+        rows = slice(i * per, (i + 1) * per)
+        total.add(_stats(x[rows], y[rows], layer, kind, (start + i, start + i + 1)))
+
+
 def kept_rows(samples: int, seq_len: int, skip: int, device: str | torch.device = "cpu") -> torch.Tensor | None:
     """Row mask ``[samples * seq_len]`` leaving out each sample's first ``skip`` tokens (None: keep all)."""
     if skip == 0:
@@ -250,12 +286,12 @@ def layer_stats_keys(act_path: str, recon_path: str, layer: int, prev: int, star
     (without each sample's first ``skip`` tokens)."""
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
     seq_len = act[f"keys/{layer}"].shape[1]
-    total = None
+    total = PairwiseSum()
     for a, b in _batches(start, stop, seq_len):
         x, y = _keep(kept_rows(b - a, seq_len, skip, device), _read(rec, "keys", prev, a, b, device),
                      _read(act, "keys", layer, a, b, device))
-        total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
-    return _cpu(total)
+        _add_samples(total, x, y, b - a, layer, "keys", a)
+    return _cpu(total.total())
 
 
 def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
@@ -268,7 +304,7 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, st
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
     key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None)
     seq_len = act[f"keys/{layer}"].shape[1]
-    total = None
+    total = PairwiseSum()
     for a, b in _batches(start, stop, seq_len):
         rows = [_read(g, kind, i, a, b, device) for g, i in ((act, layer), (rec, prev)) for kind in KINDS]
         keys, values, *prev_kv = _keep(kept_rows(b - a, seq_len, skip, device), *rows)
@@ -276,8 +312,8 @@ def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, st
             _, (keys_hat, _) = encode(keys, values, prev_kv, key_only.to(device))
         except NonFiniteError as e:
             raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-        total = _accumulate(total, _stats(value_inputs(keys_hat, prev_kv[1]), values, layer, "values", (a, b)))
-    return _cpu(total)
+        _add_samples(total, value_inputs(keys_hat, prev_kv[1]), values, b - a, layer, "values", a)
+    return _cpu(total.total())
 
 
 def layer_stats_exact(act_path: str, layer: int, prev: int | None, start: int, stop: int, skip: int = 0,
@@ -440,11 +476,11 @@ def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cf
 
 
 def _sum(parts: Iterable[Any]) -> Any:
-    """Sum of shard results (anything with ``+``), consumed as they arrive."""
-    total = None
+    """Sum of shard results (anything with ``+``) in :class:`PairwiseSum`'s tree, consumed as they arrive."""
+    total = PairwiseSum()
     for part in parts:
-        total = _accumulate(total, part)
-    return total
+        total.add(part)
+    return total.total()
 
 
 def _quantization_noise(energy: torch.Tensor, config: QuantizerConfig, distortion: float) -> torch.Tensor:

@@ -43,11 +43,11 @@ from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode,
 from pipeline.fit import (
     FIT_DIR,
     LayerFit,
-    _accumulate,
+    PairwiseSum,
+    _add_samples,
     _batches,
     _cpu,
     _keep,
-    _stats,
     _sum,
     encode_with_errors,
     grid_stride,
@@ -235,11 +235,11 @@ class ResidentShard:
         t0 = time.perf_counter()
         self._expect("key_stats", layer, self.kv_layer, layer)
         self._expect_prev("key_stats", layer)
-        total = None
+        total = PairwiseSum()
         for a, b in self._batches():
             x, y = _keep(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
-            total = _accumulate(total, _stats(x, y, layer, "keys", (a, b)))
-        total = _cpu(total)
+            _add_samples(total, x, y, b - a, layer, "keys", a)
+        total = _cpu(total.total())
         self._timed("key_stats", t0)
         return total
 
@@ -251,7 +251,7 @@ class ResidentShard:
         self._expect("value_stats", layer, self.kv_layer, layer)
         self._expect_prev("value_stats", layer)
         key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None).to(self.device)
-        total = None
+        total = PairwiseSum()
         for a, b in self._batches():
             keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
                                         *self._prev(layer, a, b))
@@ -259,8 +259,8 @@ class ResidentShard:
                 _, (keys_hat, _) = encode(keys, values, prev, key_only)
             except NonFiniteError as e:
                 raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-            total = _accumulate(total, _stats(value_inputs(keys_hat, prev[1]), values, layer, "values", (a, b)))
-        total = _cpu(total)
+            _add_samples(total, value_inputs(keys_hat, prev[1]), values, b - a, layer, "values", a)
+        total = _cpu(total.total())
         self._timed("value_stats", t0)
         return total
 

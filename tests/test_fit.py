@@ -77,6 +77,36 @@ def test_shard_ranges() -> None:
         fit.shard_ranges(0, 2)
 
 
+def test_pairwise_sum_does_not_depend_on_how_the_sequence_is_sharded() -> None:
+    """The tree of PairwiseSum is over the items' order: aligned power-of-two shards summed the same way give the
+    same bits as one pass; a running sum (what the fit did before) does not, on data where float order matters."""
+    gen = torch.Generator().manual_seed(0)
+    items = [torch.randn(256, dtype=torch.float64, generator=gen) * 10.0 ** torch.randint(-8, 9, (256,), generator=gen)
+             for _ in range(16)]
+
+    def pairwise(seq: list) -> torch.Tensor:
+        total = fit.PairwiseSum()
+        for x in seq:
+            total.add(x)
+        return total.total()
+
+    def running(seq: list) -> torch.Tensor:
+        total = seq[0]
+        for x in seq[1:]:
+            total = total + x
+        return total
+
+    whole = pairwise(items)
+    for shards in (2, 4, 8, 16):
+        n = len(items) // shards
+        assert torch.equal(pairwise([pairwise(items[i:i + n]) for i in range(0, len(items), n)]), whole), shards
+    assert not torch.equal(running([running(items[:8]), running(items[8:])]), running(items))
+    assert torch.allclose(whole, running(items), rtol=1e-12, atol=1e-6)
+    assert fit.PairwiseSum().total() is None
+    odd = pairwise(items[:5])  # not a power of two: still the exact sum's value
+    assert torch.allclose(odd, sum(items[:5]), rtol=1e-12, atol=1e-6)
+
+
 def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
     act = tmp_path / "act.zarr"
     write_store(act)

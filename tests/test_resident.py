@@ -153,3 +153,20 @@ def test_fitted_grids_and_sinks_out_equal_staged(assets: dict, tmp_path: Path) -
     # weighted Lloyd from the Gaussian grid on each layer's own residuals: the chain's errors shrink
     for kind in KINDS:
         assert sum(f.metrics[f"{kind}_rel_mse"] for f in staged) < sum(f.metrics[f"{kind}_rel_mse"] for f in gaussian)
+
+
+def test_one_two_and_four_workers_fit_the_same_bits(assets: dict, tmp_path: Path) -> None:
+    """Statistics are summed per sample in a fixed tree (pipeline.fit.PairwiseSum): shards that are aligned
+    power-of-two blocks of samples give bit-identical predictors, staged and resident alike (the bundle of 2 GPUs
+    equals the bundle of 1)."""
+    ckpt = Checkpoint(assets["model"])
+    act = tmp_path / "activations.zarr"
+    open_activations(act, LAYERS, 4, SEQ, ckpt.kv_dim)
+    collect_shard(ckpt, assets["data"][:4], 0, act, progress=False)
+    cfg = _cfg(assets).model_copy(update={"num_samples": 4})
+    staged = {n: fit_all(act, tmp_path / f"staged{n}", cfg, progress=False, num_shards=n) for n in (1, 2, 4)}
+    for n in (2, 4):
+        _assert_same(staged[1], staged[n], exact=True)
+        shards = [ResidentShard(assets["model"], assets["tokens"], a, b, device="cpu") for a, b in shard_ranges(4, n)]
+        _assert_same(staged[1], fit_resident(local_shards_call(shards), cfg, tmp_path / f"resident{n}", LAYERS,
+                                             progress=False), exact=True)
