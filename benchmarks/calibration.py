@@ -60,6 +60,7 @@ def run_flow(args: argparse.Namespace, workers: int) -> dict:
     cfg = {"name": "llama70b-shape", "model": str(Path(args.workdir) / "model"), "data": str(Path(args.workdir) /
            "text.txt"), "seq_len": args.seq_len, "num_samples": args.samples, "heldout_samples": args.heldout,
            "dtype": "bfloat16", "workers": workers, "resident": args.mode == "resident", "max_ppl_increase": 10.0,
+           "write_activations": args.write_activations,
            "registry": str(root / "registry"), "workdir": str(root / "work")}
     shutil.rmtree(root, ignore_errors=True)  # nothing resumed: every run does the whole flow
     root.mkdir(parents=True)
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sections", nargs="+", default=["write", "run"], choices=["write", "run"])
     p.add_argument("--gpus", default="1,2", help="worker counts, one flow each (the first is the baseline)")
     p.add_argument("--mode", default="resident", choices=["resident", "staged"])
+    p.add_argument("--write-activations", action="store_true",
+                   help="resident mode: also write K/V to Zarr for later re-fits (off: a one-shot run)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=8192)
@@ -117,7 +120,18 @@ def main(argv: list[str] | None = None) -> None:
         write(args)
     if "run" not in args.sections:
         return
-    runs = [run_flow(args, int(n)) for n in args.gpus.split(",")]
+    runs: list[dict] = []
+    for n in args.gpus.split(","):  # the results so far are written after every run (a cut-off run keeps them)
+        runs.append(run_flow(args, int(n)))
+        result = summarize(args, runs, argv)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"calibration-flow-{args.mode}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+
+
+def summarize(args: argparse.Namespace, runs: list[dict], argv: list[str] | None) -> dict:
+    """Projection of the first (baseline) run, and each other run's speed-ups and bundle identity against it."""
     ok = [r for r in runs if "error" not in r]
     result = {"date": datetime.date.today().isoformat(), "command": "python benchmarks/calibration.py " +
               " ".join(sys.argv[1:] if argv is None else argv),
@@ -138,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(ok) > 1:
             result["speedup_2gpu"] = ok[1]["speedup_projected"]
             result["bundle_matches_1gpu"] = ok[1]["bundle_matches_1gpu"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"calibration-flow-{args.mode}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
-
+    return result
 
 if __name__ == "__main__":
     main()
