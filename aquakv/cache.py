@@ -17,7 +17,6 @@ the model's ``"aquakv"`` attention function attends straight from the compressed
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -360,8 +359,8 @@ class AquaKVCache(Cache):
 
     def restore_step_state(self, state: dict) -> None:
         """Undo the layers run since ``state`` was saved by :meth:`step_state` (their own tokens stay)."""
-        for name, value in state.items():
-            setattr(self.shared, name, copy.copy(value))
+        for name, value in state.items():  # the dicts are copied: the layers run next fill them again
+            setattr(self.shared, name, dict(value) if isinstance(value, dict) else value)
 
     def nbytes(self) -> int:
         """Bytes held between steps by every layer, plus the shared token positions."""

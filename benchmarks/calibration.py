@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.multigpu import write_checkpoint  # noqa: E402
+from benchmarks.multigpu import add_shape_arguments, write_checkpoint  # noqa: E402
 from pipeline.testing import tiny_tokenizer  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--heldout", type=int, default=4, help="held-out sequences of --seq-len tokens")
-    p.add_argument("--hidden", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=28672)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p)
     p.add_argument("--workdir", default="/tmp/aquakv-flow")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)

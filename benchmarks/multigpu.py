@@ -68,6 +68,15 @@ def write_checkpoint(path: Path, layers: int, hidden: int, heads: int, kv_heads:
     return path
 
 
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """``--hidden --heads --kv-heads --mlp --vocab`` of the synthetic checkpoint, Llama-3.1-70B's by default."""
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=28672)
+    p.add_argument("--vocab", type=int, default=32000)
+
+
 def write_tokens(path: Path, samples: int, seq_len: int, vocab: int) -> Path:
     group = zarr.open_group(path, mode="w")
     rng = np.random.default_rng(0)
@@ -159,11 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=28672)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p)
     p.add_argument("--workdir", default="/tmp/aquakv-multigpu")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--resident", action="store_true", help="also time the resident (fused collect+fit) path")

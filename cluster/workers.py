@@ -73,7 +73,7 @@ def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, stor
 
 
 def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, codecs: list, cache: Any,
-                    dtype: str, step: int = 32) -> tuple[dict, dict]:
+                    dtype: str, step: int) -> tuple[dict, dict]:
     """Held-out sequences ``[start, stop)``: exact and AQUA-KV NLL sums on the checkpoint streamed one layer at a
     time (:func:`pipeline.validate.streamed_sums`), and the model fingerprint."""
     import torch

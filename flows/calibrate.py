@@ -31,8 +31,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from aquakv.config import CalibrationConfig  # noqa: E402
 
-VALIDATION_STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
-
 
 def resolve_config(config: str | dict | CalibrationConfig, **overrides: Any) -> CalibrationConfig:
     """A validated config from a YAML path, a dict or a config, with ``overrides`` (None = keep) applied."""
@@ -173,7 +171,7 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
 
     from cluster.workers import ray_map, validate_worker
     from pipeline.fit import shard_ranges
-    from pipeline.validate import check_gate, metrics_from
+    from pipeline.validate import STEP, check_gate, metrics_from
 
     logger = get_run_logger()
     shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
@@ -183,10 +181,10 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
                 len(shards))
     n = len(shards)
     results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards], [b for _, b in shards],
-                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n, [VALIDATION_STEP] * n)
+                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n, [STEP] * n)
     fingerprint = results[0][1]
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
-    metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, VALIDATION_STEP, fits)
+    metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, STEP, fits)
     logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",
                 metrics["ppl_aquakv"], metrics["ppl_exact"], 100 * metrics["ppl_increase"],
                 metrics["bits_per_value"]["total"])

@@ -36,6 +36,8 @@ from aquakv.rope import remember_positions
 from pipeline.checkpoint import Checkpoint, LayerStream
 from pipeline.fit import LayerFit
 
+STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
+
 
 def compressed_predictions(length: int, cache: CacheConfig, step: int) -> int:
     """How many of the ``length - 1`` predictions of one sequence fed in ``step``-token chunks attend to compressed
@@ -85,7 +87,7 @@ def validate(
     model: torch.nn.Module,
     tokens_heldout: torch.Tensor,
     bundle: Bundle,
-    step: int = 32,
+    step: int = STEP,
     cache: CacheConfig | None = None,
     fits: Sequence[LayerFit] | None = None,
     batch_size: int = 8,
@@ -175,7 +177,7 @@ def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, d
 
 
 def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequence[LayerCodec], layout: CacheConfig,
-                  step: int = 32, device: str | torch.device = "cpu",
+                  step: int = STEP, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
     exact pass (``DynamicCache``) also probes each layer's :class:`LayerSpec` and the model fingerprint, then the

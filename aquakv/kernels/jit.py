@@ -148,6 +148,7 @@ def _addr(rb, rt, c0, WIDTH: tl.constexpr, s_b, s_t, s_h, HD: tl.constexpr):
     row = rb.to(tl.int64) * s_b + rt.to(tl.int64) * s_t + ((c0 // HD) * s_h + c0 % HD)
     return row[:, None] + tl.arange(0, WIDTH)[None, :]
 
+
 @triton.jit
 def _rows_times_weight(acc_l, acc_h, a_ptr, s_b, s_t, s_h, K, w_row0, rb, rt, rmask, w_ptr, N, cl, ch,
                        BK: tl.constexpr, HD: tl.constexpr, PRED: tl.constexpr, INTERP: tl.constexpr):
