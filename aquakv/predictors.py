@@ -80,7 +80,7 @@ def fit_ridge(stats: RidgeStats, damping: float = 1e-3, rank: int | None = None,
     xtx, xty = stats.xtx, stats.xty
     d_in = xtx.shape[0] - 1
     lam = damping * float(torch.diagonal(xtx)[:d_in].mean())
-    reg = torch.eye(d_in + 1, dtype=xtx.dtype) * lam
+    reg = torch.eye(d_in + 1, dtype=xtx.dtype, device=xtx.device) * lam
     reg[d_in, d_in] = 0.0
     w = torch.linalg.solve(xtx + reg, xty)  # [D_in+1, D_out]
     full = min(d_in, w.shape[1])

@@ -47,7 +47,7 @@ DEV = "cuda"
 T0 = time.time()
 SHAPE = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "mlp": 14336, "vocab": 128256}
 DATE = "2026-11-26"
-RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128}
+RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128, "aquakv-r256": 256}
 
 
 def log(*a: object) -> None:

@@ -124,12 +124,13 @@ def fit_stage(config: dict, activations: str) -> list:
 
 
 @task(name="collect_fit", cache_policy=NO_CACHE)
-def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> list:
+def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, dict]:
     """Resident mode (``cfg.resident``): collect and chain-fit in one pass, one Ray actor per shard keeping its
     samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). No per-layer resume: a finished fit is
     loaded, an interrupted one restarts at layer 0. ``cfg.write_activations``: the actors also write K/V to
     ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
-    settings can run the staged fit without collecting again."""
+    settings can run the staged fit without collecting again. Returns the fits and where the time went
+    (:func:`pipeline.resident.fit_resident`'s ``seconds``)."""
     cfg = CalibrationConfig.model_validate(config)
     import ray
 
@@ -152,20 +153,29 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> list:
     logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", ckpt.num_layers,
                 cfg.num_samples, len(shards), activations or "not written")
     actors = shard_actors(model_dir, tokens, shards, cfg.dtype, activations)
+    seconds: dict[str, float] = {}
     try:
-        fits = fit_resident(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False)
+        fits = fit_resident(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False,
+                            seconds=seconds)
     finally:
         for actor in actors:
             ray.kill(actor)
     _log_fits(logger, fits)
-    return fits
+    seconds = {k: round(v, 2) for k, v in seconds.items()}
+    logger.info("collect+fit seconds: %s", _seconds(seconds))
+    return fits, seconds
+
+
+def _seconds(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict]:
+def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict, dict]:
     """Held-out perplexity with the real cache vs exact, on the Ray workers (held-out sequences split over them,
     the checkpoint streamed one layer at a time: :func:`pipeline.validate.streamed_sums`); refuses to go on when
-    the gate is missed. Returns the metrics and the model fingerprint the workers probed."""
+    the gate is missed. Returns the metrics, the model fingerprint the workers probed and the slowest worker's
+    seconds per pass."""
     cfg = CalibrationConfig.model_validate(config)
     import zarr
 
@@ -185,11 +195,13 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
     fingerprint = results[0][1]
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, STEP, fits)
+    seconds = {k: max(sums["seconds"][k] for sums, _ in results) for k in results[0][0]["seconds"]}
+    logger.info("validate seconds (slowest worker): %s", _seconds(seconds))
     logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",
                 metrics["ppl_aquakv"], metrics["ppl_exact"], 100 * metrics["ppl_increase"],
                 metrics["bits_per_value"]["total"])
     check_gate(metrics, cfg.max_ppl_increase)
-    return metrics, fingerprint
+    return metrics, fingerprint, seconds
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -222,6 +234,7 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
                 _collect_digest(cfg))
     seconds: dict[str, float] = {}
+    detail: dict[str, dict[str, float]] = {}  # inside collect+fit and validate
 
     def timed(stage: str, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -233,16 +246,16 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
     model_dir, tokens = timed("data", data_stage, config)
     if cfg.resident:
-        fits = timed("collect_fit", collect_fit_stage, config, model_dir, tokens)
+        fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, tokens)
     else:
         activations = timed("collect", collect_stage, config, model_dir, tokens)
         fits = timed("fit", fit_stage, config, activations)
-    metrics, fingerprint = timed("validate", validate_stage, config, model_dir, tokens, fits)
+    metrics, fingerprint, detail["validate"] = timed("validate", validate_stage, config, model_dir, tokens, fits)
     uri = timed("publish", publish_stage, config, fits, metrics, fingerprint)
-    logger.info("stage seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    logger.info("stage seconds: %s", _seconds(seconds))
     summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],
                "ppl_aquakv": metrics["ppl_aquakv"], "ppl_increase": metrics["ppl_increase"], "digest": cfg.digest(),
-               "seconds": seconds}
+               "seconds": seconds, "stage_seconds": detail}
     print(f"\nbundle     {uri}\nbits/value {metrics['bits_per_value']['total']:.3f} "
           f"(index {metrics['bits_per_value']['index']:.3f} + scales {metrics['bits_per_value']['scales']:.3f}; "
           f"sinks and recent window exact)\nheld-out   ppl {metrics['ppl_aquakv']:.4f} vs exact "

@@ -335,19 +335,36 @@ def local_shards_call(shards: list[ResidentShard]) -> ShardsCall:
     return call
 
 
+def timed_calls(shards_call: ShardsCall, seconds: dict[str, float]) -> ShardsCall:
+    """``shards_call`` that adds each method's wall seconds (the slowest shard's, as the driver waits) to
+    ``seconds[method]``."""
+    def call(method: str, *args: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return shards_call(method, *args)
+        finally:
+            seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - t0
+
+    return call
+
+
 def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Path, num_layers: int,
-                 progress: bool = True) -> list[LayerFit]:
+                 progress: bool = True, seconds: dict[str, float] | None = None) -> list[LayerFit]:
     """Chain-fit every layer over resident shards; saves ``workdir/fit/{l}`` as :func:`pipeline.fit.fit_all` does.
 
     ``shards_call(method, *args)`` calls ``method`` on every shard and returns their results in shard order
     (:func:`local_shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved fits
     if every layer is there for ``cfg.fit_digest()``, else fits from layer 0 (no per-layer resume: the
-    reconstructions were on the workers).
+    reconstructions were on the workers). ``seconds`` (optional) receives where the time went: each shard
+    method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole layer loop, without
+    the first ``shape`` call that waits for the workers to start) and ``first_layer`` (layer 0 alone: its weights
+    are not prefetched and the workers' kernels compile there).
     """
     workdir = Path(workdir)
     fits = load_fits(workdir, cfg, num_layers, require_recon=False)
     if len(fits) == num_layers:
         return fits
+    seconds = {} if seconds is None else seconds
     shapes = shards_call("shape")
     kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
     if any(s["num_layers"] != num_layers for s in shapes):
@@ -355,15 +372,18 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     fits = []
     preds = predecessors(shapes[0]["windows"])
     bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
+    start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
     for layer in bar:
         shards_call("forward", layer)
         skip, n = cfg.skipped_tokens, len(shapes)
+        t0, before = time.perf_counter(), sum(seconds.values())
         codec = solve_layer(
             cfg, layer, preds[layer],
             lambda: _sum(shards_call("key_stats", layer, skip)),  # noqa: B023  (called before the loop moves on)
             lambda partial: _sum(shards_call("value_stats", layer, partial, skip)),  # noqa: B023
             lambda partial, kind, vectors: torch.cat(
                 shards_call("grid_samples", layer, partial, kind, skip, -(-vectors // n))))  # noqa: B023
+        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0 - (sum(seconds.values()) - before)
         sums: dict[str, float] = {}
         for part in shards_call("reconstruct", layer, codec):
             sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
@@ -372,5 +392,8 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
                    {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics, "mode": "resident"})
         bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
         fits.append(fit)
+        if layer == 0:
+            seconds["first_layer"] = time.perf_counter() - start
     shards_call("finish")
+    seconds["layers"] = time.perf_counter() - start
     return fits

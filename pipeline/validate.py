@@ -16,10 +16,13 @@ from layer to layer per chunk; both reduce to the same sums (:func:`metrics_from
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
@@ -37,6 +40,14 @@ from pipeline.checkpoint import Checkpoint, LayerStream
 from pipeline.fit import LayerFit
 
 STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
+EXACT_STEP = 256  # the exact pass's chunk: its NLL does not depend on the chunking, so fewer, larger chunks
+
+
+def attention_backends() -> Any:
+    """SDPA without the cuDNN backend for validation's passes: cuDNN plans anew for every key length (24 ms of CPU
+    per layer call on an H100, 2026-11-26: ``benchmarks/calibration_stages.py --profile``) and each held-out chunk
+    meets a new length. Flash, memory-efficient and math attention compute the same softmax."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def compressed_predictions(length: int, cache: CacheConfig, step: int) -> int:
@@ -106,13 +117,19 @@ def validate(
     values_per_token = 2 * fingerprint["num_layers"] * fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     sums = []
     for rows in tokens_heldout.long().split(batch_size):
-        exact, _ = window_nll(model, rows, DynamicCache(config=model.config), step)
-        aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache)
-        aquakv, n = window_nll(model, rows, aquakv_cache, step)
-        sums.append({"nll_exact": exact, "nll_aquakv": aquakv, "count": n, "cache_bits": 8 * aquakv_cache.nbytes(),
-                     "cached_values": values_per_token * rows.numel()})
+        with attention_backends():
+            sums.append(_window_sums(model, rows, bundle, cache, step, values_per_token))
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     return metrics_from(sums, bundle.codecs, kv_dim, layout, tuple(tokens_heldout.shape), step, fits)
+
+
+def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, cache: CacheConfig | None, step: int,
+                 values_per_token: int) -> dict:
+    exact, _ = window_nll(model, rows, DynamicCache(config=model.config), max(step, EXACT_STEP))
+    aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache)
+    aquakv, n = window_nll(model, rows, aquakv_cache, step)
+    return {"nll_exact": exact, "nll_aquakv": aquakv, "count": n, "cache_bits": 8 * aquakv_cache.nbytes(),
+            "cached_values": values_per_token * rows.numel()}
 
 
 @torch.no_grad()
@@ -128,6 +145,12 @@ def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, d
     ``l`` in order with the real ``cache``; an ``AquaKVCache``'s step state after layer ``l`` of chunk ``c`` is
     restored before layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a
     whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`)."""
+    with attention_backends():
+        return _streamed_nll(ckpt, ids, cache, step, device, dtype, on_layer)
+
+
+def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device,
+                  dtype: torch.dtype, on_layer: Callable[[int, nn.Module], None] | None) -> tuple[float, int]:
     ids = ids.to(device)
     base = ckpt.base(torch.device(device), dtype)
     rotary = rotary_module(base)
@@ -180,9 +203,9 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
                   step: int = STEP, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
-    exact pass (``DynamicCache``) also probes each layer's :class:`LayerSpec` and the model fingerprint, then the
-    AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in place). Returns the sums
-    :func:`metrics_from` takes and the fingerprint."""
+    exact pass (``DynamicCache``, :data:`EXACT_STEP`-token chunks) also probes each layer's :class:`LayerSpec` and
+    the model fingerprint, then the AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in
+    place). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass) and the fingerprint."""
     _check_heldout(tokens_heldout, layout, step)
     specs: dict[int, LayerSpec] = {}
     probes: dict[str, torch.Tensor] = {}
@@ -195,14 +218,18 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
             probes["last"] = attention_weights(layer)[-1].float().cpu()
 
     rows = tokens_heldout.long()
-    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), step, device, dtype, probe)
+    t0 = time.perf_counter()
+    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), max(step, EXACT_STEP), device, dtype,
+                                probe)
+    t1 = time.perf_counter()
     spec_list = [specs[i] for i in range(ckpt.num_layers)]
     fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
     cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton),
                         kernels=KernelSettings.from_env(attention="full"), specs=spec_list)
     aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype)
+    seconds = {"exact": round(t1 - t0, 3), "aquakv": round(time.perf_counter() - t1, 3)}
     return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
-             "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel()}, fingerprint)
+             "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel(), "seconds": seconds}, fingerprint)
 
 
 def check_gate(metrics: dict, max_ppl_increase: float) -> None:

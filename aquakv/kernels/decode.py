@@ -20,6 +20,8 @@ from aquakv.kernels.host import _PerTensor, prepare, rotation_matrices
 from aquakv.kernels.settings import INTERPRET, KernelSettings
 
 if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources
+
     from aquakv.kernels.jit import _decode_attention_kernel, _exact_merge_kernel
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
@@ -95,7 +97,18 @@ def _launch_config(rows: int, full_rank: bool, projected: bool, settings: Kernel
     return bt, 4, (3 if projected else 4) if bt == 64 and not full_rank else 2
 
 
+def _launch_candidates(first: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """``first``, then configs that need less shared memory (fewer stages, then smaller tiles): a high predictor rank
+    (e.g. 256 at D = 1024) does not fit the measured default (293 KB of shared memory against an H100's 227 KB,
+    2026-11-26)."""
+    bt, warps, stages = first
+    out = [first] + [(bt, warps, s) for s in range(stages - 1, 0, -1)]
+    out += [(t, 4, s) for t in (64, 32) if t < bt for s in (2, 1)]
+    return list(dict.fromkeys(out))
+
+
 _TABLES = _PerTensor()
+_FITS: dict[tuple, tuple[int, int, int]] = {}  # (wanted launch, kernel constants, device) -> the config that fits
 
 
 def _grid_table(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -158,12 +171,7 @@ def decode_attention(
         nkmode, _, _, ka2, _, rk2 = _predictor_operands(next_codec.key_predictor, dev, settings)
         nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
         rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
-    bt, warps, stages = launch or _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev)
-    nt = math.ceil(length / bt)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
-    o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
-    lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
-    probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
         raise ValueError("a full-rank predictor needs separate prev and cur scratch buffers")
     _, k_unrot = rotation_matrices(codec.keys.signs, dev)
@@ -173,27 +181,49 @@ def decode_attention(
     kc, kc_words = _codes_operand(keys_q.codes, kcfg)
     vc, vc_words = _codes_operand(values_q.codes, vcfg)
     ks, vs = keys_q.scales.contiguous(), values_q.scales.contiguous()
-    dummy = o
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else dummy
-    _decode_attention_kernel[(nt, b)](
-        query, query.stride(0), query.stride(1), query.stride(2),
-        kc, kc.shape[-1], ks, ks.shape[-1], kgrid, k_unrot,
-        vc, vc.shape[-1], vs, vs.shape[-1], vgrid, v_unrot,
-        prev, cur, prev.stride(0), prev.stride(1),
-        kw if kw is not None else dummy, kb if kb is not None else dummy, ka if ka is not None else dummy,
-        kup if kup is not None else dummy,
-        vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
-        vup if vup is not None else dummy, ka2 if ka2 is not None else dummy, va2 if va2 is not None else dummy,
-        positions, positions.stride(0), inv_freq, float(rope_scale),
-        mask, probs, o, lse,
-        length, nt, hq, qlen, float(scaling) * math.log2(math.e),
-        DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
-        KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected, RK2=rk2, RV2=rv2,
-        GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
-        GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
-        HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
-    )
-    return o, lse
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+
+    def run(config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        bt, warps, stages = config
+        nt = math.ceil(length / bt)
+        o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
+        lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
+        probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
+        dummy = o
+        _decode_attention_kernel[(nt, b)](
+            query, query.stride(0), query.stride(1), query.stride(2),
+            kc, kc.shape[-1], ks, ks.shape[-1], kgrid, k_unrot,
+            vc, vc.shape[-1], vs, vs.shape[-1], vgrid, v_unrot,
+            prev, cur, prev.stride(0), prev.stride(1),
+            kw if kw is not None else dummy, kb if kb is not None else dummy, ka if ka is not None else dummy,
+            kup if kup is not None else dummy,
+            vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
+            vup if vup is not None else dummy, ka2 if ka2 is not None else dummy, va2 if va2 is not None else dummy,
+            positions, positions.stride(0), inv_freq, float(rope_scale),
+            mask if mask is not None else dummy, probs, o, lse,
+            length, nt, hq, qlen, float(scaling) * math.log2(math.e),
+            DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
+            KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected, RK2=rk2, RV2=rv2,
+            GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
+            GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
+            HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
+        )
+        return o, lse
+
+    wanted = launch or _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev)
+    key = (wanted, d, hd, gq, qm, kmode, vmode, rk, rv, projected, rk2, rv2, kcfg, vcfg, str(dev))
+    if key in _FITS:
+        return run(_FITS[key])
+    *larger, smallest = _launch_candidates(wanted)
+    for config in larger:
+        try:
+            out = run(config)
+        except OutOfResources:
+            continue
+        _FITS[key] = config
+        return out
+    _FITS[key] = smallest
+    return run(smallest)
 
 
 def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
