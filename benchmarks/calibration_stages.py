@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in fit_out.items() if k != "profile_layer"}, indent=1), flush=True)
     val_out = validation(args, ckpt, tokens, fits)
     fs = fit_out["seconds"]  # the first layer (no prefetch, kernel compilation) is paid once
-    steady = (fs["layers"] - fs["first_layer"]) / max(args.layers - 1, 1)
+    steady = fs.get("median_layer", fs["layers"])
     per_layer = steady * TARGET_TOKENS / (args.samples * args.seq_len)
     val_per_layer = (val_out["seconds"]["exact"] + val_out["seconds"]["aquakv"]) / args.layers
     result = {"date": datetime.date.today().isoformat(),

@@ -357,8 +357,9 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     if every layer is there for ``cfg.fit_digest()``, else fits from layer 0 (no per-layer resume: the
     reconstructions were on the workers). ``seconds`` (optional) receives where the time went: each shard
     method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole layer loop, without
-    the first ``shape`` call that waits for the workers to start) and ``first_layer`` (layer 0 alone: its weights
-    are not prefetched and the workers' kernels compile there).
+    the first ``shape`` call that waits for the workers to start), ``first_layer`` (layer 0 alone: its weights
+    are not prefetched and the workers' kernels compile there) and ``median_layer`` (the median of layers 1..L-1:
+    the steady cost of a layer; layer 1 also pays the driver's first solve).
     """
     workdir = Path(workdir)
     fits = load_fits(workdir, cfg, num_layers, require_recon=False)
@@ -373,6 +374,7 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     preds = predecessors(shapes[0]["windows"])
     bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
     start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
+    ends = [start]
     for layer in bar:
         shards_call("forward", layer)
         skip, n = cfg.skipped_tokens, len(shapes)
@@ -392,8 +394,11 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
                    {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics, "mode": "resident"})
         bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
         fits.append(fit)
-        if layer == 0:
-            seconds["first_layer"] = time.perf_counter() - start
+        ends.append(time.perf_counter())
     shards_call("finish")
     seconds["layers"] = time.perf_counter() - start
+    per_layer = sorted(b - a for a, b in zip(ends[1:-1], ends[2:], strict=True))  # layers 1..L-1
+    seconds["first_layer"] = ends[1] - start
+    if per_layer:
+        seconds["median_layer"] = per_layer[len(per_layer) // 2]
     return fits
