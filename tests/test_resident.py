@@ -81,8 +81,14 @@ def test_resident_equals_staged(assets: dict, staged: dict, n: int, tmp_path: Pa
         calls.append(method)
         return inner(method, *args)
 
-    fits = fit_resident(counting, cfg, tmp_path, LAYERS, progress=False)
+    seconds: dict[str, float] = {}
+    fits = fit_resident(counting, cfg, tmp_path, LAYERS, progress=False, seconds=seconds)
     assert calls.count("forward") == LAYERS
+    # where the time went: every shard method the driver waited on, its own solves, the whole loop, layer 0, the median
+    assert set(seconds) == {*calls} - {"shape"} | {"solve", "layers", "first_layer", "median_layer"}
+    assert all(v >= 0 for v in seconds.values())
+    assert seconds["first_layer"] + seconds["median_layer"] <= seconds["layers"]
+    assert sum(v for k, v in seconds.items() if k not in ("layers", "first_layer", "median_layer")) <= seconds["layers"]
     _assert_same(staged[n], fits, exact=True)  # same shards, same row batches, same sums: bit-identical
     _assert_same(staged[1], fits, exact=False)  # another split only reorders float64 sums
     # saved in fit_all's layout: load_fits reads them; a finished run is loaded, never recomputed
