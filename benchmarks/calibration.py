@@ -30,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.multigpu import add_shape_arguments, write_checkpoint  # noqa: E402
+from benchmarks.multigpu import add_run_arguments, write_checkpoint  # noqa: E402
 from pipeline.testing import tiny_tokenizer  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default="resident", choices=["resident", "staged"])
     p.add_argument("--write-activations", action="store_true",
                    help="resident mode: also write K/V to Zarr for later re-fits (off: a one-shot run)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--heldout", type=int, default=4, help="held-out sequences of --seq-len tokens")
-    add_shape_arguments(p)
+    add_run_arguments(p, layers=8)
     p.add_argument("--workdir", default="/tmp/aquakv-flow")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)

@@ -24,7 +24,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import zarr
 
@@ -32,20 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aquakv.config import CalibrationConfig  # noqa: E402
 from aquakv.kernels.settings import KernelSettings  # noqa: E402
-from benchmarks.multigpu import add_shape_arguments, write_checkpoint  # noqa: E402
+from benchmarks.multigpu import add_run_arguments, write_checkpoint, write_tokens  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.resident import ResidentShard, fit_resident, local_shards_call  # noqa: E402
 from pipeline.validate import STEP, streamed_nll, streamed_sums  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
-
-
-def write_tokens(path: Path, samples: int, heldout: int, seq_len: int, vocab: int) -> Path:
-    group = zarr.open_group(path, mode="w")
-    rng = np.random.default_rng(0)
-    for name, n in (("calib", samples), ("heldout", heldout)):
-        group.create_array(name, data=rng.integers(0, vocab, (n, seq_len), dtype=np.int32), chunks=(1, seq_len))
-    return path
 
 
 def sync() -> None:
@@ -151,10 +142,7 @@ def validation(args: argparse.Namespace, ckpt_path: Path, tokens: Path, fits: li
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--heldout", type=int, default=4, help="held-out sequences of --seq-len tokens")
+    add_run_arguments(p, layers=3)
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables of the validation passes")
     p.add_argument("--profile-fit", action="store_true",
                    help="add a torch.profiler table of collect+fit's layer --profile-layer (slows that layer)")
@@ -162,7 +150,6 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"also time the exact pass fed {STEP} tokens at a time")
     p.add_argument("--profile-layer", type=int, default=1)
     p.add_argument("--profile-tokens", type=int, default=1024, help="held-out tokens of the profiled pass")
-    add_shape_arguments(p)
     p.add_argument("--workdir", default="/tmp/aquakv-stages")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)
@@ -172,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (ckpt / "config.json").exists():
         write_checkpoint(ckpt, args.layers, args.hidden, args.heads, args.kv_heads, args.mlp, args.vocab)
     write_s = time.perf_counter() - t
-    tokens = write_tokens(work / "tokens.zarr", args.samples, args.heldout, args.seq_len, args.vocab)
+    tokens = write_tokens(work / "tokens.zarr", args.samples, args.seq_len, args.vocab, args.heldout)
     fit_out, fits = collect_fit(args, ckpt, tokens)
     print(json.dumps({k: v for k, v in fit_out.items() if k != "profile_layer"}, indent=1), flush=True)
     val_out = validation(args, ckpt, tokens, fits)

@@ -68,6 +68,16 @@ def write_checkpoint(path: Path, layers: int, hidden: int, heads: int, kv_heads:
     return path
 
 
+def add_run_arguments(p: argparse.ArgumentParser, layers: int, heldout: bool = True) -> None:
+    """``--layers --samples --seq-len [--heldout]`` of a run and the checkpoint shape (:func:`add_shape_arguments`)."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=8192)
+    if heldout:
+        p.add_argument("--heldout", type=int, default=4, help="held-out sequences of --seq-len tokens")
+    add_shape_arguments(p)
+
+
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     """``--hidden --heads --kv-heads --mlp --vocab`` of the synthetic checkpoint, Llama-3.1-70B's by default."""
     p.add_argument("--hidden", type=int, default=8192)
@@ -77,10 +87,13 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=32000)
 
 
-def write_tokens(path: Path, samples: int, seq_len: int, vocab: int) -> Path:
+def write_tokens(path: Path, samples: int, seq_len: int, vocab: int, heldout: int = 0) -> Path:
+    """Random token ids: ``calib [samples, seq_len]`` and, with ``heldout``, ``heldout [heldout, seq_len]``."""
     group = zarr.open_group(path, mode="w")
     rng = np.random.default_rng(0)
-    group.create_array("calib", data=rng.integers(0, vocab, (samples, seq_len), dtype=np.int32), chunks=(1, seq_len))
+    for name, n in (("calib", samples), ("heldout", heldout)):
+        if n:
+            group.create_array(name, data=rng.integers(0, vocab, (n, seq_len), dtype=np.int32), chunks=(1, seq_len))
     return path
 
 
@@ -165,10 +178,7 @@ def compare(a: list, b: list) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="1,2", help="worker counts to compare (first is the baseline)")
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=8192)
-    add_shape_arguments(p)
+    add_run_arguments(p, layers=3, heldout=False)
     p.add_argument("--workdir", default="/tmp/aquakv-multigpu")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--resident", action="store_true", help="also time the resident (fused collect+fit) path")
