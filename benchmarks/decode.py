@@ -272,29 +272,37 @@ def graph_replay_ms(fn, reps: int = 20) -> float | str:
         return f"{type(e).__name__}: {e}"[:300]
 
 
-def sweep(batch: int, tokens: int, settings: KernelSettings) -> list[dict]:
-    """``_decode_attention_kernel`` alone on a middle r64 layer at ``tokens``: the full-reconstruction hand-on vs the
-    projected one, over launch configs ``(tokens per program, warps, stages)``."""
-    from aquakv.kernels.decode import decode_attention
+FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (32, 4, 3), (32, 4, 2),
+                        (32, 4, 1), (128, 8, 1)]
+
+
+def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> list[dict]:
+    """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
+    per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
+    :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one. A config that does not fit the SM's shared
+    memory is recorded as an error (explicit launches do not fall back)."""
+    from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
     d = kvh * hd
-    codecs = make_codecs(3, d, 64)
+    codecs = make_codecs(3, d, rank)
     cache = AquaKVCache(codecs, CacheConfig(), rotary_module(), kernels=settings)
     fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
     layer = cache.layers[1]
     q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
-    for projected, cols, configs in ((False, 2 * d, [(64, 4, 4)]),
-                                     (True, 128, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)])):
+    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(64, 4, 4)])]
+    if rank <= MAX_PROJECTED_RANK:
+        variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
+    for projected, cols, configs in variants:
         scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
         for launch in configs:
             def fn(scratch=scratch, projected=projected, launch=launch):
                 return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                         layer.codec, scratch, scratch, positions, inv_freq, 1.0, None,
                                         hd**-0.5, settings, projected, codecs[2], launch)
-            rec = {"batch": batch, "tokens": tokens, "handoff": "projected" if projected else "full",
+            rec = {"batch": batch, "tokens": tokens, "rank": rank, "handoff": "projected" if projected else "full",
                    "launch": list(launch)}
             try:
                 rec["gpu_ms"] = gpu_ms(fn, 10)
@@ -472,6 +480,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"])
+    p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--budget-s", type=float, default=480.0, help="skip remaining e2e configs after this many seconds")
     args = p.parse_args()
@@ -516,7 +525,7 @@ def main() -> None:
     if "sweep" in args.sections:
         result["sweep"] = []
         for batch in args.layer_batches:
-            result["sweep"] += sweep(batch, 32768, settings)
+            result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank)
             save()
     if "layer" in args.sections:
         for batch in args.layer_batches:

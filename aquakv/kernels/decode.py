@@ -83,15 +83,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _launch_config(rows: int, full_rank: bool, projected: bool, settings: KernelSettings,
-                   device: torch.device) -> tuple[int, int, int]:
+                   device: torch.device, rank: int = 0) -> tuple[int, int, int]:
     """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens`` (measured on H200s,
     2026-11-26, rank 64 at 32k). Projected hand-on: 128-token tiles with 8 warps, 1 stage once they give every SM a
     program (0.198 vs 0.204 ms per layer with 2 stages, 0.277 with 64-token tiles; batch 1). Full hand-on: 64-token
     tiles once they give every SM two programs, else 32 (128-token tiles were no faster there); 4 stages for 64-token
     tiles without a full-rank predictor (0.255 vs 0.281 ms with 2), a ``full_rank`` predictor keeps 2 (4 were 1.4x
-    slower)."""
+    slower). Low-rank predictors above :data:`MAX_PROJECTED_RANK` (full hand-on): 128-token tiles, 8 warps, 1 stage
+    like the projected hand-on (rank 256 on an H100, 2026-11-26: 0.602 / 4.71 ms per layer at batch 1 / 8 vs 0.697 /
+    5.43 for 64 / 4 / 1; 64-token tiles with more stages do not fit shared memory)."""
     sms = _sm_count(device)
-    bt = settings.tile_tokens or (128 if projected and rows >= sms * 128 else 64 if rows >= 2 * sms * 64 else 32)
+    wide = projected or (not full_rank and rank > MAX_PROJECTED_RANK)
+    bt = settings.tile_tokens or (128 if wide and rows >= sms * 128 else 64 if rows >= 2 * sms * 64 else 32)
     if bt >= 128:
         return bt, 8, 1
     return bt, 4, (3 if projected else 4) if bt == 64 and not full_rank else 2
@@ -149,7 +152,7 @@ def decode_attention(
     ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
     ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
     ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
-    default (benchmark sweeps).
+    default (benchmark sweeps; no fallback when it does not fit).
     """
     b, hq, qlen, hd = query.shape
     d = keys_q.channels
@@ -210,7 +213,10 @@ def decode_attention(
         )
         return o, lse
 
-    wanted = launch or _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev)
+    if launch is not None:  # benchmark sweeps: exactly this config
+        return run(launch)
+    wanted = _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev,
+                            max(rk if kmode else 0, rv if vmode else 0))
     key = (wanted, d, hd, gq, qm, kmode, vmode, rk, rv, projected, rk2, rv2, kcfg, vcfg, str(dev))
     if key in _FITS:
         return run(_FITS[key])
