@@ -142,9 +142,10 @@ class Backend(Protocol):
                codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
         """Quantize a block of pre-RoPE ``keys, values [B, T, D]`` given the previous layer's reconstruction."""
 
-    def read(self, layer: AquaKVLayer) -> Pair:
-        """Post-RoPE keys and values ``[B, H, T, hd]`` of ``layer``'s compressed tokens (reconstruct-then-attend);
-        leaves this layer's reconstruction for the next layer."""
+    def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
+        """Post-RoPE keys and values ``[B, H, T, hd]`` of ``layer``'s compressed tokens ``start:``
+        (reconstruct-then-attend) from the previous layer's reconstruction of the same tokens (``prev_old``); leaves
+        this layer's for the next layer."""
 
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -168,12 +169,13 @@ def _reference_codec(codec: LayerCodec) -> LayerCodec:
     return LayerCodec(ref(codec.keys), ref(codec.values), codec.key_predictor, codec.value_predictor)
 
 
-def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int) -> torch.Tensor:
-    """``K̂ [B, T, D]`` float32 -> ``[B, H, T, hd]`` in the model dtype (rounded to it before the layer's RoPE)."""
+def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+    """``K̂ [B, T, D]`` float32 of compressed tokens ``offset : offset + length`` -> ``[B, H, T, hd]`` in the model
+    dtype (rounded to it before the layer's RoPE)."""
     keys = layer.heads(keys_hat)
     if layer.rope is None:
         return keys
-    start = layer.compressed_start  # compressed tokens a sliding layer dropped
+    start = layer.compressed_start + offset  # compressed tokens a sliding layer dropped
     cos, sin = layer.shared.rope(layer.rope, start, start + length, layer.device)
     return layer.rope.rotate(keys.float(), cos, sin).to(layer.dtype)
 
@@ -191,17 +193,18 @@ class TorchBackend:
                codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
         return encode(keys, values, prev, _reference_codec(codec))
 
-    def _reconstruct(self, layer: AquaKVLayer, block: EncodedBlock | None, length: int) -> Pair:
+    def _reconstruct(self, layer: AquaKVLayer, block: EncodedBlock | None, length: int, offset: int = 0) -> Pair:
         if length == 0:
             layer.shared.prev_old = None
             empty = layer.sink_keys[:, :, :0]
             return empty, empty
         keys_hat, values_hat = decode(block, layer.shared.prev_old, _reference_codec(layer.codec))
         layer.shared.prev_old = (keys_hat, values_hat)
-        return _rope_keys(layer, keys_hat, length), layer.heads(values_hat)
+        return _rope_keys(layer, keys_hat, length, offset), layer.heads(values_hat)
 
-    def read(self, layer: AquaKVLayer) -> Pair:
-        return self._reconstruct(layer, layer.compressed, layer.compressed_len)
+    def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
+        block = layer.compressed.tail(start) if layer.compressed is not None else None
+        return self._reconstruct(layer, block, layer.compressed_len - start, start)
 
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -232,10 +235,10 @@ class TritonBackend:
                codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
         return encode(keys, values, prev, codec)  # aquakv.quantize dispatches to the kernels on CUDA
 
-    def read(self, layer: AquaKVLayer) -> Pair:
+    def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
         from aquakv.kernels.host import read_compressed
 
-        return read_compressed(layer, self.settings)
+        return read_compressed(layer, self.settings, start)
 
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:

@@ -143,6 +143,7 @@ class AquaKVLayer(CacheLayerMixin):
         self.compressed_len = 0  # compressed tokens held
         self.compressed_start = 0  # compressed tokens dropped (sliding layers): index of the first one held
         self.cumulative = 0  # tokens seen
+        self.kept: Pair | None = None  # keep_reconstructions: post-RoPE keys, values of the first compressed tokens
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -171,7 +172,7 @@ class AquaKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
-        self.keys = self.values = self.sink_keys = self.sink_values = self.compressed = None
+        self.keys = self.values = self.sink_keys = self.sink_values = self.compressed = self.kept = None
         self.compressed_len = self.compressed_start = self.cumulative = 0
         if self.layer_idx == 0:
             self.shared.positions = None
@@ -191,9 +192,23 @@ class AquaKVLayer(CacheLayerMixin):
         layer of its attention type."""
         shared = self.shared
         shared.prev_old = shared.chains.get(self.window, (None, None))[0]
-        out = shared.backend.read(self)
+        out = self._read_kept() if shared.settings.keep_reconstructions else shared.backend.read(self)
         shared.chains[self.window] = (shared.prev_old, shared.chains.get(self.window, (None, None))[1])
         return out
+
+    def _read_kept(self) -> Pair:
+        """``keep_reconstructions``: only the tokens compressed since the last pass are reconstructed, from the
+        previous layer's reconstruction of the same tokens (every layer reads the same range: they compress in
+        lockstep, after reading); the rest comes from ``kept``."""
+        start = 0 if self.kept is None else self.kept[0].shape[-2]
+        if start == self.compressed_len and self.kept is not None:
+            self.shared.prev_old = None
+            return self.kept
+        keys, values = self.shared.backend.read(self, start)
+        if self.kept is not None:
+            keys, values = torch.cat([self.kept[0], keys], -2), torch.cat([self.kept[1], values], -2)
+        self.kept = (keys, values)
+        return keys, values
 
     def _compress_window(self, count: int) -> None:
         """Move the oldest ``count`` window tokens into compressed storage."""
@@ -302,7 +317,7 @@ class AquaKVCache(Cache):
         track_positions(rotary)
         settings = kernels if kernels is not None else KernelSettings.from_env()
         if any(s.window is not None for s in specs):  # the kernels and the fused protocol assume one chain l-1 -> l
-            settings = settings.with_(enabled=False, attention="full")
+            settings = settings.with_(enabled=False, attention="full", keep_reconstructions=False)  # layers drop
         elif not all(s.rope is not None and s.rope.standard for s in specs):  # the kernels compute rotate-half RoPE
             settings = settings.with_(enabled=False)
         self.shared = _Shared(rotary, settings, list(codecs))
@@ -362,8 +377,13 @@ class AquaKVCache(Cache):
         for name, value in state.items():  # the dicts are copied: the layers run next fill them again
             setattr(self.shared, name, dict(value) if isinstance(value, dict) else value)
 
+    def forget_reconstructions(self, layer_idx: int) -> None:
+        """Drop what ``keep_reconstructions`` kept for a layer that will not run again (layer-major passes)."""
+        self.layers[layer_idx].kept = None
+
     def nbytes(self) -> int:
-        """Bytes held between steps by every layer, plus the shared token positions."""
+        """Bytes held between steps by every layer (codes, scales, exact tokens; not ``keep_reconstructions``'
+        copies), plus the shared token positions."""
         pos = self.shared.positions
         return sum(layer.nbytes() for layer in self.layers) + (0 if pos is None else pos.numel() * 4)
 

@@ -85,6 +85,16 @@ class EncodedBlock:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def tail(self, start: int) -> EncodedBlock:
+        """Tokens ``start:`` of a ``[B, T, ...]`` block (as the cache holds them): views, no copy."""
+        if start == 0:
+            return self
+
+        def cut(q: Quantized) -> Quantized:
+            return Quantized(q.codes[:, start:], q.scales[:, start:], q.channels)
+
+        return EncodedBlock(cut(self.keys), cut(self.values))
+
 
 def encode(
     keys: torch.Tensor,

@@ -43,6 +43,13 @@ STEP = 32  # held-out tokens per forward pass: the cache compresses between pass
 EXACT_STEP = 256  # the exact pass's chunk: its NLL does not depend on the chunking, so fewer, larger chunks
 
 
+def validation_kernels() -> KernelSettings:
+    """The AQUA-KV pass's cache settings: reconstruct-then-attend (the layers' step state is handed on between
+    chunks) keeping each layer's reconstruction across chunks, so each token is reconstructed once per layer
+    instead of at every later chunk (the O(T²) reconstruction work and step-state memory of a 32-token-step pass)."""
+    return KernelSettings.from_env(attention="full", keep_reconstructions=True)
+
+
 def attention_backends() -> Any:
     """SDPA without the cuDNN backend for validation's passes: cuDNN plans anew for every key length (24 ms of CPU
     per layer call on an H100, 2026-11-26: ``benchmarks/calibration_stages.py --profile``) and each held-out chunk
@@ -126,7 +133,7 @@ def validate(
 def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, cache: CacheConfig | None, step: int,
                  values_per_token: int) -> dict:
     exact, _ = window_nll(model, rows, DynamicCache(config=model.config), max(step, EXACT_STEP))
-    aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache)
+    aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache, kernels=validation_kernels())
     aquakv, n = window_nll(model, rows, aquakv_cache, step)
     return {"nll_exact": exact, "nll_aquakv": aquakv, "count": n, "cache_bits": 8 * aquakv_cache.nbytes(),
             "cached_values": values_per_token * rows.numel()}
@@ -188,6 +195,8 @@ def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, 
             hidden[c] = out[0] if tuple_out else out
             if stateful:
                 saved.append(cache.step_state())
+        if stateful:
+            cache.forget_reconstructions(i)
         states = saved if stateful else None
     total, count = 0.0, 0
     for c, start in enumerate(starts):
@@ -224,8 +233,8 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
     t1 = time.perf_counter()
     spec_list = [specs[i] for i in range(ckpt.num_layers)]
     fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
-    cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton),
-                        kernels=KernelSettings.from_env(attention="full"), specs=spec_list)
+    cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton), kernels=validation_kernels(),
+                        specs=spec_list)
     aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype)
     seconds = {"exact": round(t1 - t0, 3), "aquakv": round(time.perf_counter() - t1, 3)}
     return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),

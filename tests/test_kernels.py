@@ -368,3 +368,28 @@ def test_fused_path_logits_match_the_reference_path(scratch, tol, grids):
     assert cache.backend.name == "triton" and model.config._attn_implementation == "aquakv"
     for row in (0, 1):
         assert _rel(logits["fused"][row, 6 * row :], logits["ref"][row, 6 * row :]) < tol
+
+
+def test_kept_reconstructions_on_the_triton_read_path():
+    """``keep_reconstructions`` reads only the tokens compressed since the last pass (``read_compressed(layer,
+    settings, start)``: RoPE at their own positions, the previous layer's reconstruction of the same tokens) and gives
+    the logits of reading every compressed token at every chunk."""
+    from conftest import calibrate_in_memory, tiny_llama
+
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=64)
+    q = QuantizerConfig(dim=2, size=16, group_size=64)
+    ids = torch.randint(0, 128, (2, 400), generator=torch.Generator().manual_seed(1))
+    bundle = calibrate_in_memory(model, ids[:, :200], q, QuantizerConfig(dim=2, size=256, group_size=64),
+                                 cache=CacheConfig(recent_window=64))
+    model, ids = model.to(DEV), ids.to(DEV)
+    logits = {}
+    for keep in (False, True):
+        cache = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(attention="full",
+                                                                              keep_reconstructions=keep))
+        with torch.no_grad():
+            logits[keep] = torch.cat([model(ids[:, s : s + 32], **cache_kwargs(model, cache)).logits
+                                      for s in range(0, 400, 32)], 1)
+        assert cache.layers[2].compressed_len == 320
+        assert (cache.layers[2].kept is not None) == keep
+    assert cache.backend.name == ("triton" if DEV == "cuda" else cache.backend.name)
+    assert _rel(logits[True], logits[False]) < 1e-2

@@ -138,3 +138,35 @@ def test_heldout_within_the_recent_window_is_refused(model: LlamaForCausalLM, fi
     metrics = validate(model, short, fitted[1], step=8, cache=CacheConfig(compress=False))
     with pytest.raises(CalibrationError, match="validation measured nothing"):
         check_gate(metrics, max_ppl_increase=0.05)
+
+
+def test_kept_reconstructions_give_the_same_nll_with_each_token_reconstructed_once(model, fitted) -> None:
+    """``keep_reconstructions`` (validation's setting): the same NLL as reconstructing every compressed token at every
+    chunk, while each layer reconstructs each token once."""
+    from aquakv.cache import AquaKVCache
+    from aquakv.kernels import KernelSettings
+
+    _, bundle = fitted
+    ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for keep in (False, True):
+        kernels = KernelSettings(enabled=False, attention="full", keep_reconstructions=keep)
+        cache = AquaKVCache.from_bundle(bundle, model, kernels=kernels)
+        reads: list[int] = []
+        cache_read = type(cache.layers[0])._read_compressed
+
+        def counting(layer, cache_read=cache_read, reads=reads):
+            before = 0 if layer.kept is None else layer.kept[0].shape[-2]
+            out = cache_read(layer)
+            reads.append(layer.compressed_len - (before if keep else 0))  # noqa: B023
+            return out
+
+        for layer in cache.layers:
+            layer._read_compressed = counting.__get__(layer)
+        results[keep] = (window_nll(model, ids, cache, step=8), sum(reads), cache.layers[-1].compressed_len)
+    (nll, _), reconstructed, final = results[True]
+    assert nll == pytest.approx(results[False][0][0], rel=1e-5)
+    assert final > 0 and reconstructed == len(model.model.layers) * final  # each token once per layer
+    assert results[False][1] > 3 * reconstructed  # O(T²): every chunk re-reads all compressed tokens
+    with pytest.raises(ValueError, match="keep_reconstructions needs attention='full'"):
+        KernelSettings(keep_reconstructions=True)

@@ -352,20 +352,20 @@ def _reconstruct(batch: int, tokens: int, channels: int, head_dim: int, prep: Pr
                        bias=prep.bias, **common)
 
 
-def read_compressed(layer, settings: KernelSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstruct-then-attend read of ``layer``'s compressed tokens on CUDA. Keys: predictor matmul (cuBLAS, or fused
-    with ``settings.gemm == "triton"``), then one kernel adds the dequantized residual and writes both ``K̂`` (pre-RoPE,
-    ``[B, T, D]``, for the next layer) and RoPE(``K̂``) in the attention layout. Values likewise, written once as
-    ``[B, T, D]`` (returned as a ``[B, H, T, hd]`` view). ``shared.prev_old`` holds ``(K̂, V̂)`` ``[B, T, D]`` in the
-    model dtype (bf16 precision, default) or float32 (``"tf32"`` / ``"ieee"``); every layer of a pass must be read
-    through this function.
+def read_compressed(layer, settings: KernelSettings, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruct-then-attend read of ``layer``'s compressed tokens ``start:`` on CUDA. Keys: predictor matmul
+    (cuBLAS, or fused with ``settings.gemm == "triton"``), then one kernel adds the dequantized residual and writes
+    both ``K̂`` (pre-RoPE, ``[B, T, D]``, for the next layer) and RoPE(``K̂``) in the attention layout. Values likewise,
+    written once as ``[B, T, D]`` (returned as a ``[B, H, T, hd]`` view). ``shared.prev_old`` holds ``(K̂, V̂)``
+    ``[B, T, D]`` of the same tokens in the model dtype (bf16 precision, default) or float32 (``"tf32"`` /
+    ``"ieee"``); every layer of a pass must be read through this function.
     """
     shared = layer.shared
-    t = layer.compressed_len
+    t = layer.compressed_len - start
     if t == 0:
         shared.prev_old = None
         return layer.sink_keys[:, :, :0], layer.sink_values[:, :, :0]
-    codec, block = layer.codec, layer.compressed
+    codec, block = layer.codec, layer.compressed.tail(start)
     b, h, _, hd = layer.keys.shape
     d = h * hd
     dev, dt = layer.device, layer.dtype
@@ -377,8 +377,8 @@ def read_compressed(layer, settings: KernelSettings) -> tuple[torch.Tensor, torc
     keys = torch.empty(b, h, t, hd, dtype=dt, device=dev)
     values_pre = torch.empty(b, t, d, dtype=scratch, device=dev)
     rotary = shared.rotary
-    rope = (shared.positions[:, :t].to(dev, torch.int32), rotary.inv_freq.to(dev, torch.float32).contiguous(),
-            float(getattr(rotary, "attention_scaling", 1.0)))
+    rope = (shared.positions[:, start:start + t].to(dev, torch.int32),
+            rotary.inv_freq.to(dev, torch.float32).contiguous(), float(getattr(rotary, "attention_scaling", 1.0)))
     kp = None if codec.key_predictor is None else prepare(codec.key_predictor, operand, dev, settings.low_rank)
     vp = None if codec.value_predictor is None else prepare(codec.value_predictor, operand, dev, settings.low_rank)
     if (kp is not None or vp is not None) and prev is None:

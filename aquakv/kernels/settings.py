@@ -29,6 +29,9 @@ class KernelSettings:
     - ``epilogue_tile``: ``(rows, warps)`` of the reconstruct-then-attend epilogue kernel (None: measured default).
     - ``scratch``: dtype of the per-pass reconstruction scratch the fused kernel hands to the next layer.
     - ``tile_tokens``: compressed tokens per program of the fused kernel (None: chosen from the grid size).
+    - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
+      its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
+      O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
     """
 
     enabled: bool = True
@@ -39,6 +42,7 @@ class KernelSettings:
     epilogue_tile: tuple[int, int] | None = None
     scratch: Literal["bf16", "fp8"] = "bf16"
     tile_tokens: int | None = None
+    keep_reconstructions: bool = False
 
     def __post_init__(self) -> None:
         checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
@@ -48,6 +52,8 @@ class KernelSettings:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.tile_tokens is not None and (self.tile_tokens < 16 or self.tile_tokens & (self.tile_tokens - 1)):
             raise ValueError(f"tile_tokens must be a power of two >= 16, got {self.tile_tokens}")
+        if self.keep_reconstructions and self.attention != "full":
+            raise ValueError("keep_reconstructions needs attention='full' (the fused path reconstructs in registers)")
 
     @classmethod
     def from_env(cls, **overrides: object) -> KernelSettings:
