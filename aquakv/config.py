@@ -122,6 +122,10 @@ class CalibrationConfig(_Frozen):
     # resident only: also write K/V to activations.zarr in the background, so a re-fit with other quantizers skips
     # collection (2 x layers x tokens x D values: ~655 GB bf16 for 70B x 2M tokens), not hashed
     write_activations: bool = True
+    # resident only: every this many layers the workers save what a resumed run needs (hidden states, the chains'
+    # reconstructions: ~6.4 GB per worker at 70B x 2M tokens over 8 workers), so a crash resumes there instead of at
+    # layer 0; 0 turns it off; not hashed
+    resident_checkpoint_every: int = Field(10, ge=0)
 
     @model_validator(mode="after")
     def _one_rank_policy(self) -> CalibrationConfig:
@@ -159,7 +163,7 @@ class CalibrationConfig(_Frozen):
     def digest(self) -> str:
         """What the bundle depends on: everything but where things go and how many workers do it."""
         skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase", "resident",
-                "write_activations"}
+                "write_activations", "resident_checkpoint_every"}
         blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -126,8 +126,9 @@ def fit_stage(config: dict, activations: str) -> list:
 @task(name="collect_fit", cache_policy=NO_CACHE)
 def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, dict]:
     """Resident mode (``cfg.resident``): collect and chain-fit in one pass, one Ray actor per shard keeping its
-    samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). No per-layer resume: a finished fit is
-    loaded, an interrupted one restarts at layer 0. ``cfg.write_activations``: the actors also write K/V to
+    samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). A finished fit is loaded; an interrupted
+    one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else from
+    layer 0. ``cfg.write_activations``: the actors also write K/V to
     ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
     settings can run the staged fit without collecting again. Returns the fits and where the time went
     (:func:`pipeline.resident.fit_resident`'s ``seconds``)."""

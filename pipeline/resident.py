@@ -14,15 +14,19 @@ The math mirrors the staged chain fit step by step (:func:`pipeline.fit.layer_st
 order of the sums), so with the same shards the bundle is the same as the staged one. Only small CPU objects
 (statistics, sums) travel back to the driver.
 
-Resume: a finished run is loaded (all layers' fits under ``workdir``); an interrupted one restarts at layer 0,
-since the reconstructions it needs lived on the workers. Resident mode trades per-layer resume for speed; the
-staged mode keeps per-layer resume. With ``activations_path`` the workers also write K/V to the activations
-store in the background (and mark the layers done), so a later re-fit with other quantizer settings can use the
-staged fit without collecting again.
+Resume: a finished run is loaded (all layers' fits under ``workdir``). The reconstructions an interrupted run needs
+lived on the workers, so every ``resident_checkpoint_every`` layers each worker saves its hidden states and chain
+reconstructions (:meth:`ResidentShard.save_state`, under ``workdir/resident-state``, the latest only): a rerun with
+the same shards goes on after the saved layer; without one it restarts at layer 0. With ``activations_path`` the
+workers also write K/V to the activations store in the background (and mark the layers done), so a later re-fit
+with other quantizer settings can use the staged fit without collecting again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +35,8 @@ from typing import Any
 
 import torch
 import zarr
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from aquakv.codec import LayerCodec, encode, value_inputs
@@ -60,6 +66,7 @@ from pipeline.fit import (
 )
 
 ShardsCall = Callable[..., list[Any]]
+log = logging.getLogger(__name__)
 SUMS = ("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err", "values_norm")
 
 
@@ -129,7 +136,8 @@ class ResidentShard:
         """``samples``, ``tokens``, ``seq_len``, ``kv_dim`` and ``num_layers`` of this shard."""
         n = self.stop - self.start
         return {"samples": n, "tokens": n * self.seq_len, "seq_len": self.seq_len, "kv_dim": self.kv_dim,
-                "num_layers": self.checkpoint.num_layers, "windows": self.checkpoint.windows}
+                "num_layers": self.checkpoint.num_layers, "windows": self.checkpoint.windows, "start": self.start,
+                "stop": self.stop}
 
     def _rows(self, a: int, b: int) -> slice:
         """Rows of the flattened ``[n*T, D]`` buffers holding absolute samples ``[a, b)``."""
@@ -315,6 +323,53 @@ class ResidentShard:
         self._timed("reconstruct", t0)
         return sums
 
+    # -- resume ------------------------------------------------------------------------------------------------
+
+    def _state_path(self, directory: str | Path) -> Path:
+        return Path(directory) / f"{shard_name(self.start, self.stop - self.start)}.safetensors"
+
+    def save_state(self, layer: int, directory: str | Path) -> None:
+        """Save what this shard needs to go on after ``layer`` (reconstructed): the hidden states entering layer
+        ``layer + 1`` and each chain's latest reconstruction, as one safetensors file (written whole, then renamed)."""
+        self._expect("save_state", layer, self.kv_layer, layer)
+        if layer not in self.recon:
+            raise CalibrationError(f"save_state({layer}) out of chain order: layer {layer} is not reconstructed")
+        tensors = {"hidden": self.hidden}
+        for chain_layer, kv in self.recon.items():
+            tensors.update({f"recon.{chain_layer}.{kind}": kv[kind] for kind in KINDS})
+        path = self._state_path(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"layer": str(layer), "start": str(self.start), "stop": str(self.stop)})
+        tmp.replace(path)
+
+    def restore_state(self, layer: int, directory: str | Path) -> None:
+        """Go on after ``layer`` from :meth:`save_state`'s file; refuses a file of another layer or shard."""
+        path = self._state_path(directory)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+        except (OSError, SafetensorError) as e:
+            raise CalibrationError(f"resident state {path} unreadable: {e}") from e
+        want = {"layer": str(layer), "start": str(self.start), "stop": str(self.stop)}
+        if {k: meta.get(k) for k in want} != want:
+            raise CalibrationError(f"resident state {path} is for {meta}, expected {want}")
+        n = (self.stop - self.start) * self.seq_len
+        hidden = tensors.pop("hidden")
+        if hidden.shape[:2] != (self.stop - self.start, self.seq_len):
+            raise CalibrationError(f"resident state {path}: hidden states {tuple(hidden.shape)} do not fit the shard")
+        recon: dict[int, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            _, chain_layer, kind = name.split(".")
+            if t.shape != (n, self.kv_dim) or kind not in KINDS:
+                raise CalibrationError(f"resident state {path}: {name} {tuple(t.shape)} does not fit the shard")
+            recon.setdefault(int(chain_layer), {})[kind] = t.to(self.device)
+        self.hidden, self.recon, self.kv = hidden.to(self.device), recon, {}
+        self.hidden_layer = self.kv_layer = layer
+        self._pending = {}
+
     def close(self) -> None:
         """Wait for pending writes and free the device buffers."""
         try:
@@ -348,14 +403,43 @@ def timed_calls(shards_call: ShardsCall, seconds: dict[str, float]) -> ShardsCal
     return call
 
 
+STATE_DIR = "resident-state"  # under the fit's work directory: the workers' latest saved state
+
+
+def _save_states(shards_call: ShardsCall, states: Path, cfg: CalibrationConfig, layer: int,
+                 shards: list[tuple[int, int]]) -> None:
+    """Every shard saves its state after ``layer``; ``state.json`` names the layer once all have."""
+    (states / "state.json").unlink(missing_ok=True)  # the files are replaced one by one: invalid until all are
+    shards_call("save_state", layer, str(states))
+    info = {"layer": layer, "digest": cfg.fit_digest(), "shards": [list(s) for s in shards]}
+    tmp = states / "state.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(states / "state.json")
+
+
+def _resume_point(states: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]], finished: int) -> int:
+    """The first layer to run: after the saved state's layer when it is this fit's, for these shards, and its
+    layers' fits are saved; else 0."""
+    try:
+        info = json.loads((states / "state.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    layer = info.get("layer") if isinstance(info, dict) else None
+    if (not isinstance(layer, int) or info.get("digest") != cfg.fit_digest()
+            or info.get("shards") != [list(s) for s in shards] or not 0 <= layer < finished):
+        return 0
+    return layer + 1
+
+
 def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Path, num_layers: int,
                  progress: bool = True, seconds: dict[str, float] | None = None) -> list[LayerFit]:
     """Chain-fit every layer over resident shards; saves ``workdir/fit/{l}`` as :func:`pipeline.fit.fit_all` does.
 
     ``shards_call(method, *args)`` calls ``method`` on every shard and returns their results in shard order
     (:func:`local_shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved fits
-    if every layer is there for ``cfg.fit_digest()``, else fits from layer 0 (no per-layer resume: the
-    reconstructions were on the workers). ``seconds`` (optional) receives where the time went: each shard
+    if every layer is there for ``cfg.fit_digest()``; else it goes on after the workers' last saved state (every
+    ``cfg.resident_checkpoint_every`` layers, :meth:`ResidentShard.save_state`; same fit, same shards), or fits from
+    layer 0. ``seconds`` (optional) receives where the time went: each shard
     method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole layer loop, without
     the first ``shape`` call that waits for the workers to start), ``first_layer`` (layer 0 alone: its weights
     are not prefetched and the workers' kernels compile there) and ``median_layer`` (the median of layers 1..L-1:
@@ -370,9 +454,15 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
     if any(s["num_layers"] != num_layers for s in shapes):
         raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
-    fits = []
+    states = workdir / STATE_DIR
+    first = _resume_point(states, cfg, [(s["start"], s["stop"]) for s in shapes], len(fits))
+    if first:
+        shards_call("restore_state", first - 1, str(states))
+        log.info("collect+fit (resident): resuming after layer %d from %s", first - 1, states)
+    fits = fits[:first]
     preds = predecessors(shapes[0]["windows"])
-    bar = tqdm(range(num_layers), desc="collect+fit (resident)", disable=not progress)
+    bar = tqdm(range(first, num_layers), desc="collect+fit (resident)", disable=not progress, initial=first,
+               total=num_layers)
     start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
     ends = [start]
     for layer in bar:
@@ -394,8 +484,12 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
                    {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics, "mode": "resident"})
         bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
         fits.append(fit)
+        every = cfg.resident_checkpoint_every
+        if every and (layer + 1) % every == 0 and layer + 1 < num_layers:
+            _save_states(shards_call, states, cfg, layer, [(s["start"], s["stop"]) for s in shapes])
         ends.append(time.perf_counter())
     shards_call("finish")
+    shutil.rmtree(states, ignore_errors=True)  # finished: the fits are saved, the workers' state is not needed
     seconds["layers"] = time.perf_counter() - start
     per_layer = sorted(b - a for a, b in zip(ends[1:-1], ends[2:], strict=True))  # layers 1..L-1
     seconds["first_layer"] = ends[1] - start

@@ -176,3 +176,43 @@ def test_one_two_and_four_workers_fit_the_same_bits(assets: dict, tmp_path: Path
         shards = [ResidentShard(assets["model"], assets["tokens"], a, b, device="cpu") for a, b in shard_ranges(4, n)]
         _assert_same(staged[1], fit_resident(local_shards_call(shards), cfg, tmp_path / f"resident{n}", LAYERS,
                                              progress=False), exact=True)
+
+
+def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict, tmp_path: Path) -> None:
+    """With ``resident_checkpoint_every: 1`` the workers save their state after every layer; a run that dies in the
+    last layer resumes after the saved one (no forward of the earlier layers) and fits the same bits."""
+    cfg = _cfg(assets).model_copy(update={"resident_checkpoint_every": 1})
+
+    class Crash(RuntimeError):
+        pass
+
+    def calls_of(shards: list[ResidentShard], calls: list, crash_at: int | None = None):
+        inner = local_shards_call(shards)
+
+        def call(method: str, *args: object) -> list:
+            calls.append((method, *args[:1]))
+            if method == "forward" and args[0] == crash_at:
+                raise Crash
+            return inner(method, *args)
+
+        return call
+
+    first: list = []
+    with pytest.raises(Crash):
+        fit_resident(calls_of(_shards(assets, 2), first, crash_at=LAYERS - 1), cfg, tmp_path, LAYERS, progress=False)
+    assert (tmp_path / "resident-state" / "state.json").exists()
+    second: list = []
+    fits = fit_resident(calls_of(_shards(assets, 2), second), cfg, tmp_path, LAYERS, progress=False)
+    assert ("restore_state", LAYERS - 2) in second
+    assert [c for c in second if c[0] == "forward"] == [("forward", LAYERS - 1)]
+    _assert_same(staged[2], fits, exact=True)
+    assert not (tmp_path / "resident-state").exists()  # removed once the fit is complete
+    # a state saved for other shards is not used: the run starts over
+    third: list = []
+    with pytest.raises(Crash):
+        fit_resident(calls_of(_shards(assets, 2), third, crash_at=LAYERS - 1), cfg, tmp_path / "b", LAYERS,
+                     progress=False)
+    fourth: list = []
+    _assert_same(staged[1], fit_resident(calls_of(_shards(assets, 1), fourth), cfg, tmp_path / "b", LAYERS,
+                                         progress=False), exact=False)
+    assert ("forward", 0) in fourth and not any(c[0] == "restore_state" for c in fourth)
