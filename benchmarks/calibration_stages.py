@@ -30,11 +30,10 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aquakv.config import CalibrationConfig  # noqa: E402
-from aquakv.kernels.settings import KernelSettings  # noqa: E402
 from benchmarks.multigpu import add_run_arguments, write_checkpoint, write_tokens  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.resident import ResidentShard, fit_resident, local_shards_call  # noqa: E402
-from pipeline.validate import STEP, streamed_nll, streamed_sums  # noqa: E402
+from pipeline.validate import STEP, streamed_nll, streamed_sums, validation_kernels  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
 
@@ -126,7 +125,7 @@ def validation(args: argparse.Namespace, ckpt_path: Path, tokens: Path, fits: li
         streamed_nll(ckpt, rows[:, :STEP + 1], DynamicCache(config=ckpt.config), STEP, device, torch.bfloat16,
                      lambda i, layer: specs.append(ckpt.spec(i, layer)))
         cache = AquaKVCache(codecs, layout, rotary_module(ckpt.skeleton),
-                            kernels=KernelSettings.from_env(attention="full"), specs=specs)
+                            kernels=validation_kernels(), specs=specs)
         with profiler(True) as prof:
             t = time.perf_counter()
             streamed_nll(ckpt, rows, cache, STEP, device, torch.bfloat16)
