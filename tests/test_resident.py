@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,45 @@ def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict,
     _assert_same(staged[1], fit_resident(calls_of(_shards(assets, 1), fourth), cfg, tmp_path / "b", LAYERS,
                                          progress=False), exact=False)
     assert ("forward", 0) in fourth and not any(c[0] == "restore_state" for c in fourth)
+
+
+def test_a_broken_saved_state_is_refused_or_ignored(assets: dict, tmp_path: Path) -> None:
+    """``state.json`` that is not this fit's (garbage, another digest) makes the run start over; a shard file of
+    another shard or a truncated one is refused with a one-line error naming the file."""
+    from pipeline.resident import _resume_point
+
+    cfg = _cfg(assets)
+    states = tmp_path / "resident-state"
+    states.mkdir()
+    shards = [(0, SAMPLES)]
+    garbage = ["not json", "[1, 2]", '{"layer": "1"}', json.dumps({"layer": 1, "digest": "other", "shards": [[0, 5]]}),
+               json.dumps({"layer": 5, "digest": cfg.fit_digest(), "shards": [[0, SAMPLES]]})]
+    for text in garbage:
+        (states / "state.json").write_text(text)
+        assert _resume_point(states, cfg, shards, finished=3) == 0
+    (states / "state.json").write_text(json.dumps({"layer": 1, "digest": cfg.fit_digest(), "shards": [[0, SAMPLES]]}))
+    assert _resume_point(states, cfg, shards, finished=3) == 2
+    assert _resume_point(states, cfg, shards, finished=1) == 0  # layer 1's fit is not saved
+
+    shard, other = _shards(assets, 1)[0], _shards(assets, 2)[0]
+    local_shards_call([shard])("shape")
+    for layer in range(2):
+        shard.forward(layer)
+        codec = _fit_codec(cfg, layer, shard)
+        shard.reconstruct(layer, codec)
+    shard.save_state(1, states)
+    with pytest.raises(CalibrationError, match="resident state .* is for"):
+        shard.restore_state(0, states)
+    with pytest.raises(CalibrationError, match="unreadable"):
+        other.restore_state(1, states)  # no file for this shard
+    path = next(states.glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CalibrationError, match="unreadable"):
+        shard.restore_state(1, states)
+
+
+def _fit_codec(cfg: CalibrationConfig, layer: int, shard: ResidentShard):
+    from pipeline.fit import solve_layer
+
+    return solve_layer(cfg, layer, None if layer == 0 else layer - 1, lambda: shard.key_stats(layer),
+                       lambda partial: shard.value_stats(layer, partial), None)
