@@ -235,10 +235,7 @@ class AquaKVLayer(CacheLayerMixin):
         excess -= n
         n = min(excess, self.compressed_len)
         if n:
-            def keep(q: Quantized) -> Quantized:
-                return Quantized(q.codes[:, n:].clone(), q.scales[:, n:].clone(), q.channels)
-
-            self.compressed = EncodedBlock(keep(self.compressed.keys), keep(self.compressed.values))
+            self.compressed = self.compressed.tail(n, copy=True)
             self.compressed_start += n
             self.compressed_len -= n
             excess -= n

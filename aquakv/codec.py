@@ -85,13 +85,15 @@ class EncodedBlock:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def tail(self, start: int) -> EncodedBlock:
-        """Tokens ``start:`` of a ``[B, T, ...]`` block (as the cache holds them): views, no copy."""
-        if start == 0:
+    def tail(self, start: int, copy: bool = False) -> EncodedBlock:
+        """Tokens ``start:`` of a ``[B, T, ...]`` block (as the cache holds them): views, or with ``copy`` new
+        tensors (so the dropped tokens' memory is freed)."""
+        if start == 0 and not copy:
             return self
 
         def cut(q: Quantized) -> Quantized:
-            return Quantized(q.codes[:, start:], q.scales[:, start:], q.channels)
+            codes, scales = q.codes[:, start:], q.scales[:, start:]
+            return Quantized(codes.clone() if copy else codes, scales.clone() if copy else scales, q.channels)
 
         return EncodedBlock(cut(self.keys), cut(self.values))
 

@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def profiler(enabled: bool) -> Any:
-    if not enabled:
-        return nullcontext()
+def profiler() -> torch.profiler.profile:
+    """CPU (and CUDA, where there is one) activity profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -78,7 +76,7 @@ def collect_fit(args: argparse.Namespace, ckpt: Path, tokens: Path) -> tuple[dic
         nonlocal prof
         layer = a[0] if a else None
         if args.profile_fit and method == "forward" and layer == args.profile_layer:
-            prof = profiler(True)
+            prof = profiler()
             prof.__enter__()
         result = call(method, *a)
         if prof is not None and method == "reconstruct" and layer == args.profile_layer:
@@ -126,12 +124,12 @@ def validation(args: argparse.Namespace, ckpt_path: Path, tokens: Path, fits: li
                      lambda i, layer: specs.append(ckpt.spec(i, layer)))
         cache = AquaKVCache(codecs, layout, rotary_module(ckpt.skeleton),
                             kernels=validation_kernels(), specs=specs)
-        with profiler(True) as prof:
+        with profiler() as prof:
             t = time.perf_counter()
             streamed_nll(ckpt, rows, cache, STEP, device, torch.bfloat16)
             sync()
         out["profile_aquakv"] = {"rows": list(rows.shape), "wall_s": time.perf_counter() - t, **tables(prof)}
-        with profiler(True) as prof:
+        with profiler() as prof:
             t = time.perf_counter()
             streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), STEP, device, torch.bfloat16)
             sync()

@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     t0 = time.time()
     names = [c for c in args.configs.split(",") if c]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     bundles = calibrate_all(args, names)
 
     from pipeline.sources import TEXT_SOURCES, prepare_smollm2, prepare_texts

@@ -357,15 +357,18 @@ class ResidentShard:
         if {k: meta.get(k) for k in want} != want:
             raise CalibrationError(f"resident state {path} is for {meta}, expected {want}")
         n = (self.stop - self.start) * self.seq_len
-        hidden = tensors.pop("hidden")
-        if hidden.shape[:2] != (self.stop - self.start, self.seq_len):
-            raise CalibrationError(f"resident state {path}: hidden states {tuple(hidden.shape)} do not fit the shard")
+        hidden = tensors.pop("hidden", None)
+        if hidden is None or hidden.shape[:2] != (self.stop - self.start, self.seq_len):
+            raise CalibrationError(f"resident state {path}: no hidden states that fit the shard")
         recon: dict[int, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
-            _, chain_layer, kind = name.split(".")
-            if t.shape != (n, self.kv_dim) or kind not in KINDS:
+            parts = name.split(".")
+            if (len(parts) != 3 or parts[0] != "recon" or not parts[1].isdigit() or parts[2] not in KINDS
+                    or t.shape != (n, self.kv_dim)):
                 raise CalibrationError(f"resident state {path}: {name} {tuple(t.shape)} does not fit the shard")
-            recon.setdefault(int(chain_layer), {})[kind] = t.to(self.device)
+            recon.setdefault(int(parts[1]), {})[parts[2]] = t.to(self.device)
+        if any(set(kv) != set(KINDS) for kv in recon.values()):
+            raise CalibrationError(f"resident state {path}: a reconstruction without both keys and values")
         self.hidden, self.recon, self.kv = hidden.to(self.device), recon, {}
         self.hidden_layer = self.kv_layer = layer
         self._pending = {}
@@ -441,9 +444,10 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     ``cfg.resident_checkpoint_every`` layers, :meth:`ResidentShard.save_state`; same fit, same shards), or fits from
     layer 0. ``seconds`` (optional) receives where the time went: each shard
     method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole layer loop, without
-    the first ``shape`` call that waits for the workers to start), ``first_layer`` (layer 0 alone: its weights
-    are not prefetched and the workers' kernels compile there) and ``median_layer`` (the median of layers 1..L-1:
-    the steady cost of a layer; layer 1 also pays the driver's first solve).
+    the first ``shape`` call that waits for the workers to start), ``first_layer`` (the first layer run, layer 0
+    unless resumed: its weights are not prefetched and the workers' kernels compile there) and ``median_layer``
+    (the median of the layers after it: the steady cost of a layer; the next one also pays the driver's first
+    solve).
     """
     workdir = Path(workdir)
     fits = load_fits(workdir, cfg, num_layers, require_recon=False)
@@ -454,8 +458,8 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
     kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
     if any(s["num_layers"] != num_layers for s in shapes):
         raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
-    states = workdir / STATE_DIR
-    first = _resume_point(states, cfg, [(s["start"], s["stop"]) for s in shapes], len(fits))
+    states, shards = workdir / STATE_DIR, [(s["start"], s["stop"]) for s in shapes]
+    first = _resume_point(states, cfg, shards, len(fits))
     if first:
         shards_call("restore_state", first - 1, str(states))
         log.info("collect+fit (resident): resuming after layer %d from %s", first - 1, states)
@@ -486,7 +490,7 @@ def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str |
         fits.append(fit)
         every = cfg.resident_checkpoint_every
         if every and (layer + 1) % every == 0 and layer + 1 < num_layers:
-            _save_states(shards_call, states, cfg, layer, [(s["start"], s["stop"]) for s in shapes])
+            _save_states(shards_call, states, cfg, layer, shards)
         ends.append(time.perf_counter())
     shards_call("finish")
     shutil.rmtree(states, ignore_errors=True)  # finished: the fits are saved, the workers' state is not needed

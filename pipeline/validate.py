@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ def validation_kernels() -> KernelSettings:
     return KernelSettings.from_env(attention="full", keep_reconstructions=True)
 
 
-def attention_backends() -> Any:
+def attention_backends() -> AbstractContextManager:
     """SDPA without the cuDNN backend for validation's passes: cuDNN plans anew for every key length (24 ms of CPU
     per layer call on an H100, 2026-11-26: ``benchmarks/calibration_stages.py --profile``) and each held-out chunk
     meets a new length. Flash, memory-efficient and math attention compute the same softmax."""
