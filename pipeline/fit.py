@@ -39,6 +39,7 @@ import zarr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
+from zarr.errors import ContainsArrayError
 
 from aquakv.bundle import bits_per_value
 from aquakv.codec import LayerCodec, Residual, encode, gaussian_residual, value_inputs
@@ -49,6 +50,8 @@ from aquakv.grids import expected_distortion, fit_grid, gaussian_grid
 from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
 from aquakv.quantize import unit_vectors
 from pipeline import budget
+from pipeline.chain import ShardShape
+from pipeline.collect import layer_complete
 
 KINDS = ("keys", "values")
 RECON_STORE = "recon.zarr"
@@ -167,12 +170,20 @@ def _batches(start: int, stop: int, seq_len: int) -> Iterator[tuple[int, int]]:
         yield a, min(a + step, stop)
 
 
-def _create_recon(recon_path: str | os.PathLike, layer: int, info: StoreInfo) -> None:
+def _require_recon(recon_path: str | os.PathLike, layer: int, info: StoreInfo) -> None:
+    """Make ``layer``'s recon arrays unless they are there with the activations' shape (rows are all rewritten by
+    :func:`reconstruct_shard`); every shard calls it, the first to create an array wins."""
     group = zarr.open_group(str(recon_path), mode="a")
     shape = (info.num_samples, info.seq_len, info.kv_dim)
     for kind in KINDS:
-        group.create_array(f"{kind}/{layer}", shape=shape, chunks=(1, *shape[1:]), dtype="float32",
-                           compressors=None, overwrite=True)
+        name = f"{kind}/{layer}"
+        if name in group and group[name].shape == shape:
+            continue
+        try:
+            group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype="float32", compressors=None,
+                               overwrite=name in group)
+        except ContainsArrayError:
+            pass
 
 
 def _has_recon(recon_path: Path, layer: int) -> bool:
@@ -379,6 +390,71 @@ def reconstruct_shard(act_path: str, recon_path: str, layer: int, prev: int | No
     return sums
 
 
+@dataclass(frozen=True)
+class ZarrShard:
+    """Samples ``[start, stop)`` of an activations store as a :class:`pipeline.chain.ChainShard`, on top of the
+    per-shard functions above. The reconstructions live in the recon store, every layer's kept on disk: the shard
+    holds no state (checkpoints are no-ops) and pickles as paths, so a Ray task can run any of its methods."""
+
+    act_path: str
+    recon_path: str
+    start: int
+    stop: int
+    info: StoreInfo
+    device: str = "cpu"
+
+    def shape(self) -> ShardShape:
+        n, info = self.stop - self.start, self.info
+        return ShardShape(samples=n, tokens=n * info.seq_len, seq_len=info.seq_len, kv_dim=info.kv_dim,
+                          num_layers=info.num_layers, windows=list(info.windows), start=self.start, stop=self.stop)
+
+    def forward(self, layer: int) -> None:
+        """Nothing to run (collected already): check that ``layer``'s activations are complete (stores the collect
+        stage wrote mark finished shards) and make its recon arrays."""
+        act = zarr.open_group(self.act_path, mode="r")
+        if "done" in act and not layer_complete(act, layer):
+            raise CalibrationError(f"{self.act_path}: layer {layer} is not collected for every sample; run the "
+                                   "collect stage first")
+        _require_recon(self.recon_path, layer, self.info)
+
+    def key_stats(self, layer: int, skip: int = 0) -> RidgeStats:
+        return layer_stats_keys(self.act_path, self.recon_path, layer, self.info.predecessors[layer], self.start,
+                                self.stop, skip, self.device)
+
+    def value_stats(self, layer: int, codec: LayerCodec, skip: int = 0) -> RidgeStats:
+        return layer_stats_values(self.act_path, self.recon_path, layer, self.info.predecessors[layer], self.start,
+                                  self.stop, codec, skip, self.device)
+
+    def grid_samples(self, layer: int, codec: LayerCodec, kind: str, skip: int, vectors: int) -> torch.Tensor:
+        return grid_samples(self.act_path, self.recon_path, layer, self.info.predecessors[layer], self.start,
+                            self.stop, codec, kind, skip, vectors, self.device)
+
+    def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
+        return reconstruct_shard(self.act_path, self.recon_path, layer, self.info.predecessors[layer], self.start,
+                                 self.stop, codec, self.device)
+
+    def resume_point(self, finished: int, saved: int | None) -> int:
+        """After the leading finished layers whose reconstruction is in the recon store (``saved`` is not needed:
+        every layer is)."""
+        return next((layer for layer in range(finished) if not _has_recon(Path(self.recon_path), layer)), finished)
+
+    def save_state(self, layer: int, directory: str) -> None:
+        """Nothing to save: the recon store is the state."""
+
+    def restore_state(self, layer: int, directory: str) -> None:
+        """Nothing to restore: the recon store is the state."""
+
+    def finish(self) -> None:
+        """No background work."""
+
+
+def zarr_shards(act_path: str | os.PathLike, recon_path: str | os.PathLike, shards: list[tuple[int, int]],
+                device: str = "cpu") -> list[ZarrShard]:
+    """One :class:`ZarrShard` per ``(start, stop)`` of the activations store at ``act_path``."""
+    info = store_info(act_path)
+    return [ZarrShard(str(act_path), str(recon_path), a, b, info, device) for a, b in shards]
+
+
 def encode_with_errors(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None,
                        codec: LayerCodec, sums: dict[str, float], where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`aquakv.codec.encode` one batch ``[N, D]``; add its squared errors (reconstruction, prediction alone)
@@ -579,7 +655,7 @@ def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCo
                       shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
     """Encode every shard of ``layer`` with ``codec`` (writing K̂_l, V̂_l to the recon store); return its metrics."""
     info = store_info(act_path)
-    _create_recon(recon_path, layer, info)
+    _require_recon(recon_path, layer, info)
     n = len(shards)
     s: dict[str, float] = {}
     for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer, info.predecessors[layer]),

@@ -328,6 +328,10 @@ class ResidentShard:
     def _state_path(self, directory: str | Path) -> Path:
         return Path(directory) / f"{shard_name(self.start, self.stop - self.start)}.safetensors"
 
+    def resume_point(self, finished: int, saved: int | None) -> int:
+        """After ``saved`` when its layer's fit is saved (earlier layers' reconstructions are gone), else 0."""
+        return saved + 1 if saved is not None and saved < finished else 0
+
     def save_state(self, layer: int, directory: str | Path) -> None:
         """Save what this shard needs to go on after ``layer`` (reconstructed): the hidden states entering layer
         ``layer + 1`` and each chain's latest reconstruction, as one safetensors file (written whole, then renamed)."""

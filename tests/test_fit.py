@@ -14,6 +14,7 @@ from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.predictors import fit_ridge, relative_mse, residual_mse
 from pipeline import fit
+from pipeline.chain import shards_call
 
 DIM, SEQ, SAMPLES, LAYERS = 32, 16, 24, 3
 Q2 = QuantizerConfig(dim=2, size=16, group_size=32)
@@ -119,6 +120,10 @@ def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
     total = parts[0]
     for p in parts[1:]:
         total = total + p
+    # the same per-shard work as methods of Zarr-backed chain shards, called over all of them at once
+    call = shards_call(fit.zarr_shards(act, recon, fit.shard_ranges(SAMPLES, 5)))
+    for a, b in zip(call("key_stats", 1), parts, strict=True):
+        assert torch.equal(a.xtx, b.xtx) and torch.equal(a.xty, b.xty) and a.count == b.count
     assert total.count == one.count == SAMPLES * SEQ
     torch.testing.assert_close(total.xtx, one.xtx, rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(total.xty, one.xty, rtol=1e-10, atol=1e-8)
