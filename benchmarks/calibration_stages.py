@@ -1,7 +1,7 @@
 """Where the calibration flow's GPU time goes, stage by stage, on one GPU in this process (no Ray, no Prefect).
 
 Runs what the flow's workers run, on a Llama-3.1-70B-shaped synthetic checkpoint (:func:`benchmarks.multigpu.
-write_checkpoint`): the resident collect+fit (:func:`pipeline.resident.fit_resident` over one
+write_checkpoint`): the resident collect+fit (:func:`pipeline.chain.fit_chain` over one
 :class:`~pipeline.resident.ResidentShard`) with its per-method seconds, then the streamed validation
 (:func:`pipeline.validate.streamed_sums`) with the seconds of its exact and AQUA-KV passes, and the exact pass
 fed in :data:`pipeline.validate.STEP`-token chunks (as before :data:`~pipeline.validate.EXACT_STEP`) for
@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aquakv.config import CalibrationConfig  # noqa: E402
 from benchmarks.multigpu import add_run_arguments, write_checkpoint, write_tokens  # noqa: E402
+from pipeline.chain import fit_chain, shards_call  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402
-from pipeline.resident import ResidentShard, fit_resident, local_shards_call  # noqa: E402
+from pipeline.resident import ResidentShard  # noqa: E402
 from pipeline.validate import STEP, streamed_nll, streamed_sums, validation_kernels  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
@@ -69,10 +70,10 @@ def collect_fit(args: argparse.Namespace, ckpt: Path, tokens: Path) -> tuple[dic
     t = time.perf_counter()
     shard = ResidentShard(ckpt, tokens, 0, args.samples, "auto", "bfloat16")
     start_s = time.perf_counter() - t
-    call = local_shards_call([shard])
+    call = shards_call([shard])
     prof, out = None, {}
 
-    def shards_call(method: str, *a: Any) -> list:
+    def profiled(method: str, *a: Any) -> list:
         nonlocal prof
         layer = a[0] if a else None
         if args.profile_fit and method == "forward" and layer == args.profile_layer:
@@ -89,7 +90,7 @@ def collect_fit(args: argparse.Namespace, ckpt: Path, tokens: Path) -> tuple[dic
     seconds: dict[str, float] = {}
     shutil.rmtree(Path(args.workdir) / "fit", ignore_errors=True)  # nothing resumed
     t = time.perf_counter()
-    fits = fit_resident(shards_call, cfg, Path(args.workdir) / "fit", args.layers, progress=True, seconds=seconds)
+    fits = fit_chain(profiled, cfg, Path(args.workdir) / "fit", args.layers, progress=True, seconds=seconds)
     total = time.perf_counter() - t
     out.update({"shard_start_s": start_s, "total_s": total, "seconds": seconds, "shard_seconds": shard.timings()})
     shard.close()

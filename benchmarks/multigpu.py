@@ -5,7 +5,7 @@ random calibration tokens, then runs the real collect stage (Ray workers, ``clus
 and fit stage (``pipeline.fit.fit_all`` with statistics as Ray tasks) with 1 worker/GPU and with N. Reports
 per-stage times, the speed-up, calibration throughput projected to 80 layers x 2M tokens, and whether the
 N-GPU predictors match the 1-GPU ones. Prefect is not involved (the flow's tasks call exactly these functions).
-With ``--resident`` it also times the fused, device-resident collect+fit (``pipeline.resident.fit_resident`` over
+With ``--resident`` it also times the fused, device-resident collect+fit (``pipeline.chain.fit_chain`` over
 ``cluster.workers`` shard actors, as the flow's ``collect_fit`` task runs it) and checks its predictors against
 the staged 1-GPU fit.
 
@@ -134,7 +134,7 @@ def run_resident(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_
     does by default): actors started (and CUDA up) before timing, killed after."""
     import ray
 
-    from pipeline.resident import fit_resident
+    from pipeline.chain import fit_chain
 
     root = Path(args.workdir) / f"resident{n}{'-write' if write else ''}"
     shutil.rmtree(root, ignore_errors=True)
@@ -152,7 +152,7 @@ def run_resident(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_
     start_s = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        fits = fit_resident(call, cfg, root, args.layers, progress=False)
+        fits = fit_chain(call, cfg, root, args.layers, progress=False)
         total_s = time.perf_counter() - t
         phases = call("timings")
     finally:

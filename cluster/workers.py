@@ -112,7 +112,7 @@ def shard_actors(model_dir: str, tokens_path: str, shards: list[tuple[int, int]]
 
 
 def ray_shards_call(actors: list[Any]) -> Callable[..., list[Any]]:
-    """``shards_call(method, *args)`` for :func:`pipeline.resident.fit_resident`: ``method`` on every actor,
+    """``shards_call(method, *args)`` for :func:`pipeline.chain.fit_chain`: ``method`` on every actor,
     results in actor order (arguments are put in the object store once, not once per actor)."""
     def call(method: str, *args: Any) -> list[Any]:
         refs = [ray.put(a) for a in args]

@@ -131,15 +131,15 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, 
     layer 0. ``cfg.write_activations``: the actors also write K/V to
     ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
     settings can run the staged fit without collecting again. Returns the fits and where the time went
-    (:func:`pipeline.resident.fit_resident`'s ``seconds``)."""
+    (:func:`pipeline.chain.fit_chain`'s ``seconds``)."""
     cfg = CalibrationConfig.model_validate(config)
     import ray
 
     from cluster.workers import ray_shards_call, shard_actors
+    from pipeline.chain import fit_chain
     from pipeline.checkpoint import Checkpoint
     from pipeline.collect import layer_complete, open_activations
     from pipeline.fit import shard_ranges
-    from pipeline.resident import fit_resident
 
     logger = get_run_logger()
     ckpt = Checkpoint(model_dir)
@@ -156,8 +156,8 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, 
     actors = shard_actors(model_dir, tokens, shards, cfg.dtype, activations)
     seconds: dict[str, float] = {}
     try:
-        fits = fit_resident(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False,
-                            seconds=seconds)
+        fits = fit_chain(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False,
+                         seconds=seconds)
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -13,16 +13,28 @@ reconstructions in Zarr stores, stateless: a Ray task runs its methods) and :cla
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
 import torch
+from tqdm.auto import tqdm
 
 from aquakv.codec import LayerCodec
+from aquakv.config import CalibrationConfig
+from aquakv.errors import CalibrationError
+from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
+from pipeline.fit import FIT_DIR, Allocation, LayerFit, _sum, layer_metrics, load_fits, save_codec, solve_layer
 
 ShardsCall = Callable[..., list[Any]]  # shards_call(method, *args): method(*args) on every shard, in shard order
 MapFn = Callable[..., Iterable[Any]]  # builtin map semantics (results in order)
+STATE_DIR = "resident-state"  # under the fit's work directory: the shards' latest saved state
+log = logging.getLogger(__name__)
 
 
 class ShardShape(TypedDict):
@@ -100,3 +112,124 @@ def shards_call(shards: Sequence[ChainShard], map_fn: MapFn = map) -> ShardsCall
 
     return call
 
+
+
+def timed_calls(shards_call: ShardsCall, seconds: dict[str, float]) -> ShardsCall:
+    """``shards_call`` that adds each method's wall seconds (the slowest shard's, as the driver waits) to
+    ``seconds[method]``."""
+    def call(method: str, *args: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return shards_call(method, *args)
+        finally:
+            seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - t0
+
+    return call
+
+
+def _save_states(shards_call: ShardsCall, states: Path, cfg: CalibrationConfig, layer: int,
+                 shards: list[tuple[int, int]]) -> None:
+    """Every shard saves its state after ``layer``; ``state.json`` names the layer once all have."""
+    states.mkdir(parents=True, exist_ok=True)
+    (states / "state.json").unlink(missing_ok=True)  # the files are replaced one by one: invalid until all are
+    shards_call("save_state", layer, str(states))
+    info = {"layer": layer, "digest": cfg.fit_digest(), "shards": [list(s) for s in shards]}
+    tmp = states / "state.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(states / "state.json")
+
+
+def saved_layer(states: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]]) -> int | None:
+    """The layer after which every shard saved its state (``state.json``), when it is this fit's, for these shards;
+    else None."""
+    try:
+        info = json.loads((states / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    layer = info.get("layer") if isinstance(info, dict) else None
+    if (not isinstance(layer, int) or layer < 0 or info.get("digest") != cfg.fit_digest()
+            or info.get("shards") != [list(s) for s in shards]):
+        return None
+    return layer
+
+
+def _solve(shards_call: ShardsCall, cfg: CalibrationConfig, layer: int, prev: int | None, num_shards: int,
+           allocation: Allocation | None) -> LayerCodec:
+    """:func:`pipeline.fit.solve_layer` on statistics and grid samples gathered over every shard."""
+    skip = cfg.skipped_tokens
+    return solve_layer(
+        cfg, layer, prev,
+        lambda: _sum(shards_call("key_stats", layer, skip)),
+        lambda partial: _sum(shards_call("value_stats", layer, partial, skip)),
+        lambda partial, kind, vectors: torch.cat(
+            shards_call("grid_samples", layer, partial, kind, skip, -(-vectors // num_shards))),
+        allocation)
+
+
+def fit_chain(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Path, num_layers: int,
+              progress: bool = True, seconds: dict[str, float] | None = None, label: str = "fit (chain)",
+              allocation: Callable[[], Allocation] | None = None,
+              codecs: Callable[[], list[LayerCodec]] | None = None) -> list[LayerFit]:
+    """Fit every layer in chain order over shards; saves ``workdir/fit/{l}`` (:func:`pipeline.fit.save_codec`).
+
+    ``shards_call(method, *args)`` calls a :class:`ChainShard` method on every shard and returns the results in
+    shard order (:func:`shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved
+    fits if every layer is there for ``cfg.fit_digest()``; else it goes on at the shards' :meth:`~ChainShard.
+    resume_point` (every ``cfg.resident_checkpoint_every`` layers the shards save their state and ``state.json``
+    names the layer). ``allocation`` (a bit budget's quantizers) and ``codecs`` (given codecs: only reconstruct,
+    the parallel fit) are called once, when a layer is left to fit. ``seconds`` (optional) receives where the time
+    went: each shard method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole
+    layer loop, without the first ``shape`` call that waits for the workers to start), ``first_layer`` (the first
+    layer run, layer 0 unless resumed: its weights are not prefetched and the workers' kernels compile there) and
+    ``median_layer`` (the median of the layers after it: the steady cost of a layer; the next one also pays the
+    driver's first solve). ``label`` names the progress bar.
+    """
+    workdir = Path(workdir)
+    fits = load_fits(workdir, cfg, num_layers)
+    if len(fits) == num_layers:
+        return fits
+    seconds = {} if seconds is None else seconds
+    shapes: list[ShardShape] = shards_call("shape")
+    kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
+    if any(s["num_layers"] != num_layers for s in shapes):
+        raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
+    states, shards = workdir / STATE_DIR, [(s["start"], s["stop"]) for s in shapes]
+    first = min(shards_call("resume_point", len(fits), saved_layer(states, cfg, shards)))
+    if first:
+        shards_call("restore_state", first - 1, str(states))
+        log.info("%s: resuming after layer %d", label, first - 1)
+    fits = fits[:first]
+    given = None if codecs is None else codecs()
+    budget = None if allocation is None else allocation()
+    preds = predecessors(shapes[0]["windows"])
+    bar = tqdm(range(first, num_layers), desc=label, disable=not progress, initial=first, total=num_layers)
+    start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
+    ends = [start]
+    for layer in bar:
+        shards_call("forward", layer)
+        if given is None:
+            t0, before = time.perf_counter(), sum(seconds.values())
+            codec = _solve(shards_call, cfg, layer, preds[layer], len(shapes), budget)
+            seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0 - (sum(seconds.values()) - before)
+        else:
+            codec = given[layer]
+        sums: dict[str, float] = {}
+        for part in shards_call("reconstruct", layer, codec):
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        fit = LayerFit(layer, codec, layer_metrics(sums, codec, kv_dim, tokens))
+        save_codec(workdir / FIT_DIR / str(layer), codec,
+                   {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics})
+        bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
+        fits.append(fit)
+        every = cfg.resident_checkpoint_every
+        if every and (layer + 1) % every == 0 and layer + 1 < num_layers:
+            _save_states(shards_call, states, cfg, layer, shards)
+        ends.append(time.perf_counter())
+    shards_call("finish")
+    shutil.rmtree(states, ignore_errors=True)  # finished: the fits are saved, the shards' state is not needed
+    seconds["layers"] = time.perf_counter() - start
+    per_layer = sorted(b - a for a, b in zip(ends[1:-1], ends[2:], strict=True))  # the layers after the first
+    seconds["first_layer"] = ends[1] - start
+    if per_layer:
+        seconds["median_layer"] = per_layer[len(per_layer) // 2]
+    return fits

@@ -30,15 +30,15 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import zarr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
 from zarr.errors import ContainsArrayError
 
 from aquakv.bundle import bits_per_value
@@ -50,8 +50,10 @@ from aquakv.grids import expected_distortion, fit_grid, gaussian_grid
 from aquakv.predictors import Predictor, RidgeStats, fit_ridge, ridge_stats
 from aquakv.quantize import unit_vectors
 from pipeline import budget
-from pipeline.chain import ShardShape
 from pipeline.collect import layer_complete
+
+if TYPE_CHECKING:
+    from pipeline.chain import ShardShape
 
 KINDS = ("keys", "values")
 RECON_STORE = "recon.zarr"
@@ -405,8 +407,8 @@ class ZarrShard:
 
     def shape(self) -> ShardShape:
         n, info = self.stop - self.start, self.info
-        return ShardShape(samples=n, tokens=n * info.seq_len, seq_len=info.seq_len, kv_dim=info.kv_dim,
-                          num_layers=info.num_layers, windows=list(info.windows), start=self.start, stop=self.stop)
+        return {"samples": n, "tokens": n * info.seq_len, "seq_len": info.seq_len, "kv_dim": info.kv_dim,
+                "num_layers": info.num_layers, "windows": list(info.windows), "start": self.start, "stop": self.stop}
 
     def forward(self, layer: int) -> None:
         """Nothing to run (collected already): check that ``layer``'s activations are complete (stores the collect
@@ -448,11 +450,12 @@ class ZarrShard:
         """No background work."""
 
 
-def zarr_shards(act_path: str | os.PathLike, recon_path: str | os.PathLike, shards: list[tuple[int, int]],
+def zarr_shards(act_path: str | os.PathLike, recon_path: str | os.PathLike, num_shards: int,
                 device: str = "cpu") -> list[ZarrShard]:
-    """One :class:`ZarrShard` per ``(start, stop)`` of the activations store at ``act_path``."""
+    """The activations store at ``act_path`` cut into ``num_shards`` :class:`ZarrShard` s (:func:`shard_ranges`)."""
     info = store_info(act_path)
-    return [ZarrShard(str(act_path), str(recon_path), a, b, info, device) for a, b in shards]
+    return [ZarrShard(str(act_path), str(recon_path), a, b, info, device)
+            for a, b in shard_ranges(info.num_samples, num_shards)]
 
 
 def encode_with_errors(keys: torch.Tensor, values: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None,
@@ -540,22 +543,6 @@ def solve_layer(cfg: CalibrationConfig, layer: int, prev: int | None, key_stats:
         partial = LayerCodec(keys_q, values_q, key_predictor, value_predictor)
         values_q = _fitted(values_q, grid_samples(partial, "values", vectors))
     return LayerCodec(keys_q, values_q, key_predictor, value_predictor)
-
-
-def chain_codec(act_path: str, recon_path: str, layer: int, prev: int | None, cfg: CalibrationConfig,
-                shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu",
-                allocation: Allocation | None = None) -> LayerCodec:
-    """Chain-mode codec of ``layer``: needs K̂_prev, V̂_prev in the recon store (``prev`` None: no predictors)."""
-    n, skip = len(shards), cfg.skipped_tokens
-    columns = [*_repeat(n, str(act_path), str(recon_path), layer, prev), [a for a, _ in shards],
-               [b for _, b in shards]]
-    return solve_layer(
-        cfg, layer, prev,
-        lambda: _sum(map_fn(layer_stats_keys, *columns, *_repeat(n, skip, device))),
-        lambda codec: _sum(map_fn(layer_stats_values, *columns, *_repeat(n, codec, skip, device))),
-        lambda codec, kind, vectors: torch.cat(list(map_fn(grid_samples, *columns,
-                                                           *_repeat(n, codec, kind, skip, -(-vectors // n), device)))),
-        allocation)
 
 
 def _sum(parts: Iterable[Any]) -> Any:
@@ -651,19 +638,6 @@ def parallel_codecs(act_path: str, cfg: CalibrationConfig, shards: list[tuple[in
     return solve_parallel(_per_layer(results, len(shards)), cfg, preds)
 
 
-def reconstruct_layer(act_path: str, recon_path: str, layer: int, codec: LayerCodec,
-                      shards: list[tuple[int, int]], map_fn: MapFn = map, device: str = "cpu") -> LayerFit:
-    """Encode every shard of ``layer`` with ``codec`` (writing K̂_l, V̂_l to the recon store); return its metrics."""
-    info = store_info(act_path)
-    _require_recon(recon_path, layer, info)
-    n = len(shards)
-    s: dict[str, float] = {}
-    for part in map_fn(reconstruct_shard, *_repeat(n, str(act_path), str(recon_path), layer, info.predecessors[layer]),
-                       [a for a, _ in shards], [b for _, b in shards], *_repeat(n, codec, device)):
-        s = {k: s.get(k, 0.0) + v for k, v in part.items()}
-    return LayerFit(layer, codec, layer_metrics(s, codec, info.kv_dim, sum(b - a for a, b in shards) * info.seq_len))
-
-
 def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens: int) -> dict[str, float]:
     """:class:`LayerFit` metrics from the squared-error sums of :func:`reconstruct_shard` (summed over shards)."""
     return {
@@ -676,14 +650,6 @@ def layer_metrics(sums: dict[str, float], codec: LayerCodec, kv_dim: int, tokens
         "keys_predictor_rank": float((codec.key_predictor.rank or 0) if codec.key_predictor else 0),
         "values_predictor_rank": float((codec.value_predictor.rank or 0) if codec.value_predictor else 0),
     }
-
-
-def fit_layer(act_path: str, recon_path: str, layer: int, cfg: CalibrationConfig, shards: list[tuple[int, int]],
-              map_fn: MapFn = map, device: str = "cpu", allocation: Allocation | None = None) -> LayerFit:
-    """Chain mode, one layer: solve its predictors from shard statistics, then reconstruct it for its successors."""
-    codec = chain_codec(act_path, recon_path, layer, store_info(act_path).predecessors[layer], cfg, shards, map_fn,
-                        device, allocation)
-    return reconstruct_layer(act_path, recon_path, layer, codec, shards, map_fn, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -736,18 +702,14 @@ def load_codec(stem: Path, digest: str) -> tuple[LayerCodec, dict[str, Any]] | N
     return LayerCodec(parts[0][0], parts[1][0], parts[0][1], parts[1][1]), meta
 
 
-def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int,
-              require_recon: bool = True) -> list[LayerFit]:
-    """The finished prefix of layers under ``workdir`` (made with ``cfg``, reconstruction on disk).
-
-    ``require_recon=False`` also accepts layers without a reconstruction in ``recon.zarr`` (the resident mode,
-    :mod:`pipeline.resident`, keeps it on the workers); the chain resume needs it, so :func:`fit_all` keeps it.
-    """
+def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int) -> list[LayerFit]:
+    """The leading layers whose codecs are saved under ``workdir`` with ``cfg`` (where a fit goes on is the shards'
+    choice, :meth:`pipeline.chain.ChainShard.resume_point`)."""
     workdir = Path(workdir)
     fits: list[LayerFit] = []
     for layer in range(num_layers):
         loaded = load_codec(workdir / FIT_DIR / str(layer), cfg.fit_digest())
-        if loaded is None or (require_recon and not _has_recon(workdir / RECON_STORE, layer)):
+        if loaded is None:
             break
         fits.append(LayerFit(layer, loaded[0], loaded[1]["metrics"]))
     return fits
@@ -805,34 +767,27 @@ def bit_allocation(act_path: str, workdir: Path, cfg: CalibrationConfig, shards:
 
 
 def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: CalibrationConfig, map_fn: MapFn = map,
-            progress: bool = True, num_shards: int | None = None, device: str = "cpu") -> list[LayerFit]:
-    """Fit every layer (``cfg.fit_mode``), resuming after the finished layers found under ``workdir``.
+            progress: bool = True, num_shards: int | None = None, device: str = "cpu",
+            seconds: dict[str, float] | None = None) -> list[LayerFit]:
+    """Fit every layer (``cfg.fit_mode``) from the activations store: :func:`pipeline.chain.fit_chain` over
+    :class:`ZarrShard` s, resuming after the finished layers found under ``workdir``.
 
-    ``map_fn(fn, *iterables)`` has builtin ``map`` semantics (results in order) and runs the per-shard work;
+    ``map_fn(fn, *iterables)`` has builtin ``map`` semantics (results in order) and runs the shards' methods;
     ``num_shards`` defaults to ``cfg.workers``. A layer is finished once ``fit/{l}.json`` holds this config's
-    digest and its reconstruction is in ``recon.zarr``; finished layers are loaded, never recomputed.
+    digest and its reconstruction is in ``recon.zarr``; finished layers are loaded, never recomputed. Parallel mode
+    solves every codec first (saved as ``fit/solved-{l}``), then the driver only reconstructs; a bit budget's
+    allocation is made (or reloaded) before the first layer left to fit. ``seconds``: as
+    :func:`~pipeline.chain.fit_chain`'s.
     """
+    from pipeline.chain import fit_chain, shards_call
+
     act_path, workdir = str(act_path), Path(workdir)
-    info = store_info(act_path)
-    shards = shard_ranges(info.num_samples, num_shards or cfg.workers)
-    recon_path = str(workdir / RECON_STORE)
-    fits = load_fits(workdir, cfg, info.num_layers)
-    if len(fits) == info.num_layers:
-        return fits
-    codecs = allocation = None
-    if cfg.fit_mode == "parallel":
-        codecs = _solved_codecs(act_path, workdir, cfg, shards, map_fn, device, info.num_layers)
-    if cfg.bit_budget is not None:
-        allocation = bit_allocation(act_path, workdir, cfg, shards, map_fn, device)
-    bar = tqdm(range(len(fits), info.num_layers), desc=f"fit ({cfg.fit_mode})", disable=not progress,
-               initial=len(fits), total=info.num_layers)
-    for layer in bar:
-        if codecs is None:
-            fit = fit_layer(act_path, recon_path, layer, cfg, shards, map_fn, device, allocation)
-        else:
-            fit = reconstruct_layer(act_path, recon_path, layer, codecs[layer], shards, map_fn, device)
-        save_codec(workdir / FIT_DIR / str(layer), fit.codec,
-                   {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics})
-        bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
-        fits.append(fit)
-    return fits
+    shards = zarr_shards(act_path, workdir / RECON_STORE, num_shards or cfg.workers, device)
+    ranges = [(s.start, s.stop) for s in shards]
+    num_layers = shards[0].info.num_layers
+    allocation = None if cfg.bit_budget is None else partial(bit_allocation, act_path, workdir, cfg, ranges, map_fn,
+                                                             device)
+    codecs = (partial(_solved_codecs, act_path, workdir, cfg, ranges, map_fn, device, num_layers)
+              if cfg.fit_mode == "parallel" else None)
+    return fit_chain(shards_call(shards, map_fn), cfg, workdir, num_layers, progress, seconds,
+                     f"fit ({cfg.fit_mode})", allocation, codecs)

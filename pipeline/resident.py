@@ -1,71 +1,49 @@
-"""Resident mode: collect and chain-fit in one pass, every worker's shard kept on its device.
+"""Resident chain shards: collect and chain-fit in one pass, every worker's samples kept on its device.
 
-The staged pipeline writes each layer's K/V to ``activations.zarr`` (:mod:`pipeline.collect`), then
-:func:`pipeline.fit.fit_all` reads them back three times per layer and writes/reads ``recon.zarr``: at 70B scale
-the Zarr I/O dominates. Here a :class:`ResidentShard` (one per worker, a plain object or a Ray actor) holds its
-samples' hidden states, the current layer's ``K_l, V_l`` and its predecessor's reconstruction ``K̂_p, V̂_p`` (``p = l-1``,
-or the previous layer of the same attention type, :func:`aquakv.family.predecessors`; one per attention type) on its
-device, and :func:`fit_resident` drives the layers:
+The staged pipeline writes each layer's K/V to ``activations.zarr`` (:mod:`pipeline.collect`), then the fit reads
+them back three times per layer and writes/reads ``recon.zarr`` (:class:`pipeline.fit.ZarrShard`): at 70B scale the
+Zarr I/O dominates. A :class:`ResidentShard` (one per worker, a plain object or a Ray actor) is a
+:class:`pipeline.chain.ChainShard` that holds its samples' hidden states, the current layer's ``K_l, V_l`` and its
+predecessors' reconstructions ``K̂_p, V̂_p`` (one per attention type, :func:`aquakv.family.predecessors`) on its
+device; :func:`pipeline.chain.fit_chain` drives the layers. Its math is the staged shard's step by step (same row
+batches, same order of the sums), so with the same shards the bundle is the same as the staged one.
 
-    forward(l) -> key_stats(l) -> [solve P^K_l] -> value_stats(l, codec) -> [solve P^V_l] -> reconstruct(l, codec)
-
-The math mirrors the staged chain fit step by step (:func:`pipeline.fit.layer_stats_keys`,
-:func:`~pipeline.fit.layer_stats_values`, :func:`~pipeline.fit.reconstruct_shard`, same row batches, same shard
-order of the sums), so with the same shards the bundle is the same as the staged one. Only small CPU objects
-(statistics, sums) travel back to the driver.
-
-Resume: a finished run is loaded (all layers' fits under ``workdir``). The reconstructions an interrupted run needs
-lived on the workers, so every ``resident_checkpoint_every`` layers each worker saves its hidden states and chain
-reconstructions (:meth:`ResidentShard.save_state`, under ``workdir/resident-state``, the latest only): a rerun with
-the same shards goes on after the saved layer; without one it restarts at layer 0. With ``activations_path`` the
-workers also write K/V to the activations store in the background (and mark the layers done), so a later re-fit
-with other quantizer settings can use the staged fit without collecting again.
+Resume: the reconstructions an interrupted run needs live on the workers, so every ``resident_checkpoint_every``
+layers each worker saves its hidden states and chain reconstructions (:meth:`ResidentShard.save_state`, the latest
+only): a rerun with the same shards goes on after the saved layer; without one it restarts at layer 0. With
+``activations_path`` the workers also write K/V to the activations store in the background (and mark the layers
+done), so a later re-fit with other quantizer settings can use the staged fit without collecting again.
 """
-
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from aquakv.codec import LayerCodec, encode, value_inputs
-from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
 from pipeline.fit import (
-    FIT_DIR,
-    LayerFit,
     PairwiseSum,
     _add_samples,
     _batches,
     _cpu,
     _keep,
-    _sum,
     encode_with_errors,
     grid_stride,
     kept_rows,
-    layer_metrics,
-    load_fits,
     residual_units,
-    save_codec,
-    solve_layer,
 )
 
-ShardsCall = Callable[..., list[Any]]
 log = logging.getLogger(__name__)
 SUMS = ("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err", "values_norm")
 
@@ -387,120 +365,3 @@ class ResidentShard:
             if self.group is not None:
                 self._writer.shutdown(wait=True)
                 self._committer.shutdown(wait=True)
-
-
-def local_shards_call(shards: list[ResidentShard]) -> ShardsCall:
-    """``shards_call`` over plain :class:`ResidentShard` objects in this process (in order)."""
-    def call(method: str, *args: Any) -> list[Any]:
-        return [getattr(shard, method)(*args) for shard in shards]
-
-    return call
-
-
-def timed_calls(shards_call: ShardsCall, seconds: dict[str, float]) -> ShardsCall:
-    """``shards_call`` that adds each method's wall seconds (the slowest shard's, as the driver waits) to
-    ``seconds[method]``."""
-    def call(method: str, *args: Any) -> list[Any]:
-        t0 = time.perf_counter()
-        try:
-            return shards_call(method, *args)
-        finally:
-            seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - t0
-
-    return call
-
-
-STATE_DIR = "resident-state"  # under the fit's work directory: the workers' latest saved state
-
-
-def _save_states(shards_call: ShardsCall, states: Path, cfg: CalibrationConfig, layer: int,
-                 shards: list[tuple[int, int]]) -> None:
-    """Every shard saves its state after ``layer``; ``state.json`` names the layer once all have."""
-    (states / "state.json").unlink(missing_ok=True)  # the files are replaced one by one: invalid until all are
-    shards_call("save_state", layer, str(states))
-    info = {"layer": layer, "digest": cfg.fit_digest(), "shards": [list(s) for s in shards]}
-    tmp = states / "state.json.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(states / "state.json")
-
-
-def _resume_point(states: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]], finished: int) -> int:
-    """The first layer to run: after the saved state's layer when it is this fit's, for these shards, and its
-    layers' fits are saved; else 0."""
-    try:
-        info = json.loads((states / "state.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    layer = info.get("layer") if isinstance(info, dict) else None
-    if (not isinstance(layer, int) or info.get("digest") != cfg.fit_digest()
-            or info.get("shards") != [list(s) for s in shards] or not 0 <= layer < finished):
-        return 0
-    return layer + 1
-
-
-def fit_resident(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Path, num_layers: int,
-                 progress: bool = True, seconds: dict[str, float] | None = None) -> list[LayerFit]:
-    """Chain-fit every layer over resident shards; saves ``workdir/fit/{l}`` as :func:`pipeline.fit.fit_all` does.
-
-    ``shards_call(method, *args)`` calls ``method`` on every shard and returns their results in shard order
-    (:func:`local_shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved fits
-    if every layer is there for ``cfg.fit_digest()``; else it goes on after the workers' last saved state (every
-    ``cfg.resident_checkpoint_every`` layers, :meth:`ResidentShard.save_state`; same fit, same shards), or fits from
-    layer 0. ``seconds`` (optional) receives where the time went: each shard
-    method's wall time, ``solve`` (the driver's predictor and grid fits), ``layers`` (the whole layer loop, without
-    the first ``shape`` call that waits for the workers to start), ``first_layer`` (the first layer run, layer 0
-    unless resumed: its weights are not prefetched and the workers' kernels compile there) and ``median_layer``
-    (the median of the layers after it: the steady cost of a layer; the next one also pays the driver's first
-    solve).
-    """
-    workdir = Path(workdir)
-    fits = load_fits(workdir, cfg, num_layers, require_recon=False)
-    if len(fits) == num_layers:
-        return fits
-    seconds = {} if seconds is None else seconds
-    shapes = shards_call("shape")
-    kv_dim, tokens = shapes[0]["kv_dim"], sum(s["tokens"] for s in shapes)
-    if any(s["num_layers"] != num_layers for s in shapes):
-        raise CalibrationError(f"the shards' model has {shapes[0]['num_layers']} layers, expected {num_layers}")
-    states, shards = workdir / STATE_DIR, [(s["start"], s["stop"]) for s in shapes]
-    first = _resume_point(states, cfg, shards, len(fits))
-    if first:
-        shards_call("restore_state", first - 1, str(states))
-        log.info("collect+fit (resident): resuming after layer %d from %s", first - 1, states)
-    fits = fits[:first]
-    preds = predecessors(shapes[0]["windows"])
-    bar = tqdm(range(first, num_layers), desc="collect+fit (resident)", disable=not progress, initial=first,
-               total=num_layers)
-    start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
-    ends = [start]
-    for layer in bar:
-        shards_call("forward", layer)
-        skip, n = cfg.skipped_tokens, len(shapes)
-        t0, before = time.perf_counter(), sum(seconds.values())
-        codec = solve_layer(
-            cfg, layer, preds[layer],
-            lambda: _sum(shards_call("key_stats", layer, skip)),  # noqa: B023  (called before the loop moves on)
-            lambda partial: _sum(shards_call("value_stats", layer, partial, skip)),  # noqa: B023
-            lambda partial, kind, vectors: torch.cat(
-                shards_call("grid_samples", layer, partial, kind, skip, -(-vectors // n))))  # noqa: B023
-        seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0 - (sum(seconds.values()) - before)
-        sums: dict[str, float] = {}
-        for part in shards_call("reconstruct", layer, codec):
-            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
-        fit = LayerFit(layer, codec, layer_metrics(sums, codec, kv_dim, tokens))
-        save_codec(workdir / FIT_DIR / str(layer), codec,
-                   {"digest": cfg.fit_digest(), "layer": layer, "metrics": fit.metrics, "mode": "resident"})
-        bar.set_postfix(k=f"{fit.metrics['keys_rel_mse']:.3g}", v=f"{fit.metrics['values_rel_mse']:.3g}")
-        fits.append(fit)
-        every = cfg.resident_checkpoint_every
-        if every and (layer + 1) % every == 0 and layer + 1 < num_layers:
-            _save_states(shards_call, states, cfg, layer, shards)
-        ends.append(time.perf_counter())
-    shards_call("finish")
-    shutil.rmtree(states, ignore_errors=True)  # finished: the fits are saved, the workers' state is not needed
-    seconds["layers"] = time.perf_counter() - start
-    per_layer = sorted(b - a for a, b in zip(ends[1:-1], ends[2:], strict=True))  # layers 1..L-1
-    seconds["first_layer"] = ends[1] - start
-    if per_layer:
-        seconds["median_layer"] = per_layer[len(per_layer) // 2]
-    return fits

@@ -61,6 +61,13 @@ def _counting_map(calls: list[str]):
     return map_fn
 
 
+def _first_layer(act: Path, recon: str, cfg: CalibrationConfig) -> None:
+    """Layer 0 (no predictors) fitted and reconstructed into ``recon``, the input of layer 1's statistics."""
+    shard = fit.zarr_shards(act, recon, 1)[0]
+    shard.forward(0)
+    shard.reconstruct(0, fit.solve_layer(cfg, 0, None, shard.key_stats, shard.value_stats, shard.grid_samples))
+
+
 def _no_predictor_rel_mse(act: Path, layer: int, cfg: CalibrationConfig) -> tuple[float, float]:
     """Relative MSE of quantizing layer ``layer`` directly with the same quantizers (the baseline)."""
     group = zarr.open_group(str(act), mode="r")
@@ -113,15 +120,14 @@ def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
     write_store(act)
     cfg = _cfg()
     recon = str(tmp_path / "recon.zarr")
-    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, [(0, SAMPLES)]),
-                          [(0, SAMPLES)])
+    _first_layer(act, recon, cfg)
     one = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
     parts = [fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in fit.shard_ranges(SAMPLES, 5)]
     total = parts[0]
     for p in parts[1:]:
         total = total + p
     # the same per-shard work as methods of Zarr-backed chain shards, called over all of them at once
-    call = shards_call(fit.zarr_shards(act, recon, fit.shard_ranges(SAMPLES, 5)))
+    call = shards_call(fit.zarr_shards(act, recon, 5))
     for a, b in zip(call("key_stats", 1), parts, strict=True):
         assert torch.equal(a.xtx, b.xtx) and torch.equal(a.xty, b.xty) and a.count == b.count
     assert total.count == one.count == SAMPLES * SEQ
@@ -169,8 +175,7 @@ def test_parallel_noise_model_matches_chain(tmp_path: Path) -> None:
     act, recon, half = tmp_path / "act.zarr", str(tmp_path / "recon.zarr"), 8
     write_store(act, layers=2, samples=2 * half, seq=256)
     cfg = _cfg(first_layer=Q2)  # a coarse first layer makes the noise matter
-    everything = [(0, 2 * half)]
-    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, everything), everything)
+    _first_layer(act, recon, cfg)
     train, test = (fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in ((0, half), (half, 2 * half)))
     exact = [fit.layer_stats_exact(str(act), layer, layer - 1 if layer else None, 0, half) for layer in range(2)]
     chain_err = residual_mse(test, fit_ridge(train, cfg.damping))
@@ -188,7 +193,7 @@ def test_resume_loads_finished_layers(tmp_path: Path) -> None:
     cfg = _cfg()
     calls: list[str] = []
     first = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
-    assert calls.count("reconstruct_shard") == LAYERS
+    assert calls.count("reconstruct") == LAYERS
     assert sorted(p.name for p in (work / "fit").iterdir()) == [f"{i}.{e}" for i in range(LAYERS)
                                                                for e in ("json", "safetensors")]
     calls.clear()
@@ -202,13 +207,13 @@ def test_resume_loads_finished_layers(tmp_path: Path) -> None:
     # losing the last layer's marker refits only that layer, to the same result
     (work / "fit" / f"{LAYERS - 1}.json").unlink()
     third = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
-    assert calls.count("reconstruct_shard") == 1
+    assert calls.count("reconstruct") == 1
     assert third[-1].metrics == pytest.approx(first[-1].metrics)
     # another quantizer config is another digest: everything is refitted
     calls.clear()
     fit.fit_all(act, work, _cfg(values=QuantizerConfig(dim=2, size=64, group_size=32)), map_fn=_counting_map(calls),
                 progress=False)
-    assert calls.count("reconstruct_shard") == LAYERS
+    assert calls.count("reconstruct") == LAYERS
 
 
 def test_parallel_resume(tmp_path: Path) -> None:
@@ -217,11 +222,12 @@ def test_parallel_resume(tmp_path: Path) -> None:
     work, cfg = tmp_path / "work", _cfg(fit_mode="parallel")
     calls: list[str] = []
     first = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False)
-    assert calls.count("layer_stats_exact") == 1 and calls.count("reconstruct_shard") == LAYERS
+    assert calls.count("layer_stats_exact") == 1 and calls.count("reconstruct") == LAYERS
     (work / "fit" / "1.json").unlink()
     calls.clear()
     again = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False)
-    assert calls == ["reconstruct_shard"] * (LAYERS - 1)  # solved codecs reloaded, layers 1.. re-encoded
+    assert {"layer_stats_exact", "key_stats", "value_stats"}.isdisjoint(calls)  # solved codecs reloaded
+    assert calls.count("reconstruct") == LAYERS - 1  # layers 1.. re-encoded
     for a, b in zip(first, again, strict=True):
         assert a.metrics == pytest.approx(b.metrics)
 
@@ -273,8 +279,7 @@ def test_sinks_left_out_of_the_statistics(tmp_path: Path) -> None:
     write_store(act)
     recon = str(tmp_path / "recon.zarr")
     cfg = _cfg(exclude_sinks=True, seq_len=SEQ)
-    fit.reconstruct_layer(str(act), recon, 0, fit.chain_codec(str(act), recon, 0, None, cfg, [(0, SAMPLES)]),
-                          [(0, SAMPLES)])
+    _first_layer(act, recon, cfg)
     full = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
     skipped = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES, cfg.skipped_tokens)
     assert cfg.skipped_tokens == cfg.cache.sinks == 4

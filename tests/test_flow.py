@@ -13,7 +13,7 @@ import zarr
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
-import pipeline.fit
+import pipeline.chain
 from aquakv.cache import AquaKVCache
 from aquakv.compat import cache_kwargs
 from aquakv.errors import CalibrationError
@@ -84,7 +84,7 @@ def test_flow_publishes_a_bundle_that_generates(first_run, assets, capsys):
 
 
 def test_rerun_after_crash_resumes_and_publishes_identical_bytes(first_run, harness, assets, monkeypatch):
-    real_save = pipeline.fit.save_codec
+    real_save = pipeline.chain.save_codec
     saved: list[int] = []
 
     def crash_after_two(stem, codec, info):
@@ -93,16 +93,17 @@ def test_rerun_after_crash_resumes_and_publishes_identical_bytes(first_run, harn
         real_save(stem, codec, info)
         saved.append(info["layer"])
 
-    monkeypatch.setattr(pipeline.fit, "save_codec", crash_after_two)
+    monkeypatch.setattr(pipeline.chain, "save_codec", crash_after_two)
     with pytest.raises(BaseException, match="simulated crash"):
         calibrate(config(assets, "b"))
     assert saved == [0, 1]
     assert not (assets["root"] / "b" / "registry").exists()
 
-    monkeypatch.setattr(pipeline.fit, "save_codec", real_save)
+    monkeypatch.setattr(pipeline.chain, "save_codec", real_save)
     fitted: list[int] = []
-    real_fit = pipeline.fit.fit_layer
-    monkeypatch.setattr(pipeline.fit, "fit_layer", lambda *a, **k: fitted.append(a[2]) or real_fit(*a, **k))
+    real_solve = pipeline.chain.solve_layer
+    monkeypatch.setattr(pipeline.chain, "solve_layer",
+                        lambda cfg, layer, *a, **k: fitted.append(layer) or real_solve(cfg, layer, *a, **k))
     resumed = calibrate(config(assets, "b"))
     assert fitted == [2, 3]  # layers 0 and 1 were loaded, not recomputed
     assert bundle_bytes(resumed["bundle"]) == bundle_bytes(first_run["bundle"])

@@ -1,4 +1,5 @@
-"""pipeline.resident: the fused, device-resident collect+fit equals the staged collect -> fit_all chain."""
+"""pipeline.resident: the fused, device-resident collect+fit equals the staged collect -> fit_all chain (one driver,
+pipeline.chain.fit_chain, over resident or Zarr-backed shards)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import zarr
 
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
+from pipeline.chain import fit_chain, saved_layer, shards_call
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
-from pipeline.fit import fit_all, load_fits, shard_ranges
-from pipeline.resident import ResidentShard, fit_resident, local_shards_call
+from pipeline.fit import fit_all, load_fits, shard_ranges, zarr_shards
+from pipeline.resident import ResidentShard
 from pipeline.testing import poison_values, write_tiny_llama
 
 LAYERS, SAMPLES, SEQ = 3, 5, 48
@@ -76,31 +78,38 @@ def test_resident_equals_staged(assets: dict, staged: dict, n: int, tmp_path: Pa
     cfg = _cfg(assets)
     shards = _shards(assets, n)
     calls: list[str] = []
-    inner = local_shards_call(shards)
+    inner = shards_call(shards)
 
     def counting(method: str, *args: object) -> list:
         calls.append(method)
         return inner(method, *args)
 
     seconds: dict[str, float] = {}
-    fits = fit_resident(counting, cfg, tmp_path, LAYERS, progress=False, seconds=seconds)
+    fits = fit_chain(counting, cfg, tmp_path, LAYERS, progress=False, seconds=seconds)
     assert calls.count("forward") == LAYERS
     # where the time went: every shard method the driver waited on, its own solves, the whole loop, layer 0, the median
-    assert set(seconds) == {*calls} - {"shape"} | {"solve", "layers", "first_layer", "median_layer"}
+    assert set(seconds) == {*calls} - {"shape", "resume_point"} | {"solve", "layers", "first_layer", "median_layer"}
     assert all(v >= 0 for v in seconds.values())
     assert seconds["first_layer"] + seconds["median_layer"] <= seconds["layers"]
     assert sum(v for k, v in seconds.items() if k not in ("layers", "first_layer", "median_layer")) <= seconds["layers"]
     _assert_same(staged[n], fits, exact=True)  # same shards, same row batches, same sums: bit-identical
     _assert_same(staged[1], fits, exact=False)  # another split only reorders float64 sums
+    # the same driver over Zarr-backed shards of the collected activations: the same codecs, the same time breakdown
+    act, zarr_seconds = assets["root"] / "activations.zarr", {}
+    on_disk = fit_chain(shards_call(zarr_shards(act, tmp_path / "zarr" / "recon.zarr", n)), cfg, tmp_path / "zarr",
+                        LAYERS, progress=False, seconds=zarr_seconds)
+    _assert_same(on_disk, fits, exact=True)
+    assert set(zarr_seconds) == set(seconds)
     # saved in fit_all's layout: load_fits reads them; a finished run is loaded, never recomputed
-    _assert_same(load_fits(tmp_path, cfg, LAYERS, require_recon=False), fits, exact=True)
-    assert load_fits(tmp_path, cfg, LAYERS) == []  # the staged chain resume needs recon.zarr: refits from layer 0
+    _assert_same(load_fits(tmp_path, cfg, LAYERS), fits, exact=True)
+    # the staged chain resume needs recon.zarr: from this work directory it refits from layer 0
+    assert zarr_shards(act, tmp_path / "recon.zarr", 1)[0].resume_point(LAYERS, None) == 0
     calls.clear()
-    _assert_same(fit_resident(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
+    _assert_same(fit_chain(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
     assert calls == []
     # an unfinished run restarts from layer 0, on the same shards, to the same result
     (tmp_path / "fit" / f"{LAYERS - 1}.json").unlink()
-    _assert_same(fit_resident(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
+    _assert_same(fit_chain(counting, cfg, tmp_path, LAYERS, progress=False), fits, exact=True)
     assert calls.count("forward") == LAYERS
 
 
@@ -110,7 +119,7 @@ def test_activations_written_for_a_staged_refit(assets: dict, staged: dict, tmp_
     act = tmp_path / "activations.zarr"
     group = open_activations(act, LAYERS, SAMPLES, SEQ, ckpt.kv_dim)
     shards = _shards(assets, 2, activations_path=act)
-    fit_resident(local_shards_call(shards), _cfg(assets), tmp_path / "resident", LAYERS, progress=False)
+    fit_chain(shards_call(shards), _cfg(assets), tmp_path / "resident", LAYERS, progress=False)
     ref = zarr.open_group(str(assets["root"] / "activations.zarr"), mode="r")
     for layer in range(LAYERS):
         assert layer_complete(group, layer)
@@ -126,8 +135,8 @@ def test_non_finite_names_the_layer(assets: dict, tmp_path: Path) -> None:
     shards = _shards(assets, 2)
     poison_values(shards[1].checkpoint, 2)
     with pytest.raises(NonFiniteError, match=r"layer 2: non-finite .* samples \[2, 3\)"):
-        fit_resident(local_shards_call(shards), _cfg(assets), tmp_path, LAYERS, progress=False)
-    assert len(load_fits(tmp_path, _cfg(assets), LAYERS, require_recon=False)) == 2  # layers 0-1 were saved
+        fit_chain(shards_call(shards), _cfg(assets), tmp_path, LAYERS, progress=False)
+    assert len(load_fits(tmp_path, _cfg(assets), LAYERS)) == 2  # layers 0-1 were saved
 
 
 def test_out_of_order_calls_are_refused(assets: dict) -> None:
@@ -148,7 +157,7 @@ def test_fitted_grids_and_sinks_out_equal_staged(assets: dict, tmp_path: Path) -
         open_activations(act, LAYERS, SAMPLES, SEQ, ckpt.kv_dim)
         collect_shard(ckpt, assets["data"], 0, act, progress=False)
     staged = fit_all(act, tmp_path / "staged", cfg, progress=False, num_shards=2)
-    resident = fit_resident(local_shards_call(_shards(assets, 2)), cfg, tmp_path / "resident", LAYERS, progress=False)
+    resident = fit_chain(shards_call(_shards(assets, 2)), cfg, tmp_path / "resident", LAYERS, progress=False)
     _assert_same(staged, resident, exact=True)
     gaussian = fit_all(act, tmp_path / "gaussian", _cfg(assets).model_copy(update={"exclude_sinks": True}),
                        progress=False, num_shards=2)
@@ -175,7 +184,7 @@ def test_one_two_and_four_workers_fit_the_same_bits(assets: dict, tmp_path: Path
     for n in (2, 4):
         _assert_same(staged[1], staged[n], exact=True)
         shards = [ResidentShard(assets["model"], assets["tokens"], a, b, device="cpu") for a, b in shard_ranges(4, n)]
-        _assert_same(staged[1], fit_resident(local_shards_call(shards), cfg, tmp_path / f"resident{n}", LAYERS,
+        _assert_same(staged[1], fit_chain(shards_call(shards), cfg, tmp_path / f"resident{n}", LAYERS,
                                              progress=False), exact=True)
 
 
@@ -188,7 +197,7 @@ def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict,
         pass
 
     def calls_of(shards: list[ResidentShard], calls: list, crash_at: int | None = None):
-        inner = local_shards_call(shards)
+        inner = shards_call(shards)
 
         def call(method: str, *args: object) -> list:
             calls.append((method, *args[:1]))
@@ -200,10 +209,10 @@ def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict,
 
     first: list = []
     with pytest.raises(Crash):
-        fit_resident(calls_of(_shards(assets, 2), first, crash_at=LAYERS - 1), cfg, tmp_path, LAYERS, progress=False)
+        fit_chain(calls_of(_shards(assets, 2), first, crash_at=LAYERS - 1), cfg, tmp_path, LAYERS, progress=False)
     assert (tmp_path / "resident-state" / "state.json").exists()
     second: list = []
-    fits = fit_resident(calls_of(_shards(assets, 2), second), cfg, tmp_path, LAYERS, progress=False)
+    fits = fit_chain(calls_of(_shards(assets, 2), second), cfg, tmp_path, LAYERS, progress=False)
     assert ("restore_state", LAYERS - 2) in second
     assert [c for c in second if c[0] == "forward"] == [("forward", LAYERS - 1)]
     _assert_same(staged[2], fits, exact=True)
@@ -211,10 +220,10 @@ def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict,
     # a state saved for other shards is not used: the run starts over
     third: list = []
     with pytest.raises(Crash):
-        fit_resident(calls_of(_shards(assets, 2), third, crash_at=LAYERS - 1), cfg, tmp_path / "b", LAYERS,
+        fit_chain(calls_of(_shards(assets, 2), third, crash_at=LAYERS - 1), cfg, tmp_path / "b", LAYERS,
                      progress=False)
     fourth: list = []
-    _assert_same(staged[1], fit_resident(calls_of(_shards(assets, 1), fourth), cfg, tmp_path / "b", LAYERS,
+    _assert_same(staged[1], fit_chain(calls_of(_shards(assets, 1), fourth), cfg, tmp_path / "b", LAYERS,
                                          progress=False), exact=False)
     assert ("forward", 0) in fourth and not any(c[0] == "restore_state" for c in fourth)
 
@@ -222,23 +231,21 @@ def test_a_crashed_run_resumes_after_the_saved_layer(assets: dict, staged: dict,
 def test_a_broken_saved_state_is_refused_or_ignored(assets: dict, tmp_path: Path) -> None:
     """``state.json`` that is not this fit's (garbage, another digest) makes the run start over; a shard file of
     another shard or a truncated one is refused with a one-line error naming the file."""
-    from pipeline.resident import _resume_point
-
     cfg = _cfg(assets)
     states = tmp_path / "resident-state"
     states.mkdir()
     shards = [(0, SAMPLES)]
+    shard, other = _shards(assets, 1)[0], _shards(assets, 2)[0]
     garbage = ["not json", "[1, 2]", '{"layer": "1"}', json.dumps({"layer": 1, "digest": "other", "shards": [[0, 5]]}),
                json.dumps({"layer": 5, "digest": cfg.fit_digest(), "shards": [[0, SAMPLES]]})]
     for text in garbage:
         (states / "state.json").write_text(text)
-        assert _resume_point(states, cfg, shards, finished=3) == 0
+        assert shard.resume_point(3, saved_layer(states, cfg, shards)) == 0
     (states / "state.json").write_text(json.dumps({"layer": 1, "digest": cfg.fit_digest(), "shards": [[0, SAMPLES]]}))
-    assert _resume_point(states, cfg, shards, finished=3) == 2
-    assert _resume_point(states, cfg, shards, finished=1) == 0  # layer 1's fit is not saved
+    assert shard.resume_point(3, saved_layer(states, cfg, shards)) == 2
+    assert shard.resume_point(1, saved_layer(states, cfg, shards)) == 0  # layer 1's fit is not saved
 
-    shard, other = _shards(assets, 1)[0], _shards(assets, 2)[0]
-    local_shards_call([shard])("shape")
+    shards_call([shard])("shape")
     for layer in range(2):
         shard.forward(layer)
         codec = _fit_codec(cfg, layer, shard)
