@@ -37,12 +37,6 @@ class Residual:
         return Residual(self.config, self.grid.to(device), self.signs.to(device))
 
 
-def value_inputs(keys: torch.Tensor, prev_values: torch.Tensor) -> torch.Tensor:
-    """The value predictor's input ``[..., 2D]``: this layer's keys, then the predecessor's values. The weight's rows
-    follow this layout (``W[:D]`` keys, ``W[D:]`` values), which the Triton kernels split on."""
-    return torch.cat([keys, prev_values], dim=-1)
-
-
 @dataclass
 class LayerCodec:
     """How one layer's keys and values ``[..., D]`` are stored."""
@@ -51,6 +45,17 @@ class LayerCodec:
     values: Residual
     key_predictor: Predictor | None = None
     value_predictor: Predictor | None = None
+
+    @staticmethod
+    def value_inputs(keys: torch.Tensor, prev_values: torch.Tensor) -> torch.Tensor:
+        """The value predictor's input ``[..., 2D]``: this layer's keys, then the predecessor's values. The weight's
+        rows follow this layout (``W[:D]`` keys, ``W[D:]`` values), which the Triton kernels split on; calibration
+        builds its statistics (and its noise model) through this one function."""
+        return torch.cat([keys, prev_values], dim=-1)
+
+    def key_part(self) -> LayerCodec:
+        """This codec without its value predictor: what encodes K̂_l while the value predictor is being fitted."""
+        return LayerCodec(self.keys, self.values, self.key_predictor, None)
 
     def to(self, device: torch.device | str) -> LayerCodec:
         def move(p: Predictor | None) -> Predictor | None:
@@ -71,7 +76,7 @@ class LayerCodec:
             return torch.zeros_like(keys_hat, dtype=torch.float32)
         if prev is None:
             raise ValueError("this layer's value predictor needs the previous layer's reconstruction")
-        return self.value_predictor(value_inputs(keys_hat, prev[1].float()))
+        return self.value_predictor(self.value_inputs(keys_hat, prev[1].float()))
 
 
 @dataclass

@@ -31,8 +31,9 @@ from transformers import LlamaConfig
 
 from aquakv.config import CalibrationConfig
 from cluster.workers import collect_worker, connect, ray_map, ray_shards_call, shard_actors
+from pipeline.chain import shard_ranges
 from pipeline.collect import open_activations
-from pipeline.fit import fit_all, shard_ranges
+from pipeline.fit import fit_all
 
 
 def write_checkpoint(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, mlp: int, vocab: int) -> Path:
@@ -104,7 +105,7 @@ def warm(n: int) -> None:
 
 def _touch_cuda(_: int) -> str:
     import pipeline.collect  # noqa: F401
-    import pipeline.fit  # noqa: F401
+    import pipeline.staged  # noqa: F401
 
     return str(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu").device)
 

@@ -83,9 +83,9 @@ def collect_stage(config: dict, model_dir: str, tokens: str) -> str:
     """Data-parallel collection of pre-RoPE keys/values: one Ray worker per shard of samples."""
     cfg = CalibrationConfig.model_validate(config)
     from cluster.workers import collect_worker, ray_map
+    from pipeline.chain import shard_ranges
     from pipeline.checkpoint import Checkpoint
     from pipeline.collect import layer_complete, open_activations
-    from pipeline.fit import shard_ranges
 
     logger = get_run_logger()
     ckpt = Checkpoint(model_dir)
@@ -136,10 +136,9 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, 
     import ray
 
     from cluster.workers import ray_shards_call, shard_actors
-    from pipeline.chain import fit_chain
+    from pipeline.chain import fit_chain, shard_ranges
     from pipeline.checkpoint import Checkpoint
     from pipeline.collect import layer_complete, open_activations
-    from pipeline.fit import shard_ranges
 
     logger = get_run_logger()
     ckpt = Checkpoint(model_dir)
@@ -181,7 +180,7 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
     import zarr
 
     from cluster.workers import ray_map, validate_worker
-    from pipeline.fit import shard_ranges
+    from pipeline.chain import shard_ranges
     from pipeline.validate import STEP, check_gate, metrics_from
 
     logger = get_run_logger()

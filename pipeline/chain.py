@@ -2,7 +2,7 @@
 
 A shard holds samples ``[start, stop)``: their keys and values ``K_l, V_l [n*T, D]`` of the current layer and the
 reconstructions ``K̂_p, V̂_p`` of its predecessors (``p = l - 1``, or the previous layer of the same attention type,
-:func:`aquakv.family.predecessors`). Two implementations: :class:`pipeline.fit.ZarrShard` (activations and
+:func:`aquakv.family.predecessors`). Two implementations: :class:`pipeline.staged.ZarrShard` (activations and
 reconstructions in Zarr stores, stateless: a Ray task runs its methods) and :class:`pipeline.resident.ResidentShard`
 (hidden states and K/V on a worker's device, a Ray actor). Per layer the driver calls, on every shard::
 
@@ -29,12 +29,23 @@ from aquakv.config import CalibrationConfig
 from aquakv.errors import CalibrationError
 from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
-from pipeline.fit import FIT_DIR, Allocation, LayerFit, _sum, layer_metrics, load_fits, save_codec, solve_layer
+from pipeline.solve import Allocation, LayerFit, layer_metrics, solve_layer
+from pipeline.stats import pairwise_sum
+from pipeline.store import FIT_DIR, load_fits, save_codec
 
 ShardsCall = Callable[..., list[Any]]  # shards_call(method, *args): method(*args) on every shard, in shard order
 MapFn = Callable[..., Iterable[Any]]  # builtin map semantics (results in order)
 STATE_DIR = "resident-state"  # under the fit's work directory: the shards' latest saved state
 log = logging.getLogger(__name__)
+
+
+def shard_ranges(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
+    """Split ``[0, num_samples)`` into at most ``num_shards`` contiguous, non-empty, near-equal ``(start, stop)``."""
+    if num_samples < 1 or num_shards < 1:
+        raise ValueError(f"need num_samples >= 1 and num_shards >= 1, got {num_samples}, {num_shards}")
+    n = min(num_shards, num_samples)
+    bounds = [num_samples * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 class ShardShape(TypedDict):
@@ -65,7 +76,7 @@ class ChainShard(Protocol):
 
     def key_stats(self, layer: int, skip: int = 0) -> RidgeStats:
         """Key predictor statistics: X = K̂_p ``[N, D]``, Y = K_l ``[N, D]`` (without each sample's first ``skip``
-        tokens), summed per sample in :class:`pipeline.fit.PairwiseSum`'s tree."""
+        tokens), summed per sample in :class:`pipeline.stats.PairwiseSum`'s tree."""
         ...
 
     def value_stats(self, layer: int, codec: LayerCodec, skip: int = 0) -> RidgeStats:
@@ -75,7 +86,7 @@ class ChainShard(Protocol):
 
     def grid_samples(self, layer: int, codec: LayerCodec, kind: str, skip: int, vectors: int) -> torch.Tensor:
         """About ``vectors`` weighted vectors ``[m, d + 1]`` the ``kind`` grid will quantize
-        (:func:`pipeline.fit.residual_units`)."""
+        (:func:`pipeline.stats.residual_units`)."""
         ...
 
     def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
@@ -104,7 +115,7 @@ class ChainShard(Protocol):
 def shards_call(shards: Sequence[ChainShard], map_fn: MapFn = map) -> ShardsCall:
     """``shards_call(method, *args)`` over ``shards`` (all of one class): one ``map_fn`` call of the method per shard,
     the same arguments for each. Builtin ``map`` runs them here; :func:`cluster.workers.ray_map` runs each as a Ray
-    task, for shards that carry no state (:class:`pipeline.fit.ZarrShard`)."""
+    task, for shards that carry no state (:class:`pipeline.staged.ZarrShard`)."""
     cls = type(shards[0])
 
     def call(method: str, *args: Any) -> list[Any]:
@@ -155,12 +166,12 @@ def saved_layer(states: Path, cfg: CalibrationConfig, shards: list[tuple[int, in
 
 def _solve(shards_call: ShardsCall, cfg: CalibrationConfig, layer: int, prev: int | None, num_shards: int,
            allocation: Allocation | None) -> LayerCodec:
-    """:func:`pipeline.fit.solve_layer` on statistics and grid samples gathered over every shard."""
+    """:func:`pipeline.solve.solve_layer` on statistics and grid samples gathered over every shard."""
     skip = cfg.skipped_tokens
     return solve_layer(
         cfg, layer, prev,
-        lambda: _sum(shards_call("key_stats", layer, skip)),
-        lambda partial: _sum(shards_call("value_stats", layer, partial, skip)),
+        lambda: pairwise_sum(shards_call("key_stats", layer, skip)),
+        lambda partial: pairwise_sum(shards_call("value_stats", layer, partial, skip)),
         lambda partial, kind, vectors: torch.cat(
             shards_call("grid_samples", layer, partial, kind, skip, -(-vectors // num_shards))),
         allocation)
@@ -170,7 +181,7 @@ def fit_chain(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Pa
               progress: bool = True, seconds: dict[str, float] | None = None, label: str = "fit (chain)",
               allocation: Callable[[], Allocation] | None = None,
               codecs: Callable[[], list[LayerCodec]] | None = None) -> list[LayerFit]:
-    """Fit every layer in chain order over shards; saves ``workdir/fit/{l}`` (:func:`pipeline.fit.save_codec`).
+    """Fit every layer in chain order over shards; saves ``workdir/fit/{l}`` (:func:`pipeline.store.save_codec`).
 
     ``shards_call(method, *args)`` calls a :class:`ChainShard` method on every shard and returns the results in
     shard order (:func:`shards_call`, or :func:`cluster.workers.ray_shards_call` for Ray actors). Returns the saved

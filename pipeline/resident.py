@@ -1,7 +1,7 @@
 """Resident chain shards: collect and chain-fit in one pass, every worker's samples kept on its device.
 
 The staged pipeline writes each layer's K/V to ``activations.zarr`` (:mod:`pipeline.collect`), then the fit reads
-them back three times per layer and writes/reads ``recon.zarr`` (:class:`pipeline.fit.ZarrShard`): at 70B scale the
+them back three times per layer and writes/reads ``recon.zarr`` (:class:`pipeline.staged.ZarrShard`): at 70B scale the
 Zarr I/O dominates. A :class:`ResidentShard` (one per worker, a plain object or a Ray actor) is a
 :class:`pipeline.chain.ChainShard` that holds its samples' hidden states, the current layer's ``K_l, V_l`` and its
 predecessors' reconstructions ``K̂_p, V̂_p`` (one per attention type, :func:`aquakv.family.predecessors`) on its
@@ -26,26 +26,27 @@ import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from aquakv.codec import LayerCodec, encode, value_inputs
+from aquakv.codec import LayerCodec, encode
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
+from pipeline.chain import ShardShape
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
-from pipeline.fit import (
+from pipeline.stats import (
+    SUMS,
     PairwiseSum,
-    _add_samples,
-    _batches,
-    _cpu,
-    _keep,
+    add_samples,
     encode_with_errors,
     grid_stride,
+    keep_rows,
     kept_rows,
     residual_units,
+    row_batches,
+    to_cpu,
 )
 
 log = logging.getLogger(__name__)
-SUMS = ("keys_err", "keys_pred_err", "keys_norm", "values_err", "values_pred_err", "values_norm")
 
 
 def _device(device: str) -> torch.device:
@@ -110,7 +111,7 @@ class ResidentShard:
 
     # -- small queries ------------------------------------------------------------------------------------------
 
-    def shape(self) -> dict[str, int]:
+    def shape(self) -> ShardShape:
         """``samples``, ``tokens``, ``seq_len``, ``kv_dim`` and ``num_layers`` of this shard."""
         n = self.stop - self.start
         return {"samples": n, "tokens": n * self.seq_len, "seq_len": self.seq_len, "kv_dim": self.kv_dim,
@@ -122,7 +123,7 @@ class ResidentShard:
         return slice((a - self.start) * self.seq_len, (b - self.start) * self.seq_len)
 
     def _batches(self) -> list[tuple[int, int]]:
-        return list(_batches(self.start, self.stop, self.seq_len))  # the staged fit's row batches
+        return list(row_batches(self.start, self.stop, self.seq_len))  # the staged fit's row batches
 
     def _expect(self, what: str, layer: int, have: int, need: int) -> None:
         if have != need:
@@ -217,43 +218,43 @@ class ResidentShard:
 
     @torch.no_grad()
     def key_stats(self, layer: int, skip: int = 0) -> RidgeStats:
-        """Key predictor statistics (CPU): X = K̂_p, Y = K_l (as :func:`pipeline.fit.layer_stats_keys`)."""
+        """Key predictor statistics (CPU): X = K̂_p, Y = K_l (as :func:`pipeline.staged.layer_stats_keys`)."""
         t0 = time.perf_counter()
         self._expect("key_stats", layer, self.kv_layer, layer)
         self._expect_prev("key_stats", layer)
         total = PairwiseSum()
         for a, b in self._batches():
-            x, y = _keep(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
-            _add_samples(total, x, y, b - a, layer, "keys", a)
-        total = _cpu(total.total())
+            x, y = keep_rows(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
+            add_samples(total, x, y, b - a, layer, "keys", a)
+        total = to_cpu(total.total())
         self._timed("key_stats", t0)
         return total
 
     @torch.no_grad()
     def value_stats(self, layer: int, codec: LayerCodec, skip: int = 0) -> RidgeStats:
         """Value predictor statistics (CPU): X = [K̂_l, V̂_p], Y = V_l, K̂_l encoded with ``codec``'s key part
-        (as :func:`pipeline.fit.layer_stats_values`)."""
+        (as :func:`pipeline.staged.layer_stats_values`)."""
         t0 = time.perf_counter()
         self._expect("value_stats", layer, self.kv_layer, layer)
         self._expect_prev("value_stats", layer)
-        key_only = LayerCodec(codec.keys, codec.values, codec.key_predictor, None).to(self.device)
+        key_only = codec.key_part().to(self.device)
         total = PairwiseSum()
         for a, b in self._batches():
-            keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
+            keys, values, *prev = keep_rows(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
                                         *self._prev(layer, a, b))
             try:
                 _, (keys_hat, _) = encode(keys, values, prev, key_only)
             except NonFiniteError as e:
                 raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-            _add_samples(total, value_inputs(keys_hat, prev[1]), values, b - a, layer, "values", a)
-        total = _cpu(total.total())
+            add_samples(total, LayerCodec.value_inputs(keys_hat, prev[1]), values, b - a, layer, "values", a)
+        total = to_cpu(total.total())
         self._timed("value_stats", t0)
         return total
 
     @torch.no_grad()
     def grid_samples(self, layer: int, codec: LayerCodec, kind: str, skip: int, vectors: int) -> torch.Tensor:
         """About ``vectors`` of the vectors layer ``layer``'s ``kind`` grid will quantize (CPU ``[m, d]``; as
-        :func:`pipeline.fit.grid_samples`)."""
+        :func:`pipeline.staged.grid_samples`)."""
         t0 = time.perf_counter()
         self._expect("grid_samples", layer, self.kv_layer, layer)
         self._expect_prev("grid_samples", layer)
@@ -262,7 +263,7 @@ class ResidentShard:
         codec, parts = codec.to(self.device), []
         for a, b in self._batches():
             prev = self._prev(layer, a, b) if self.preds[layer] is not None else ()
-            keys, values, *prev = _keep(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
+            keys, values, *prev = keep_rows(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
                                         *prev)
             parts.append(residual_units(keys, values, tuple(prev) or None, codec, kind, stride, seed=a))
         self._timed("grid_samples", t0)
@@ -272,7 +273,7 @@ class ResidentShard:
     def reconstruct(self, layer: int, codec: LayerCodec) -> dict[str, float]:
         """Encode the shard's ``K_l, V_l`` with ``codec``; K̂_l, V̂_l replace the predecessor's K̂_p, V̂_p on the device.
 
-        Returns the squared-error sums of :func:`pipeline.fit.reconstruct_shard` (``{keys,values}_{err,pred_err,
+        Returns the squared-error sums of :func:`pipeline.staged.reconstruct_shard` (``{keys,values}_{err,pred_err,
         norm}``). Each row batch's reconstruction overwrites the rows it was predicted from.
         """
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from aquakv.family import LayerSpec, cache_kwarg, kv_heads, layer_inputs, rotary
 from aquakv.kernels.settings import KernelSettings
 from aquakv.rope import remember_positions
 from pipeline.checkpoint import Checkpoint, LayerStream
-from pipeline.fit import LayerFit
+from pipeline.solve import LayerFit
 
 STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
 EXACT_STEP = 256  # the exact pass's chunk: its NLL does not depend on the chunking, so fewer, larger chunks

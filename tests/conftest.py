@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aquakv.bundle import Bundle, decode_bundle, encode_bundle, fingerprint_of
-from aquakv.codec import LayerCodec, encode, gaussian_residual, value_inputs
+from aquakv.codec import LayerCodec, encode, gaussian_residual
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.family import predecessors
 from aquakv.predictors import fit_ridge, ridge_stats
@@ -66,7 +66,7 @@ def chain_fit(keys: list[torch.Tensor], values: list[torch.Tensor], q: Quantizer
         if predictors and prev is not None:
             codec.key_predictor = fit_ridge(ridge_stats(prev[0], k))
             _, (k_hat, _) = encode(k, v, prev, codec)
-            codec.value_predictor = fit_ridge(ridge_stats(value_inputs(k_hat, prev[1]), v))
+            codec.value_predictor = fit_ridge(ridge_stats(LayerCodec.value_inputs(k_hat, prev[1]), v))
         _, recon[i] = encode(k, v, prev, codec)
         codecs.append(codec)
     return decode_bundle(encode_bundle(codecs, cache or CacheConfig(), fingerprint))

@@ -1,4 +1,5 @@
-"""pipeline.fit on synthetic activations with planted inter-layer relations (no model, no collect stage)."""
+"""The fit stage (pipeline.fit, .chain, .staged, .solve) on synthetic activations with planted inter-layer relations
+(no model, no collect stage)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aquakv.codec import LayerCodec, encode
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.predictors import fit_ridge, relative_mse, residual_mse
-from pipeline import fit
+from pipeline import chain, fit, solve, staged, stats
 from pipeline.chain import shards_call
 
 DIM, SEQ, SAMPLES, LAYERS = 32, 16, 24, 3
@@ -63,9 +64,9 @@ def _counting_map(calls: list[str]):
 
 def _first_layer(act: Path, recon: str, cfg: CalibrationConfig) -> None:
     """Layer 0 (no predictors) fitted and reconstructed into ``recon``, the input of layer 1's statistics."""
-    shard = fit.zarr_shards(act, recon, 1)[0]
+    shard = staged.zarr_shards(act, recon, 1)[0]
     shard.forward(0)
-    shard.reconstruct(0, fit.solve_layer(cfg, 0, None, shard.key_stats, shard.value_stats, shard.grid_samples))
+    shard.reconstruct(0, solve.solve_layer(cfg, 0, None, shard.key_stats, shard.value_stats, shard.grid_samples))
 
 
 def _no_predictor_rel_mse(act: Path, layer: int, cfg: CalibrationConfig) -> tuple[float, float]:
@@ -73,16 +74,16 @@ def _no_predictor_rel_mse(act: Path, layer: int, cfg: CalibrationConfig) -> tupl
     group = zarr.open_group(str(act), mode="r")
     keys = torch.from_numpy(group[f"keys/{layer}"][:]).reshape(-1, DIM)
     values = torch.from_numpy(group[f"values/{layer}"][:]).reshape(-1, DIM)
-    _, (k_hat, v_hat) = encode(keys, values, None, LayerCodec(*fit.residual_quantizers(cfg, layer, layer == 0)))
+    _, (k_hat, v_hat) = encode(keys, values, None, LayerCodec(*solve.residual_quantizers(cfg, layer, layer == 0)))
     return relative_mse(keys, k_hat), relative_mse(values, v_hat)
 
 
 def test_shard_ranges() -> None:
-    assert fit.shard_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert fit.shard_ranges(2, 5) == [(0, 1), (1, 2)]
-    assert fit.shard_ranges(7, 1) == [(0, 7)]
+    assert chain.shard_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert chain.shard_ranges(2, 5) == [(0, 1), (1, 2)]
+    assert chain.shard_ranges(7, 1) == [(0, 7)]
     with pytest.raises(ValueError):
-        fit.shard_ranges(0, 2)
+        chain.shard_ranges(0, 2)
 
 
 def test_pairwise_sum_does_not_depend_on_how_the_sequence_is_sharded() -> None:
@@ -93,7 +94,7 @@ def test_pairwise_sum_does_not_depend_on_how_the_sequence_is_sharded() -> None:
              for _ in range(16)]
 
     def pairwise(seq: list) -> torch.Tensor:
-        total = fit.PairwiseSum()
+        total = stats.PairwiseSum()
         for x in seq:
             total.add(x)
         return total.total()
@@ -110,7 +111,7 @@ def test_pairwise_sum_does_not_depend_on_how_the_sequence_is_sharded() -> None:
         assert torch.equal(pairwise([pairwise(items[i:i + n]) for i in range(0, len(items), n)]), whole), shards
     assert not torch.equal(running([running(items[:8]), running(items[8:])]), running(items))
     assert torch.allclose(whole, running(items), rtol=1e-12, atol=1e-6)
-    assert fit.PairwiseSum().total() is None
+    assert stats.PairwiseSum().total() is None
     odd = pairwise(items[:5])  # not a power of two: still the exact sum's value
     assert torch.allclose(odd, sum(items[:5]), rtol=1e-12, atol=1e-6)
 
@@ -121,13 +122,13 @@ def test_sharded_stats_equal_one_shot(tmp_path: Path) -> None:
     cfg = _cfg()
     recon = str(tmp_path / "recon.zarr")
     _first_layer(act, recon, cfg)
-    one = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
-    parts = [fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in fit.shard_ranges(SAMPLES, 5)]
+    one = staged.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
+    parts = [staged.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in chain.shard_ranges(SAMPLES, 5)]
     total = parts[0]
     for p in parts[1:]:
         total = total + p
     # the same per-shard work as methods of Zarr-backed chain shards, called over all of them at once
-    call = shards_call(fit.zarr_shards(act, recon, 5))
+    call = shards_call(staged.zarr_shards(act, recon, 5))
     for a, b in zip(call("key_stats", 1), parts, strict=True):
         assert torch.equal(a.xtx, b.xtx) and torch.equal(a.xty, b.xty) and a.count == b.count
     assert total.count == one.count == SAMPLES * SEQ
@@ -176,10 +177,10 @@ def test_parallel_noise_model_matches_chain(tmp_path: Path) -> None:
     write_store(act, layers=2, samples=2 * half, seq=256)
     cfg = _cfg(first_layer=Q2)  # a coarse first layer makes the noise matter
     _first_layer(act, recon, cfg)
-    train, test = (fit.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in ((0, half), (half, 2 * half)))
-    exact = [fit.layer_stats_exact(str(act), layer, layer - 1 if layer else None, 0, half) for layer in range(2)]
+    train, test = (staged.layer_stats_keys(str(act), recon, 1, 0, a, b) for a, b in ((0, half), (half, 2 * half)))
+    exact = [staged.layer_stats_exact(str(act), layer, layer - 1 if layer else None, 0, half) for layer in range(2)]
     chain_err = residual_mse(test, fit_ridge(train, cfg.damping))
-    parallel_err = residual_mse(test, fit.solve_parallel(exact, cfg, [None, 0])[1].key_predictor)
+    parallel_err = residual_mse(test, solve.solve_parallel(exact, cfg, [None, 0])[1].key_predictor)
     naive_err = residual_mse(test, fit_ridge(exact[1].keys, cfg.damping))
     print(f"\nlayer-1 key predictor, held-out relative MSE: chain {chain_err:.4f} parallel {parallel_err:.4f} "
           f"exact-input {naive_err:.4f}")
@@ -280,8 +281,8 @@ def test_sinks_left_out_of_the_statistics(tmp_path: Path) -> None:
     recon = str(tmp_path / "recon.zarr")
     cfg = _cfg(exclude_sinks=True, seq_len=SEQ)
     _first_layer(act, recon, cfg)
-    full = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
-    skipped = fit.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES, cfg.skipped_tokens)
+    full = staged.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES)
+    skipped = staged.layer_stats_keys(str(act), recon, 1, 0, 0, SAMPLES, cfg.skipped_tokens)
     assert cfg.skipped_tokens == cfg.cache.sinks == 4
     assert full.count == SAMPLES * SEQ and skipped.count == SAMPLES * (SEQ - 4)
     assert cfg.fit_digest() != cfg.model_copy(update={"exclude_sinks": False}).fit_digest()

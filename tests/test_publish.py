@@ -24,8 +24,8 @@ from aquakv.errors import (
 )
 from aquakv.predictors import Predictor
 from aquakv.registry import STALE_AFTER_S, load_bundle, pull, version_key
-from pipeline.fit import residual_quantizers
 from pipeline.publish import publish
+from pipeline.solve import residual_quantizers
 
 FINGERPRINT = {"architecture": "LlamaForCausalLM", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16,
                "hidden_size": 64, "rope_theta": 10000.0, "weight_probe": [0.0] * 32}

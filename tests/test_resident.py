@@ -13,11 +13,13 @@ import zarr
 
 from aquakv.config import CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
-from pipeline.chain import fit_chain, saved_layer, shards_call
+from pipeline.chain import fit_chain, saved_layer, shard_ranges, shards_call
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import KINDS, collect_shard, layer_complete, open_activations, read_activations
-from pipeline.fit import fit_all, load_fits, shard_ranges, zarr_shards
+from pipeline.fit import fit_all
 from pipeline.resident import ResidentShard
+from pipeline.staged import zarr_shards
+from pipeline.store import load_fits
 from pipeline.testing import poison_values, write_tiny_llama
 
 LAYERS, SAMPLES, SEQ = 3, 5, 48
@@ -172,7 +174,7 @@ def test_fitted_grids_and_sinks_out_equal_staged(assets: dict, tmp_path: Path) -
 
 
 def test_one_two_and_four_workers_fit_the_same_bits(assets: dict, tmp_path: Path) -> None:
-    """Statistics are summed per sample in a fixed tree (pipeline.fit.PairwiseSum): shards that are aligned
+    """Statistics are summed per sample in a fixed tree (pipeline.stats.PairwiseSum): shards that are aligned
     power-of-two blocks of samples give bit-identical predictors, staged and resident alike (the bundle of 2 GPUs
     equals the bundle of 1)."""
     ckpt = Checkpoint(assets["model"])
@@ -262,7 +264,7 @@ def test_a_broken_saved_state_is_refused_or_ignored(assets: dict, tmp_path: Path
 
 
 def _fit_codec(cfg: CalibrationConfig, layer: int, shard: ResidentShard):
-    from pipeline.fit import solve_layer
+    from pipeline.solve import solve_layer
 
     return solve_layer(cfg, layer, None if layer == 0 else layer - 1, lambda: shard.key_stats(layer),
                        lambda partial: shard.value_stats(layer, partial), None)
