@@ -292,7 +292,7 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
     q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
-    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(64, 4, 4)])]
+    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)])]
     if rank <= MAX_PROJECTED_RANK:
         variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
     for projected, cols, configs in variants:

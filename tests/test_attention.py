@@ -158,10 +158,10 @@ def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
 
 
 @pytest.mark.parametrize("ranks,want", [((16, 40), (True, 128)), ((None, 16), (False, 1024)),
-                                        ((128, 16), (False, 1024))])
+                                        ((128, 16), (True, 256)), ((256, 16), (False, 1024))])
 def test_scratch_hand_on_is_projected_only_for_low_rank_predictors(ranks, want):
     """The fused path hands layer l+1 only its low-rank projections of layer l's reconstruction (the widest layer's
-    RK + RV columns, ranks padded to powers of two) when every predictor has rank <= 64; else the whole ``[K̂ | V̂]``."""
+    RK + RV columns, ranks padded to powers of two) when every predictor has rank <= 128; else the whole ``[K̂ | V̂]``."""
     from aquakv.codec import LayerCodec, gaussian_residual
     from aquakv.kernels.decode import handoff
     from aquakv.predictors import Predictor

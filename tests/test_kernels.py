@@ -282,7 +282,7 @@ def check_fused_layers(cache: AquaKVCache, kv_heads: int, head_dim: int, q_len: 
 
 
 @pytest.mark.parametrize("rank,head_dim,kv_heads,q_len", [(None, 128, 2, 1), (24, 128, 2, 3), (None, 64, 3, 2),
-                                                         (40, 64, 2, 1), (256, 128, 8, 1)])
+                                                         (40, 64, 2, 1), (128, 128, 8, 1), (256, 128, 8, 1)])
 def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim, kv_heads, q_len):
     cache = synthetic_cache(2, kv_heads, head_dim, 3, 150, 5, torch.bfloat16, rank=rank)
     check_fused_layers(cache, kv_heads, head_dim, q_len, 150)

@@ -25,9 +25,11 @@ if HAS_TRITON:
     from aquakv.kernels.jit import _decode_attention_kernel, _exact_merge_kernel
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
-# Highest predictor rank of the projected hand-on: at rank 128 its [tile, rank] accumulators spill and the pipelined
-# kernel needs more shared memory than an H100 / H200 SM has (244 KB at 64-token tiles, 2026-11-26).
-MAX_PROJECTED_RANK = 64
+# Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
+# (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.304 / 2.390 ms at batch 1 / 8 against
+# 0.344 / 2.687 with the full hand-on; rank 256 projected 0.832 / 6.685 against 0.604 / 4.786 (its [tile, rank]
+# accumulators spill: 376 spilled registers against 222).
+MAX_PROJECTED_RANK = 128
 
 
 def scratch_dtype(settings: KernelSettings) -> torch.dtype:

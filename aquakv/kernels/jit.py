@@ -420,9 +420,7 @@ def _decode_attention_kernel(
         if KPRED == 2:
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
                              tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
-        if VPRED == 2:  # the value predictor's input projection, V̂_{l-1} part first (before it is overwritten)
-            zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK,
-                             tl.zeros((BT, RV), tl.float32), INTERP)
+        tl.debug_barrier()  # every warp has read K̂_{l-1} before any overwrites it with K̂_l
     kd = cur_ptr.dtype.element_ty if not PROJ else q_ptr.dtype.element_ty  # K̂, V̂ tiles: scratch / model dtype
     nk = tl.zeros((BT, RK2 if RK2 > 0 else 16), tl.float32)  # K̂_l @ a^K_{l+1}
     for h in range(H):
@@ -438,9 +436,9 @@ def _decode_attention_kernel(
         kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, rows, tmask,
                                      kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
                                      INTERP).to(kd)
-        if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
-            zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
         if PROJ:
+            if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
+                zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
             if RK2 > 0:
                 nk = _head_times(kl, kh, ka2_ptr, c0, RK2, HB, nk, INTERP)
         else:
@@ -476,8 +474,13 @@ def _decode_attention_kernel(
                      mask=tmask[:, None])
 
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
-    if VPRED == 2:  # complete: only its bf16 operand is needed from here on (half the registers of fp32)
-        zv = zv.to(vup_ptr.dtype.element_ty)
+    if VPRED == 2:
+        if not PROJ:  # [K̂_l | V̂_{l-1}] @ a from the scratch: no [BT, RV] accumulator live through pass 1
+            zv = _rows_times(cur_ptr, srow, tmask, va_ptr, RV, 0, 0, DM, BT, RV, BK, tl.zeros((BT, RV), tl.float32),
+                             INTERP)
+            zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK, zv, INTERP)
+            tl.debug_barrier()  # every warp has read V̂_{l-1} before any overwrites it with V̂_l
+        zv = zv.to(vup_ptr.dtype.element_ty)  # complete: only its bf16 operand is needed from here on
     nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
     for h in range(H):
         c0 = h * HD
