@@ -16,7 +16,6 @@ done), so a later re-fit with other quantizer settings can use the staged fit wi
 """
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,27 +25,14 @@ import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from aquakv.codec import LayerCodec, encode
-from aquakv.errors import CalibrationError, NonFiniteError
+from aquakv.codec import LayerCodec
+from aquakv.errors import CalibrationError
 from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
+from pipeline import stats
 from pipeline.chain import ShardShape
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
-from pipeline.stats import (
-    SUMS,
-    PairwiseSum,
-    add_samples,
-    encode_with_errors,
-    grid_stride,
-    keep_rows,
-    kept_rows,
-    residual_units,
-    row_batches,
-    to_cpu,
-)
-
-log = logging.getLogger(__name__)
 
 
 def _device(device: str) -> torch.device:
@@ -123,7 +109,7 @@ class ResidentShard:
         return slice((a - self.start) * self.seq_len, (b - self.start) * self.seq_len)
 
     def _batches(self) -> list[tuple[int, int]]:
-        return list(row_batches(self.start, self.stop, self.seq_len))  # the staged fit's row batches
+        return list(stats.row_batches(self.start, self.stop, self.seq_len))  # the staged fit's row batches
 
     def _expect(self, what: str, layer: int, have: int, need: int) -> None:
         if have != need:
@@ -214,7 +200,7 @@ class ResidentShard:
         return prev["keys"][rows], prev["values"][rows]
 
     def _mask(self, a: int, b: int, skip: int) -> torch.Tensor | None:
-        return kept_rows(b - a, self.seq_len, skip, self.device)
+        return stats.kept_rows(b - a, self.seq_len, skip, self.device)
 
     @torch.no_grad()
     def key_stats(self, layer: int, skip: int = 0) -> RidgeStats:
@@ -222,11 +208,11 @@ class ResidentShard:
         t0 = time.perf_counter()
         self._expect("key_stats", layer, self.kv_layer, layer)
         self._expect_prev("key_stats", layer)
-        total = PairwiseSum()
+        total = stats.PairwiseSum()
         for a, b in self._batches():
-            x, y = keep_rows(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
-            add_samples(total, x, y, b - a, layer, "keys", a)
-        total = to_cpu(total.total())
+            x, y = stats.keep_rows(self._mask(a, b, skip), self._prev(layer, a, b)[0], self._kv("keys", a, b))
+            stats.add_samples(total, x, y, b - a, layer, "keys", a)
+        total = stats.to_cpu(total.total())
         self._timed("key_stats", t0)
         return total
 
@@ -238,16 +224,12 @@ class ResidentShard:
         self._expect("value_stats", layer, self.kv_layer, layer)
         self._expect_prev("value_stats", layer)
         key_only = codec.key_part().to(self.device)
-        total = PairwiseSum()
+        total = stats.PairwiseSum()
         for a, b in self._batches():
-            keys, values, *prev = keep_rows(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
-                                        *self._prev(layer, a, b))
-            try:
-                _, (keys_hat, _) = encode(keys, values, prev, key_only)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-            add_samples(total, LayerCodec.value_inputs(keys_hat, prev[1]), values, b - a, layer, "values", a)
-        total = to_cpu(total.total())
+            keys, values, *prev = stats.keep_rows(self._mask(a, b, skip), self._kv("keys", a, b),
+                                                  self._kv("values", a, b), *self._prev(layer, a, b))
+            stats.add_value_samples(total, keys, values, prev, key_only, b - a, layer, a)
+        total = stats.to_cpu(total.total())
         self._timed("value_stats", t0)
         return total
 
@@ -259,13 +241,13 @@ class ResidentShard:
         self._expect("grid_samples", layer, self.kv_layer, layer)
         self._expect_prev("grid_samples", layer)
         config = (codec.keys if kind == "keys" else codec.values).config
-        stride = grid_stride((self.stop - self.start) * (self.seq_len - skip), self.kv_dim, config, vectors)
+        stride = stats.grid_stride((self.stop - self.start) * (self.seq_len - skip), self.kv_dim, config, vectors)
         codec, parts = codec.to(self.device), []
         for a, b in self._batches():
             prev = self._prev(layer, a, b) if self.preds[layer] is not None else ()
-            keys, values, *prev = keep_rows(self._mask(a, b, skip), self._kv("keys", a, b), self._kv("values", a, b),
-                                        *prev)
-            parts.append(residual_units(keys, values, tuple(prev) or None, codec, kind, stride, seed=a))
+            keys, values, *prev = stats.keep_rows(self._mask(a, b, skip), self._kv("keys", a, b),
+                                                  self._kv("values", a, b), *prev)
+            parts.append(stats.residual_units(keys, values, tuple(prev) or None, codec, kind, stride, seed=a))
         self._timed("grid_samples", t0)
         return torch.cat(parts)
 
@@ -286,12 +268,12 @@ class ResidentShard:
         else:
             out = self.recon.pop(prev_layer)  # invalid (held by no layer) until every batch is done
             self.recon[-1] = out
-        sums = dict.fromkeys(SUMS, 0.0)
+        sums = dict.fromkeys(stats.SUMS, 0.0)
         for a, b in self._batches():
             rows = self._rows(a, b)
             prev = None if prev_layer is None else (out["keys"][rows], out["values"][rows])
             keys, values = self._kv("keys", a, b), self._kv("values", a, b)
-            keys_hat, values_hat = encode_with_errors(keys, values, prev, codec, sums,
+            keys_hat, values_hat = stats.encode_with_errors(keys, values, prev, codec, sums,
                                                       f"layer {layer}, samples [{a}, {b})")
             out["keys"][rows] = keys_hat
             out["values"][rows] = values_hat

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import zarr
 
-from aquakv.codec import LayerCodec, encode
+from aquakv.codec import LayerCodec
 from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.predictors import RidgeStats
 from pipeline.chain import ShardShape, shard_ranges
@@ -25,6 +25,7 @@ from pipeline.stats import (
     PairwiseSum,
     accumulate,
     add_samples,
+    add_value_samples,
     encode_with_errors,
     grid_stride,
     keep_rows,
@@ -53,23 +54,16 @@ def layer_stats_keys(act_path: str, recon_path: str, layer: int, prev: int, star
 
 def layer_stats_values(act_path: str, recon_path: str, layer: int, prev: int, start: int, stop: int,
                        codec: LayerCodec, skip: int = 0, device: str = "cpu") -> RidgeStats:
-    """Value predictor statistics: X = [K̂_l, V̂_prev] ``[N, 2D]``, Y = V_l ``[N, D]``.
-
-    K̂_l comes from :func:`aquakv.codec.encode` with ``codec``'s key predictor and quantizer (its value
-    predictor is ignored), exactly as :func:`reconstruct_shard` will produce it.
-    """
+    """Value predictor statistics of samples ``[start, stop)``: X = [K̂_l, V̂_prev] ``[N, 2D]``, Y = V_l ``[N, D]``
+    (:func:`pipeline.stats.add_value_samples`, K̂_l from ``codec``'s key part)."""
     act, rec = zarr.open_group(act_path, mode="r"), zarr.open_group(recon_path, mode="r")
-    key_only = codec.key_part()
+    key_only = codec.key_part().to(device)
     seq_len = act[f"keys/{layer}"].shape[1]
     total = PairwiseSum()
     for a, b in row_batches(start, stop, seq_len):
         rows = [read_rows(g, kind, i, a, b, device) for g, i in ((act, layer), (rec, prev)) for kind in KINDS]
         keys, values, *prev_kv = keep_rows(kept_rows(b - a, seq_len, skip, device), *rows)
-        try:
-            _, (keys_hat, _) = encode(keys, values, prev_kv, key_only.to(device))
-        except NonFiniteError as e:
-            raise NonFiniteError(f"layer {layer} keys, samples [{a}, {b}): {e}") from e
-        add_samples(total, LayerCodec.value_inputs(keys_hat, prev_kv[1]), values, b - a, layer, "values", a)
+        add_value_samples(total, keys, values, prev_kv, key_only, b - a, layer, a)
     return to_cpu(total.total())
 
 

@@ -89,6 +89,19 @@ def add_samples(total: PairwiseSum, x: torch.Tensor, y: torch.Tensor, samples: i
         total.add(sample_stats(x[rows], y[rows], layer, kind, (start + i, start + i + 1)))
 
 
+def add_value_samples(total: PairwiseSum, keys: torch.Tensor, values: torch.Tensor,
+                      prev: tuple[torch.Tensor, torch.Tensor], key_codec: LayerCodec, samples: int, layer: int,
+                      start: int) -> None:
+    """Value predictor statistics of one row batch ``[N, D]`` added per sample: K̂_l encoded with ``key_codec`` (its
+    key part, :meth:`LayerCodec.key_part`, exactly as the reconstruction will make it), X = [K̂_l, V̂_p] ``[N, 2D]``
+    (:meth:`LayerCodec.value_inputs`), Y = V_l."""
+    try:
+        _, (keys_hat, _) = encode(keys, values, prev, key_codec)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"layer {layer} keys, samples [{start}, {start + samples}): {e}") from e
+    add_samples(total, LayerCodec.value_inputs(keys_hat, prev[1]), values, samples, layer, "values", start)
+
+
 def kept_rows(samples: int, seq_len: int, skip: int, device: str | torch.device = "cpu") -> torch.Tensor | None:
     """Row mask ``[samples * seq_len]`` leaving out each sample's first ``skip`` tokens (None: keep all)."""
     if skip == 0:
