@@ -148,16 +148,17 @@ def test_low_rank_factors():
 
 
 def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, tokens: int, window: int,
-                    dtype: torch.dtype, rank: int | None = None, seed: int = 0,
+                    dtype: torch.dtype, rank: int | tuple[int, ...] | None = None, seed: int = 0,
                     settings: KernelSettings | None = None) -> AquaKVCache:
-    """An AQUA-KV cache filled directly with random codes (4-bit layer 0, 2-bit others) and random predictors."""
+    """An AQUA-KV cache filled directly with random codes (4-bit layer 0, 2-bit others) and random predictors
+    (``rank``: of every layer's, or a tuple: layer ``i``'s is ``rank[i - 1]``)."""
     gen = torch.Generator().manual_seed(seed)
     d = kv_heads * head_dim
     cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4 * kv_heads, num_key_value_heads=kv_heads,
                       head_dim=head_dim, num_hidden_layers=layers, vocab_size=16, intermediate_size=64)
     rotary = LlamaRotaryEmbedding(cfg).to(DEV)
 
-    def predictor(d_in: int) -> Predictor:
+    def predictor(d_in: int, rank: int | None) -> Predictor:
         if rank:
             w = torch.randn(d_in, rank, generator=gen) @ torch.randn(rank, d, generator=gen) / (d_in * rank) ** 0.5
         else:
@@ -169,7 +170,8 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
         q = QuantizerConfig(dim=2, size=256 if i == 0 else 16, group_size=64)
         codec = LayerCodec(gaussian_residual(q, 2 * i), gaussian_residual(q, 2 * i + 1))
         if i:
-            codec.key_predictor, codec.value_predictor = predictor(d), predictor(2 * d)
+            r = rank[i - 1] if isinstance(rank, tuple) else rank
+            codec.key_predictor, codec.value_predictor = predictor(d, r), predictor(2 * d, r)
         codecs.append(codec)
     cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=settings or KernelSettings())
     for layer, codec in zip(cache.layers, codecs, strict=True):
@@ -282,7 +284,8 @@ def check_fused_layers(cache: AquaKVCache, kv_heads: int, head_dim: int, q_len: 
 
 
 @pytest.mark.parametrize("rank,head_dim,kv_heads,q_len", [(None, 128, 2, 1), (24, 128, 2, 3), (None, 64, 3, 2),
-                                                         (40, 64, 2, 1), (128, 128, 8, 1), (256, 128, 8, 1)])
+                                                         (40, 64, 2, 1), (128, 128, 8, 1), (256, 128, 8, 1),
+                                                         ((256, 16), 128, 8, 1)])
 def test_fused_attention_and_scratch_handoff_match_the_reference(rank, head_dim, kv_heads, q_len):
     cache = synthetic_cache(2, kv_heads, head_dim, 3, 150, 5, torch.bfloat16, rank=rank)
     check_fused_layers(cache, kv_heads, head_dim, q_len, 150)
