@@ -56,6 +56,9 @@ CONFIGS: dict[str, dict] = {
     "aquakv-d4-k2.25v2": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256}},
     "aquakv-d4-k2.25v2-fitted-nosinks": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
                                          "grids": "fitted", "exclude_sinks": True},
+    # the per-layer rank budget regularizes the predictors (rb0.1 was the best Britannica row of predictor-ranks.md)
+    "aquakv-d4-k2.25v2-rb0.1": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
+                                "predictor_rank_budget": 0.1},
     "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
                                          "exclude_sinks": True},
 }
