@@ -11,7 +11,8 @@ steps), **wall ms** = CUDA events around ``model(...)`` (median). Quality is not
 
 Sections: ``ceilings`` (copy bandwidth, bf16 matmul), ``sweep`` (the decode kernel alone: scratch hand-on and launch
 configs), ``layer`` (one layer: flash SDPA over bf16 KV vs AQUA-KV's fused attention vs reconstruct-then-SDPA),
-``e2e`` (decode steps), ``budget`` (tokens/s at a fixed KV-memory budget). The ``layer`` section also times the
+``e2e`` (decode steps), ``budget`` (tokens/s at a fixed KV-memory budget), ``host`` (``cProfile`` of batch-1 steps:
+where the host time of an uncaptured step goes). The ``layer`` section also times the
 fused attention's kernels as one CUDA-graph replay (**graph ms**: no launch gaps).
 """
 
@@ -429,6 +430,46 @@ def e2e(args, model, settings: KernelSettings, records: list, save, result: dict
                 save()
 
 
+def host_profile(args, model, settings: KernelSettings, result: dict, save) -> None:
+    """Where a batch-1 step's host (CPU) time goes: ``cProfile`` over 10 decode steps per cache at the first context
+    (the wall time of an uncaptured step is host-bound at batch 1; the GPU time is the e2e section's)."""
+    import cProfile
+    import pstats
+
+    context, out = args.contexts[0], []
+    for kind in args.caches:
+        cache = None
+        try:
+            free()
+            cache, _, _ = make_cache(kind, model, 1, context, args.window, settings)
+            decode_steps(model, cache, 1, context, 3, 1, 1)  # warm: compiled kernels, scratch, cached operands
+            ids = torch.randint(0, model.config.vocab_size, (1, 1), device=DEV)
+            prof = cProfile.Profile()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prof.enable()
+            with torch.no_grad():
+                for _ in range(10):
+                    model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+                torch.cuda.synchronize()
+            prof.disable()
+            ms = (time.perf_counter() - t0) * 100  # per step (ms)
+            stats = pstats.Stats(prof)
+            rows = sorted(((f"{Path(fn).name}:{line}({name})", st[2] / 10 * 1e3, st[3] / 10 * 1e3, st[1] / 10)
+                           for (fn, line, name), st in stats.stats.items()), key=lambda r: -r[1])
+            out.append({"cache": kind, "context": context, "host_ms_per_step": ms,
+                        "top_self": rows[:25], "top_cumulative": sorted(rows, key=lambda r: -r[2])[:40]})
+            log("host", kind, f"{ms:.2f} ms/step;", ", ".join(f"{r[0]} {r[1]:.2f}" for r in rows[:8]))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            out.append({"cache": kind, "error": f"{type(e).__name__}: {e}"[:400]})
+        finally:
+            del cache
+            free()
+        result["host"] = out
+        save()
+
+
 def budget(args, model, settings: KernelSettings, result: dict, save) -> None:
     """Tokens/s at a fixed KV budget with 32k contexts: as many sequences as fit (KV bytes + AQUA-KV's scratch)."""
     context = 32768
@@ -537,13 +578,15 @@ def main() -> None:
             free()
             save()
     model = None
-    if "e2e" in args.sections or "budget" in args.sections:
+    if {"e2e", "budget", "host"} & set(args.sections):
         model = build_model(args.layers)
         log(f"model: {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
     if "e2e" in args.sections:
         e2e(args, model, settings, result["records"], save, result)
     if "budget" in args.sections:
         budget(args, model, settings, result, save)
+    if "host" in args.sections:
+        host_profile(args, model, settings, result, save)
     save()
     print(f"{'cache':14s} {'ctx':>6s} {'B':>2s} {'GPU ms':>8s} {'wall ms':>8s} {'KV MB':>9s}")
     for r in result["records"]:

@@ -535,29 +535,33 @@ def _exact_merge_kernel(
     mask_ptr, m_sb, m_sq, m_sk, m_thr,
     po_ptr, plse_ptr, out_ptr,
     TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
-    HD: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    HD: tl.constexpr, DC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """One query row ``(b, hq, qi)``: attention to the ``TE`` exact keys / values ``[B, Hkv, TE, HD]`` of its KV head
     (``[sinks | window]``; mask column of exact token ``t``: ``t`` for a sink, ``t + C`` after the ``C`` compressed
     tokens), merged with the ``NT`` normalized tile partials ``po [B, HQ, QLEN, NT, HD]`` / ``plse`` (natural log) of
     the compressed tokens -> ``out [B, QLEN, HQ, HD]`` in ``out``'s dtype. Mask: ``mask[b, qi, col] > m_thr``
-    (``HAS_MASK``), else causal inside the new tokens (``CAUSAL``), else every key."""
+    (``HAS_MASK``), else causal inside the new tokens (``CAUSAL``), else every key. Each program writes ``DC`` of
+    the ``HD`` output columns (program axis 1): the scores need the whole head, the values and partials only those
+    columns, so ``HD / DC`` programs share a row's reads (one program per row used 32 SMs at batch 1)."""
     row = tl.program_id(0)  # (b * HQ + hq) * QLEN + qi: the partials' row
     qi = row % QLEN
     hq = (row // QLEN) % HQ
     b = row // (QLEN * HQ)
     d = tl.arange(0, HD)
+    dc = tl.program_id(1) * DC + tl.arange(0, DC)  # this program's output columns
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + hq * q_sh + qi * q_st + d).to(tl.float32) * scale_log2
     m_i = tl.full((1,), float("-inf"), tl.float32)
     l_i = tl.zeros((1,), tl.float32)
-    acc = tl.zeros((HD,), tl.float32)
+    acc = tl.zeros((DC,), tl.float32)
     h = hq // GQ
     for t0 in range(0, TE, BE):
         t = t0 + tl.arange(0, BE)
         tm = t < TE
         k = tl.load(k_ptr + b.to(tl.int64) * k_sb + h * k_sh + t[:, None] * k_st + d[None, :], mask=tm[:, None],
                     other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + b.to(tl.int64) * v_sb + h * v_sh + t[:, None] * v_st + d[None, :], mask=tm[:, None],
+        v = tl.load(v_ptr + b.to(tl.int64) * v_sb + h * v_sh + t[:, None] * v_st + dc[None, :], mask=tm[:, None],
                     other=0.0).to(tl.float32)
         col = tl.where(t < SINKS, t, t + C)
         if HAS_MASK:
@@ -572,7 +576,7 @@ def _exact_merge_kernel(
         nm = n < NT
         part = row.to(tl.int64) * NT + n
         lse = tl.load(plse_ptr + part, mask=nm, other=float("-inf")) * LOG2E
-        o = tl.load(po_ptr + part[:, None] * HD + d[None, :], mask=nm[:, None], other=0.0)
+        o = tl.load(po_ptr + part[:, None] * HD + dc[None, :], mask=nm[:, None], other=0.0)
         m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, lse, o)
     out = tl.where(l_i > 0, acc / l_i, 0.0)
-    tl.store(out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + dc, out.to(out_ptr.dtype.element_ty))
