@@ -410,6 +410,35 @@ def _shared_name(tensors: dict[str, torch.Tensor], prefix: str, value: torch.Ten
                  and torch.equal(t, value)), default)
 
 
+def encode_layer(i: int, codec: LayerCodec, grids: dict[str, torch.Tensor],
+                 predictors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Layer ``i``'s manifest entry; its grids / signs go into ``grids`` (an equal tensor already there is referenced,
+    not stored again) and its predictors into ``predictors``, under the bundle's tensor names. The calibration's
+    per-layer files use it too (:func:`pipeline.store.save_codec`): one codec format."""
+    entry: dict[str, Any] = {}
+    for kind, r, p in (("keys", codec.keys, codec.key_predictor), ("values", codec.values, codec.value_predictor)):
+        grid, signs = r.grid.float().cpu().contiguous(), r.signs.float().cpu().contiguous()
+        e = {**r.config.model_dump(), "grid": _shared_name(grids, "grid.", grid, f"grid.layers.{i}.{kind}"),
+             "signs": _shared_name(grids, "signs.", signs, f"signs.layers.{i}.{kind}")}  # each layer its own
+        grids[e["grid"]], grids[e["signs"]] = grid, signs
+        e["predictor"] = None if p is None else list(p.weight.shape)
+        if p is not None:
+            predictors[f"layers.{i}.{kind}.weight"] = p.weight.float().cpu().contiguous()
+            predictors[f"layers.{i}.{kind}.bias"] = p.bias.float().cpu().contiguous()
+        entry[kind] = e
+    return entry
+
+
+def decode_layer(i: int, entry: dict, grids: dict[str, torch.Tensor], predictors: dict[str, torch.Tensor],
+                 where: str) -> LayerCodec:
+    """Layer ``i``'s codec from its manifest entry and tensors, every field and shape checked (the inverse of
+    :func:`encode_layer`); a malformed entry raises a one-line :class:`BundleFormatError`."""
+    if not isinstance(entry, dict) or set(entry) != {"keys", "values"}:
+        raise BundleFormatError(f"{where}: layer {i} entry must hold exactly 'keys' and 'values'; {_REFUSED}")
+    (kr, kp), (vr, vp) = (_codec_part(i, kind, entry[kind], grids, predictors, where) for kind in ("keys", "values"))
+    return LayerCodec(kr, vr, kp, vp)
+
+
 def encode_bundle(
     codecs: list[LayerCodec],
     cache: CacheConfig,
@@ -422,20 +451,7 @@ def encode_bundle(
     """Serialize a bundle to ``{filename: bytes}`` (manifest last, holding every other file's SHA-256)."""
     grids: dict[str, torch.Tensor] = {}
     predictors: dict[str, torch.Tensor] = {}
-    layers = []
-    for i, codec in enumerate(codecs):
-        entry: dict[str, Any] = {}
-        for kind, r, p in (("keys", codec.keys, codec.key_predictor), ("values", codec.values, codec.value_predictor)):
-            grid, signs = r.grid.float().cpu().contiguous(), r.signs.float().cpu().contiguous()
-            e = {**r.config.model_dump(), "grid": _shared_name(grids, "grid.", grid, f"grid.layers.{i}.{kind}"),
-                 "signs": _shared_name(grids, "signs.", signs, f"signs.layers.{i}.{kind}")}  # each layer its own
-            grids[e["grid"]], grids[e["signs"]] = grid, signs
-            e["predictor"] = None if p is None else list(p.weight.shape)
-            if p is not None:
-                predictors[f"layers.{i}.{kind}.weight"] = p.weight.float().cpu().contiguous()
-                predictors[f"layers.{i}.{kind}.bias"] = p.bias.float().cpu().contiguous()
-            entry[kind] = e
-        layers.append(entry)
+    layers = [encode_layer(i, codec, grids, predictors) for i, codec in enumerate(codecs)]
     files = {PREDICTORS: save_safetensors(predictors) if predictors else save_safetensors({"empty": torch.zeros(0)}),
              GRIDS: save_safetensors(grids)}
     manifest = {
@@ -501,11 +517,7 @@ def decode_bundle(files: dict[str, bytes], where: str = "bundle") -> Bundle:
         verify_file(manifest, name, files[name], where)
     grids = _load_tensors(files[GRIDS], GRIDS, where)
     predictors = _load_tensors(files[PREDICTORS], PREDICTORS, where)
-    codecs = []
-    for i, entry in enumerate(manifest["layers"]):
-        (kr, kp), (vr, vp) = (_codec_part(i, kind, entry[kind], grids, predictors, where)
-                              for kind in ("keys", "values"))
-        codecs.append(LayerCodec(kr, vr, kp, vp))
+    codecs = [decode_layer(i, entry, grids, predictors, where) for i, entry in enumerate(manifest["layers"])]
     return Bundle(codecs, CacheConfig(**manifest["cache"]), manifest)
 
 

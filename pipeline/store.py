@@ -6,9 +6,9 @@ one chunk per sample (float32/float16, or uint16 bit patterns with ``attrs["dtyp
 Workdir layout::
 
     recon.zarr/{keys,values}/{l}        K̂_l, V̂_l float32, same shape and chunks as the activations (Zarr shards)
-    fit/{l}.safetensors                 layer l's grids, Hadamard signs and predictors
-    fit/{l}.json                        quantizer configs, metrics, config digest, tensor file SHA-256
-                                        (written last: the layer is done once it exists)
+    fit/{l}.safetensors                 layer l's grids, Hadamard signs and predictors (the bundle's tensor names)
+    fit/{l}.json                        its bundle manifest entry, predictor ranks, metrics, config digest,
+                                        tensor file SHA-256 (written last: the layer is done once it exists)
     fit/solved-{l}.{safetensors,json}   parallel mode: the solved codecs, before the reconstruction pass
     fit/budget.json                     a bit budget's allocation
 
@@ -27,15 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from zarr.errors import ContainsArrayError
 
-from aquakv.codec import LayerCodec, Residual
-from aquakv.config import CalibrationConfig, QuantizerConfig
-from aquakv.errors import CalibrationError
+from aquakv.bundle import decode_layer, encode_layer
+from aquakv.codec import LayerCodec
+from aquakv.config import CalibrationConfig
+from aquakv.errors import AquaKVError, CalibrationError
 from aquakv.family import predecessors
-from aquakv.predictors import Predictor
 from pipeline.solve import KINDS, LayerFit
 
 RECON_STORE = "recon.zarr"
@@ -134,19 +136,16 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_codec(stem: Path, codec: LayerCodec, info: dict[str, Any]) -> None:
-    """Write ``stem.safetensors`` (tensors) then ``stem.json`` (configs, ``info``, tensor SHA-256), atomically."""
-    tensors: dict[str, torch.Tensor] = {}
+    """Write ``stem.safetensors`` (tensors) then ``stem.json`` (``info``, the layer's bundle manifest entry, tensor
+    SHA-256), atomically. The format is the bundle's (:func:`aquakv.bundle.encode_layer`: the same entry and tensor
+    names, as layer 0 of a bundle), so publishing re-encodes nothing new and loading validates like a bundle."""
+    grids: dict[str, torch.Tensor] = {}
+    predictors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = dict(info)
-    for kind, residual, predictor in (("keys", codec.keys, codec.key_predictor),
-                                      ("values", codec.values, codec.value_predictor)):
-        tensors[f"{kind}.grid"] = residual.grid.detach().float().cpu().clone()
-        tensors[f"{kind}.signs"] = residual.signs.detach().float().cpu().clone()
-        if predictor is not None:
-            tensors[f"{kind}.weight"] = predictor.weight.detach().float().cpu().clone()
-            tensors[f"{kind}.bias"] = predictor.bias.detach().float().cpu().clone()
-        meta[kind] = {"quantizer": residual.config.model_dump(), "predictor": predictor is not None,
-                      "rank": None if predictor is None else predictor.rank}
-    blob = save_safetensors(tensors)
+    meta["entry"] = encode_layer(0, codec, grids, predictors)
+    meta["rank"] = {kind: None if p is None else p.rank for kind, p in (("keys", codec.key_predictor),
+                                                                         ("values", codec.value_predictor))}
+    blob = save_safetensors({**grids, **predictors})
     meta["sha256"] = hashlib.sha256(blob).hexdigest()
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(stem.with_name(stem.name + ".safetensors"), blob)
@@ -160,17 +159,19 @@ def load_codec(stem: Path, digest: str) -> tuple[LayerCodec, dict[str, Any]] | N
         blob = stem.with_name(stem.name + ".safetensors").read_bytes()
     except (OSError, ValueError):
         return None
-    if meta.get("digest") != digest or meta.get("sha256") != hashlib.sha256(blob).hexdigest():
+    if (not isinstance(meta, dict) or meta.get("digest") != digest
+            or meta.get("sha256") != hashlib.sha256(blob).hexdigest()):
         return None
-    tensors = load_safetensors(blob)
-    parts = []
-    for kind in KINDS:
-        residual = Residual(QuantizerConfig(**meta[kind]["quantizer"]), tensors[f"{kind}.grid"],
-                            tensors[f"{kind}.signs"])
-        predictor = (Predictor(tensors[f"{kind}.weight"], tensors[f"{kind}.bias"], meta[kind].get("rank"))
-                     if meta[kind]["predictor"] else None)
-        parts.append((residual, predictor))
-    return LayerCodec(parts[0][0], parts[1][0], parts[0][1], parts[1][1]), meta
+    try:
+        tensors = load_safetensors(blob)
+        codec = decode_layer(0, meta["entry"], tensors, tensors, str(stem))
+    except (AquaKVError, ValidationError, SafetensorError, KeyError, TypeError, ValueError):
+        return None  # an older format or a damaged file: the layer is fitted again
+    ranks = meta.get("rank") if isinstance(meta.get("rank"), dict) else {}
+    for p, kind in ((codec.key_predictor, "keys"), (codec.value_predictor, "values")):
+        if p is not None and isinstance(ranks.get(kind), int):
+            p.rank = ranks[kind]
+    return codec, meta
 
 
 def load_fits(workdir: str | os.PathLike, cfg: CalibrationConfig, num_layers: int) -> list[LayerFit]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +217,40 @@ def test_resume_loads_finished_layers(tmp_path: Path) -> None:
     fit.fit_all(act, work, _cfg(values=QuantizerConfig(dim=2, size=64, group_size=32)), map_fn=_counting_map(calls),
                 progress=False)
     assert calls.count("reconstruct") == LAYERS
+
+
+def test_saved_layers_are_in_the_bundle_format_and_checked_like_bundles(tmp_path: Path) -> None:
+    """fit/{l} holds a bundle manifest entry and the bundle's tensor names: decoding it with the bundle's own
+    decoder gives the fitted codec, and a layer file whose tensors a bundle would refuse (Hadamard signs not ±1,
+    behind a matching SHA-256) is fitted again rather than used."""
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    from aquakv.bundle import decode_layer
+    from pipeline.store import load_codec
+
+    act = tmp_path / "act.zarr"
+    write_store(act)
+    work, cfg = tmp_path / "work", _cfg()
+    first = fit.fit_all(act, work, cfg, progress=False, num_shards=2)
+    stem = work / "fit" / "1"
+    meta = json.loads(stem.with_name("1.json").read_text())
+    tensors = load_safetensors(stem.with_name("1.safetensors").read_bytes())
+    codec = decode_layer(0, meta["entry"], tensors, tensors, "test")
+    torch.testing.assert_close(codec.value_predictor.weight, first[1].codec.value_predictor.weight)
+    torch.testing.assert_close(codec.keys.grid, first[1].codec.keys.grid)
+    assert load_codec(stem, cfg.fit_digest())[0].key_predictor.rank == first[1].codec.key_predictor.rank
+
+    tensors[meta["entry"]["keys"]["signs"]] = tensors[meta["entry"]["keys"]["signs"]] * 2
+    blob = save_safetensors(tensors)
+    stem.with_name("1.safetensors").write_bytes(blob)
+    meta["sha256"] = hashlib.sha256(blob).hexdigest()
+    stem.with_name("1.json").write_text(json.dumps(meta))
+    assert load_codec(stem, cfg.fit_digest()) is None
+    calls: list[str] = []
+    again = fit.fit_all(act, work, cfg, map_fn=_counting_map(calls), progress=False, num_shards=2)
+    assert calls.count("reconstruct") == LAYERS - 1  # layer 1 and its successors
+    torch.testing.assert_close(again[1].codec.keys.signs, first[1].codec.keys.signs)
 
 
 def test_parallel_resume(tmp_path: Path) -> None:
