@@ -59,6 +59,9 @@ CONFIGS: dict[str, dict] = {
     # the per-layer rank budget regularizes the predictors (rb0.1 was the best Britannica row of predictor-ranks.md)
     "aquakv-d4-k2.25v2-rb0.1": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
                                 "predictor_rank_budget": 0.1},
+    # layer 0 has no predictor and the highest key error of any layer: 5 bits there cost +0.033 bits/value
+    "aquakv-d4-k2.25v2-l0-5bit": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
+                                  "first_layer": {**Q2, "size": 1024}},
     "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
                                          "exclude_sinks": True},
 }
