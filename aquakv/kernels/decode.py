@@ -27,9 +27,9 @@ if HAS_TRITON:
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
-# (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.304 / 2.390 ms at batch 1 / 8 against
-# 0.344 / 2.687 with the full hand-on; rank 256 projected 0.832 / 6.685 against 0.604 / 4.786 (its [tile, rank]
-# accumulators spill: 376 spilled registers against 222).
+# (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.305 / 2.425 ms at batch 1 / 8 against
+# the full hand-on's best 0.305 / 2.284 (64-token tiles), with 8x less scratch; rank 256 projected 0.832 / 6.685
+# against 0.604 / 4.786 full (its [tile, rank] accumulators spill: 376 spilled registers against 222).
 MAX_PROJECTED_RANK = 128
 
 
