@@ -62,6 +62,8 @@ CONFIGS: dict[str, dict] = {
     # layer 0 has no predictor and the highest key error of any layer: 5 bits there cost +0.033 bits/value
     "aquakv-d4-k2.25v2-l0-5bit": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
                                   "first_layer": {**Q2, "size": 1024}},
+    # one step further towards keys: keys 2.5 b, values 1.75 b, still 2.438 bits/value with layer 0 at 4 bits
+    "aquakv-d4-k2.5v1.75": {"keys": {**Q2, "dim": 4, "size": 1024}, "values": {**Q2, "dim": 4, "size": 128}},
     "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
                                          "exclude_sinks": True},
 }
