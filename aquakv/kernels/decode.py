@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import NamedTuple
 
 import torch
 
@@ -76,31 +75,7 @@ def handoff(codecs, settings: KernelSettings, channels: int) -> tuple[bool, int]
     return True, width
 
 
-class Partials(NamedTuple):
-    """Attention partials of the compressed tokens, per tile: ``out [B, Hq, Q, tiles, width]`` float32 (normalized per
-    tile), ``lse [B, Hq, Q, tiles]`` float32 (natural log, ``-inf``: fully masked), ``expand``: None (``width`` is
-    the head size: outputs) or ``[Hkv, width, head_dim]`` (a tile's output is ``out[..., :used] @ expand[kv head]``),
-    ``used``: the columns of ``width`` that hold data."""
-
-    out: torch.Tensor
-    lse: torch.Tensor
-    expand: torch.Tensor | None = None
-    used: int = 0
-
-
 _FOLDS = _PerTensor()
-
-
-def _memo(owner: torch.Tensor, name: str, key: tuple, deps: tuple[torch.Tensor, ...], build) -> torch.Tensor:
-    """``build()``, cached on ``owner`` while ``key`` holds and ``deps`` are the same tensors (held weakly: a freed
-    tensor's address may come back as another's)."""
-    per = _FOLDS.get(owner)
-    hit = per.get(name)
-    if hit and hit[0] == key and len(hit[1]) == len(deps) and all(r() is t for r, t in zip(hit[1], deps, strict=True)):
-        return hit[2]
-    out = build()
-    per[name] = (key, tuple(weakref.ref(t) for t in deps), out)
-    return out
 
 
 def value_fold(signs: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None, down2: torch.Tensor,
@@ -110,41 +85,21 @@ def value_fold(signs: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor 
     of columns ``c``, ``S^T[:, c % g] @ a[c]`` (``[g, r2]``, applied to the residual ``U`` still rotated), then
     ``up @ a`` (``[r, r2]``) and ``bias @ a`` (one row; zeros without a predictor) -> ``[channels / (head_dim / 2) *
     g + r + 1, r2]`` in ``down2``'s dtype, cached per ``down2``."""
-
-    def build() -> torch.Tensor:
-        half = head_dim // 2
-        _, unrot = rotation_matrices(signs, down2.device)
-        g = unrot.shape[0]
-        a = down2[channels:].float()
-        blocks = [unrot[:, c % g : c % g + half].float() @ a[c : c + half] for c in range(0, channels, half)]
-        r = up.shape[0] if up is not None else 16
-        shares = (up.float() @ a, (bias.float() @ a)[None]) if up is not None else (a.new_zeros(r + 1, a.shape[1]),)
-        return torch.cat([*blocks, *shares]).to(down2.dtype).contiguous()
-
-    return _memo(down2, "fold", (signs._version, up is None), (signs,) if up is None else (signs, up), build)
-
-
-def value_expansion(signs: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None, channels: int,
-                    head_dim: int, width: int, device: torch.device) -> torch.Tensor:
-    """``[Hkv, width, head_dim]`` fp32 (cached per ``signs``): per KV head, the matrix that turns the projected
-    hand-on's value partials ``[P U_lo (g) | P U_hi (g) | P z (r) | P 1]`` into ``P V̂`` (``S^T``'s columns of each
-    half-head, ``up``'s and ``bias``'s columns of the head; zero rows pad to ``width``)."""
-
-    def build() -> torch.Tensor:
-        _, unrot = rotation_matrices(signs, device)
-        g, half = unrot.shape[0], head_dim // 2
-        unrot = unrot.float().cpu()
-        ex = torch.zeros(channels // head_dim, width, head_dim)
-        for h, c0 in enumerate(range(0, channels, head_dim)):
-            ex[h, :g, :half] = unrot[:, c0 % g : c0 % g + half]
-            ex[h, g : 2 * g, half:] = unrot[:, (c0 + half) % g : (c0 + half) % g + half]
-            if up is not None:
-                ex[h, 2 * g : 2 * g + up.shape[0]] = up[:, c0 : c0 + head_dim].float().cpu()
-                ex[h, 2 * g + up.shape[0]] = bias[c0 : c0 + head_dim].float().cpu()
-        return ex.to(device)
-
-    key = (signs._version, width, str(device), up is None)
-    return _memo(signs, "expansion", key, () if up is None else (up,), build)
+    half = head_dim // 2
+    per = _FOLDS.get(down2)
+    hit = per.get("fold")  # (signs, up) held weakly: a freed tensor's address may come back as another's
+    if hit and hit[0]() is signs and hit[1] == signs._version and (hit[2] is None) == (up is None) \
+            and (up is None or hit[2]() is up):
+        return hit[3]
+    _, unrot = rotation_matrices(signs, down2.device)
+    g = unrot.shape[0]
+    a = down2[channels:].float()
+    blocks = [unrot[:, c % g : c % g + half].float() @ a[c : c + half] for c in range(0, channels, half)]
+    r = up.shape[0] if up is not None else 16
+    shares = (up.float() @ a, (bias.float() @ a)[None]) if up is not None else (a.new_zeros(r + 1, a.shape[1]),)
+    fold = torch.cat([*blocks, *shares]).to(down2.dtype).contiguous()
+    per["fold"] = (weakref.ref(signs), signs._version, None if up is None else weakref.ref(up), fold)
+    return fold
 
 
 def supports_fused(codec, head_dim: int) -> bool:
@@ -218,7 +173,7 @@ def decode_attention(
     positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, key_mask: torch.Tensor | None,
     scaling: float, settings: KernelSettings, projected: bool = False, next_codec=None,
     launch: tuple[int, int, int] | None = None,
-) -> Partials:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention partials of ``query [B, Hq, Q, hd]`` over ``length`` compressed tokens.
 
     ``keys_q`` / ``values_q``: codes ``[B, length, row_bytes]`` and scales ``[B, length, groups]`` of the key and
@@ -226,8 +181,9 @@ def decode_attention(
     ``prev`` / ``cur``: scratch ``[B, capacity, columns]`` holding what this layer reads / receiving what the next
     layer (``next_codec``, None for the last) reads (may be the same tensor unless :func:`needs_own_buffer`): the full
     reconstruction ``[K̂ | V̂]`` pre-RoPE, or its low-rank projections when ``projected`` (see :func:`handoff`);
-    ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns the tiles'
-    :class:`Partials`. ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
+    ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
+    ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
+    ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
     default (benchmark sweeps; no fallback when it does not fit).
     """
     b, hq, qlen, hd = query.shape
@@ -251,12 +207,6 @@ def decode_attention(
         nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
         rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
     vfold = value_fold(codec.values.signs, vup if vmode == 2 else None, vb, va2, d, hd) if rv2 else None
-    used = ow = hd
-    expand = None
-    if projected:  # partials [P U (2 g) | P z (rv) | P 1]: see _decode_attention_kernel
-        used = 2 * codec.values.config.group_size + (rv + 1 if vmode == 2 else 0)
-        ow = -(-used // 16) * 16
-        expand = value_expansion(codec.values.signs, vup if vmode == 2 else None, vb, d, hd, ow, dev)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
         raise ValueError("a full-rank predictor needs separate prev and cur scratch buffers")
@@ -272,7 +222,7 @@ def decode_attention(
     def run(config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         bt, warps, stages = config
         nt = math.ceil(length / bt)
-        o = torch.empty(b, hq, qlen, nt, ow, dtype=torch.float32, device=dev)
+        o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
         lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
         probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
         dummy = o
@@ -289,13 +239,13 @@ def decode_attention(
             positions, positions.stride(0), inv_freq, float(rope_scale),
             mask if mask is not None else dummy, probs, o, lse,
             length, nt, hq, qlen, float(scaling) * math.log2(math.e),
-            OW=ow, DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
+            DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
             KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected, RK2=rk2, RV2=rv2,
             GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
             GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
             HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
         )
-        return Partials(o, lse, expand, used)
+        return o, lse
 
     if launch is not None:  # benchmark sweeps: exactly this config
         return run(launch)
@@ -324,10 +274,10 @@ MERGE_COLUMNS = 32
 
 def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
                  mask: torch.Tensor | None, scaling: float,
-                 compressed: Partials | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Attention of ``query [B, Hq, Q, hd]`` to the exact segments ``exact_keys / exact_values [B, Hkv, TE, hd]``
     (``[sinks | window]``, the ``length`` compressed tokens between them), merged with the compressed tokens' partials
-    ``compressed`` (:class:`Partials` as :func:`decode_attention` returns them, ``(o [B, Hq, Q, tiles, hd], lse)``, or
+    ``compressed`` (``o [B, Hq, Q, tiles, hd]``, ``lse [B, Hq, Q, tiles]`` as :func:`decode_attention` returns them, or
     None) -> ``[B, Q, Hq, hd]`` in the query's dtype; ``mask``: a transformers mask ``[B or 1, 1, Q, >= kv_len]``
     (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`."""
     b, hq, qlen, hd = query.shape
@@ -336,9 +286,8 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
     if query.stride(-1) != 1 or exact_keys.stride(-1) != 1 or exact_values.stride(-1) != 1:
         query, exact_keys, exact_values = query.contiguous(), exact_keys.contiguous(), exact_values.contiguous()
     out = torch.empty(b, qlen, hq, hd, dtype=query.dtype, device=query.device)
-    part = Partials(*compressed) if compressed is not None else Partials(out, out)  # contiguous, as returned
-    nt = part.out.shape[3] if compressed is not None else 0
-    expand = part.expand
+    o, lse = compressed if compressed is not None else (out, out)  # contiguous, as decode_attention returns them
+    nt = o.shape[3] if compressed is not None else 0
     if mask is not None:
         m = mask[:, 0, :, -kv_len:].expand(b, qlen, kv_len)
         thr = 0.0 if m.dtype == torch.bool else torch.finfo(m.dtype).min / 2
@@ -353,10 +302,8 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
         query, query.stride(0), query.stride(1), query.stride(2),
         exact_keys, *exact_keys.stride()[:3], exact_values, *exact_values.stride()[:3],
         m, *m_strides, float(thr),
-        part.out, part.lse, expand if expand is not None else out, out,
+        o, lse, out,
         te, sinks, length, nt, hq, hq // hkv, qlen, float(scaling) * math.log2(math.e),
-        part.out.shape[-1], part.used if expand is not None else hd,
-        HD=hd, DC=dc, BE=64, BN=64, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1,
-        EXPAND=expand is not None, JC=32, num_warps=4,
+        HD=hd, DC=dc, BE=64, BN=64, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1, num_warps=4,
     )
     return out

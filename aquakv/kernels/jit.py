@@ -295,6 +295,12 @@ def _unit_tile(codes_ptr, scales_ptr, table_ptr, rows, rmask, row_len, G, grp, B
 
 
 @triton.jit
+def _unrotation(hr_ptr, c0, GS: tl.constexpr, WIDTH: tl.constexpr):
+    """``S^T[:, c0 % GS : c0 % GS + WIDTH]``: the ``±1`` columns that un-rotate columns ``c0 ..`` of their group."""
+    return tl.load(hr_ptr + tl.arange(0, GS)[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
+
+
+@triton.jit
 def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
               BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
               WORDS: tl.constexpr, INTERP: tl.constexpr):
@@ -302,7 +308,7 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
     product with the ``±1`` un-rotation (:func:`_unit_tile`)."""
     unit, scale = _unit_tile(codes_ptr, scales_ptr, table_ptr, rows, rmask, row_len, G, c0 // GS, BM, GS, D, BITS,
                              WORDS)
-    h = tl.load(hr_ptr + tl.arange(0, GS)[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
+    h = _unrotation(hr_ptr, c0, GS, WIDTH)
     if INTERP:
         acc = tl.dot(unit.to(tl.float32), h.to(tl.float32), input_precision="ieee")
     else:
@@ -361,19 +367,33 @@ def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTER
 
 
 @triton.jit
-def _rotated_value_half(p, nv, c_ptr, s_ptr, grid_ptr, rows, tmask, c_rl, groups, c0, fold_ptr, R2: tl.constexpr,
-                        BT: tl.constexpr, HB: tl.constexpr, QM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
-                        BITS: tl.constexpr, WORDS: tl.constexpr, INTERP: tl.constexpr):
-    """The residual's share of half a head of values (columns ``c0 .. c0 + HB``) without forming it: ``U`` (the
-    group still rotated, :func:`_unit_tile`) -> ``(p @ U [QM, GS]`` fp32, which the merge un-rotates once per query
-    row, ``nv + U @ fold``, the hand-on ``V̂ @ a2[cols]``'s residual share``)``."""
+def _folded_value_half(p, pz, psum, nv, c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask, c_rl, groups, c0, up_ptr,
+                       bias_ptr, fold_ptr, R: tl.constexpr, R2: tl.constexpr, DM: tl.constexpr, BT: tl.constexpr,
+                       HB: tl.constexpr, QM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                       WORDS: tl.constexpr, PRED: tl.constexpr, INTERP: tl.constexpr):
+    """Half a head of values (columns ``c0 .. c0 + HB``) used without forming ``V̂ = U S^T + z @ up + bias``
+    (``U``: the residual still rotated, :func:`_unit_tile`). Both readers of V̂ are linear in it, so the ``±1``
+    un-rotation and the ``up`` product move to the ``QM`` query rows instead of the ``BT`` tokens:
+    ``p @ V̂ = (p @ U) S^T + pz @ up + psum * bias`` (``pz = p @ z``, ``psum`` the rows of ``p`` summed) ->
+    ``[QM, HB]`` fp32; the hand-on ``nv + V̂ @ a2[cols] = nv + U @ (S^T a2[cols])`` (``fold``'s block of this half;
+    the ``z`` and ``bias`` shares are added once per tile)."""
     ud: tl.constexpr = tl.float32 if INTERP else tl.bfloat16
     unit, scale = _unit_tile(c_ptr, s_ptr, grid_ptr, rows, tmask, c_rl, groups, c0 // GS, BT, GS, D, BITS, WORDS)
     u = (unit.to(tl.float32) * scale[:, None]).to(ud)
+    pu = _dot16(p, u, tl.zeros((QM, GS), tl.float32), INTERP)
+    h = _unrotation(hr_ptr, c0, GS, HB)
+    if INTERP:
+        o = tl.dot(pu, h.to(tl.float32), input_precision="ieee")
+    else:
+        o = tl.dot(pu.to(tl.float16), h, tl.zeros((QM, HB), tl.float32))
+    if PRED == 2:
+        cols = c0 + tl.arange(0, HB)
+        o = _dot16(pz, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), o, INTERP)
+        o += psum[:, None] * tl.load(bias_ptr + cols)[None, :].to(tl.float32)
     if R2 > 0:
         f = tl.load(fold_ptr + ((c0 // HB) * GS + tl.arange(0, GS))[:, None] * R2 + tl.arange(0, R2)[None, :])
         nv = _dot16(u, f, nv, INTERP)
-    return _dot16(p, u, tl.zeros((QM, GS), tl.float32), INTERP), nv
+    return o, nv
 
 
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
@@ -389,8 +409,8 @@ def _decode_attention_kernel(
     pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
     mask_ptr, p_ptr, o_ptr, lse_ptr,
     C, NT, HQ, QLEN, scale_log2,
-    OW: tl.constexpr, DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
     KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
     PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr,
     GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
@@ -411,13 +431,9 @@ def _decode_attention_kernel(
     Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, RoPE'd, scored by its
     ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of ``p`` (bf16,
     L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) the values times the probabilities read back
-    -> the tile's partial ``o`` per (query head, query row), ``OW`` floats: with the full hand-on (which stores V̂
-    anyway) ``P V̂`` of head ``h``; with ``PROJ`` V̂ is never formed, since both its readers are linear in it: the
-    partial is ``[P U_lo (GS_V) | P U_hi (GS_V) | P z (RV) | P 1]`` (``U``: the residual still rotated,
-    :func:`_rotated_value_half`), which the merge turns into the output once per query row (``P V̂ = P U S^T + P z up
-    + (P 1) bias``), and the hand-on is ``U @ (S^T a2) + z @ (up a2) + bias a2`` (``vfold``, the host's
-    :func:`~aquakv.kernels.decode.value_fold`). This moves the un-rotation and the ``up`` product from ``BT`` tokens
-    to one row per query: three ``[BT, 64] x [64, 64]`` MMAs per half-head become one and one 16-row ``P U``.
+    -> the tile's normalized output ``o`` per (query head, query row): with ``PROJ`` straight from the still-rotated
+    residual and ``z`` (:func:`_folded_value_half`, ``vfold``: the host's :func:`~aquakv.kernels.decode.value_fold`),
+    else through V̂ of head ``h``, which the full hand-on stores anyway.
     """
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -512,24 +528,25 @@ def _decode_attention_kernel(
             zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK, zv, INTERP)
             tl.debug_barrier()  # every warp has read V̂_{l-1} before any overwrites it with V̂_l
         zv = zv.to(vup_ptr.dtype.element_ty)  # complete: only its bf16 operand is needed from here on
-    if PROJ:  # V̂_l is never formed: its readers are linear in it; the partials are [p @ U (2 GS) | p @ z (RV) | Σp]
+    if PROJ:  # V̂_l is never formed: its readers (attention output, hand-on) are linear in it (_folded_value_half)
         nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
         for h in range(H):
             c0 = h * HD
             p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
-            orow = o_ptr + (((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile)[:, None] * OW
-            gcol = tl.arange(0, GS_V)[None, :]
-            pu, nv = _rotated_value_half(p, nv, vc_ptr, vs_ptr, vgrid_ptr, rows, tmask, vc_rl, v_groups, c0, vfold_ptr,
-                                         RV2, BT, HB, QM, GS_V, D_V, BITS_V, WORDS_V, INTERP)
-            tl.store(orow + gcol, pu, mask=rvalid[:, None])
-            pu, nv = _rotated_value_half(p, nv, vc_ptr, vs_ptr, vgrid_ptr, rows, tmask, vc_rl, v_groups, c0 + HB,
-                                         vfold_ptr, RV2, BT, HB, QM, GS_V, D_V, BITS_V, WORDS_V, INTERP)
-            tl.store(orow + GS_V + gcol, pu, mask=rvalid[:, None])
+            pz = 0.0
+            psum = 0.0
             if VPRED == 2:
-                pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP)
-                tl.store(orow + 2 * GS_V + tl.arange(0, RV)[None, :], pz, mask=rvalid[:, None])
-                tl.store(orow + 2 * GS_V + RV + tl.zeros((QM, 1), tl.int32), tl.sum(p.to(tl.float32), 1)[:, None],
-                         mask=rvalid[:, None])
+                pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP).to(vup_ptr.dtype.element_ty)
+                psum = tl.sum(p.to(tl.float32), axis=1)
+            ol, nv = _folded_value_half(p, pz, psum, nv, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl,
+                                        v_groups, c0, vup_ptr, vb_ptr, vfold_ptr, RV, RV2, DM, BT, HB, QM, GS_V, D_V,
+                                        BITS_V, WORDS_V, VPRED, INTERP)
+            oh, nv = _folded_value_half(p, pz, psum, nv, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl,
+                                        v_groups, c0 + HB, vup_ptr, vb_ptr, vfold_ptr, RV, RV2, DM, BT, HB, QM, GS_V,
+                                        D_V, BITS_V, WORDS_V, VPRED, INTERP)
+            part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
+            tl.store(o_ptr + part[:, None] * HD + half[None, :], ol, mask=rvalid[:, None])
+            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :], oh, mask=rvalid[:, None])
         if RV2 > 0:
             if VPRED == 2:  # the prediction's share of the hand-on: z @ (up a2) + bias @ a2 (fold's last RV + 1 rows)
                 frow = (DM // HB) * GS_V + tl.arange(0, RV)
@@ -558,9 +575,9 @@ def _decode_attention_kernel(
             tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
             p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
             part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
-            tl.store(o_ptr + part[:, None] * OW + half[None, :],
+            tl.store(o_ptr + part[:, None] * HD + half[None, :],
                      _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
-            tl.store(o_ptr + part[:, None] * OW + HB + half[None, :],
+            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
                      _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
 
 
@@ -576,22 +593,20 @@ def _softmax_fold(m_i, l_i, acc, s, vals):
 
 
 @triton.jit(do_not_specialize=["k_sb", "k_sh", "k_st", "v_sb", "v_sh", "v_st", "m_sb", "m_sq", "m_sk", "TE", "C",
-                               "NT", "OW", "W"])
+                               "NT"])
 def _exact_merge_kernel(
     q_ptr, q_sb, q_sh, q_st,
     k_ptr, k_sb, k_sh, k_st, v_ptr, v_sb, v_sh, v_st,
     mask_ptr, m_sb, m_sq, m_sk, m_thr,
-    po_ptr, plse_ptr, ex_ptr, out_ptr,
-    TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2, OW, W,
+    po_ptr, plse_ptr, out_ptr,
+    TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
     HD: tl.constexpr, DC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr, EXPAND: tl.constexpr, JC: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """One query row ``(b, hq, qi)``: attention to the ``TE`` exact keys / values ``[B, Hkv, TE, HD]`` of its KV head
     (``[sinks | window]``; mask column of exact token ``t``: ``t`` for a sink, ``t + C`` after the ``C`` compressed
     tokens), merged with the ``NT`` normalized tile partials ``po [B, HQ, QLEN, NT, HD]`` / ``plse`` (natural log) of
-    the compressed tokens -> ``out [B, QLEN, HQ, HD]`` in ``out``'s dtype; with ``EXPAND`` the partials are ``W`` of
-    ``OW`` floats that become outputs through ``ex [Hkv, OW, HD]`` (``o @ ex[h]``: the projected hand-on's values,
-    see ``_decode_attention_kernel``), applied once to their weighted sum. Mask: ``mask[b, qi, col] > m_thr``
+    the compressed tokens -> ``out [B, QLEN, HQ, HD]`` in ``out``'s dtype. Mask: ``mask[b, qi, col] > m_thr``
     (``HAS_MASK``), else causal inside the new tokens (``CAUSAL``), else every key. Each program writes ``DC`` of
     the ``HD`` output columns (program axis 1): the scores need the whole head, the values and partials only those
     columns, so ``HD / DC`` programs share a row's reads (one program per row used 32 SMs at batch 1)."""
@@ -621,38 +636,12 @@ def _exact_merge_kernel(
             tm = tm & (col <= qi + (TE + C - QLEN))
         s = tl.where(tm, tl.sum(k * q[None, :], 1), float("-inf"))
         m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, s, v)
-    if EXPAND:  # the tiles' max first, so each chunk of partial columns is summed with final weights
-        m_p = tl.full((1,), float("-inf"), tl.float32)
-        for n0 in range(0, NT, BN):
-            n = n0 + tl.arange(0, BN)
-            m_p = tl.maximum(m_p, tl.max(tl.load(plse_ptr + row.to(tl.int64) * NT + n, mask=n < NT,
-                                                 other=float("-inf")), 0) * LOG2E)
-        m_new = tl.maximum(m_i, m_p)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        acc = acc * alpha
-        l_i = l_i * alpha
-        for j0 in range(0, W, JC):
-            j = j0 + tl.arange(0, JC)
-            wsum = tl.zeros((JC,), tl.float32)
-            for n0 in range(0, NT, BN):
-                n = n0 + tl.arange(0, BN)
-                nm = n < NT
-                part = row.to(tl.int64) * NT + n
-                wt = tl.exp2(tl.load(plse_ptr + part, mask=nm, other=float("-inf")) * LOG2E - m_ref)
-                if j0 == 0:
-                    l_i += tl.sum(wt, 0)
-                o = tl.load(po_ptr + part[:, None] * OW + j[None, :], mask=nm[:, None] & (j < W)[None, :], other=0.0)
-                wsum += tl.sum(wt[:, None] * o, 0)
-            e = tl.load(ex_ptr + (h * OW + j)[:, None] * HD + dc[None, :], mask=(j < W)[:, None], other=0.0)
-            acc += tl.sum(wsum[:, None] * e, 0)
-    else:
-        for n0 in range(0, NT, BN):
-            n = n0 + tl.arange(0, BN)
-            nm = n < NT
-            part = row.to(tl.int64) * NT + n
-            lse = tl.load(plse_ptr + part, mask=nm, other=float("-inf")) * LOG2E
-            o = tl.load(po_ptr + part[:, None] * HD + dc[None, :], mask=nm[:, None], other=0.0)
-            m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, lse, o)
+    for n0 in range(0, NT, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < NT
+        part = row.to(tl.int64) * NT + n
+        lse = tl.load(plse_ptr + part, mask=nm, other=float("-inf")) * LOG2E
+        o = tl.load(po_ptr + part[:, None] * HD + dc[None, :], mask=nm[:, None], other=0.0)
+        m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, lse, o)
     out = tl.where(l_i > 0, acc / l_i, 0.0)
     tl.store(out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + dc, out.to(out_ptr.dtype.element_ty))
