@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 
@@ -73,33 +72,6 @@ def handoff(codecs, settings: KernelSettings, channels: int) -> tuple[bool, int]
             return False, 2 * channels
         width = max(width, sum(m[5] for m in modes))
     return True, width
-
-
-_FOLDS = _PerTensor()
-
-
-def value_fold(signs: torch.Tensor, up: torch.Tensor | None, bias: torch.Tensor | None, down2: torch.Tensor,
-               channels: int, head_dim: int) -> torch.Tensor:
-    """What the projected hand-on needs to pass ``V̂_l @ a`` on (``a = down2[channels:]``, the next layer's value
-    predictor rows for ``V̂_l``, ``[channels, r2]``) without forming ``V̂_l = U S^T + z @ up + bias``: per half-head
-    of columns ``c``, ``S^T[:, c % g] @ a[c]`` (``[g, r2]``, applied to the residual ``U`` still rotated), then
-    ``up @ a`` (``[r, r2]``) and ``bias @ a`` (one row; zeros without a predictor) -> ``[channels / (head_dim / 2) *
-    g + r + 1, r2]`` in ``down2``'s dtype, cached per ``down2``."""
-    half = head_dim // 2
-    per = _FOLDS.get(down2)
-    hit = per.get("fold")  # (signs, up) held weakly: a freed tensor's address may come back as another's
-    if hit and hit[0]() is signs and hit[1] == signs._version and (hit[2] is None) == (up is None) \
-            and (up is None or hit[2]() is up):
-        return hit[3]
-    _, unrot = rotation_matrices(signs, down2.device)
-    g = unrot.shape[0]
-    a = down2[channels:].float()
-    blocks = [unrot[:, c % g : c % g + half].float() @ a[c : c + half] for c in range(0, channels, half)]
-    r = up.shape[0] if up is not None else 16
-    shares = (up.float() @ a, (bias.float() @ a)[None]) if up is not None else (a.new_zeros(r + 1, a.shape[1]),)
-    fold = torch.cat([*blocks, *shares]).to(down2.dtype).contiguous()
-    per["fold"] = (weakref.ref(signs), signs._version, None if up is None else weakref.ref(up), fold)
-    return fold
 
 
 def supports_fused(codec, head_dim: int) -> bool:
@@ -206,7 +178,6 @@ def decode_attention(
         nkmode, _, _, ka2, _, rk2 = _predictor_operands(next_codec.key_predictor, dev, settings)
         nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
         rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
-    vfold = value_fold(codec.values.signs, vup if vmode == 2 else None, vb, va2, d, hd) if rv2 else None
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
         raise ValueError("a full-rank predictor needs separate prev and cur scratch buffers")
@@ -235,7 +206,6 @@ def decode_attention(
             kup if kup is not None else dummy,
             vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
             vup if vup is not None else dummy, ka2 if ka2 is not None else dummy, va2 if va2 is not None else dummy,
-            vfold if vfold is not None else dummy,
             positions, positions.stride(0), inv_freq, float(rope_scale),
             mask if mask is not None else dummy, probs, o, lse,
             length, nt, hq, qlen, float(scaling) * math.log2(math.e),

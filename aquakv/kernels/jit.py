@@ -273,12 +273,13 @@ def _codes_from_words(codes_ptr, rows, rmask, row_words, grp, BM: tl.constexpr, 
 
 
 @triton.jit
-def _unit_tile(codes_ptr, scales_ptr, table_ptr, rows, rmask, row_len, G, grp, BM: tl.constexpr, GS: tl.constexpr,
-               D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr):
-    """Group ``grp`` of the rows still rotated: ``(unit [BM, GS]`` fp16 grid coordinates, ``scale [BM]`` fp32 with
-    the ``1 / GS`` of the un-rotation folded in``)``, so the residual is ``unit * scale @ S^T``. ``table``: per code,
-    its ``D <= 2`` fp16 grid coordinates packed in an int32 (one gather per code); ``WORDS``: codes read as int32
-    words (``row_len`` in words), else bytes."""
+def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
+              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              WORDS: tl.constexpr, INTERP: tl.constexpr):
+    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
+    product with the ``±1`` un-rotation. ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32
+    (one gather per code); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
+    grp = c0 // GS
     V: tl.constexpr = GS // D
     if WORDS:
         codes = _codes_from_words(codes_ptr, rows, rmask, row_len, grp, BM, V, BITS)
@@ -290,30 +291,14 @@ def _unit_tile(codes_ptr, scales_ptr, table_ptr, rows, rmask, row_len, G, grp, B
         unit = tl.reshape(tl.join(lo, (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)), (BM, GS))
     else:
         unit = lo
-    scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
-    return unit, scale * (1.0 / GS)
-
-
-@triton.jit
-def _unrotation(hr_ptr, c0, GS: tl.constexpr, WIDTH: tl.constexpr):
-    """``S^T[:, c0 % GS : c0 % GS + WIDTH]``: the ``±1`` columns that un-rotate columns ``c0 ..`` of their group."""
-    return tl.load(hr_ptr + tl.arange(0, GS)[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
-
-
-@triton.jit
-def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
-              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-              WORDS: tl.constexpr, INTERP: tl.constexpr):
-    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
-    product with the ``±1`` un-rotation (:func:`_unit_tile`)."""
-    unit, scale = _unit_tile(codes_ptr, scales_ptr, table_ptr, rows, rmask, row_len, G, c0 // GS, BM, GS, D, BITS,
-                             WORDS)
-    h = _unrotation(hr_ptr, c0, GS, WIDTH)
+    kk = tl.arange(0, GS)
+    h = tl.load(hr_ptr + kk[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
     if INTERP:
         acc = tl.dot(unit.to(tl.float32), h.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(unit, h, tl.zeros((BM, WIDTH), tl.float32))
-    return acc * scale[:, None]
+    scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
+    return acc * (scale * (1.0 / GS))[:, None]
 
 
 @triton.jit
@@ -366,36 +351,6 @@ def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTER
     return _dot16(xh, tl.load(w_ptr + (w_rows + HB * R)), acc, INTERP)
 
 
-@triton.jit
-def _folded_value_half(p, pz, psum, nv, c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask, c_rl, groups, c0, up_ptr,
-                       bias_ptr, fold_ptr, R: tl.constexpr, R2: tl.constexpr, DM: tl.constexpr, BT: tl.constexpr,
-                       HB: tl.constexpr, QM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                       WORDS: tl.constexpr, PRED: tl.constexpr, INTERP: tl.constexpr):
-    """Half a head of values (columns ``c0 .. c0 + HB``) used without forming ``V̂ = U S^T + z @ up + bias``
-    (``U``: the residual still rotated, :func:`_unit_tile`). Both readers of V̂ are linear in it, so the ``±1``
-    un-rotation and the ``up`` product move to the ``QM`` query rows instead of the ``BT`` tokens:
-    ``p @ V̂ = (p @ U) S^T + pz @ up + psum * bias`` (``pz = p @ z``, ``psum`` the rows of ``p`` summed) ->
-    ``[QM, HB]`` fp32; the hand-on ``nv + V̂ @ a2[cols] = nv + U @ (S^T a2[cols])`` (``fold``'s block of this half;
-    the ``z`` and ``bias`` shares are added once per tile)."""
-    ud: tl.constexpr = tl.float32 if INTERP else tl.bfloat16
-    unit, scale = _unit_tile(c_ptr, s_ptr, grid_ptr, rows, tmask, c_rl, groups, c0 // GS, BT, GS, D, BITS, WORDS)
-    u = (unit.to(tl.float32) * scale[:, None]).to(ud)
-    pu = _dot16(p, u, tl.zeros((QM, GS), tl.float32), INTERP)
-    h = _unrotation(hr_ptr, c0, GS, HB)
-    if INTERP:
-        o = tl.dot(pu, h.to(tl.float32), input_precision="ieee")
-    else:
-        o = tl.dot(pu.to(tl.float16), h, tl.zeros((QM, HB), tl.float32))
-    if PRED == 2:
-        cols = c0 + tl.arange(0, HB)
-        o = _dot16(pz, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), o, INTERP)
-        o += psum[:, None] * tl.load(bias_ptr + cols)[None, :].to(tl.float32)
-    if R2 > 0:
-        f = tl.load(fold_ptr + ((c0 // HB) * GS + tl.arange(0, GS))[:, None] * R2 + tl.arange(0, R2)[None, :])
-        nv = _dot16(u, f, nv, INTERP)
-    return o, nv
-
-
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
 # (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
 @triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
@@ -405,7 +360,7 @@ def _decode_attention_kernel(
     vc_ptr, vc_rl, vs_ptr, v_groups, vgrid_ptr, vhr_ptr,
     prev_ptr, cur_ptr, s_sb, s_st,
     kw_ptr, kb_ptr, ka_ptr, kup_ptr,
-    vw_ptr, vb_ptr, va_ptr, vup_ptr, ka2_ptr, va2_ptr, vfold_ptr,
+    vw_ptr, vb_ptr, va_ptr, vup_ptr, ka2_ptr, va2_ptr,
     pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
     mask_ptr, p_ptr, o_ptr, lse_ptr,
     C, NT, HQ, QLEN, scale_log2,
@@ -430,10 +385,8 @@ def _decode_attention_kernel(
 
     Two passes over the heads, each head's tile kept in registers: (1) K̂ of head ``h``, RoPE'd, scored by its
     ``GQ`` query heads; the normalized probabilities ``[QM, BT]`` go to the program's slot of ``p`` (bf16,
-    L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) the values times the probabilities read back
-    -> the tile's normalized output ``o`` per (query head, query row): with ``PROJ`` straight from the still-rotated
-    residual and ``z`` (:func:`_folded_value_half`, ``vfold``: the host's :func:`~aquakv.kernels.decode.value_fold`),
-    else through V̂ of head ``h``, which the full hand-on stores anyway.
+    L2-resident) and the log-sum-exp (natural log) to ``lse``; (2) V̂ of head ``h`` times the probabilities read back
+    -> the tile's normalized output ``o`` per (query head, query row).
     """
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -528,57 +481,39 @@ def _decode_attention_kernel(
             zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK, zv, INTERP)
             tl.debug_barrier()  # every warp has read V̂_{l-1} before any overwrites it with V̂_l
         zv = zv.to(vup_ptr.dtype.element_ty)  # complete: only its bf16 operand is needed from here on
-    if PROJ:  # V̂_l is never formed: its readers (attention output, hand-on) are linear in it (_folded_value_half)
-        nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
-        for h in range(H):
-            c0 = h * HD
-            p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
-            pz = 0.0
-            psum = 0.0
-            if VPRED == 2:
-                pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP).to(vup_ptr.dtype.element_ty)
-                psum = tl.sum(p.to(tl.float32), axis=1)
-            ol, nv = _folded_value_half(p, pz, psum, nv, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl,
-                                        v_groups, c0, vup_ptr, vb_ptr, vfold_ptr, RV, RV2, DM, BT, HB, QM, GS_V, D_V,
-                                        BITS_V, WORDS_V, VPRED, INTERP)
-            oh, nv = _folded_value_half(p, pz, psum, nv, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask, vc_rl,
-                                        v_groups, c0 + HB, vup_ptr, vb_ptr, vfold_ptr, RV, RV2, DM, BT, HB, QM, GS_V,
-                                        D_V, BITS_V, WORDS_V, VPRED, INTERP)
-            part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
-            tl.store(o_ptr + part[:, None] * HD + half[None, :], ol, mask=rvalid[:, None])
-            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :], oh, mask=rvalid[:, None])
-        if RV2 > 0:
-            if VPRED == 2:  # the prediction's share of the hand-on: z @ (up a2) + bias @ a2 (fold's last RV + 1 rows)
-                frow = (DM // HB) * GS_V + tl.arange(0, RV)
-                nv = _dot16(zv, tl.load(vfold_ptr + frow[:, None] * RV2 + tl.arange(0, RV2)[None, :]), nv, INTERP)
-                nv += tl.load(vfold_ptr + ((DM // HB) * GS_V + RV) * RV2 + tl.arange(0, RV2))[None, :].to(tl.float32)
-            tl.store(cur_ptr + srow[:, None] + RK2 + tl.arange(0, RV2)[None, :], nv.to(cur_ptr.dtype.element_ty),
-                     mask=tmask[:, None])
-    else:  # the full hand-on stores V̂_l for the next layer: form it per head
-        for h in range(H):
-            c0 = h * HD
-            acc_l = tl.zeros((BT, HB), tl.float32)
-            acc_h = tl.zeros((BT, HB), tl.float32)
-            if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
-                acc_l = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
-                acc_l = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0, DM, BT, HB, BK, acc_l, INTERP)
-                acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
-                acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
-                                    INTERP)
-            vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows,
-                                         tmask, vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                         INTERP).to(kd)
-            vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows,
-                                         tmask, vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V,
-                                         VPRED, INTERP).to(kd)
+    nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
+    for h in range(H):
+        c0 = h * HD
+        acc_l = tl.zeros((BT, HB), tl.float32)
+        acc_h = tl.zeros((BT, HB), tl.float32)
+        if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
+            acc_l = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
+            acc_l = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0, DM, BT, HB, BK, acc_l, INTERP)
+            acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
+            acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
+                                INTERP)
+        vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                     vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                     INTERP).to(kd)
+        vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                     vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                     INTERP).to(kd)
+        if PROJ:
+            if RV2 > 0:
+                nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
+        else:
             tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
             tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
-            p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
-            part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
-            tl.store(o_ptr + part[:, None] * HD + half[None, :],
-                     _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
-            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
-                     _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
+        p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
+        part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
+        tl.store(o_ptr + part[:, None] * HD + half[None, :], _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP),
+                 mask=rvalid[:, None])
+        tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
+                 _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
+    if PROJ:
+        if RV2 > 0:
+            tl.store(cur_ptr + srow[:, None] + RK2 + tl.arange(0, RV2)[None, :], nv.to(cur_ptr.dtype.element_ty),
+                     mask=tmask[:, None])
 
 
 @triton.jit
