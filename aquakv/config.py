@@ -95,6 +95,10 @@ class CalibrationConfig(_Frozen):
     seq_len: int = Field(1024, ge=8)
     num_samples: int = Field(64, ge=1)
     heldout_samples: int = Field(8, ge=1)
+    # held-out windows are cut to this many tokens (None: seq_len), the same tokens in more, shorter rows: validation
+    # feeds every layer one chunk of STEP tokens at a time, all rows together, and on a 70B layer each such call costs
+    # about the same host time whatever its rows, so its time follows the window length, not the token count
+    heldout_seq_len: int | None = Field(None, ge=8)
     seed: int = 0
     keys: QuantizerConfig = QuantizerConfig()
     values: QuantizerConfig = QuantizerConfig()
@@ -136,6 +140,9 @@ class CalibrationConfig(_Frozen):
         if self.bit_budget is not None and (self.fit_mode != "chain" or self.resident):
             raise ValueError("bit_budget needs fit_mode: chain and resident: false (the allocation reads every "
                              "layer's activations before the chain starts)")
+        if self.heldout_seq_len is not None and self.seq_len % self.heldout_seq_len:
+            raise ValueError(f"heldout_seq_len {self.heldout_seq_len} must divide seq_len {self.seq_len} (held-out "
+                             "windows are cut from seq_len-token samples)")
         if self.exclude_sinks and self.cache.sinks >= self.seq_len:
             raise ValueError(f"exclude_sinks leaves no token of a {self.seq_len}-token sample "
                              f"(cache.sinks = {self.cache.sinks})")
@@ -149,6 +156,8 @@ class CalibrationConfig(_Frozen):
     def collect_digest(self) -> str:
         """What the collected activations depend on: model, data and sampling, never quantizer settings."""
         fields = ("model", "data", "text_field", "seq_len", "num_samples", "heldout_samples", "seed", "dtype")
+        if self.heldout_seq_len is not None:  # (unset, it leaves the digests of earlier runs as they were)
+            fields += ("heldout_seq_len",)
         blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -164,6 +173,8 @@ class CalibrationConfig(_Frozen):
         """What the bundle depends on: everything but where things go and how many workers do it."""
         skip = {"registry", "workdir", "workers", "ray_address", "version", "max_ppl_increase", "resident",
                 "write_activations", "resident_checkpoint_every"}
+        if self.heldout_seq_len is None:  # (unset, it leaves the digests of earlier runs as they were)
+            skip.add("heldout_seq_len")
         blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -62,6 +62,7 @@ def run_flow(args: argparse.Namespace, workers: int) -> dict:
            "text.txt"), "seq_len": args.seq_len, "num_samples": args.samples, "heldout_samples": args.heldout,
            "dtype": "bfloat16", "workers": workers, "resident": args.mode == "resident", "max_ppl_increase": 10.0,
            "write_activations": args.write_activations,
+           **({"heldout_seq_len": args.heldout_seq_len} if args.heldout_seq_len else {}),
            "registry": str(root / "registry"), "workdir": str(root / "work")}
     shutil.rmtree(root, ignore_errors=True)  # nothing resumed: every run does the whole flow
     root.mkdir(parents=True)
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--write-activations", action="store_true",
                    help="resident mode: also write K/V to Zarr for later re-fits (off: a one-shot run)")
     add_run_arguments(p, layers=8)
+    p.add_argument("--heldout-seq-len", type=int, default=None,
+                   help="cut the held-out sequences into windows of this many tokens (default: --seq-len)")
     p.add_argument("--workdir", default="/tmp/aquakv-flow")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)

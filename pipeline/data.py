@@ -152,7 +152,8 @@ def build_tokens(
     max_positions: int | None = None,
     vocab_size: int | None = None,
 ) -> Path:
-    """Write ``out/tokens.zarr`` (int32 ``calib [num_samples, seq_len]``, ``heldout [heldout_samples, seq_len]``).
+    """Write ``out/tokens.zarr`` (int32 ``calib [num_samples, seq_len]``, ``heldout [heldout_samples * seq_len / L,
+    L]`` with ``L = heldout_seq_len or seq_len``: each held-out sample cut into windows of ``L``).
 
     ``max_positions`` and ``vocab_size`` are the model's; the call fails early when they do not fit.
     Reuses an existing store made for the same ``cfg.collect_digest()`` and the same data content
@@ -173,13 +174,14 @@ def build_tokens(
 
     stream = token_stream(load_texts(cfg.data, cfg.text_field), tokenizer)
     calib, heldout = split_windows(stream, cfg.seq_len, cfg.num_samples, cfg.heldout_samples, cfg.seed)
+    heldout = heldout.reshape(-1, cfg.heldout_seq_len or cfg.seq_len)
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out))
     try:
         group = zarr.open_group(tmp / TOKENS_STORE, mode="w")
         for name, data in (("calib", calib), ("heldout", heldout)):
-            arr = group.create_array(name, shape=data.shape, dtype="int32", chunks=(1, cfg.seq_len))
+            arr = group.create_array(name, shape=data.shape, dtype="int32", chunks=(1, data.shape[1]))
             arr[:] = data.astype(np.int32)
         group.attrs.update(
             {

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 import pipeline.data as data
 from aquakv.config import CalibrationConfig
-from aquakv.errors import CalibrationError
+from aquakv.errors import CalibrationError, ConfigError
 from pipeline.data import build_tokens, load_texts, split_windows, token_stream
 from pipeline.testing import tiny_tokenizer
 
@@ -114,6 +114,24 @@ def test_build_tokens_store(tmp_path: Path, corpus: Path, tokenizer: PreTrainedT
     assert group.attrs["collect_digest"] == config.collect_digest()
     assert group.attrs["tokenizer_vocab_size"] == 320
     assert group.attrs["windows"] == len(stream) // 16
+
+
+def test_heldout_windows_are_cut_from_the_heldout_samples(tmp_path: Path, corpus: Path,
+                                                          tokenizer: PreTrainedTokenizerBase) -> None:
+    """``heldout_seq_len`` keeps the held-out tokens and cuts each sample into shorter rows; calibration is as it was;
+    the digests change with it and stay as before without it."""
+    whole = zarr.open_group(build_tokens(cfg(corpus, heldout_samples=3, seed=5), tokenizer, tmp_path / "a"), mode="r")
+    config = cfg(corpus, heldout_samples=3, seed=5, heldout_seq_len=8)
+    cut = zarr.open_group(build_tokens(config, tokenizer, tmp_path / "b"), mode="r")
+    assert cut["heldout"].shape == (6, 8)
+    assert (cut["heldout"][:] == whole["heldout"][:].reshape(6, 8)).all()
+    assert (cut["calib"][:] == whole["calib"][:]).all()
+    assert config.collect_digest() != cfg(corpus, heldout_samples=3, seed=5).collect_digest()
+    plain = CalibrationConfig(model="m", data="d", seq_len=64, num_samples=4, heldout_samples=2)
+    assert (plain.collect_digest(), plain.fit_digest(), plain.digest()) == (
+        "7c5e89fb6cb7ce8a", "f96cd38bebe1d398", "51c18946fea1189e")  # the digests before the field existed
+    with pytest.raises(ConfigError, match="heldout_seq_len 12 must divide seq_len 16"):
+        CalibrationConfig.validated({"model": "m", "data": "d", "seq_len": 16, "heldout_seq_len": 12})
 
 
 def test_build_tokens_reuses_matching_store(
