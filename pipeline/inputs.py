@@ -20,6 +20,7 @@ from aquakv.family import check_supported
 from pipeline.checkpoint import weight_map
 from pipeline.data import SUFFIXES
 from pipeline.sources import TEXTS
+from pipeline.validate import check_heldout_length
 
 _SNIFF = 1 << 16  # bytes of a text file looked at for binary content
 
@@ -100,7 +101,9 @@ def _check_writable(path: Path, error: type[Exception], what: str) -> None:
 
 
 def check_inputs(cfg: CalibrationConfig) -> None:
-    """All of the above for a run, plus writable local registry and work directory."""
+    """All of the above for a run, plus writable local registry and work directory and held-out rows long enough
+    to validate anything."""
+    check_heldout_length(cfg.heldout_seq_len or cfg.seq_len, cfg.cache)
     check_model(cfg.model, cfg.seq_len)
     check_data(cfg.data)
     if "://" not in cfg.registry:

@@ -66,17 +66,21 @@ def compressed_predictions(length: int, cache: CacheConfig, step: int) -> int:
     return max(0, length - 1 - first)
 
 
-def _check_heldout(tokens_heldout: torch.Tensor, layout: CacheConfig, step: int) -> None:
-    if tokens_heldout.ndim != 2 or tokens_heldout.shape[1] < 2 or tokens_heldout.shape[0] < 1:
-        raise CalibrationError(f"held-out tokens must be [n >= 1, T >= 2], got {tuple(tokens_heldout.shape)}")
-    length = tokens_heldout.shape[1]
+def check_heldout_length(length: int, layout: CacheConfig, step: int = STEP) -> None:
+    """Refuse held-out rows too short for any prediction to read a compressed token (the flow checks it up front)."""
     if layout.compress and not compressed_predictions(length, layout, step):
         raise CalibrationError(
             f"held-out sequences of {length} tokens never leave the exact sinks + recent window ({layout.sinks} + "
             f"{layout.recent_window} tokens, fed {step} at a time), so validation would measure nothing: use held-out "
             f"sequences longer than {math.ceil((layout.sinks + layout.recent_window) / step) * step + 1} tokens "
-            "(seq_len) or a smaller recent window"
+            "(seq_len, heldout_seq_len) or a smaller recent window"
         )
+
+
+def _check_heldout(tokens_heldout: torch.Tensor, layout: CacheConfig, step: int) -> None:
+    if tokens_heldout.ndim != 2 or tokens_heldout.shape[1] < 2 or tokens_heldout.shape[0] < 1:
+        raise CalibrationError(f"held-out tokens must be [n >= 1, T >= 2], got {tuple(tokens_heldout.shape)}")
+    check_heldout_length(tokens_heldout.shape[1], layout, step)
 
 
 def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int, layout: CacheConfig,

@@ -54,7 +54,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def flags(inputs: dict[str, Path], **kw: str) -> list[str]:
-    base = {"--model": str(inputs["model"]), "--data": "data.txt", "--samples": "4", "--seq-len": "64",
+    base = {"--model": str(inputs["model"]), "--data": "data.txt", "--samples": "4", "--seq-len": "256",
             "--out": str(inputs["root"] / "registry"), "--workdir": str(inputs["root"] / "work"), "--workers": "1"}
     base.update(kw)
     return ["calibrate", *[x for kv in base.items() for x in kv]]

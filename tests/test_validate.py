@@ -15,6 +15,7 @@ from aquakv.config import CacheConfig, CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError
 from aquakv.eval import window_nll
 from pipeline.fit import fit_all
+from pipeline.inputs import check_inputs
 from pipeline.validate import check_gate, compressed_predictions, validate
 
 VOCAB, SEQ = 96, 64
@@ -138,6 +139,15 @@ def test_heldout_within_the_recent_window_is_refused(model: LlamaForCausalLM, fi
     metrics = validate(model, short, fitted[1], step=8, cache=CacheConfig(compress=False))
     with pytest.raises(CalibrationError, match="validation measured nothing"):
         check_gate(metrics, max_ppl_increase=0.05)
+
+
+def test_flow_refuses_too_short_heldout_windows_before_any_work(tmp_path: Path) -> None:
+    """``heldout_seq_len`` within sinks + recent window is refused by the flow's up-front checks (before the model,
+    data or collection are touched), not after collect+fit."""
+    cfg = CalibrationConfig(model=str(tmp_path / "no-model"), data=str(tmp_path / "no-data"), seq_len=1024,
+                            heldout_seq_len=128, cache=CacheConfig(sinks=4, recent_window=128))
+    with pytest.raises(CalibrationError, match="held-out sequences of 128 tokens never leave.*heldout_seq_len"):
+        check_inputs(cfg)
 
 
 def test_kept_reconstructions_give_the_same_nll_with_each_token_reconstructed_once(model, fitted) -> None:
