@@ -149,6 +149,11 @@ class CalibrationConfig(_Frozen):
         return self
 
     @property
+    def heldout_window(self) -> int:
+        """Tokens per held-out row: ``heldout_seq_len``, else ``seq_len``."""
+        return self.heldout_seq_len or self.seq_len
+
+    @property
     def skipped_tokens(self) -> int:
         """Leading tokens of every calibration sample left out of the statistics (see ``exclude_sinks``)."""
         return self.cache.sinks if self.exclude_sinks else 0

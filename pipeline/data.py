@@ -153,7 +153,7 @@ def build_tokens(
     vocab_size: int | None = None,
 ) -> Path:
     """Write ``out/tokens.zarr`` (int32 ``calib [num_samples, seq_len]``, ``heldout [heldout_samples * seq_len / L,
-    L]`` with ``L = heldout_seq_len or seq_len``: each held-out sample cut into windows of ``L``).
+    L]`` with ``L = cfg.heldout_window``: each held-out sample cut into windows of ``L``).
 
     ``max_positions`` and ``vocab_size`` are the model's; the call fails early when they do not fit.
     Reuses an existing store made for the same ``cfg.collect_digest()`` and the same data content
@@ -174,7 +174,7 @@ def build_tokens(
 
     stream = token_stream(load_texts(cfg.data, cfg.text_field), tokenizer)
     calib, heldout = split_windows(stream, cfg.seq_len, cfg.num_samples, cfg.heldout_samples, cfg.seed)
-    heldout = heldout.reshape(-1, cfg.heldout_seq_len or cfg.seq_len)
+    heldout = heldout.reshape(-1, cfg.heldout_window)
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=out))

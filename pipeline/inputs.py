@@ -103,7 +103,7 @@ def _check_writable(path: Path, error: type[Exception], what: str) -> None:
 def check_inputs(cfg: CalibrationConfig) -> None:
     """All of the above for a run, plus writable local registry and work directory and held-out rows long enough
     to validate anything."""
-    check_heldout_length(cfg.heldout_seq_len or cfg.seq_len, cfg.cache)
+    check_heldout_length(cfg.heldout_window, cfg.cache)
     check_model(cfg.model, cfg.seq_len)
     check_data(cfg.data)
     if "://" not in cfg.registry:
