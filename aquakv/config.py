@@ -96,8 +96,9 @@ class CalibrationConfig(_Frozen):
     num_samples: int = Field(64, ge=1)
     heldout_samples: int = Field(8, ge=1)
     # held-out windows are cut to this many tokens (None: seq_len), the same tokens in more, shorter rows: validation
-    # feeds every layer one chunk of STEP tokens at a time, all rows together, and on a 70B layer each such call costs
-    # about the same host time whatever its rows, so its time follows the window length, not the token count
+    # feeds every layer one chunk (a recent window of tokens) at a time, all rows together, and on a 70B layer each
+    # such call costs about the same host time whatever its rows, so its time follows the window length, not the
+    # token count
     heldout_seq_len: int | None = Field(None, ge=8)
     seed: int = 0
     keys: QuantizerConfig = QuantizerConfig()

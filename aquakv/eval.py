@@ -21,20 +21,40 @@ from aquakv.family import head_dim, kv_heads
 log = logging.getLogger(__name__)
 
 
+def chunk_starts(length: int, step: int, first: int | None = None) -> list[int]:
+    """Where each chunk starts when a ``length``-token sequence is fed ``step`` tokens at a time after a first chunk
+    of ``first`` (default ``step``) tokens; the last token is only a target, so no chunk starts at it (the last
+    chunk runs to the end)."""
+    if step < 1 or (first is not None and first < 1):
+        raise ValueError(f"chunks must hold >= 1 token, got step={step}, first={first}")
+    first = step if first is None else first
+    return [0, *range(first, length - 1, step)] if length > 1 else []
+
+
+def decode_chunking(layout: CacheConfig) -> tuple[int, int]:
+    """``(step, first)`` under which a chunked pass through an AQUA-KV cache compresses exactly as token-by-token
+    decode does: every chunk ends where the recent window fills (the first one after the sinks and one window), so
+    each token attends to the same compressed and exact tokens as it would decoded alone. Chunks of one recent window
+    are the fewest that do (a 32-token step would also end chunks where the window is part full, and let some tokens
+    see up to ``recent_window + 31`` exact ones)."""
+    return layout.recent_window, layout.sinks + layout.recent_window
+
+
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: int) -> tuple[float, int]:
-    """Summed next-token NLL of ``ids [B, T]`` fed through ``model`` in ``step``-token chunks with ``cache``.
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, step: int,
+               first: int | None = None) -> tuple[float, int]:
+    """Summed next-token NLL of ``ids [B, T]`` fed through ``model`` in ``step``-token chunks (the first ``first``
+    tokens, default ``step``: :func:`chunk_starts`) with ``cache``.
 
     Returns ``(sum_nll, count)`` with ``count = B * (T - 1)``: every token but the first is predicted once.
     """
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
     device = next(model.parameters()).device
     ids = ids.to(device)
+    starts = chunk_starts(ids.shape[1], step, first)
     total, count = 0.0, 0
-    for start in range(0, ids.shape[1] - 1, step):
-        chunk = ids[:, start : start + step]
-        targets = ids[:, start + 1 : start + step + 1]
+    for start, stop in zip(starts, [*starts[1:], ids.shape[1]], strict=True):
+        chunk = ids[:, start:stop]
+        targets = ids[:, start + 1 : stop + 1]
         logits = model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True).logits[:, : targets.shape[1]]
         total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                          targets.reshape(-1), reduction="sum"))

@@ -3,10 +3,11 @@
 Runs what the flow's workers run, on a Llama-3.1-70B-shaped synthetic checkpoint (:func:`benchmarks.multigpu.
 write_checkpoint`): the resident collect+fit (:func:`pipeline.chain.fit_chain` over one
 :class:`~pipeline.resident.ResidentShard`) with its per-method seconds, then the streamed validation
-(:func:`pipeline.validate.streamed_sums`) with the seconds of its exact and AQUA-KV passes, and the exact pass
-fed in :data:`pipeline.validate.STEP`-token chunks (as before :data:`~pipeline.validate.EXACT_STEP`) for
-comparison (``--compare-exact-step``). ``--profile`` adds ``torch.profiler`` tables (top operators by GPU and by CPU
-time) of the validation passes over a short held-out slice, ``--profile-fit`` of one layer of collect+fit.
+(:func:`pipeline.validate.streamed_sums`) with the seconds of its exact and AQUA-KV passes; ``--compare-step N``
+also times the AQUA-KV pass fed fixed ``N``-token chunks (the flow's protocol before decode's chunks) and the exact
+pass fed the AQUA-KV pass's chunks (instead of :data:`~pipeline.validate.EXACT_STEP`). ``--profile`` adds
+``torch.profiler`` tables (top operators by GPU and by CPU time) of the validation passes over a short held-out slice,
+``--profile-fit`` of one layer of collect+fit.
 
     python benchmarks/calibration_stages.py --layers 3 --profile --out $OUT
 """
@@ -33,7 +34,7 @@ from benchmarks.multigpu import add_run_arguments, write_checkpoint, write_token
 from pipeline.chain import fit_chain, shards_call  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.resident import ResidentShard  # noqa: E402
-from pipeline.validate import STEP, streamed_nll, streamed_sums, validation_kernels  # noqa: E402
+from pipeline.validate import chunking, streamed_nll, streamed_sums, validation_kernels  # noqa: E402
 
 TARGET_LAYERS, TARGET_TOKENS = 80, 2_000_000
 
@@ -101,40 +102,58 @@ def validation(args: argparse.Namespace, ckpt_path: Path, tokens: Path, fits: li
     ckpt = Checkpoint(ckpt_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heldout = torch.from_numpy(zarr.open_group(tokens, mode="r")["heldout"][:]).long()
+    if args.heldout_seq_len:  # as pipeline.data cuts them: the same tokens in more, shorter rows
+        heldout = heldout.reshape(-1, args.heldout_seq_len)
     codecs = [f.codec for f in fits]
     layout = CalibrationConfig(model="m", data="d").cache
+    step, first = chunking(layout, None)
     t = time.perf_counter()
-    sums, _ = streamed_sums(ckpt, heldout, codecs, layout, STEP, device, torch.bfloat16)
+    sums, _ = streamed_sums(ckpt, heldout, codecs, layout, device=device, dtype=torch.bfloat16)
     out: dict[str, Any] = {"total_s": time.perf_counter() - t, "seconds": sums["seconds"],
-                           "heldout": list(heldout.shape)}
+                           "heldout": list(heldout.shape), "chunks": {"step": step, "first": first},
+                           "nll": {"exact": sums["nll_exact"], "aquakv": sums["nll_aquakv"], "count": sums["count"]}}
     from transformers import DynamicCache
 
-    if args.compare_exact_step:
+    from aquakv.cache import AquaKVCache
+    from aquakv.family import rotary_module
+
+    specs, load_s = [], []  # each layer's spec (probed by streamed_sums' exact pass) and a timed load of it
+    for i in range(ckpt.num_layers):
         sync()
         t = time.perf_counter()
-        streamed_nll(ckpt, heldout, DynamicCache(config=ckpt.config), STEP, device, torch.bfloat16)
+        layer = ckpt.load_layer(i, device, torch.bfloat16)
         sync()
-        out["exact_at_step_s"] = time.perf_counter() - t
-    if args.profile:
-        from aquakv.cache import AquaKVCache
-        from aquakv.family import rotary_module
+        load_s.append(round(time.perf_counter() - t, 3))
+        specs.append(ckpt.spec(i, layer))
+        del layer
+    out["load_layer_s"] = load_s
 
+    def aquakv_cache() -> AquaKVCache:
+        return AquaKVCache(codecs, layout, rotary_module(ckpt.skeleton), kernels=validation_kernels(), specs=specs)
+
+    if args.compare_step:
+        sync()
+        t = time.perf_counter()
+        nll, _ = streamed_nll(ckpt, heldout, aquakv_cache(), args.compare_step, device, torch.bfloat16)
+        sync()
+        out["aquakv_at_step"] = {"step": args.compare_step, "seconds": time.perf_counter() - t, "nll": nll}
+        t = time.perf_counter()
+        streamed_nll(ckpt, heldout, DynamicCache(config=ckpt.config), step, device, torch.bfloat16, first=first)
+        sync()
+        out["exact_at_aquakv_chunks_s"] = time.perf_counter() - t
+    if args.profile:
         rows = heldout[:1, :args.profile_tokens]
-        specs: list = []  # each layer's spec, probed as streamed_sums' exact pass does
-        streamed_nll(ckpt, rows[:, :STEP + 1], DynamicCache(config=ckpt.config), STEP, device, torch.bfloat16,
-                     lambda i, layer: specs.append(ckpt.spec(i, layer)))
-        cache = AquaKVCache(codecs, layout, rotary_module(ckpt.skeleton),
-                            kernels=validation_kernels(), specs=specs)
         with profiler() as prof:
             t = time.perf_counter()
-            streamed_nll(ckpt, rows, cache, STEP, device, torch.bfloat16)
+            streamed_nll(ckpt, rows, aquakv_cache(), step, device, torch.bfloat16, first=first)
             sync()
         out["profile_aquakv"] = {"rows": list(rows.shape), "wall_s": time.perf_counter() - t, **tables(prof)}
         with profiler() as prof:
             t = time.perf_counter()
-            streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), STEP, device, torch.bfloat16)
+            streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), step, device, torch.bfloat16, first=first)
             sync()
-        out["profile_exact_at_step"] = {"rows": list(rows.shape), "wall_s": time.perf_counter() - t, **tables(prof)}
+        out["profile_exact_at_aquakv_chunks"] = {"rows": list(rows.shape), "wall_s": time.perf_counter() - t,
+                                                 **tables(prof)}
     return out
 
 
@@ -144,8 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables of the validation passes")
     p.add_argument("--profile-fit", action="store_true",
                    help="add a torch.profiler table of collect+fit's layer --profile-layer (slows that layer)")
-    p.add_argument("--compare-exact-step", action="store_true",
-                   help=f"also time the exact pass fed {STEP} tokens at a time")
+    p.add_argument("--compare-step", type=int, default=0, metavar="N",
+                   help="also time the AQUA-KV pass fed N tokens at a time (the flow's chunks before 2026-11-27: 32) "
+                        "and the exact pass fed the AQUA-KV pass's chunks")
+    p.add_argument("--heldout-seq-len", type=int, default=0, help="cut the held-out rows into rows of this many tokens")
     p.add_argument("--profile-layer", type=int, default=1)
     p.add_argument("--profile-tokens", type=int, default=1024, help="held-out tokens of the profiled pass")
     p.add_argument("--workdir", default="/tmp/aquakv-stages")
@@ -175,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration-stages.json").write_text(json.dumps(result, indent=1))
-    for section in (fit_out.get("profile_layer"), val_out.get("profile_aquakv"), val_out.get("profile_exact_at_step")):
+    for section in (fit_out.get("profile_layer"), val_out.get("profile_aquakv"),
+                    val_out.get("profile_exact_at_aquakv_chunks")):
         if section:
             print(section["by_gpu"], section["by_cpu"], sep="\n", flush=True)
     print(json.dumps({k: v for k, v in result.items() if k not in ("collect_fit", "validate")}, indent=1))

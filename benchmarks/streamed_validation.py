@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aquakv.registry import load_bundle  # noqa: E402
 from pipeline.checkpoint import Checkpoint  # noqa: E402
 from pipeline.sources import prepare_smollm2  # noqa: E402
-from pipeline.validate import STEP, metrics_from, streamed_sums, validate  # noqa: E402
+from pipeline.validate import metrics_from, streamed_sums, validate  # noqa: E402
 
 KEYS = ("ppl_exact", "ppl_aquakv", "ppl_increase", "cache_bits_per_value", "tokens")
 
@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     heldout = torch.from_numpy(zarr.open_group(args.tokens, mode="r")["heldout"][:]).long()
     model_dir = prepare_smollm2()
     t = time.perf_counter()
-    sums, fingerprint = streamed_sums(Checkpoint(model_dir), heldout, bundle.codecs, bundle.cache, STEP)
+    sums, fingerprint = streamed_sums(Checkpoint(model_dir), heldout, bundle.codecs, bundle.cache)
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
-    streamed = metrics_from([sums], bundle.codecs, kv_dim, bundle.cache, tuple(heldout.shape), STEP)
+    streamed = metrics_from([sums], bundle.codecs, kv_dim, bundle.cache, tuple(heldout.shape))
     streamed_s = time.perf_counter() - t
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    whole = validate(model, heldout, bundle, step=STEP)
+    whole = validate(model, heldout, bundle)
     whole_s = time.perf_counter() - t
     print(json.dumps({"bundle": args.bundle, "heldout": list(heldout.shape),
                       "streamed": {k: streamed[k] for k in KEYS}, "whole": {k: whole[k] for k in KEYS},

@@ -73,9 +73,9 @@ def collect_worker(model_dir: str, tokens_path: str, start: int, stop: int, stor
 
 
 def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, codecs: list, cache: Any,
-                    dtype: str, step: int) -> tuple[dict, dict]:
+                    dtype: str) -> tuple[dict, dict]:
     """Held-out sequences ``[start, stop)``: exact and AQUA-KV NLL sums on the checkpoint streamed one layer at a
-    time (:func:`pipeline.validate.streamed_sums`), and the model fingerprint."""
+    time (:func:`pipeline.validate.streamed_sums`, decode's chunks), and the model fingerprint."""
     import torch
     import zarr
 
@@ -84,7 +84,7 @@ def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, cod
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heldout = torch.from_numpy(zarr.open_group(tokens_path, mode="r")["heldout"][start:stop]).long()
-    return streamed_sums(Checkpoint(model_dir), heldout, codecs, cache, step, device, getattr(torch, dtype))
+    return streamed_sums(Checkpoint(model_dir), heldout, codecs, cache, device=device, dtype=getattr(torch, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------

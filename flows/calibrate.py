@@ -181,7 +181,7 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
 
     from cluster.workers import ray_map, validate_worker
     from pipeline.chain import shard_ranges
-    from pipeline.validate import STEP, check_gate, metrics_from
+    from pipeline.validate import check_gate, metrics_from
 
     logger = get_run_logger()
     shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
@@ -191,10 +191,10 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tup
                 len(shards))
     n = len(shards)
     results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards], [b for _, b in shards],
-                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n, [STEP] * n)
+                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n)
     fingerprint = results[0][1]
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
-    metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, STEP, fits)
+    metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, fits=fits)
     seconds = {k: max(sums["seconds"][k] for sums, _ in results) for k in results[0][0]["seconds"]}
     logger.info("validate seconds (slowest worker): %s", _seconds(seconds))
     logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",

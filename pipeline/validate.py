@@ -1,9 +1,13 @@
 """Held-out validation of a bundle: perplexity with the exact cache vs the AQUA-KV cache, and a quality gate.
 
-Tokens are fed in ``step``-token chunks so that the AQUA-KV cache really compresses during the pass (a single
-full-sequence forward would attend to exact keys and values only). Held-out sequences too short for any prediction
-to read a compressed token (they never leave the exact sinks + recent window) are refused: such a validation
-measures nothing, and the gate refuses metrics where no prediction read a compressed token.
+Tokens are fed in chunks so that the AQUA-KV cache really compresses during the pass (a single full-sequence forward
+would attend to exact keys and values only). By default the chunks end where the recent window fills
+(:func:`aquakv.eval.decode_chunking`: one recent window per chunk after a first chunk of sinks + one window), so every
+held-out token attends to exactly the compressed and exact tokens it would see decoded alone, in the fewest layer
+calls; an explicit ``step`` feeds fixed ``step``-token chunks instead (tests, the quality benchmark's protocol).
+Held-out sequences too short for any prediction to read a compressed token (they never leave the exact sinks + recent
+window) are refused: such a validation measures nothing, and the gate refuses metrics where no prediction read a
+compressed token.
 
 Two ways to run the same passes: :func:`validate` on a model in memory (tests, benchmarks), and
 :func:`streamed_sums` on a :class:`pipeline.checkpoint.Checkpoint` read one decoder layer at a time, what the flow's
@@ -32,14 +36,13 @@ from aquakv.codec import LayerCodec
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig
 from aquakv.errors import CalibrationError
-from aquakv.eval import window_nll
+from aquakv.eval import chunk_starts, decode_chunking, window_nll
 from aquakv.family import LayerSpec, cache_kwarg, kv_heads, layer_inputs, rotary_module
 from aquakv.kernels.settings import KernelSettings
 from aquakv.rope import remember_positions
 from pipeline.checkpoint import Checkpoint, LayerStream
 from pipeline.solve import LayerFit
 
-STEP = 32  # held-out tokens per forward pass: the cache compresses between passes
 EXACT_STEP = 256  # the exact pass's chunk: its NLL does not depend on the chunking, so fewer, larger chunks
 
 
@@ -57,34 +60,50 @@ def attention_backends() -> AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def compressed_predictions(length: int, cache: CacheConfig, step: int) -> int:
-    """How many of the ``length - 1`` predictions of one sequence fed in ``step``-token chunks attend to compressed
-    tokens: the cache compresses after the first chunk that fills sinks + recent window; later chunks read them."""
+def chunking(layout: CacheConfig, step: int | None) -> tuple[int, int | None]:
+    """``(step, first)`` of the AQUA-KV pass (:func:`aquakv.eval.chunk_starts`): fixed ``step``-token chunks, or with
+    ``step=None`` the chunks of token-by-token decode (:func:`aquakv.eval.decode_chunking`)."""
+    return decode_chunking(layout) if step is None else (step, None)
+
+
+def _first_compressed_read(layout: CacheConfig, step: int | None) -> int:
+    """Where the first chunk that reads compressed tokens starts: the cache compresses after the first chunk that
+    fills sinks + recent window."""
+    step, first = chunking(layout, step)
+    end = step if first is None else first
+    while end - layout.sinks < layout.recent_window:
+        end += step
+    return end
+
+
+def compressed_predictions(length: int, cache: CacheConfig, step: int | None = None) -> int:
+    """How many of the ``length - 1`` predictions of one sequence fed in chunks (:func:`chunking`) attend to
+    compressed tokens."""
     if not cache.compress:
         return 0
-    first = math.ceil((cache.sinks + cache.recent_window) / step) * step
-    return max(0, length - 1 - first)
+    return max(0, length - 1 - _first_compressed_read(cache, step))
 
 
-def check_heldout_length(length: int, layout: CacheConfig, step: int = STEP) -> None:
+def check_heldout_length(length: int, layout: CacheConfig, step: int | None = None) -> None:
     """Refuse held-out rows too short for any prediction to read a compressed token (the flow checks it up front)."""
     if layout.compress and not compressed_predictions(length, layout, step):
         raise CalibrationError(
             f"held-out sequences of {length} tokens never leave the exact sinks + recent window ({layout.sinks} + "
-            f"{layout.recent_window} tokens, fed {step} at a time), so validation would measure nothing: use held-out "
-            f"sequences longer than {math.ceil((layout.sinks + layout.recent_window) / step) * step + 1} tokens "
-            "(seq_len, heldout_seq_len) or a smaller recent window"
+            f"{layout.recent_window} tokens), so validation would measure nothing: use held-out sequences longer "
+            f"than {_first_compressed_read(layout, step) + 1} tokens (seq_len, heldout_seq_len) or a smaller recent "
+            "window"
         )
 
 
-def _check_heldout(tokens_heldout: torch.Tensor, layout: CacheConfig, step: int) -> None:
+def _check_heldout(tokens_heldout: torch.Tensor, layout: CacheConfig, step: int | None) -> None:
     if tokens_heldout.ndim != 2 or tokens_heldout.shape[1] < 2 or tokens_heldout.shape[0] < 1:
         raise CalibrationError(f"held-out tokens must be [n >= 1, T >= 2], got {tuple(tokens_heldout.shape)}")
     check_heldout_length(tokens_heldout.shape[1], layout, step)
 
 
 def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int, layout: CacheConfig,
-                 heldout_shape: tuple[int, int], step: int, fits: Sequence[LayerFit] | None = None) -> dict:
+                 heldout_shape: tuple[int, int], step: int | None = None,
+                 fits: Sequence[LayerFit] | None = None) -> dict:
     """Held-out metrics from per-batch sums ``{nll_exact, nll_aquakv, count, cache_bits, cached_values}``: see
     :func:`validate`."""
     total = {k: sum(p[k] for p in sums) for k in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values")}
@@ -95,7 +114,8 @@ def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int
         "ppl_aquakv": ppl_aquakv,
         "ppl_increase": ppl_aquakv / ppl_exact - 1,
         "tokens": total["count"],
-        "step": step,
+        "step": chunking(layout, step)[0],
+        "first_chunk": chunking(layout, step)[1] or chunking(layout, step)[0],
         "bits_per_value": bits_per_value(list(codecs), kv_dim),
         "cache_bits_per_value": total["cache_bits"] / total["cached_values"],
         "compressed_predictions": heldout_shape[0] * compressed_predictions(heldout_shape[1], layout, step),
@@ -109,18 +129,18 @@ def validate(
     model: torch.nn.Module,
     tokens_heldout: torch.Tensor,
     bundle: Bundle,
-    step: int = STEP,
+    step: int | None = None,
     cache: CacheConfig | None = None,
     fits: Sequence[LayerFit] | None = None,
     batch_size: int = 8,
 ) -> dict:
     """Held-out metrics of ``bundle`` on ``tokens_heldout [n, T]`` with ``model`` in memory.
 
-    ``cache`` overrides the bundle's cache layout. Returns ``ppl_exact``, ``ppl_aquakv``, ``ppl_increase``
-    (relative: ``ppl_aquakv / ppl_exact - 1``), ``tokens``, ``bits_per_value`` (the codes: index, scales, total),
-    ``cache_bits_per_value`` (bits the AQUA-KV cache held per key/value at the end of each sequence, exact sinks
-    and recent window included), ``compressed_predictions`` (predictions that read compressed tokens) and, with
-    ``fits``, ``layers``: each layer's fit metrics.
+    ``cache`` overrides the bundle's cache layout; ``step``: see :func:`chunking`. Returns ``ppl_exact``,
+    ``ppl_aquakv``, ``ppl_increase`` (relative: ``ppl_aquakv / ppl_exact - 1``), ``tokens``, ``bits_per_value`` (the
+    codes: index, scales, total), ``cache_bits_per_value`` (bits the AQUA-KV cache held per key/value at the end of each
+    sequence, exact sinks and recent window included), ``compressed_predictions`` (predictions that read compressed
+    tokens) and, with ``fits``, ``layers``: each layer's fit metrics.
     """
     layout = cache or bundle.cache
     _check_heldout(tokens_heldout, layout, step)
@@ -129,26 +149,27 @@ def validate(
     sums = []
     for rows in tokens_heldout.long().split(batch_size):
         with attention_backends():
-            sums.append(_window_sums(model, rows, bundle, cache, step, values_per_token))
+            sums.append(_window_sums(model, rows, bundle, layout, step, values_per_token))
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     return metrics_from(sums, bundle.codecs, kv_dim, layout, tuple(tokens_heldout.shape), step, fits)
 
 
-def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, cache: CacheConfig | None, step: int,
+def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, layout: CacheConfig, step: int | None,
                  values_per_token: int) -> dict:
-    exact, _ = window_nll(model, rows, DynamicCache(config=model.config), max(step, EXACT_STEP))
-    aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=cache, kernels=validation_kernels())
-    aquakv, n = window_nll(model, rows, aquakv_cache, step)
+    exact, _ = window_nll(model, rows, DynamicCache(config=model.config), EXACT_STEP)
+    aquakv_cache = AquaKVCache.from_bundle(bundle, model, cache=layout, kernels=validation_kernels())
+    aquakv, n = window_nll(model, rows, aquakv_cache, *chunking(layout, step))
     return {"nll_exact": exact, "nll_aquakv": aquakv, "count": n, "cache_bits": 8 * aquakv_cache.nbytes(),
             "cached_values": values_per_token * rows.numel()}
 
 
 @torch.no_grad()
 def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32,
-                 on_layer: Callable[[int, nn.Module], None] | None = None) -> tuple[float, int]:
-    """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks through ``cache``, with
-    the checkpoint streamed one decoder layer at a time (each loaded once; ``on_layer(i, layer)`` sees it first).
+                 dtype: torch.dtype = torch.float32, on_layer: Callable[[int, nn.Module], None] | None = None,
+                 first: int | None = None) -> tuple[float, int]:
+    """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks (the first ``first``)
+    through ``cache``, with the checkpoint streamed one decoder layer at a time (each loaded once; ``on_layer(i,
+    layer)`` sees it first).
 
     A first pass records, per chunk, the hidden states entering layer 0 and every layer's call (mask, position
     embeddings, cache position) from the model's own forward, against a ``DynamicCache`` of zeros advanced chunk by
@@ -157,19 +178,19 @@ def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, d
     restored before layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a
     whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`)."""
     with attention_backends():
-        return _streamed_nll(ckpt, ids, cache, step, device, dtype, on_layer)
+        return _streamed_nll(ckpt, ids, cache, chunk_starts(ids.shape[1], step, first), device, dtype, on_layer)
 
 
-def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device,
+def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, starts: list[int], device: str | torch.device,
                   dtype: torch.dtype, on_layer: Callable[[int, nn.Module], None] | None) -> tuple[float, int]:
     ids = ids.to(device)
     base = ckpt.base(torch.device(device), dtype)
     rotary = rotary_module(base)
     tracker = DynamicCache(config=ckpt.config)
-    starts = list(range(0, ids.shape[1] - 1, step))
+    stops = [*starts[1:], ids.shape[1]]
     hidden, calls, positions = [], [], []
-    for start in starts:
-        chunk = ids[:, start:start + step]
+    for start, stop in zip(starts, stops, strict=True):
+        chunk = ids[:, start:stop]
         pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
         h, layer_calls = layer_inputs(base, input_ids=chunk, position_ids=pos, use_cache=True,
                                       **cache_kwargs(base, tracker))
@@ -203,8 +224,8 @@ def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, 
             cache.forget_reconstructions(i)
         states = saved if stateful else None
     total, count = 0.0, 0
-    for c, start in enumerate(starts):
-        targets = ids[:, start + 1:start + step + 1]
+    for c, (start, stop) in enumerate(zip(starts, stops, strict=True)):
+        targets = ids[:, start + 1:stop + 1]
         logits = ckpt.logits(hidden[c], tuple_out)[:, :targets.shape[1]]
         total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                          targets.reshape(-1), reduction="sum"))
@@ -213,12 +234,13 @@ def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, 
 
 
 def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequence[LayerCodec], layout: CacheConfig,
-                  step: int = STEP, device: str | torch.device = "cpu",
+                  step: int | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
     exact pass (``DynamicCache``, :data:`EXACT_STEP`-token chunks) also probes each layer's :class:`LayerSpec` and
     the model fingerprint, then the AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in
-    place). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass) and the fingerprint."""
+    place; chunks: :func:`chunking`). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass) and
+    the fingerprint."""
     _check_heldout(tokens_heldout, layout, step)
     specs: dict[int, LayerSpec] = {}
     probes: dict[str, torch.Tensor] = {}
@@ -232,14 +254,14 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
 
     rows = tokens_heldout.long()
     t0 = time.perf_counter()
-    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), max(step, EXACT_STEP), device, dtype,
-                                probe)
+    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), EXACT_STEP, device, dtype, probe)
     t1 = time.perf_counter()
     spec_list = [specs[i] for i in range(ckpt.num_layers)]
     fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
     cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton), kernels=validation_kernels(),
                         specs=spec_list)
-    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype)
+    step, first = chunking(layout, step)
+    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype, first=first)
     seconds = {"exact": round(t1 - t0, 3), "aquakv": round(time.perf_counter() - t1, 3)}
     return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
              "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel(), "seconds": seconds}, fingerprint)

@@ -13,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from aquakv.bundle import decode_bundle, encode_bundle, fingerprint_of
 from aquakv.config import CacheConfig, CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError
-from aquakv.eval import window_nll
+from aquakv.eval import chunk_starts, decode_chunking, window_nll
 from pipeline.fit import fit_all
 from pipeline.inputs import check_inputs
 from pipeline.validate import check_gate, compressed_predictions, validate
@@ -58,6 +58,44 @@ def fitted(model: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory):
     fits = fit_all(tmp / "activations.zarr", tmp / "work", cfg, progress=False)
     files = encode_bundle([f.codec for f in fits], CacheConfig(sinks=4, recent_window=16), fingerprint_of(model))
     return fits, decode_bundle(files)
+
+
+def test_chunk_starts() -> None:
+    assert chunk_starts(10, 4) == [0, 4, 8]
+    assert chunk_starts(9, 4) == [0, 4]  # the last token is only a target
+    assert chunk_starts(40, 16, first=20) == [0, 20, 36]
+    assert chunk_starts(1, 4) == []
+    with pytest.raises(ValueError, match=">= 1 token"):
+        chunk_starts(10, 0)
+
+
+def test_decode_chunks_give_token_by_token_decode(model: LlamaForCausalLM, fitted) -> None:
+    """Validation's default chunks (each ends where the recent window fills) give the NLL of feeding one token at a
+    time, what a generated token sees; fixed 8-token chunks do not (some tokens see more exact ones). Attention is
+    sharpened (q, k x 8) so that which tokens are exact shows in the NLL."""
+    from aquakv.cache import AquaKVCache
+    from aquakv.kernels import KernelSettings
+
+    _, bundle = fitted
+    sharp = LlamaForCausalLM(model.config).eval()
+    sharp.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in sharp.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(4))
+    kernels = KernelSettings(enabled=False, attention="full", keep_reconstructions=True)
+
+    def nll(step: int, first: int | None = None) -> float:
+        cache = AquaKVCache(bundle.codecs, bundle.cache, sharp.model.rotary_emb, kernels=kernels)  # not its bundle
+        return window_nll(sharp, ids, cache, step, first)[0]
+
+    assert decode_chunking(bundle.cache) == (16, 20)
+    by_token = nll(1)
+    assert nll(*decode_chunking(bundle.cache)) == pytest.approx(by_token, rel=1e-6)
+    assert nll(8, 20) == pytest.approx(by_token, rel=1e-6)  # any chunks that end where the window fills
+    assert abs(nll(8) / by_token - 1) > 2e-5
+    assert compressed_predictions(96, bundle.cache) == 95 - 20
 
 
 def test_chunked_nll_matches_full_forward(model: LlamaForCausalLM) -> None:
