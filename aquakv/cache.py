@@ -113,6 +113,75 @@ class _Shared:
         return cos[:, start:stop], sin[:, start:stop]
 
 
+class _ExactTokens:
+    """One layer's exact tokens, the sinks then the recent window, in one buffer per tensor ``[B, H, capacity, hd]``.
+
+    A step's tokens are written in place and the attention reads sinks + window as one view: no ``torch.cat`` of the
+    exact segment per layer and step (there were four). Window tokens just compressed stay in the buffer until
+    :meth:`settle` (``pending``): on the fused path the view this pass's attention reads must not change before it
+    has run, so they go at the next write."""
+
+    def __init__(self, like: torch.Tensor, reserve: int):
+        """``like``: a ``[B, H, T, hd]`` tensor of the layer's states; ``reserve``: the capacity decode needs (sinks +
+        recent window: the window is compressed when it fills)."""
+        self.reserve = reserve
+        self.keys = like.new_empty(*like.shape[:2], reserve, like.shape[-1])
+        self.values = torch.empty_like(self.keys)
+        self.sinks = self.length = self.pending = 0  # sink tokens; tokens held; compressed tokens after the sinks
+
+    def _resize(self, capacity: int) -> None:
+        keys, values = self.keys, self.values
+        self.keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        self.values = torch.empty_like(self.keys)
+        self.keys[:, :, :self.length] = keys[:, :, :self.length]
+        self.values[:, :, :self.length] = values[:, :, :self.length]
+
+    def settle(self) -> None:
+        """Drop the pending compressed tokens: the window's tail moves down behind the sinks (once per window)."""
+        if self.pending:
+            s, p, n = self.sinks, self.pending, self.length
+            for buf in (self.keys, self.values):
+                buf[:, :, s:n - p] = buf[:, :, s + p:n].clone()
+            self.length, self.pending = n - p, 0
+            if self.keys.shape[2] > max(self.length, self.reserve):  # after a prompt or a multi-token step
+                self._resize(max(self.length, self.reserve))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, sinks: int) -> None:
+        """Write ``[B, H, q, hd]`` states after the held tokens; the first ``sinks`` of them are sinks (only while
+        the window is empty: sinks are the first tokens of the sequence)."""
+        self.settle()
+        end = self.length + keys.shape[-2]
+        if end > self.keys.shape[2]:
+            self._resize(max(end, self.reserve))
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length, self.sinks = end, self.sinks + sinks
+
+    def compressed(self, count: int) -> None:
+        """The window's oldest ``count`` tokens were compressed: no longer part of the window."""
+        self.pending += count
+
+    def drop(self, sinks: int, window: int) -> None:
+        """Drop the oldest ``sinks`` sinks and ``window`` window tokens (sliding layers)."""
+        self.settle()
+        s = self.sinks
+        for buf in (self.keys, self.values):
+            keep = torch.cat([buf[:, :, sinks:s], buf[:, :, s + window:self.length]], 2)
+            buf[:, :, :keep.shape[2]] = keep
+        self.sinks, self.length = s - sinks, self.length - sinks - window
+
+    def views(self) -> tuple[Pair, Pair, Pair]:
+        """``(sinks + window, sinks, window)`` as (keys, values) views of the buffers."""
+        s, n = self.sinks, self.length
+        k, v = self.keys, self.values
+        return (k[:, :, :n], v[:, :, :n]), (k[:, :, :s], v[:, :, :s]), (k[:, :, s + self.pending:n],
+                                                                        v[:, :, s + self.pending:n])
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
 def _cat_blocks(a: EncodedBlock | None, b: EncodedBlock) -> EncodedBlock:
     if a is None:
         return b
@@ -138,7 +207,8 @@ class AquaKVLayer(CacheLayerMixin):
         self.layer_idx, self.codec, self.config, self.shared = layer_idx, codec, config, shared
         self.rope, self.window = spec.rope, spec.window
         self.is_sliding = spec.window is not None
-        self.sink_keys = self.sink_values = None
+        self.exact: _ExactTokens | None = None
+        self.sink_keys = self.sink_values = None  # views of ``exact``, as ``keys`` / ``values`` (the window)
         self.compressed: EncodedBlock | None = None
         self.compressed_len = 0  # compressed tokens held
         self.compressed_start = 0  # compressed tokens dropped (sliding layers): index of the first one held
@@ -147,9 +217,8 @@ class AquaKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        empty = key_states[:, :, :0]
-        self.sink_keys, self.sink_values = empty, value_states[:, :, :0]
-        self.keys, self.values = empty, value_states[:, :, :0]  # the exact recent window
+        self.exact = _ExactTokens(key_states, self.config.sinks + self.config.recent_window)
+        self._refresh()
         shared = self.shared
         if shared.backend is None:
             shared.codecs = [c.to(self.device) for c in shared.codecs]
@@ -173,6 +242,7 @@ class AquaKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = self.sink_keys = self.sink_values = self.compressed = self.kept = None
+        self.exact = None
         self.compressed_len = self.compressed_start = self.cumulative = 0
         if self.layer_idx == 0:
             self.shared.positions = None
@@ -222,7 +292,8 @@ class AquaKVLayer(CacheLayerMixin):
         self.shared.chains[self.window] = (old, recon)
         self.compressed = _cat_blocks(self.compressed, block)
         self.compressed_len += count
-        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+        self.exact.compressed(count)
+        self._refresh()
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: once a block more than ``window - 1`` tokens is held, drop the oldest (sinks, then
@@ -230,16 +301,16 @@ class AquaKVLayer(CacheLayerMixin):
         excess = self.sink_keys.shape[-2] + self.compressed_len + self.keys.shape[-2] - (self.window - 1)
         if excess < self.config.recent_window:
             return
-        n = min(excess, self.sink_keys.shape[-2])
-        self.sink_keys, self.sink_values = self.sink_keys[:, :, n:].clone(), self.sink_values[:, :, n:].clone()
-        excess -= n
+        sinks = min(excess, self.sink_keys.shape[-2])
+        excess -= sinks
         n = min(excess, self.compressed_len)
         if n:
             self.compressed = self.compressed.tail(n, copy=True)
             self.compressed_start += n
             self.compressed_len -= n
             excess -= n
-        self.keys, self.values = self.keys[:, :, excess:].clone(), self.values[:, :, excess:].clone()
+        self.exact.drop(sinks, excess)
+        self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Pair:
         if not self.is_initialized:
@@ -247,17 +318,13 @@ class AquaKVLayer(CacheLayerMixin):
         kv_length = self.get_mask_sizes(key_states.shape[-2])[0]
         n_sink = min(max(self.config.sinks - self.cumulative, 0), key_states.shape[-2])
         self.cumulative += key_states.shape[-2]
-        if n_sink:
-            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], -2)
-            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], -2)
         if self.layer_idx == 0:
             self._track_positions(key_states.shape[0], key_states.shape[-2], n_sink)
-        self.keys = torch.cat([self.keys, key_states[:, :, n_sink:]], -2)
-        self.values = torch.cat([self.values, value_states[:, :, n_sink:]], -2)
+        self.exact.append(key_states, value_states, n_sink)
+        (keys, values), _, _ = self._refresh()
 
-        if self.shared.fused_now(key_states.shape[-2]):  # exact segments only, tagged for the attention function
-            keys = torch.cat([self.sink_keys, self.keys], -2)
-            values = torch.cat([self.sink_values, self.values], -2)
+        fused = self.shared.fused_now(key_states.shape[-2])
+        if fused:  # exact segments only (views of the buffers), tagged for the attention function
             keys._aquakv_segments = Segments(self, self.compressed, self.compressed_len, self.sink_keys.shape[-2])
         else:
             old_keys, old_values = self._read_compressed()
@@ -267,10 +334,19 @@ class AquaKVLayer(CacheLayerMixin):
         window = self.config.recent_window
         if self.config.compress and self.keys.shape[-2] >= window:
             self._compress_window(self.keys.shape[-2] // window * window)
+            if not fused:  # what this pass attends to is a copy: the buffers may move now
+                self.exact.settle()
+                self._refresh()
         if self.window is not None:
             self._drop_outside_window()
             keys, values = keys[:, :, -kv_length:], values[:, :, -kv_length:]
         return keys, values
+
+    def _refresh(self) -> tuple[Pair, Pair, Pair]:
+        """Point ``sink_keys`` / ``sink_values`` and ``keys`` / ``values`` (the window) at the exact buffers."""
+        views = self.exact.views()
+        (self.sink_keys, self.sink_values), (self.keys, self.values) = views[1], views[2]
+        return views
 
     def _track_positions(self, batch: int, new: int, n_sink: int) -> None:
         self.shared.rope_memo = {}
@@ -285,11 +361,10 @@ class AquaKVLayer(CacheLayerMixin):
         self.shared.positions = pos if old is None else torch.cat([old, pos.to(old.device)], 1)
 
     def nbytes(self) -> int:
-        """Bytes this layer holds between steps: codes, scales, exact sinks and exact window."""
+        """Bytes this layer holds between steps: codes, scales, the exact sinks and window's buffers."""
         if not self.is_initialized:
             return 0
-        exact = sum(t.numel() * t.element_size() for t in (self.sink_keys, self.sink_values, self.keys, self.values))
-        return exact + (self.compressed.nbytes if self.compressed is not None else 0)
+        return self.exact.nbytes + (self.compressed.nbytes if self.compressed is not None else 0)
 
 
 class AquaKVCache(Cache):

@@ -148,7 +148,9 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         def rnd(n: int) -> torch.Tensor:
             return torch.randn(batch, kv_heads, n, head_dim, device=DEV, dtype=torch.bfloat16)
 
-        layer.sink_keys, layer.sink_values, layer.keys, layer.values = rnd(4), rnd(4), rnd(window), rnd(window)
+        layer.exact.append(rnd(4), rnd(4), 4)
+        layer.exact.append(rnd(window), rnd(window), 0)
+        layer._refresh()
         bits = layer.codec.keys.config.index_bits
         layer.compressed = EncodedBlock(random_block(batch, tokens, d, bits), random_block(batch, tokens, d, bits))
         layer.compressed_len = tokens

@@ -103,7 +103,7 @@ def test_update_returns_tagged_exact_segments_only_when_the_model_attends_throug
     k = torch.randn(1, 2, 1, 16)
     keys, _ = fused.update(k, k, 1)  # layer 1: no position tracking needed
     assert keys.shape[-2] == 4 + fused.layers[1].keys.shape[-2] and hasattr(keys, "_aquakv_segments")
-    fused.layers[1].keys, fused.layers[1].values = fused.layers[1].keys[:, :, :-1], fused.layers[1].values[:, :, :-1]
+    fused.layers[1].exact.length -= 1  # undo the update: the step below appends its own token
     model.set_attn_implementation("sdpa")  # the model no longer routes attention to the fused path
     try:
         with torch.no_grad():  # q_len 1, no padding: sdpa gets no mask, so short keys would pass silently

@@ -178,7 +178,10 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
         empty = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=DEV)
         layer.lazy_initialization(empty, empty)
         rnd = lambda n: torch.randn(batch, kv_heads, n, head_dim, generator=gen).to(DEV, dtype)  # noqa: E731
-        layer.sink_keys, layer.sink_values, layer.keys, layer.values = rnd(4), rnd(4), rnd(window), rnd(window)
+        sink_keys, sink_values, keys, values = rnd(4), rnd(4), rnd(window), rnd(window)
+        layer.exact.append(sink_keys, sink_values, 4)
+        layer.exact.append(keys, values, 0)
+        layer._refresh()
         blocks = [_random_block(gen, batch, tokens, d, codec.keys.config.index_bits) for _ in range(2)]
         layer.compressed, layer.compressed_len = EncodedBlock(*blocks), tokens
     pos = torch.arange(4, 4 + tokens + window, dtype=torch.int32)[None] + 3 * torch.arange(batch, dtype=torch.int32)[
