@@ -100,6 +100,7 @@ class Checkpoint:
         self._placed: tuple[torch.device, torch.dtype] | None = None
         self._calls: dict[tuple, list[LayerCall]] = {}
         self._specs: dict[int, LayerSpec] = {}
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # load_layer's, one per GPU
 
     def _find_base_keys(self) -> dict[str, str]:
         """Base-model tensors outside the decoder layers (local name -> checkpoint name), e.g. the embedding."""
@@ -141,13 +142,19 @@ class Checkpoint:
         return self._read(self._layer_keys[i])
 
     def load_layer(self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Decoder layer ``i`` (the model's own class) built on meta, weights assigned on ``device``, eval mode."""
+        """Decoder layer ``i`` (the model's own class) built on meta, weights assigned on ``device``, eval mode.
+
+        On a GPU the bytes go through pinned memory on a side stream (:meth:`_to_gpu`), so that a prefetching thread's
+        copies overlap the kernels of the layer in use instead of queueing with them."""
         with torch.device("meta"):  # thread-local, unlike init_empty_weights: layers load in prefetch threads
             layer = self.layer_cls(self.config, layer_idx=i)
-        state = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-            for k, v in self.layer_tensors(i).items()
-        }
+        device = torch.device(device)
+        tensors = self.layer_tensors(i)
+        if device.type == "cuda":
+            state = self._to_gpu(tensors, device, dtype)
+        else:
+            state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                     for k, v in tensors.items()}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -155,6 +162,27 @@ class Checkpoint:
         if any(t.is_meta for t in chain(layer.parameters(), layer.buffers())):
             raise CalibrationError(f"{self.layer_cls.__name__} has state not stored in the checkpoint")
         return layer.to(device).requires_grad_(False).eval()
+
+    def _to_gpu(self, tensors: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """CPU tensors onto ``device`` (floating ones in ``dtype``) through pinned memory on this checkpoint's copy
+        stream; returns once they have landed. A pageable copy waits in the device's queue behind (and in front of) the
+        running kernels: 77% of a 70B validation pass's GPU time was such copies, at ~3.6 GB/s (H100, 2026-11-26). The
+        tensors are marked as used by the device's default stream (the layers run there), so that their memory, once
+        freed, is not handed to the next load before the kernels reading it are done."""
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        stream = self._copy_streams.setdefault(device, torch.cuda.Stream(device))
+        out = {}
+        with torch.cuda.stream(stream):
+            for k, v in tensors.items():
+                t = v.pin_memory().to(device, non_blocking=True)
+                out[k] = t.to(dtype) if t.is_floating_point() else t
+        stream.synchronize()
+        consumer = torch.cuda.default_stream(device)
+        for t in out.values():
+            t.record_stream(consumer)
+        return out
 
     def base(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """The skeleton's base model with its own tensors (embedding, buffers) on ``device`` in ``dtype``."""

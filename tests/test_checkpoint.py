@@ -64,6 +64,29 @@ def test_load_layer_casts_and_freezes(sharded: Path) -> None:
     assert not layer.training
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_loads_through_pinned_memory_give_the_same_layers(sharded: Path) -> None:
+    """The pinned, side-stream copies land the checkpoint's bytes (cast like the CPU path), and layers streamed onto
+    the GPU while the previous one runs compute what the CPU layers compute."""
+    ckpt = Checkpoint(sharded)
+    for dtype in (torch.float32, torch.bfloat16):
+        gpu, cpu = ckpt.load_layer(1, "cuda", dtype), ckpt.load_layer(1, "cpu", dtype)
+        for (name, a), (_, b) in zip(gpu.state_dict().items(), cpu.state_dict().items(), strict=True):
+            assert a.is_cuda and a.dtype == b.dtype and torch.equal(a.cpu(), b), name
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    with torch.no_grad():
+        for device in ("cpu", "cuda"):
+            ckpt = Checkpoint(sharded)
+            hidden = ckpt.embed(ids, device)
+            for _ in range(3):  # several passes: freed layers' memory is reused by the next loads
+                h = hidden
+                for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device):
+                    h, _, _ = ckpt.forward_layer(i, layer, h)
+            outs[device] = h.cpu()
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-4, atol=1e-4)
+
+
 def test_missing_shard_is_named(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path, num_layers=2, shards=2)
     shard = sorted(path.glob("model-*.safetensors"))[1]
