@@ -91,9 +91,10 @@ def bundle_tensors(uri: str) -> dict[str, bytes]:
 def project(rec: dict, args: argparse.Namespace) -> float:
     """Minutes for 80 layers x 2M tokens. Resident collect+fit: the steady per-layer time (the median of layers
     1..L-1, from the stage's own breakdown) scales with layers x tokens; the rest of the stage (worker start-up,
-    layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: its two
-    passes scale with layers (the held-out size stays the run's), the workers' start once. Staged stages scale
-    whole. Start-up, data and publish as measured."""
+    layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: each of its two
+    passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the run's), the
+    rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once. Staged stages
+    scale whole. Start-up, data and publish as measured."""
     s, detail = rec["seconds"], rec.get("stage_seconds", {})
     tokens = args.samples * args.seq_len
     scale = (TARGET_LAYERS / args.layers) * (TARGET_TOKENS / tokens)
@@ -106,7 +107,11 @@ def project(rec: dict, args: argparse.Namespace) -> float:
         work = sum(s.get(k, 0.0) for k in ("collect", "fit", "collect_fit")) * scale
     v = detail.get("validate", {})
     passes = v.get("exact", 0.0) + v.get("aquakv", 0.0) if v else s["validate"]
-    validate = s["validate"] - passes + passes * TARGET_LAYERS / args.layers
+    if "exact_median_layer" in v:
+        steady = v["exact_median_layer"] + v["aquakv_median_layer"]
+        validate = s["validate"] + steady * (TARGET_LAYERS - args.layers)
+    else:
+        validate = s["validate"] - passes + passes * TARGET_LAYERS / args.layers
     fixed = sum(s.get(k, 0.0) for k in ("ray", "data", "publish"))
     startup = rec["whole_flow_s"] - sum(s.values())  # interpreter, Prefect's API, imports
     return (work + validate + fixed + startup) / 60

@@ -166,7 +166,7 @@ def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, lay
 @torch.no_grad()
 def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, on_layer: Callable[[int, nn.Module], None] | None = None,
-                 first: int | None = None) -> tuple[float, int]:
+                 first: int | None = None, layer_seconds: list[float] | None = None) -> tuple[float, int]:
     """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks (the first ``first``)
     through ``cache``, with the checkpoint streamed one decoder layer at a time (each loaded once; ``on_layer(i,
     layer)`` sees it first).
@@ -176,13 +176,16 @@ def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, d
     chunk (masks depend only on how many tokens each layer's cache holds). Then every chunk goes through layer
     ``l`` in order with the real ``cache``; an ``AquaKVCache``'s step state after layer ``l`` of chunk ``c`` is
     restored before layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a
-    whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`)."""
+    whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`).
+    ``layer_seconds`` receives each layer's wall seconds (its load wait included; the device synchronized after it)."""
     with attention_backends():
-        return _streamed_nll(ckpt, ids, cache, chunk_starts(ids.shape[1], step, first), device, dtype, on_layer)
+        return _streamed_nll(ckpt, ids, cache, chunk_starts(ids.shape[1], step, first), device, dtype, on_layer,
+                             layer_seconds)
 
 
 def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, starts: list[int], device: str | torch.device,
-                  dtype: torch.dtype, on_layer: Callable[[int, nn.Module], None] | None) -> tuple[float, int]:
+                  dtype: torch.dtype, on_layer: Callable[[int, nn.Module], None] | None,
+                  layer_seconds: list[float] | None) -> tuple[float, int]:
     ids = ids.to(device)
     base = ckpt.base(torch.device(device), dtype)
     rotary = rotary_module(base)
@@ -204,6 +207,7 @@ def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, starts: lis
     stateful = isinstance(cache, AquaKVCache)
     states: list[dict] | None = None
     tuple_out = False
+    mark = time.perf_counter()
     for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
         if on_layer is not None:
             on_layer(i, layer)
@@ -223,6 +227,11 @@ def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, starts: lis
         if stateful:
             cache.forget_reconstructions(i)
         states = saved if stateful else None
+        if layer_seconds is not None:
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            layer_seconds.append(time.perf_counter() - mark)
+            mark = time.perf_counter()
     total, count = 0.0, 0
     for c, (start, stop) in enumerate(zip(starts, stops, strict=True)):
         targets = ids[:, start + 1:stop + 1]
@@ -239,8 +248,8 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
     """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
     exact pass (``DynamicCache``, :data:`EXACT_STEP`-token chunks) also probes each layer's :class:`LayerSpec` and
     the model fingerprint, then the AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in
-    place; chunks: :func:`chunking`). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass) and
-    the fingerprint."""
+    place; chunks: :func:`chunking`). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass and
+    the median of its layers after the first) and the fingerprint."""
     _check_heldout(tokens_heldout, layout, step)
     specs: dict[int, LayerSpec] = {}
     probes: dict[str, torch.Tensor] = {}
@@ -253,16 +262,21 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
             probes["last"] = attention_weights(layer)[-1].float().cpu()
 
     rows = tokens_heldout.long()
+    per_layer: dict[str, list[float]] = {"exact": [], "aquakv": []}
     t0 = time.perf_counter()
-    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), EXACT_STEP, device, dtype, probe)
+    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), EXACT_STEP, device, dtype, probe,
+                                layer_seconds=per_layer["exact"])
     t1 = time.perf_counter()
     spec_list = [specs[i] for i in range(ckpt.num_layers)]
     fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
     cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton), kernels=validation_kernels(),
                         specs=spec_list)
     step, first = chunking(layout, step)
-    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype, first=first)
+    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype, first=first, layer_seconds=per_layer["aquakv"])
     seconds = {"exact": round(t1 - t0, 3), "aquakv": round(time.perf_counter() - t1, 3)}
+    for name, times in per_layer.items():  # the steady cost of a layer: the first also pays start-up and probes
+        steady = sorted(times[1:] or times)
+        seconds[f"{name}_median_layer"] = round(steady[len(steady) // 2], 3)
     return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
              "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel(), "seconds": seconds}, fingerprint)
 
