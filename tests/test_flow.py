@@ -163,10 +163,36 @@ def test_missing_shard_fails_clearly_and_publishes_nothing(harness, assets, tmp_
     assert not (assets["root"] / "c" / "registry").exists()
 
 
-def test_missed_gate_publishes_nothing(first_run, harness, assets):
-    with pytest.raises(CalibrationError, match="validation gate missed"):
-        q1 = {"dim": 1, "size": 2, "group_size": 32}  # 1 bit per value: perplexity must move
-        calibrate(config(assets, "a", keys=q1, values=q1, first_layer=q1, max_ppl_increase=1e-6, version="v9"))
+@pytest.fixture(scope="module")
+def trained_model(assets) -> str:
+    """The tiny checkpoint trained briefly on the flow's text: a random model's held-out perplexity can fall when its
+    cache is degraded (it is confidently wrong), a model that predicts the text loses when its cache is degraded."""
+    from transformers import AutoTokenizer
+
+    path = assets["root"] / "trained"
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    ids = tokenizer(Path(assets["data"]).read_text(), return_tensors="pt").input_ids[0]
+    rows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        batch = rows[torch.randint(0, len(rows), (16,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_missed_gate_publishes_nothing(first_run, harness, assets, trained_model):
+    q1 = {"dim": 1, "size": 2, "group_size": 32}  # 1 bit per value: the trained model's perplexity must rise
+    with pytest.raises(CalibrationError, match=r"validation gate missed.*\(\+[0-9.]+%\)"):
+        calibrate(config(assets, "a", model=trained_model, keys=q1, values=q1, first_layer=q1,
+                         max_ppl_increase=1e-6, version="v9"))
     assert not (assets["root"] / "a" / "registry" / "tiny" / "v9").exists()
     assert np.isfinite(first_run["ppl_aquakv"])
 
