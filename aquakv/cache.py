@@ -151,8 +151,8 @@ class _ExactTokens:
         the window is empty: sinks are the first tokens of the sequence)."""
         self.settle()
         end = self.length + keys.shape[-2]
-        if end > self.keys.shape[2]:
-            self._resize(max(end, self.reserve))
+        if end > self.keys.shape[2]:  # doubling: without compression the window grows by a token a step
+            self._resize(max(end, self.reserve, 2 * self.keys.shape[2]))
         self.keys[:, :, self.length:end] = keys
         self.values[:, :, self.length:end] = values
         self.length, self.sinks = end, self.sinks + sinks
