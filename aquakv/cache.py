@@ -140,8 +140,9 @@ class _ExactTokens:
         """Drop the pending compressed tokens: the window's tail moves down behind the sinks (once per window)."""
         if self.pending:
             s, p, n = self.sinks, self.pending, self.length
-            for buf in (self.keys, self.values):
-                buf[:, :, s:n - p] = buf[:, :, s + p:n].clone()
+            if n - p > s:  # in decode the whole window was compressed: nothing to move
+                for buf in (self.keys, self.values):
+                    buf[:, :, s:n - p] = buf[:, :, s + p:n].clone()
             self.length, self.pending = n - p, 0
             if self.keys.shape[2] > max(self.length, self.reserve):  # after a prompt or a multi-token step
                 self._resize(max(self.length, self.reserve))

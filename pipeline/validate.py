@@ -107,6 +107,7 @@ def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int
     """Held-out metrics from per-batch sums ``{nll_exact, nll_aquakv, count, cache_bits, cached_values}``: see
     :func:`validate`."""
     total = {k: sum(p[k] for p in sums) for k in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values")}
+    chunk, first = chunking(layout, step)
     ppl_exact = math.exp(total["nll_exact"] / total["count"])
     ppl_aquakv = math.exp(total["nll_aquakv"] / total["count"])
     metrics = {
@@ -114,8 +115,8 @@ def metrics_from(sums: Sequence[dict], codecs: Sequence[LayerCodec], kv_dim: int
         "ppl_aquakv": ppl_aquakv,
         "ppl_increase": ppl_aquakv / ppl_exact - 1,
         "tokens": total["count"],
-        "step": chunking(layout, step)[0],
-        "first_chunk": chunking(layout, step)[1] or chunking(layout, step)[0],
+        "step": chunk,
+        "first_chunk": first or chunk,
         "bits_per_value": bits_per_value(list(codecs), kv_dim),
         "cache_bits_per_value": total["cache_bits"] / total["cached_values"],
         "compressed_predictions": heldout_shape[0] * compressed_predictions(heldout_shape[1], layout, step),
