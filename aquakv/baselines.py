@@ -1,10 +1,11 @@
-"""Caches aquakv is compared against: exact, the same quantizer without predictors, KIVI-style 2-bit, quanto.
+"""Caches aquakv is compared against: exact, HIGGS without predictors, KIVI-style 2/3-bit, quanto.
 
 All are built by :func:`make_cache` from a method name, so evaluation and benchmarks share one switch.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -14,16 +15,39 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from aquakv.bundle import Bundle
 from aquakv.cache import AquaKVCache
+from aquakv.codec import Residual
 from aquakv.config import CacheConfig
+from aquakv.grids import gaussian_grid
 from aquakv.packing import pack, unpack
 
-METHODS = ("exact", "aquakv", "no-predictors", "kivi-2bit", "quanto-int2", "quanto-int4")
+METHODS = ("exact", "aquakv", "no-predictors", "kivi-2bit", "kivi-2bit-g32", "kivi-3bit", "quanto-int2",
+           "quanto-int4")
+_KIVI = re.compile(r"kivi-(\d)bit(?:-g(\d+))?")  # bits; the values' channel group (default 64)
 
 
 def without_predictors(bundle: Bundle) -> Bundle:
-    """The same per-layer quantizers with the inter-layer predictors removed."""
-    codecs = [replace(c, key_predictor=None, value_predictor=None) for c in bundle.codecs]
+    """HIGGS as published: each layer's quantizer config and Hadamard signs, the data-free Gaussian grid of its size
+    (not a grid fitted to the predictors' residuals), no inter-layer predictors."""
+    def plain(r: Residual) -> Residual:
+        return replace(r, grid=gaussian_grid(r.config.dim, r.config.size).to(r.grid))
+
+    codecs = [replace(c, keys=plain(c.keys), values=plain(c.values), key_predictor=None, value_predictor=None)
+              for c in bundle.codecs]
     return Bundle(codecs, bundle.cache, bundle.manifest)
+
+
+def kivi_bits(method: str, residual: int) -> float:
+    """Stored bits per compressed value of a ``kivi-<b>bit[-g<group>]`` method: keys carry an fp16 scale and zero per
+    channel per ``residual`` tokens, values per token per channel group; half the values are each."""
+    bits, group = _kivi_params(method)
+    return bits + 0.5 * (32 / residual) + 0.5 * (32 / group)
+
+
+def _kivi_params(method: str) -> tuple[int, int]:
+    m = _KIVI.fullmatch(method)
+    if m is None:
+        raise ValueError(f"unknown cache method {method!r}; choose from {', '.join(METHODS)}")
+    return int(m[1]), int(m[2] or 64)
 
 
 def _quantize_minmax(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,9 +143,10 @@ def make_cache(method: str, model: torch.nn.Module, bundle: Bundle | None = None
             raise ValueError(f"method {method!r} needs a bundle")
         b = bundle if method == "aquakv" else without_predictors(bundle)
         return lambda: AquaKVCache.from_bundle(b, model, cfg)
-    if method == "kivi-2bit":
+    if method.startswith("kivi-"):
+        bits, group = _kivi_params(method)
         n = model.config.num_hidden_layers
-        return lambda: Cache(layers=[KIVILayer(2, cfg.recent_window) for _ in range(n)])
+        return lambda: Cache(layers=[KIVILayer(bits, cfg.recent_window, group) for _ in range(n)])
     if method.startswith("quanto-int"):
         try:
             import optimum.quanto  # noqa: F401

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aquakv.baselines import make_cache
+from aquakv.baselines import kivi_bits, make_cache
 from aquakv.bundle import Bundle
 from aquakv.compat import cache_kwargs
 from aquakv.eval import perplexity, text_windows
@@ -67,7 +67,8 @@ CONFIGS: dict[str, dict] = {
     "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
                                          "exclude_sinks": True},
 }
-NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit")
+# configs also run without predictors (HIGGS: Gaussian grids; the fit-only levers dropped from the label)
+NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit", "aquakv-d4-k2.25v2-fitted-nosinks")
 EVAL_TEXTS = ("britannica", "kjv-heldout", "fiction", "technical")
 LONG_CONFIGS = ("exact", "aquakv-2bit", "no-predictors-2bit", "kivi-2bit")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -96,8 +97,8 @@ def method_bits(method: str, bundle: Bundle | None, model: torch.nn.Module) -> f
     """Stored bits per compressed value (index + scales/zeros), sinks and recent window excluded."""
     if bundle is not None:
         return bundle.bits_per_value()["total"]
-    if method == "kivi-2bit":  # keys: fp16 scale+zero per channel per 128 tokens; values: per token per 64 channels
-        return 2 + 0.5 * (32 / 128) + 0.5 * (32 / 64)
+    if method.startswith("kivi-"):
+        return kivi_bits(method, residual=128)  # the bench's recent window
     if method.startswith("quanto-int"):  # per 64 values: a scale and a shift in the model's dtype
         return int(method[-1]) + 2 * torch.finfo(next(model.parameters()).dtype).bits / 64
     return 16.0
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, bundle in bundles.items():
         methods[name] = ("aquakv", bundle)
         if name in NO_PREDICTOR_FOR:
-            methods[name.replace("aquakv", "no-predictors")] = ("no-predictors", bundle)
+            label = name.replace("aquakv", "no-predictors").removesuffix("-nosinks").removesuffix("-fitted")
+            methods[label] = ("no-predictors", bundle)
     for b in filter(None, args.baselines.split(",")):
         methods[b] = (b, None)
 
