@@ -114,8 +114,12 @@ class CalibrationConfig(_Frozen):
     # leave each sample's first cache.sinks tokens (exact at inference) out of the predictor and grid statistics
     exclude_sinks: bool = False
     # average stored bits/value (index + scales, all layers): each layer's keys and values get the grid size of
-    # keys.dim / values.dim that minimises the summed relative error (pipeline.budget); None: keys / values as given
+    # keys.dim / values.dim that minimises the expected loss increase (quantization error x the loss's Fisher
+    # sensitivity: pipeline.budget); None: keys / values as given
     bit_budget: float | None = Field(None, gt=0, le=16)
+    # bit budget only: calibration samples the loss's sensitivity to each layer's keys and values is measured on
+    # (pipeline.sensitivity: a streamed forward and backward pass; each layer's input kept on the host)
+    sensitivity_samples: int = Field(2, ge=1)
     cache: CacheConfig = CacheConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_ppl_increase: float = Field(0.05, gt=0)
@@ -141,6 +145,8 @@ class CalibrationConfig(_Frozen):
         if self.bit_budget is not None and (self.fit_mode != "chain" or self.resident):
             raise ValueError("bit_budget needs fit_mode: chain and resident: false (the allocation reads every "
                              "layer's activations before the chain starts)")
+        if self.bit_budget is not None and self.sensitivity_samples > self.num_samples:
+            raise ValueError(f"sensitivity_samples {self.sensitivity_samples} > num_samples {self.num_samples}")
         if self.heldout_seq_len is not None and self.seq_len % self.heldout_seq_len:
             raise ValueError(f"heldout_seq_len {self.heldout_seq_len} must divide seq_len {self.seq_len} (held-out "
                              "windows are cut from seq_len-token samples)")
@@ -171,8 +177,10 @@ class CalibrationConfig(_Frozen):
         """What the fitted layers depend on: the activations plus quantizers, damping, rank and fit mode."""
         fields = ("keys", "values", "first_layer", "damping", "predictor_rank", "predictor_rank_budget", "fit_mode",
                   "grids", "bit_budget")
+        extra = {} if self.bit_budget is None else {"sensitivity": ["fisher", self.sensitivity_samples]}
         blob = json.dumps({"collect": self.collect_digest(), **self.model_dump(mode="json", include=set(fields)),
-                           "skipped_tokens": self.skipped_tokens, "algorithm": FIT_ALGORITHM}, sort_keys=True).encode()
+                           "skipped_tokens": self.skipped_tokens, "algorithm": FIT_ALGORITHM, **extra},
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def digest(self) -> str:
@@ -181,6 +189,8 @@ class CalibrationConfig(_Frozen):
                 "write_activations", "resident_checkpoint_every"}
         if self.heldout_seq_len is None:  # (unset, it leaves the digests of earlier runs as they were)
             skip.add("heldout_seq_len")
+        if self.bit_budget is None:  # (only a bit budget reads it)
+            skip.add("sensitivity_samples")
         blob = json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

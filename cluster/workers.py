@@ -87,6 +87,20 @@ def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, cod
     return streamed_sums(Checkpoint(model_dir), heldout, codecs, cache, device=device, dtype=getattr(torch, dtype))
 
 
+def sensitivity_worker(model_dir: str, tokens_path: str, samples: int, sinks: int, dtype: str) -> dict:
+    """The loss's Fisher sensitivity to every layer's keys and values on the first ``samples`` calibration samples
+    (:func:`pipeline.sensitivity.fisher`, the checkpoint streamed forward then backward)."""
+    import torch
+    import zarr
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.sensitivity import fisher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = torch.from_numpy(zarr.open_group(tokens_path, mode="r")["calib"][:samples]).long()
+    return fisher(Checkpoint(model_dir), tokens, sinks, device=device, dtype=getattr(torch, dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # resident mode: one long-lived actor per shard (pipeline.resident), its samples kept on its GPU
 

@@ -111,14 +111,23 @@ def _log_fits(logger: Any, fits: list) -> None:
 
 
 @task(name="fit", cache_policy=NO_CACHE)
-def fit_stage(config: dict, activations: str) -> list:
-    """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks."""
+def fit_stage(config: dict, model_dir: str, tokens: str, activations: str) -> list:
+    """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks. A bit budget
+    first measures the loss's sensitivity to each layer's keys and values on one worker (streamed forward and
+    backward over ``sensitivity_samples`` calibration samples), unless its allocation is saved."""
     cfg = CalibrationConfig.model_validate(config)
-    from cluster.workers import ray_map
+    from cluster.workers import ray_map, sensitivity_worker
     from pipeline.fit import fit_all
 
     logger = get_run_logger()
-    fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map)
+
+    def sensitivity() -> dict:
+        logger.info("fit: measuring the loss's sensitivity to each layer's keys and values on %d samples",
+                    cfg.sensitivity_samples)
+        return ray_map(sensitivity_worker, [model_dir], [tokens], [cfg.sensitivity_samples], [cfg.cache.sinks],
+                       [cfg.dtype])[0]
+
+    fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map, sensitivity=sensitivity)
     _log_fits(logger, fits)
     return fits
 
@@ -249,7 +258,7 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
         fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, tokens)
     else:
         activations = timed("collect", collect_stage, config, model_dir, tokens)
-        fits = timed("fit", fit_stage, config, activations)
+        fits = timed("fit", fit_stage, config, model_dir, tokens, activations)
     metrics, fingerprint, detail["validate"] = timed("validate", validate_stage, config, model_dir, tokens, fits)
     uri = timed("publish", publish_stage, config, fits, metrics, fingerprint)
     logger.info("stage seconds: %s", _seconds(seconds))

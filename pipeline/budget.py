@@ -2,10 +2,10 @@
 
 Pure arithmetic over numbers the fit stage measures. Each (layer, kind) has options (quantizer configs of the run's
 grid dimension and group size, from 1 to 3 index bits per value) with a cost (stored bits per value) and an effect
-(expected relative error of that layer's keys or values: the grid's distortion per coordinate times the residual's
-energy relative to the data's, ``distortion(n) * E_residual / E_data``; the relative error of every layer is
-weighted alike). Greedy on the lower convex hull: start every item at its cheapest option and repeatedly take the
-upgrade that removes the most effect per extra bit while the average stays within the budget.
+(the expected increase of the model's loss: the grid's distortion per coordinate times the item's ``weight``, its
+residual energy after the predictor times the loss's sensitivity to that layer's keys or values,
+:mod:`pipeline.sensitivity`). Greedy on the lower convex hull: start every item at its cheapest option and repeatedly
+take the upgrade that removes the most effect per extra bit while the average stays within the budget.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aquakv.config import QuantizerConfig
 
 MIN_INDEX_BITS, MAX_INDEX_BITS, MAX_GRID = 1.0, 3.0, 1024
+Sensitivity = dict[str, list[float]]  # {"keys": [L], "values": [L]}: the loss's mean squared gradient per token
 
 
 def options(base: QuantizerConfig) -> list[QuantizerConfig]:
@@ -31,11 +32,12 @@ def options(base: QuantizerConfig) -> list[QuantizerConfig]:
 
 @dataclass(frozen=True)
 class Item:
-    """One layer's keys or values: ``relative_energy`` = residual energy after the predictor / data energy."""
+    """One layer's keys or values: ``weight`` = what one unit of grid distortion costs (residual energy per token
+    after the predictor x the loss's mean squared gradient per token)."""
 
     layer: int
     kind: str
-    relative_energy: float
+    weight: float
 
 
 def allocate(items: list[Item], choices: dict[str, list[QuantizerConfig]], distortion: dict[QuantizerConfig, float],
@@ -50,7 +52,7 @@ def allocate(items: list[Item], choices: dict[str, list[QuantizerConfig]], disto
         return choices[it.kind][i].bits_per_value
 
     def effect(it: Item, i: int) -> float:
-        return distortion[choices[it.kind][i]] * it.relative_energy
+        return distortion[choices[it.kind][i]] * it.weight
 
     spent = sum(cost(it, 0) for it in items)
     if spent > allowed + 1e-9:

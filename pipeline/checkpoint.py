@@ -263,7 +263,11 @@ class Checkpoint:
         """Logits ``[B, T, vocab]`` for what the last decoder layer returned, ``hidden [B, T, hidden]``: the model's
         own forward from there on (final norm, output head, any logit scale or softcap), its decoder layers
         replaced by replays of ``hidden`` (returned as a 1-tuple where the real layers return tuples)."""
-        model = self._head(hidden.device, hidden.dtype)
+        return self.head_forward(hidden, tuple_out)
+
+    def head_forward(self, hidden: torch.Tensor, tuple_out: bool = False) -> torch.Tensor:
+        """:meth:`logits` differentiable in ``hidden`` (the head's own tensors take no gradient)."""
+        model = self._head(hidden.device, hidden.dtype).requires_grad_(False)
         base = model.base_model
         layers = base.layers
         base.layers = nn.ModuleList([_Replay(hidden, tuple_out) for _ in layers])

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from aquakv.codec import LayerCodec
 from aquakv.config import CalibrationConfig, QuantizerConfig
+from pipeline.budget import Sensitivity
 from pipeline.chain import MapFn, fit_chain, shards_call
 from pipeline.solve import Allocation, ExactStats, LayerFit, allocate_bits, solve_parallel
 from pipeline.staged import layer_stats_exact, zarr_shards
@@ -66,9 +67,10 @@ def _solved_codecs(act_path: str, workdir: Path, cfg: CalibrationConfig, shards:
 
 
 def bit_allocation(act_path: str, workdir: Path, cfg: CalibrationConfig, shards: list[tuple[int, int]],
-                   map_fn: MapFn = map, device: str = "cpu") -> Allocation:
+                   sensitivity: Callable[[], Sensitivity], map_fn: MapFn = map, device: str = "cpu") -> Allocation:
     """``cfg.bit_budget`` spread over the layers (:func:`pipeline.solve.allocate_bits`) from one pass of exact-input
-    statistics. Saved in ``fit/budget.json`` (keyed by the fit digest) and reloaded on resume."""
+    statistics and ``sensitivity()`` (called only when no allocation is saved). Saved in ``fit/budget.json`` (keyed
+    by the fit digest, with the sensitivity it used) and reloaded on resume."""
     path = workdir / FIT_DIR / "budget.json"
     try:
         saved = json.loads(path.read_text())
@@ -77,16 +79,18 @@ def bit_allocation(act_path: str, workdir: Path, cfg: CalibrationConfig, shards:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     preds, stats = _exact_stats(act_path, cfg, shards, map_fn, device)
-    allocation = allocate_bits(stats, preds, cfg)
+    weights = sensitivity()
+    allocation = allocate_bits(stats, preds, cfg, weights)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"digest": cfg.fit_digest(), "allocation": [
+    atomic_write(path, json.dumps({"digest": cfg.fit_digest(), "sensitivity": weights, "allocation": [
         [layer, kind, q.model_dump()] for (layer, kind), q in sorted(allocation.items())]}, indent=1).encode())
     return allocation
 
 
 def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: CalibrationConfig, map_fn: MapFn = map,
             progress: bool = True, num_shards: int | None = None, device: str = "cpu",
-            seconds: dict[str, float] | None = None) -> list[LayerFit]:
+            seconds: dict[str, float] | None = None,
+            sensitivity: Callable[[], Sensitivity] | None = None) -> list[LayerFit]:
     """Fit every layer (``cfg.fit_mode``) from the activations store: :func:`pipeline.chain.fit_chain` over
     :class:`ZarrShard` s, resuming after the finished layers found under ``workdir``.
 
@@ -94,15 +98,18 @@ def fit_all(act_path: str | os.PathLike, workdir: str | os.PathLike, cfg: Calibr
     ``num_shards`` defaults to ``cfg.workers``. A layer is finished once ``fit/{l}.json`` holds this config's
     digest and its reconstruction is in ``recon.zarr``; finished layers are loaded, never recomputed. Parallel mode
     solves every codec first (saved as ``fit/solved-{l}``), then the driver only reconstructs; a bit budget's
-    allocation is made (or reloaded) before the first layer left to fit. ``seconds``: as
+    allocation is made (or reloaded) before the first layer left to fit, weighted by ``sensitivity()``
+    (:func:`pipeline.sensitivity.fisher` on the model; required with ``cfg.bit_budget``). ``seconds``: as
     :func:`~pipeline.chain.fit_chain`'s.
     """
     act_path, workdir = str(act_path), Path(workdir)
     shards = zarr_shards(act_path, workdir / RECON_STORE, num_shards or cfg.workers, device)
     ranges = [(s.start, s.stop) for s in shards]
     num_layers = shards[0].info.num_layers
-    allocation = None if cfg.bit_budget is None else partial(bit_allocation, act_path, workdir, cfg, ranges, map_fn,
-                                                             device)
+    if cfg.bit_budget is not None and sensitivity is None:
+        raise ValueError("a bit budget needs the model's sensitivity (pipeline.sensitivity)")
+    allocation = None if cfg.bit_budget is None else partial(bit_allocation, act_path, workdir, cfg, ranges,
+                                                             sensitivity, map_fn, device)
     codecs = (partial(_solved_codecs, act_path, workdir, cfg, ranges, map_fn, device, num_layers)
               if cfg.fit_mode == "parallel" else None)
     return fit_chain(shards_call(shards, map_fn), cfg, workdir, num_layers, progress, seconds,

@@ -204,17 +204,20 @@ def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig,
     return codecs
 
 
-def allocate_bits(stats: Iterable[ExactStats], preds: list[int | None], cfg: CalibrationConfig) -> Allocation:
+def allocate_bits(stats: Iterable[ExactStats], preds: list[int | None], cfg: CalibrationConfig,
+                  sensitivity: budget.Sensitivity) -> Allocation:
     """``cfg.bit_budget`` spread over the layers (:mod:`pipeline.budget`) from exact-input statistics (one
-    :class:`ExactStats` per layer, in order): each layer's residual energy after a noise-free predictor, relative to
-    its data's. :class:`CalibrationError` when the budget is below the cheapest choice."""
+    :class:`ExactStats` per layer, in order) and the loss's sensitivity to each layer's keys and values
+    (:func:`pipeline.sensitivity.fisher`): each item's weight is its residual energy per token after a noise-free
+    predictor times its mean squared gradient. :class:`CalibrationError` when the budget is below the cheapest
+    choice."""
     items = []
     for layer, s in enumerate(stats):
         if preds[layer] is None:
             continue
         for kind, xy, y_sq in (("keys", s.keys, s.keys_sq), ("values", s.values, s.values_sq)):
             _, energy = _noisy_solve(xy, torch.zeros(xy.xtx.shape[0] - 1, dtype=torch.float64), y_sq, cfg)
-            items.append(budget.Item(layer, kind, float(energy.sum() / (y_sq.sum() / s.count).clamp_min(1e-30))))
+            items.append(budget.Item(layer, kind, float(energy.sum()) * sensitivity[kind][layer]))
     choices = {"keys": budget.options(cfg.keys), "values": budget.options(cfg.values)}
     distortion = {q: expected_distortion(gaussian_grid(q.dim, q.size)) for qs in choices.values() for q in qs}
     starts = sum(p is None for p in preds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,40 @@ def test_allocation_spends_bits_where_the_residual_is_large() -> None:
         budget.allocate(items, choices, _distortions(choices), budget=1.0)
 
 
+def test_allocation_follows_the_sensitivity() -> None:
+    """Equal residuals: the kind the loss is more sensitive to gets the bits."""
+    choices = {"keys": budget.options(Q), "values": budget.options(Q)}
+    for sensitive in ("keys", "values"):
+        items = [budget.Item(layer, kind, 0.1 * (30.0 if kind == sensitive else 1.0))
+                 for layer in (1, 2) for kind in ("keys", "values")]
+        got = budget.allocate(items, choices, _distortions(choices), budget=Q.bits_per_value)
+        other = "values" if sensitive == "keys" else "keys"
+        for layer in (1, 2):
+            assert got[(layer, sensitive)].size > got[(layer, other)].size
+
+
 def test_fit_all_meets_the_budget(tmp_path: Path) -> None:
     act = tmp_path / "act.zarr"
     write_store(act, layers=4)
     cfg = _cfg(bit_budget=2.6)
-    fits = fit.fit_all(act, tmp_path / "work", cfg, progress=False)
+    with pytest.raises(ValueError, match="sensitivity"):
+        fit.fit_all(act, tmp_path / "work", cfg, progress=False)
+    calls = []
+
+    def sensitivity() -> dict:
+        calls.append(1)
+        return {"keys": [1.0] * 4, "values": [1.0] * 4}
+
+    fits = fit.fit_all(act, tmp_path / "work", cfg, progress=False, sensitivity=sensitivity)
     codecs = [f.codec for f in fits]
     assert bits_per_value(codecs, DIM)["total"] <= 2.6 + 1e-6
     sizes = {(c.keys.config.size, c.values.config.size) for c in codecs[1:]}
     assert len({s for pair in sizes for s in pair}) > 1  # not one grid for all
-    assert (tmp_path / "work" / "fit" / "budget.json").is_file()
-    again = fit.fit_all(act, tmp_path / "work", cfg, progress=False)  # resumed: the same allocation, nothing refit
+    saved = json.loads((tmp_path / "work" / "fit" / "budget.json").read_text())
+    assert saved["sensitivity"] == sensitivity()
+    again = fit.fit_all(act, tmp_path / "work", cfg, progress=False, sensitivity=sensitivity)  # resumed
     assert [f.codec.values.config for f in again] == [c.values.config for c in codecs]
+    assert len(calls) == 2  # measured once (the second call is the assertion's), reloaded on resume
+    keys_first = fit.fit_all(act, tmp_path / "keys", cfg, progress=False,
+                             sensitivity=lambda: {"keys": [1e3] * 4, "values": [1e-3] * 4})
+    assert sum(f.codec.keys.config.size for f in keys_first[1:]) > sum(c.keys.config.size for c in codecs[1:])
