@@ -318,6 +318,36 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
     return out
 
 
+MERGE_LAUNCHES = [(be, bn, w, dc) for be in (64, 128) for bn in (64, 128, 256) for w in (4, 8) for dc in (32, 64, 128)]
+
+
+def merge_sweep(batch: int, tokens: int) -> list[dict]:
+    """``_exact_merge_kernel`` alone (sinks + a full recent window, the partials of ``tokens`` compressed tokens in
+    128-token tiles), over launch configs ``(exact tokens per block, partials per block, warps, output columns)``."""
+    from aquakv.kernels.decode import attend_exact
+
+    kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
+    nt, te = tokens // 128, 4 + 128
+    q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
+    keys = torch.randn(batch, kvh, te, hd, device=DEV, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    parts = (torch.randn(batch, hq, 1, nt, hd, device=DEV), torch.randn(batch, hq, 1, nt, device=DEV))
+    want = attend_exact(q, keys, values, 4, tokens, None, hd**-0.5, parts)
+    out = []
+    for launch in [None, *MERGE_LAUNCHES]:
+        def fn(launch=launch):
+            return attend_exact(q, keys, values, 4, tokens, None, hd**-0.5, parts, launch)
+        rec = {"batch": batch, "tokens": tokens, "launch": list(launch) if launch else "default"}
+        try:
+            rec["max_abs_diff"] = float((fn().float() - want.float()).abs().max())
+            rec["gpu_ms"] = gpu_ms(fn, 10)
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        log("merge_sweep", json.dumps(rec))
+        out.append(rec)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- e2e
 
 
@@ -569,6 +599,11 @@ def main() -> None:
         result["sweep"] = []
         for batch in args.layer_batches:
             result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank)
+            save()
+    if "merge_sweep" in args.sections:
+        result["merge_sweep"] = []
+        for batch in args.layer_batches:
+            result["merge_sweep"] += merge_sweep(batch, 32768)
             save()
     if "layer" in args.sections:
         for batch in args.layer_batches:

@@ -236,20 +236,27 @@ def decode_attention(
     return run(smallest)
 
 
-# Output columns per program of the exact-segment merge when there are fewer query rows than SMs (batch 1: 32 rows
-# of an 8B model): 4 programs per row at head_dim 128. 32k context, H100 (2026-11-26): 0.337 -> 0.299 ms per step at
-# batch 1; at batch 8 (256 rows) splitting doubled it (0.69 -> 1.39 ms: every program re-reads the whole keys).
-MERGE_COLUMNS = 32
+# Launch of the exact-segment merge, ``(exact tokens per block, partials per block, warps, output columns per
+# program)``. With fewer query rows than SMs (batch 1: 32 rows of an 8B model) a row's columns are split over
+# programs (0.337 -> 0.299 ms per step at batch 1, 32k, H100) and the partials of 32k tokens are read in one block of
+# 256 by 8 warps; with more rows (batch 8: 256) one program per row (splitting doubled it: every program re-reads the
+# whole keys). `benchmarks/decode.py --sections merge_sweep`, 36 launches, H100 2026-11-26: 14.8 -> 10.3 us per layer
+# at batch 1, 20.6 -> 17.8 us at batch 8 (decode.md round 13).
+MERGE_FEW_ROWS = (64, 256, 8, 32)
+MERGE_MANY_ROWS = (128, 128, 4, 128)
 
 
 def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
                  mask: torch.Tensor | None, scaling: float,
-                 compressed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None,
+                 launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Attention of ``query [B, Hq, Q, hd]`` to the exact segments ``exact_keys / exact_values [B, Hkv, TE, hd]``
     (``[sinks | window]``, the ``length`` compressed tokens between them), merged with the compressed tokens' partials
     ``compressed`` (``o [B, Hq, Q, tiles, hd]``, ``lse [B, Hq, Q, tiles]`` as :func:`decode_attention` returns them, or
     None) -> ``[B, Q, Hq, hd]`` in the query's dtype; ``mask``: a transformers mask ``[B or 1, 1, Q, >= kv_len]``
-    (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`."""
+    (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`.
+    ``launch``: ``(exact tokens per block, partials per block, warps, output columns per program)`` instead of the
+    default (benchmark sweeps)."""
     b, hq, qlen, hd = query.shape
     hkv, te = exact_keys.shape[1], exact_keys.shape[2]
     kv_len = te + length
@@ -266,14 +273,15 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
     else:
         m, thr, m_strides = out, 0.0, (0, 0, 0)
     rows = b * hq * qlen
-    split = hd % MERGE_COLUMNS == 0 and rows < _sm_count(query.device)  # more programs only while SMs are idle
-    dc = MERGE_COLUMNS if split else hd
+    few = rows < _sm_count(query.device)  # more programs per row only while SMs are idle
+    be, bn, warps, dc = launch or (MERGE_FEW_ROWS if few else MERGE_MANY_ROWS)
+    dc = dc if hd % dc == 0 else hd
     _exact_merge_kernel[(rows, hd // dc)](
         query, query.stride(0), query.stride(1), query.stride(2),
         exact_keys, *exact_keys.stride()[:3], exact_values, *exact_values.stride()[:3],
         m, *m_strides, float(thr),
         o, lse, out,
         te, sinks, length, nt, hq, hq // hkv, qlen, float(scaling) * math.log2(math.e),
-        HD=hd, DC=dc, BE=64, BN=64, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1, num_warps=4,
+        HD=hd, DC=dc, BE=be, BN=bn, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1, num_warps=warps,
     )
     return out
