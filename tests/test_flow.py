@@ -120,6 +120,19 @@ def test_cli_refit_with_other_bits_reuses_activations(first_run, harness, assets
     assert bundle.bits_per_value()["index"] > first_run["bits_per_value"]["index"]
 
 
+def test_bit_budget_measures_the_sensitivity_on_a_worker_and_reuses_activations(first_run, harness, assets):
+    act = next((assets["root"] / "a" / "work").glob("activations-*/activations.zarr"))
+    before = {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()}
+    summary = calibrate(config(assets, "a", bit_budget=2.6, version="budget"))
+    assert {p: p.stat().st_mtime_ns for p in act.rglob("*") if p.is_file()} == before  # nothing collected again
+    assert summary["bits_per_value"]["total"] <= 2.6 + 1e-6
+    saved = json.loads(next(act.parent.glob("fit-*/fit/budget.json")).read_text())
+    sens = saved["sensitivity"]
+    assert len(sens["keys"]) == len(sens["values"]) == LAYERS and min(sens["keys"] + sens["values"]) > 0
+    layers = load_bundle(summary["bundle"]).manifest["layers"]
+    assert len({(e["keys"]["size"], e["values"]["size"]) for e in layers[1:]}) > 1  # grids follow the allocation
+
+
 def test_cli_eval_compares_methods(first_run, assets, tmp_path, capsys):
     out = tmp_path / "eval.json"
     cli(["eval", "--model", assets["model"], "--bundle", first_run["bundle"], "--text", assets["data"],
