@@ -66,6 +66,10 @@ CONFIGS: dict[str, dict] = {
     "aquakv-d4-k2.5v1.75": {"keys": {**Q2, "dim": 4, "size": 1024}, "values": {**Q2, "dim": 4, "size": 128}},
     "aquakv-budget2.44-fitted-nosinks": {"keys": Q2, "values": Q2, "bit_budget": 2.438, "grids": "fitted",
                                          "exclude_sinks": True},
+    # the Fisher-weighted bit budget (pipeline.sensitivity) over d=4 grids, the same 2.438 bits as the row above it
+    "aquakv-d4-budget2.44-fitted-nosinks": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4,
+                                                                                            "size": 256},
+                                            "bit_budget": 2.438, "grids": "fitted", "exclude_sinks": True},
 }
 # configs also run without predictors (HIGGS: Gaussian grids; the fit-only levers dropped from the label)
 NO_PREDICTOR_FOR = ("aquakv-2bit", "aquakv-3bit", "aquakv-d4-k2.25v2-fitted-nosinks")

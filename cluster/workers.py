@@ -36,7 +36,12 @@ def connect(address: str | None = None, workers: int = 1) -> dict[str, float]:
 
 def worker_options() -> dict[str, Any]:
     """One GPU per worker when the cluster has GPUs, else one CPU."""
-    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+    return {"num_gpus": 1} if worker_device() == "cuda" else {"num_cpus": 1}
+
+
+def worker_device() -> str:
+    """Where a task of :func:`ray_map` computes: ``"cuda"`` (its one GPU) when the cluster has GPUs, else ``"cpu"``."""
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
 
 
 def ray_get(refs: list[Any]) -> list[Any]:

@@ -112,11 +112,12 @@ def _log_fits(logger: Any, fits: list) -> None:
 
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_stage(config: dict, model_dir: str, tokens: str, activations: str) -> list:
-    """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks. A bit budget
+    """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks (on their GPU where
+    the cluster has GPUs). A bit budget
     first measures the loss's sensitivity to each layer's keys and values on one worker (streamed forward and
     backward over ``sensitivity_samples`` calibration samples), unless its allocation is saved."""
     cfg = CalibrationConfig.model_validate(config)
-    from cluster.workers import ray_map, sensitivity_worker
+    from cluster.workers import ray_map, sensitivity_worker, worker_device
     from pipeline.fit import fit_all
 
     logger = get_run_logger()
@@ -127,7 +128,9 @@ def fit_stage(config: dict, model_dir: str, tokens: str, activations: str) -> li
         return ray_map(sensitivity_worker, [model_dir], [tokens], [cfg.sensitivity_samples], [cfg.cache.sinks],
                        [cfg.dtype])[0]
 
-    fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map, sensitivity=sensitivity)
+    device = worker_device()  # each shard's statistics on its task's GPU, where the cluster has GPUs
+    logger.info("fit: shard statistics on %s", device)
+    fits = fit_all(activations, _paths(cfg)["fit"], cfg, map_fn=ray_map, sensitivity=sensitivity, device=device)
     _log_fits(logger, fits)
     return fits
 
