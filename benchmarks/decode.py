@@ -275,6 +275,19 @@ def graph_replay_ms(fn, reps: int = 20) -> float | str:
         return f"{type(e).__name__}: {e}"[:300]
 
 
+def timed_launch(section: str, fn, rec: dict, reference: torch.Tensor | None = None) -> dict:
+    """``rec`` with ``gpu_ms`` of ``fn()`` (and its largest difference from ``reference``), or the error that stopped
+    it (an explicit launch that does not fit the SM does not fall back); logged as one JSON line."""
+    try:
+        if reference is not None:
+            rec["max_abs_diff"] = float((fn().float() - reference.float()).abs().max())
+        rec["gpu_ms"] = gpu_ms(fn, 10)
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    log(section, json.dumps(rec))
+    return rec
+
+
 FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (32, 4, 3), (32, 4, 2),
                         (32, 4, 1), (128, 8, 1)]
 
@@ -305,14 +318,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
                 return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                         layer.codec, scratch, scratch, positions, inv_freq, 1.0, None,
                                         hd**-0.5, settings, projected, codecs[2], launch)
-            rec = {"batch": batch, "tokens": tokens, "rank": rank, "handoff": "projected" if projected else "full",
-                   "launch": list(launch)}
-            try:
-                rec["gpu_ms"] = gpu_ms(fn, 10)
-            except Exception as e:  # noqa: BLE001
-                rec["error"] = f"{type(e).__name__}: {e}"[:300]
-            log("sweep", json.dumps(rec))
-            out.append(rec)
+            out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
+                                                  "handoff": "projected" if projected else "full",
+                                                  "launch": list(launch)}))
         del scratch
     free()
     return out
@@ -337,14 +345,8 @@ def merge_sweep(batch: int, tokens: int) -> list[dict]:
     for launch in [None, *MERGE_LAUNCHES]:
         def fn(launch=launch):
             return attend_exact(q, keys, values, 4, tokens, None, hd**-0.5, parts, launch)
-        rec = {"batch": batch, "tokens": tokens, "launch": list(launch) if launch else "default"}
-        try:
-            rec["max_abs_diff"] = float((fn().float() - want.float()).abs().max())
-            rec["gpu_ms"] = gpu_ms(fn, 10)
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {e}"[:300]
-        log("merge_sweep", json.dumps(rec))
-        out.append(rec)
+        out.append(timed_launch("merge_sweep", fn, {"batch": batch, "tokens": tokens,
+                                                    "launch": list(launch) if launch else "default"}, want))
     return out
 
 
