@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         "long_context": {"tasks": [vars(r) for r in recipes], "lengths": long_lengths, "trials": args.long_trials,
                          "prefill_chunk": 256},
         "long_tasks": long_rows,
-        "command": "aquakv bench quality " + " ".join(sys.argv[3:] if argv is None else argv),
+        "command": "aquakv bench quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, {device}",
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0),
     }
