@@ -76,3 +76,17 @@ def test_fit_all_meets_the_budget(tmp_path: Path) -> None:
     keys_first = fit.fit_all(act, tmp_path / "keys", cfg, progress=False,
                              sensitivity=lambda: {"keys": [1e3] * 4, "values": [1e-3] * 4})
     assert sum(f.codec.keys.config.size for f in keys_first[1:]) > sum(c.keys.config.size for c in codecs[1:])
+
+
+def test_sensitivity_samples_name_a_budgets_fit_only() -> None:
+    from aquakv.config import CalibrationConfig
+    from aquakv.errors import ConfigError
+
+    plain = CalibrationConfig(model="m", data="d", num_samples=4)
+    assert plain.fit_digest() == plain.model_copy(update={"sensitivity_samples": 3}).fit_digest()
+    assert plain.digest() == plain.model_copy(update={"sensitivity_samples": 3}).digest()
+    budgeted = plain.model_copy(update={"bit_budget": 2.5})
+    assert budgeted.fit_digest() != budgeted.model_copy(update={"sensitivity_samples": 3}).fit_digest()
+    with pytest.raises(ConfigError, match="sensitivity_samples 5 > num_samples 4"):
+        CalibrationConfig.validated({"model": "m", "data": "d", "num_samples": 4, "bit_budget": 2.5,
+                                     "sensitivity_samples": 5})
