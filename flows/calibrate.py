@@ -113,9 +113,9 @@ def _log_fits(logger: Any, fits: list) -> None:
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_stage(config: dict, model_dir: str, tokens: str, activations: str) -> list:
     """Fit predictors and quantize residuals layer by layer; statistics per shard run as Ray tasks (on their GPU where
-    the cluster has GPUs). A bit budget
-    first measures the loss's sensitivity to each layer's keys and values on one worker (streamed forward and
-    backward over ``sensitivity_samples`` calibration samples), unless its allocation is saved."""
+    the cluster has GPUs). A bit budget first measures the loss's sensitivity to each layer's keys and values on one
+    worker (streamed forward and backward over ``sensitivity_samples`` calibration samples), unless its allocation is
+    saved."""
     cfg = CalibrationConfig.model_validate(config)
     from cluster.workers import ray_map, sensitivity_worker, worker_device
     from pipeline.fit import fit_all

@@ -15,9 +15,12 @@ pre-RoPE keys that are quantized. Sink tokens are exact at inference and left ou
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from aquakv.errors import CalibrationError
 from aquakv.family import cached_kv
 from pipeline.budget import Sensitivity
 from pipeline.checkpoint import Checkpoint, LayerStream
@@ -57,4 +60,9 @@ def fisher(ckpt: Checkpoint, tokens: torch.Tensor, sinks: int, device: str | tor
                 grad, g_keys, g_values = torch.autograd.grad(out, (h, keys, values), grad)
             for kind, g in (("keys", g_keys), ("values", g_values)):  # [1, H, T, hd]
                 sums[kind][i] += float(g[:, :, sinks:].float().pow(2).sum()) / (n * (length - sinks))
+    bad = [(kind, i) for kind, values in sums.items() for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        kind, i = bad[0]
+        raise CalibrationError(f"the loss's gradient with respect to layer {i}'s {kind} is not finite on the "
+                               "calibration samples: the model's weights or data hold NaN/inf")
     return sums

@@ -10,9 +10,10 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from aquakv.compat import cache_kwargs
+from aquakv.errors import CalibrationError
 from pipeline.checkpoint import Checkpoint
 from pipeline.sensitivity import fisher
-from pipeline.testing import write_tiny_llama
+from pipeline.testing import poison_values, write_tiny_llama
 
 
 class _Keep(DynamicCache):
@@ -62,3 +63,11 @@ def test_too_short_samples_are_refused(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "m", num_layers=2, shards=1)
     with pytest.raises(ValueError, match="too few tokens"):
         fisher(Checkpoint(path), torch.zeros(1, 5, dtype=torch.long) + 5, sinks=4)
+
+
+def test_a_nan_in_the_model_is_refused(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "m", num_layers=3, shards=1)
+    ckpt = Checkpoint(path)
+    poison_values(ckpt, 1)
+    with pytest.raises(CalibrationError, match="not finite"):
+        fisher(ckpt, torch.randint(3, 320, (1, 24), generator=torch.Generator().manual_seed(0)), sinks=4)
