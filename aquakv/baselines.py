@@ -47,7 +47,10 @@ def _kivi_params(method: str) -> tuple[int, int]:
     m = _KIVI.fullmatch(method)
     if m is None:
         raise ValueError(f"unknown cache method {method!r}; choose from {', '.join(METHODS)}")
-    return int(m[1]), int(m[2] or 64)
+    bits, group = int(m[1]), int(m[2] or 64)
+    if not 1 <= bits <= 8 or group < 2 or group & (group - 1):
+        raise ValueError(f"{method}: KIVI needs 1 to 8 bits and a power-of-two channel group >= 2")
+    return bits, group
 
 
 def _quantize_minmax(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

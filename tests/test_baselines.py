@@ -46,3 +46,6 @@ def test_no_predictors_is_higgs_with_the_gaussian_grid(bundle3) -> None:
     assert kivi_bits("kivi-2bit", 128) == 2.375 and kivi_bits("kivi-2bit-g32", 128) == 2.625
     with pytest.raises(ValueError, match="unknown cache method"):
         kivi_bits("kivi-2bit-x", 128)
+    for bad in ("kivi-0bit", "kivi-9bit", "kivi-2bit-g0", "kivi-2bit-g48"):
+        with pytest.raises(ValueError, match="power-of-two channel group"):
+            kivi_bits(bad, 128)
