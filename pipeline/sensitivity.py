@@ -7,7 +7,7 @@ keys or values ``x_t`` a layer hands its cache (the empirical Fisher; KVQuant we
 The gradients come from the model's own code on calibration samples, streamed like collect: a forward pass one
 decoder layer at a time keeps each layer's input, then a backward pass in reverse layer order loads each layer again,
 re-runs it on its input with gradients on and back-propagates the gradient of its output. The whole model is never in
-memory; each layer's input is, on the host: ``layers x tokens x hidden`` values in the run's dtype.
+memory; every layer's input is, on the host: ``layers x samples x seq_len x hidden`` values in the run's dtype.
 
 RoPE rotates pairs of channels, so ``|g_t|`` is the same before and after it: the post-RoPE keys' gradients price the
 pre-RoPE keys that are quantized. Sink tokens are exact at inference and left out of the sums.
@@ -30,36 +30,40 @@ def fisher(ckpt: Checkpoint, tokens: torch.Tensor, sinks: int, device: str | tor
            dtype: torch.dtype = torch.float32) -> Sensitivity:
     """Mean squared gradient ``mean_t |∂L/∂x_t|²`` of every layer's keys and values (``x_t``: one token's keys or
     values, all KV heads; ``L``: a sequence's mean next-token NLL) over the tokens of ``tokens [n, T]`` after the
-    first ``sinks``, one sequence at a time."""
+    first ``sinks``; each layer is loaded once per direction, the sequences run through it one at a time."""
     n, length = tokens.shape
     if length - sinks < 2:
         raise ValueError(f"{length}-token samples leave too few tokens after {sinks} sinks")
     sums: Sensitivity = {"keys": [0.0] * ckpt.num_layers, "values": [0.0] * ckpt.num_layers}
-    for row in range(n):
-        ids = tokens[row:row + 1].long().to(device)
-        hidden = ckpt.embed(ids, device, dtype)
-        inputs: list[torch.Tensor | None] = []
-        tuple_out = False
-        with torch.no_grad():  # forward: keep every layer's input on the host
-            for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
-                inputs.append(hidden.to("cpu"))
-                call = ckpt.layer_call(i, hidden)
-                out = layer(hidden, *call.args, **call.kwargs)
+    ids = tokens.long().to(device)
+    hidden = [ckpt.embed(ids[r:r + 1], device, dtype) for r in range(n)]
+    inputs: list[list[torch.Tensor]] = []  # [layer][row] on the host
+    tuple_out = False
+    with torch.no_grad():  # forward, each layer loaded once for every sequence: keep every layer's input
+        for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
+            inputs.append([h.to("cpu") for h in hidden])
+            for r, h in enumerate(hidden):
+                call = ckpt.layer_call(i, h)
+                out = layer(h, *call.args, **call.kwargs)
                 tuple_out = isinstance(out, tuple)
-                hidden = out[0] if tuple_out else out
-        with torch.enable_grad():
-            h = hidden.detach().requires_grad_()
+                hidden[r] = out[0] if tuple_out else out
+    grads = []
+    with torch.enable_grad():
+        for r, last in enumerate(hidden):
+            h = last.detach().requires_grad_()
             logits = ckpt.head_forward(h, tuple_out)[0, :-1].float()
-            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, ids[0, 1:]), h)
-        for i, layer in LayerStream(ckpt, reversed(range(ckpt.num_layers)), device, dtype):
-            h = inputs[i].to(device)
-            inputs[i] = None
+            grads.append(torch.autograd.grad(nn.functional.cross_entropy(logits, ids[r, 1:]), h)[0])
+    del hidden
+    for i, layer in LayerStream(ckpt, reversed(range(ckpt.num_layers)), device, dtype):
+        for r in range(n):
+            h = inputs[i][r].to(device)
             with torch.enable_grad():  # backward: the layer again, on its input, with gradients on
                 h.requires_grad_()
                 out, keys, values = cached_kv(layer, h, ckpt.layer_call(i, h))
-                grad, g_keys, g_values = torch.autograd.grad(out, (h, keys, values), grad)
+                grads[r], g_keys, g_values = torch.autograd.grad(out, (h, keys, values), grads[r])
             for kind, g in (("keys", g_keys), ("values", g_values)):  # [1, H, T, hd]
                 sums[kind][i] += float(g[:, :, sinks:].float().pow(2).sum()) / (n * (length - sinks))
+        inputs[i] = []
     bad = [(kind, i) for kind, values in sums.items() for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         kind, i = bad[0]
