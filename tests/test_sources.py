@@ -53,6 +53,9 @@ def test_prepare_texts(texts: dict[str, Path]) -> None:
     assert not any(p.startswith((".. ", ":Author:", "PEP: ", "====")) for p in technical)
     assert sum("``" in p or "::" in p for p in technical) <= 3  # a few nested-markup leftovers at most
     assert "__init__.py" in texts["technical"].read_text()
+    mixed = load_texts(texts["mixed-calib"])  # the KJV calibration books, then one document per reference topic
+    assert mixed[: len(calib)] == calib and len(mixed) == len(calib) + len(sources.python_reference())
+    assert any(d.startswith("Assignment statements\n") for d in mixed) and not set(mixed) & set(heldout)
     mtimes = {k: p.stat().st_mtime_ns for k, p in texts.items()}
     assert sources.prepare_texts(texts["britannica"].parent) == texts
     assert {k: p.stat().st_mtime_ns for k, p in texts.items()} == mtimes
