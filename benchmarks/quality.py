@@ -104,6 +104,8 @@ def calibrate_all(args: argparse.Namespace, names: list[str]) -> dict[str, Bundl
                "num_samples": args.samples, "heldout_samples": 4, "seed": args.seed, "first_layer": {**Q2, "size": 256},
                "cache": {"sinks": 4, "recent_window": 128}, "max_ppl_increase": 0.05, "workers": args.workers,
                "registry": str(root / "registry"), "workdir": str(root / "work"), **CONFIGS[name]}
+        if args.resident and "bit_budget" not in cfg:  # (a bit budget reads every layer's activations from disk)
+            cfg |= {"resident": True, "write_activations": False}
         summary = calibrate(cfg)
         bundles[name] = load_bundle(summary["bundle"])
     return bundles
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-configs", default=",".join(LONG_CONFIGS),
                    help=f"caches for the long-context tasks and passkey (default {','.join(LONG_CONFIGS)})")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resident", action="store_true",
+                   help="fused collect+fit on the workers' devices, no activations on disk (a bit budget stays "
+                        "staged); for GPUs and small disks")
     p.add_argument("--seed", type=int, default=0,
                    help="which calibration windows are sampled from the KJV text (fit-to-fit spread: rerun with "
                         "other seeds)")
