@@ -49,6 +49,16 @@ T0 = time.time()
 SHAPE = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "mlp": 14336, "vocab": 128256}
 DATE = "2026-11-26"
 RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128, "aquakv-r256": 256}
+# residual quantizers of layers >= 1 (keys, values): the paper's 2-bit d=2 grid, and the d=4 grids of the quality
+# bench's best config at <= 2.5 bits (aquakv-d4-k2.25v2: keys 9-bit codes per 4 values, values 8-bit); a cache kind
+# "aquakv-r64-d4" is rank 64 with the d=4 grids
+GRIDS = {"d2": ((2, 16), (2, 16)), "d4": ((4, 512), (4, 256))}
+
+
+def aquakv_kind(kind: str) -> tuple[int | None, str]:
+    """``(predictor rank, grids)`` of a cache kind ``aquakv-<rank>[-d4]``."""
+    base, _, grids = kind.partition("-d")
+    return RANKS[base], f"d{grids or 2}"
 
 
 def log(*a: object) -> None:
@@ -109,8 +119,8 @@ def gpu_ms(fn, reps: int = 3, kernels_out: list | None = None) -> float:
 # ------------------------------------------------------------------------------------------------- synthetic caches
 
 
-def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0) -> list[LayerCodec]:
-    """Gaussian grids (4-bit d=2 n=256 for layer 0, 2-bit d=2 n=16 for the rest), group 64, random predictors."""
+def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0, grids: str = "d2") -> list[LayerCodec]:
+    """Gaussian grids (4-bit d=2 n=256 for layer 0, :data:`GRIDS` for the rest), group 64, random predictors."""
     gen = torch.Generator().manual_seed(seed)
 
     def predictor(d_in: int) -> Predictor:
@@ -122,17 +132,19 @@ def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0) -> list[La
 
     codecs = []
     for i in range(layers):
-        q = QuantizerConfig(dim=2, size=256 if i == 0 else 16, group_size=64)
-        codec = LayerCodec(gaussian_residual(q, 2 * i), gaussian_residual(q, 2 * i + 1)).to(DEV)
+        kq, vq = (QuantizerConfig(dim=dim, size=size, group_size=64)
+                  for dim, size in (((2, 256), (2, 256)) if i == 0 else GRIDS[grids]))
+        codec = LayerCodec(gaussian_residual(kq, 2 * i), gaussian_residual(vq, 2 * i + 1)).to(DEV)
         if i:
             codec.key_predictor, codec.value_predictor = predictor(d), predictor(2 * d)
         codecs.append(codec)
     return codecs
 
 
-def random_block(batch: int, tokens: int, d: int, bits: int) -> Quantized:
+def random_block(batch: int, tokens: int, d: int, cfg: QuantizerConfig) -> Quantized:
     groups = d // 64
-    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 32, bits)), dtype=torch.uint8, device=DEV)
+    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 64 // cfg.dim, cfg.index_bits)),
+                          dtype=torch.uint8, device=DEV)
     scales = (torch.rand(batch, tokens, groups, device=DEV) * 16 + 4).half()
     return Quantized(codes, scales, d)
 
@@ -151,8 +163,8 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         layer.exact.append(rnd(4), rnd(4), 4)
         layer.exact.append(rnd(window), rnd(window), 0)
         layer._refresh()
-        bits = layer.codec.keys.config.index_bits
-        layer.compressed = EncodedBlock(random_block(batch, tokens, d, bits), random_block(batch, tokens, d, bits))
+        layer.compressed = EncodedBlock(random_block(batch, tokens, d, layer.codec.keys.config),
+                                        random_block(batch, tokens, d, layer.codec.values.config))
         layer.compressed_len = tokens
     pos = torch.arange(4, context + 512, dtype=torch.int32, device=DEV)
     cache.shared.positions = pos[None, : context - 4].expand(batch, -1).contiguous()
@@ -180,7 +192,7 @@ def llama_config(layers: int):
 # ---------------------------------------------------------------------------------------------------------- layer
 
 
-def layer_costs(batch: int, tokens: int, settings: KernelSettings) -> list[dict]:
+def layer_costs(batch: int, tokens: int, settings: KernelSettings, kinds: list[str]) -> list[dict]:
     """One layer at ``tokens`` context: flash SDPA over bf16 KV vs AQUA-KV (fused; reconstruct-then-SDPA)."""
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
     out = []
@@ -197,8 +209,9 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings) -> list[dict]
     del fn, k, v
     free()
     rotary = rotary_module()
-    for kind, rank in RANKS.items():
-        codecs = make_codecs(3, kvh * hd, rank)  # layer 1 is timed: it reads layer 0's hand-on and hands on its own
+    for kind in kinds:
+        rank, grids = aquakv_kind(kind)  # layer 1 is timed: it reads layer 0's hand-on and hands on its own
+        codecs = make_codecs(3, kvh * hd, rank, grids=grids)
         cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=settings)
         fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
         shared = cache.shared
@@ -398,11 +411,11 @@ def make_cache(kind: str, model, batch: int, context: int, window: int, settings
             cache.update(k, torch.randn_like(k), i)
             del k
         return cache, None, {}
-    rank = RANKS[kind]
-    cache = AquaKVCache(make_codecs(layers, kvh * hd, rank), CacheConfig(), model.model.rotary_emb,
+    rank, grids = aquakv_kind(kind)
+    cache = AquaKVCache(make_codecs(layers, kvh * hd, rank, grids=grids), CacheConfig(), model.model.rotary_emb,
                         kernels=settings, model=model)
     fill_aquakv(cache, batch, kvh, hd, context, window)
-    return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank}
+    return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank, "grids": grids}
 
 
 def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int, profile_steps: int,
@@ -549,6 +562,8 @@ def main() -> None:
     p.add_argument("--caches", nargs="+", default=["dynamic", "static", "quanto-int4", "quanto-int2",
                                                    "aquakv-full", "aquakv-r64", "aquakv-r128"])
     p.add_argument("--budget-caches", nargs="+", default=["dynamic", "aquakv-r64"])
+    p.add_argument("--layer-caches", nargs="+", default=list(RANKS),
+                   help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4])")
     p.add_argument("--kv-budget", type=float, default=64e9)
     p.add_argument("--window", type=int, default=32, help="exact recent tokens at the start (< 128 - steps)")
     p.add_argument("--warmup", type=int, default=3)
@@ -610,7 +625,7 @@ def main() -> None:
     if "layer" in args.sections:
         for batch in args.layer_batches:
             try:
-                result["layer"] += layer_costs(batch, 32768, settings)
+                result["layer"] += layer_costs(batch, 32768, settings, args.layer_caches)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 result["layer"].append({"batch": batch, "error": f"{type(e).__name__}: {e}"[:400]})

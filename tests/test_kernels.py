@@ -27,7 +27,7 @@ if kernels.HAS_TRITON:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA and Triton (or TRITON_INTERPRET=1)")
 QUANTIZERS = [(2, 16, 64, 1024), (2, 16, 64, 192), (2, 64, 64, 100), (2, 256, 128, 256), (1, 16, 64, 64),
-              (1, 8, 64, 130), (2, 16, 128, 1024)]
+              (1, 8, 64, 130), (2, 16, 128, 1024), (4, 256, 64, 192), (4, 512, 64, 1024), (4, 1024, 64, 130)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,7 +115,8 @@ def test_dequantize_matches_reference_and_codes_interchange(dim, size, group, ch
     assert _rel(back.cpu(), dequantize_reference(ref_q, grid.cpu(), signs.cpu(), cfg)) < 1e-6
 
 
-@pytest.mark.parametrize("dim,size,group,channels", [(2, 16, 64, 1024), (1, 16, 64, 130), (2, 256, 64, 192)])
+@pytest.mark.parametrize("dim,size,group,channels", [(2, 16, 64, 1024), (1, 16, 64, 130), (2, 256, 64, 192),
+                                                     (4, 512, 64, 192)])
 def test_fitted_grids_quantize_and_dequantize_match_the_reference(dim, size, group, channels):
     """Calibration fits a grid per layer (weighted Lloyd): the codec kernels handle any grid, not only the
     Gaussian one."""
@@ -149,9 +150,11 @@ def test_low_rank_factors():
 
 def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, tokens: int, window: int,
                     dtype: torch.dtype, rank: int | tuple[int, ...] | None = None, seed: int = 0,
-                    settings: KernelSettings | None = None) -> AquaKVCache:
-    """An AQUA-KV cache filled directly with random codes (4-bit layer 0, 2-bit others) and random predictors
-    (``rank``: of every layer's, or a tuple: layer ``i``'s is ``rank[i - 1]``)."""
+                    settings: KernelSettings | None = None,
+                    grids: tuple[QuantizerConfig, QuantizerConfig] | None = None) -> AquaKVCache:
+    """An AQUA-KV cache filled directly with random codes (4-bit layer 0; layers >= 1 2-bit d=2, or ``grids``: their
+    keys' and values' quantizers) and random predictors (``rank``: of every layer's, or a tuple: layer ``i``'s is
+    ``rank[i - 1]``)."""
     gen = torch.Generator().manual_seed(seed)
     d = kv_heads * head_dim
     cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4 * kv_heads, num_key_value_heads=kv_heads,
@@ -168,7 +171,8 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
     codecs = []
     for i in range(layers):
         q = QuantizerConfig(dim=2, size=256 if i == 0 else 16, group_size=64)
-        codec = LayerCodec(gaussian_residual(q, 2 * i), gaussian_residual(q, 2 * i + 1))
+        kq, vq = grids if grids and i else (q, q)
+        codec = LayerCodec(gaussian_residual(kq, 2 * i), gaussian_residual(vq, 2 * i + 1))
         if i:
             r = rank[i - 1] if isinstance(rank, tuple) else rank
             codec.key_predictor, codec.value_predictor = predictor(d, r), predictor(2 * d, r)
@@ -182,7 +186,7 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
         layer.exact.append(sink_keys, sink_values, 4)
         layer.exact.append(keys, values, 0)
         layer._refresh()
-        blocks = [_random_block(gen, batch, tokens, d, codec.keys.config.index_bits) for _ in range(2)]
+        blocks = [_random_block(gen, batch, tokens, d, r.config) for r in (codec.keys, codec.values)]
         layer.compressed, layer.compressed_len = EncodedBlock(*blocks), tokens
     pos = torch.arange(4, 4 + tokens + window, dtype=torch.int32)[None] + 3 * torch.arange(batch, dtype=torch.int32)[
         :, None]
@@ -190,9 +194,10 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
     return cache
 
 
-def _random_block(gen: torch.Generator, batch: int, tokens: int, d: int, bits: int) -> Quantized:
+def _random_block(gen: torch.Generator, batch: int, tokens: int, d: int, cfg: QuantizerConfig) -> Quantized:
     groups = d // 64
-    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 32, bits)), generator=gen, dtype=torch.uint8)
+    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 64 // cfg.dim, cfg.index_bits)), generator=gen,
+                          dtype=torch.uint8)
     scales = (torch.rand(batch, tokens, groups, generator=gen) * 16 + 4).half()
     return Quantized(codes.to(DEV), scales.to(DEV), d)
 
@@ -302,6 +307,17 @@ def test_fitted_grids_on_the_fused_decode_path(rank):
         for part, seed in (("keys", 2 * i), ("values", 2 * i + 1)):
             r = getattr(codec, part)
             setattr(codec, part, fitted_residual(r, seed))
+    check_fused_layers(cache, 2, 128, 1, 150)
+
+
+@pytest.mark.parametrize("rank", [None, 24])
+def test_d4_grids_on_the_fused_decode_path(rank):
+    """The quality bench's best config at <= 2.5 bits: d=4 grids, keys 9-bit codes (n=512: codes straddle bytes),
+    values 8-bit (n=256: read as words); fitted grids, through the decode kernel."""
+    grids = QuantizerConfig(dim=4, size=512, group_size=64), QuantizerConfig(dim=4, size=256, group_size=64)
+    cache = synthetic_cache(2, 2, 128, 3, 150, 5, torch.bfloat16, rank=rank, grids=grids)
+    for i, codec in enumerate(cache.shared.codecs[1:], 1):
+        codec.keys, codec.values = fitted_residual(codec.keys, 2 * i), fitted_residual(codec.values, 2 * i + 1)
     check_fused_layers(cache, 2, 128, 1, 150)
 
 

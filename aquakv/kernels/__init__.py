@@ -44,9 +44,10 @@ def supports_head_dim(head_dim: int) -> bool:
 
 
 def supports(cfg: QuantizerConfig) -> bool:
-    """Quantizer configs the kernels handle: d in {1, 2}, at most 8 index bits, 16 <= g/d, g <= 512."""
+    """Quantizer configs the kernels handle: d in {1, 2, 4}, at most 10 index bits (a code spans at most two bytes),
+    16 <= g/d, g <= 512."""
     v = cfg.group_size // cfg.dim
-    return cfg.dim in (1, 2) and cfg.index_bits <= 8 and v >= 16 and v % 8 == 0 and cfg.group_size <= 512
+    return cfg.dim in (1, 2, 4) and cfg.index_bits <= 10 and v >= 16 and v % 8 == 0 and cfg.group_size <= 512
 
 
 __all__ = ["HAS_TRITON", "INTERPRET", "KernelSettings", "available", "supports", "supports_head_dim"]

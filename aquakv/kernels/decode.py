@@ -119,14 +119,16 @@ _FITS: dict[tuple, tuple[int, int, int]] = {}  # (wanted launch, kernel constant
 
 
 def _grid_table(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``grid [n, d <= 2]`` as ``[n]`` int32 (cached per grid tensor and device): the code's fp16 coordinates packed
-    (coordinate ``j`` in bits ``16 j .. 16 j + 15``), so the kernel gathers one word per code."""
+    """``grid [n, d]`` (d in 1, 2, 4) as ``[n]`` int32 (d <= 2) or int64 (d = 4), cached per grid tensor and device:
+    the code's fp16 coordinates packed (coordinate ``j`` in bits ``16 j .. 16 j + 15``), so the kernel gathers one
+    word per code."""
     per, key = _TABLES.get(grid), str(device)
     if key in per and per[key][0] == grid._version:
         return per[key][1]
-    bits = grid.to(device, torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-    packed = sum(bits[:, j] << (16 * j) for j in range(grid.shape[1]))
-    table = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+    half = grid.to(device, torch.float16)
+    if half.shape[1] == 1:  # coordinate in the low half of an int32 word, zeros above
+        half = torch.cat([half, torch.zeros_like(half)], 1)
+    table = half.contiguous().view(torch.int32 if half.shape[1] == 2 else torch.int64).reshape(-1).contiguous()
     per[key] = (grid._version, table)
     return table
 

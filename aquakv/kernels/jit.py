@@ -98,6 +98,10 @@ def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, ro
     unit = _dot_exact(xs, h, tl.zeros((BM, GS), tl.float32), INTERP)
     if D == 2:
         u0, u1 = tl.split(tl.reshape(unit, (BM, V, 2)))
+    elif D == 4:
+        ua, ub = tl.split(tl.reshape(unit, (BM, V, 2, 2)))  # coordinates (0, 2) and (1, 3)
+        u0, u2 = tl.split(ua)
+        u1, u3 = tl.split(ub)
     else:
         u0 = unit
     best = tl.full((BM, V), float("inf"), tl.float32)
@@ -107,20 +111,34 @@ def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, ro
         if D == 2:
             gy = tl.load(grid_ptr + j * D + 1)
             s = (gx * gx + gy * gy) - 2.0 * (u0 * gx + u1 * gy)
+        elif D == 4:
+            gy = tl.load(grid_ptr + j * D + 1)
+            gz = tl.load(grid_ptr + j * D + 2)
+            gw = tl.load(grid_ptr + j * D + 3)
+            s = (gx * gx + gy * gy + gz * gz + gw * gw) - 2.0 * (u0 * gx + u1 * gy + u2 * gz + u3 * gw)
         else:
             s = gx * gx - 2.0 * (u0 * gx)
         better = s < best
         best = tl.where(better, s, best)
         idx = tl.where(better, j, idx)
+    # every 8 codes fill BITS bytes of the row's little-endian bit stream
     M: tl.constexpr = V // 8
     k8 = tl.arange(0, 8)
     mm = tl.arange(0, M)
-    idx3 = tl.reshape(idx, (BM, M, 8)).to(tl.int64)
-    word = tl.sum(idx3 << (k8 * BITS).to(tl.int64)[None, None, :], axis=2)
-    byts = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255
+    if BITS <= 8:  # the 8 codes fit one 64-bit word
+        idx3 = tl.reshape(idx, (BM, M, 8)).to(tl.int64)
+        word = tl.sum(idx3 << (k8 * BITS).to(tl.int64)[None, None, :], axis=2)
+        byts = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255
+        jb = k8
+    else:  # byte j gathers, from each code k, the bits that fall in it (code k's bit 0 sits at bit k*BITS - 8j)
+        jb = tl.arange(0, 16)
+        at = (k8[None, :] * BITS - jb[:, None] * 8)[None, None, :, :]
+        idx4 = tl.reshape(idx, (BM, M, 1, 8))
+        part = tl.where(at >= 0, idx4 << tl.minimum(tl.maximum(at, 0), 31), idx4 >> tl.minimum(tl.maximum(-at, 0), 31))
+        byts = tl.sum(tl.where((at > -BITS) & (at < 8), part & 255, 0), axis=3)
     off = (rows[:, None, None].to(tl.int64) * row_bytes + grp * (M * BITS)
-           + mm[None, :, None] * BITS + k8[None, None, :])
-    tl.store(codes_ptr + off, byts.to(tl.uint8), mask=rmask[:, None, None] & (k8 < BITS)[None, None, :])
+           + mm[None, :, None] * BITS + jb[None, None, :])
+    tl.store(codes_ptr + off, byts.to(tl.uint8), mask=rmask[:, None, None] & (jb < BITS)[None, None, :])
     tl.store(scales_ptr + rows.to(tl.int64) * G + grp, norm.to(scales_ptr.dtype.element_ty), mask=rmask)
 
 @triton.jit
@@ -278,7 +296,7 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
               WORDS: tl.constexpr, INTERP: tl.constexpr):
     """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
     product with the ``±1`` un-rotation. ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32
-    (one gather per code); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
+    (one gather per code; ``D = 4``: four in an int64); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
     grp = c0 // GS
     V: tl.constexpr = GS // D
     if WORDS:
@@ -287,7 +305,12 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
         codes = _codes_per_column(codes_ptr, rows, rmask, row_len, grp, V, 1, BITS)
     e = tl.load(table_ptr + codes)
     lo = (e & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    if D == 2:
+    if D == 4:  # an int64 per code; joined (0, 2), (1, 3) then together flatten to coordinates 0, 1, 2, 3
+        c1 = ((e >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        c2 = ((e >> 32) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        c3 = ((e >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        unit = tl.reshape(tl.join(tl.join(lo, c2), tl.join(c1, c3)), (BM, GS))
+    elif D == 2:
         unit = tl.reshape(tl.join(lo, (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)), (BM, GS))
     else:
         unit = lo
