@@ -587,7 +587,8 @@ def main() -> None:
                      "triton": triton.__version__, "python": platform.python_version()},
         "model": {"shape": "Llama-3.1-8B (hidden 4096, 32 heads, 8 KV heads, head_dim 128, MLP 14336, vocab 128256)",
                   "layers": args.layers, "weights": "random bf16", "attention": "sdpa, cuDNN SDPA disabled"},
-        "aquakv": {"quantizer": "HIGGS d=2 n=16 g=64 (2 bits + fp16 scale/64), layer 0 d=2 n=256 (4 bits)",
+        "aquakv": {"quantizer": "HIGGS g=64, fp16 scale per group; layer 0 d=2 n=256 (4 bits); layers >= 1 d=2 n=16 "
+                                "(2 bits), kinds ending -d4: keys d=4 n=512 (2.25 bits), values d=4 n=256 (2 bits)",
                    "sinks": 4, "window_at_start": args.window, "settings": repr(settings),
                    "note": "random codes and predictors; the fused kernel reconstructs every compressed token of "
                            "every layer every step from the previous layer's scratch"},
