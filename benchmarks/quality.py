@@ -75,8 +75,12 @@ CONFIGS: dict[str, dict] = {
     # fit): 4x the calibration tokens, and calibration text of two kinds (KJV + Python's language reference)
     **{f"aquakv-d4-k2.25v2-{tag}": {"keys": {**Q2, "dim": 4, "size": 512}, "values": {**Q2, "dim": 4, "size": 256},
                                     **data}
-       for tag, data in (("s256", {"num_samples": 256}), ("mixed", {"data": "mixed-calib"}),
-                         ("mixed-s256", {"data": "mixed-calib", "num_samples": 256}))},
+       for tag, data in (("s256", {"num_samples": 256}), ("s512", {"num_samples": 512}),
+                         ("mixed", {"data": "mixed-calib"}),
+                         ("mixed-s256", {"data": "mixed-calib", "num_samples": 256}),
+                         ("mixed-s512", {"data": "mixed-calib", "num_samples": 512}),
+                         ("mixed-s256-l0-5bit", {"data": "mixed-calib", "num_samples": 256,
+                                                 "first_layer": {**Q2, "size": 1024}}))},
 }
 # configs whose quantizers also run without predictors (HIGGS: Gaussian grids of the same sizes), and that row's label
 NO_PREDICTOR_FOR = {"aquakv-2bit": "no-predictors-2bit", "aquakv-3bit": "no-predictors-3bit",
