@@ -28,12 +28,14 @@ class _Frozen(BaseModel):
 
 
 class QuantizerConfig(_Frozen):
-    """HIGGS quantizer: ``size`` grid points in ``dim`` dimensions, Hadamard groups of ``group_size``."""
+    """HIGGS quantizer: ``size`` grid points in ``dim`` dimensions, Hadamard groups of ``group_size``; each group's
+    scale (its norm) stored as ``scale_dtype``: ``float8_e4m3fn`` halves fp16's 0.25 bits per value at g=64 (3 mantissa
+    bits: the scale rounded by at most 6.25%; norms above 448 saturate, below 2^-9 flush to zero)."""
 
     dim: int = Field(2, ge=1, le=8)
     size: int = Field(16, ge=2, le=65536)
     group_size: int = Field(64, ge=2, le=4096)
-    scale_dtype: Literal["float16", "float32"] = "float16"
+    scale_dtype: Literal["float16", "float32", "float8_e4m3fn"] = "float16"
 
     @field_validator("size", "group_size")
     @classmethod
@@ -55,6 +57,11 @@ class QuantizerConfig(_Frozen):
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return getattr(torch, self.scale_dtype)
+
+    @property
+    def scale_max(self) -> float:
+        """The largest finite scale: norms above it are stored as it (fp8 has no infinity)."""
+        return float(torch.finfo(self.torch_scale_dtype).max)
 
     @property
     def index_bits_per_value(self) -> float:

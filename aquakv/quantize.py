@@ -77,7 +77,7 @@ def quantize_reference(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor,
     _check_finite(x)
     unit, norms = unit_vectors(x, signs, cfg)
     idx = nearest(unit, grid.to(unit))  # [..., G*g/d]
-    return Quantized(pack(idx, cfg.index_bits), norms.to(cfg.torch_scale_dtype), x.shape[-1])
+    return Quantized(pack(idx, cfg.index_bits), norms.clamp(max=cfg.scale_max).to(cfg.torch_scale_dtype), x.shape[-1])
 
 
 def dequantize_reference(q: Quantized, grid: torch.Tensor, signs: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from aquakv.codec import LayerCodec, encode
 from aquakv.config import QuantizerConfig
-from aquakv.errors import NonFiniteError
+from aquakv.errors import CalibrationError, NonFiniteError
 from aquakv.predictors import RidgeStats, ridge_stats
 from aquakv.quantize import unit_vectors
 from pipeline.solve import KINDS
@@ -149,9 +149,14 @@ def encode_with_errors(keys: torch.Tensor, values: torch.Tensor, prev: tuple[tor
     """:func:`aquakv.codec.encode` one batch ``[N, D]``; add its squared errors (reconstruction, prediction alone)
     and norms to ``sums``; return ``(K̂, V̂)``."""
     try:
-        _, (keys_hat, values_hat) = encode(keys, values, prev, codec)
+        block, (keys_hat, values_hat) = encode(keys, values, prev, codec)
     except NonFiniteError as e:
         raise NonFiniteError(f"{where}: {e}") from e
+    for kind, q, residual in (("keys", block.keys, codec.keys), ("values", block.values, codec.values)):
+        cfg = residual.config
+        if cfg.scale_dtype.startswith("float8") and bool((q.scales.float() >= cfg.scale_max).any()):
+            raise CalibrationError(f"{where}: {kind} residual groups with a norm above {cfg.scale_max:g} saturate "
+                                   f"the {cfg.scale_dtype} scale; use scale_dtype: float16")
     preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
     for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
         y64 = y.double()

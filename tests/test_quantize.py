@@ -1,3 +1,5 @@
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -66,6 +68,37 @@ def test_bits_and_stored_bytes():
     assert q.codes.numel() == 10 * 128 * 2 // 8
     assert q.nbytes == 10 * 128 * 2 // 8 + 10 * 2 * 2
     assert QuantizerConfig.for_bits(3).size == 64
+
+
+def test_fp8_scales_halve_the_scale_bits_and_saturate_instead_of_nan():
+    fp8, fp16 = (QuantizerConfig(dim=4, size=256, group_size=64, scale_dtype=t) for t in ("float8_e4m3fn", "float16"))
+    assert fp8.bits_per_value == 2.125 and fp16.bits_per_value == 2.25 and fp8.scale_max == 448.0
+    x = torch.randn(200, 128) * 3
+    x[0, :64] *= 1000  # a group norm of ~24,000: above fp8's largest finite value
+    errs = []
+    for cfg in (fp8, fp16):
+        r = gaussian_residual(cfg, seed=2)
+        q = r.quantize(x)
+        assert q.scales.dtype == cfg.torch_scale_dtype and torch.isfinite(q.scales.float()).all()
+        assert q.nbytes == 200 * 128 * 2 // 8 + 200 * 2 * cfg.torch_scale_dtype.itemsize
+        errs.append(float((r.dequantize(q)[1:] - x[1:]).norm() / x[1:].norm()))
+    assert q.scales[0, 0] > 20000 and fp8.scale_max == float(gaussian_residual(fp8).quantize(x).scales[0, 0])
+    assert errs[1] < errs[0] < 1.02 * errs[1]  # 3 mantissa bits cost < 2% relative error at 2 bits/value
+
+
+def test_calibration_refuses_a_saturated_fp8_scale():
+    from aquakv.codec import LayerCodec
+    from aquakv.errors import CalibrationError
+    from pipeline.stats import encode_with_errors
+
+    cfg = QuantizerConfig(dim=2, size=16, group_size=64, scale_dtype="float8_e4m3fn")
+    codec = LayerCodec(gaussian_residual(cfg, 0), gaussian_residual(cfg, 1))
+    keys, values = torch.randn(8, 128), torch.randn(8, 128)
+    sums: defaultdict[str, float] = defaultdict(float)
+    encode_with_errors(keys, values, None, codec, sums, "layer 0")  # in range: fine
+    values[3, 64:] *= 1e4
+    with pytest.raises(CalibrationError, match="layer 0: values residual groups with a norm above 448 saturate"):
+        encode_with_errors(keys, values, None, codec, sums, "layer 0")
 
 
 def test_quantize_is_deterministic_and_shape_preserving():

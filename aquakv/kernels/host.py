@@ -102,7 +102,7 @@ def quantize(x: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor,
         gr = grid.to(x.device, torch.float32).contiguous()
         bm = _block_rows(g)
         _quantize_kernel[(triton.cdiv(n, bm), groups)](
-            x2, x2.stride(0), n, C, rot, gr, codes, row_bytes, scales, groups,
+            x2, x2.stride(0), n, C, rot, gr, codes, row_bytes, scales, groups, cfg.scale_max,
             BM=bm, GS=g, D=d, NPTS=gr.shape[0], BITS=bits, INTERP=INTERPRET, num_warps=4)
     return codes.view(*lead, row_bytes), scales.view(*lead, groups)
 

@@ -79,7 +79,7 @@ def _deq_tile(codes_ptr, scales_ptr, grid_ptr, hr_ptr, rows, rmask, row_bytes, G
     return acc * (scale * (1.0 / GS))[:, None]
 
 @triton.jit
-def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, row_bytes, scales_ptr, G,
+def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, row_bytes, scales_ptr, G, scale_max,
                      BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, NPTS: tl.constexpr,
                      BITS: tl.constexpr, INTERP: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -139,7 +139,8 @@ def _quantize_kernel(x_ptr, stride_x, n_rows, C, hc_ptr, grid_ptr, codes_ptr, ro
     off = (rows[:, None, None].to(tl.int64) * row_bytes + grp * (M * BITS)
            + mm[None, :, None] * BITS + jb[None, None, :])
     tl.store(codes_ptr + off, byts.to(tl.uint8), mask=rmask[:, None, None] & (jb < BITS)[None, None, :])
-    tl.store(scales_ptr + rows.to(tl.int64) * G + grp, norm.to(scales_ptr.dtype.element_ty), mask=rmask)
+    tl.store(scales_ptr + rows.to(tl.int64) * G + grp, tl.minimum(norm, scale_max).to(scales_ptr.dtype.element_ty),
+             mask=rmask)
 
 @triton.jit
 def _dequantize_kernel(codes_ptr, row_bytes, scales_ptr, G, n_rows, C, hr_ptr, grid_ptr,
@@ -296,7 +297,8 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
               WORDS: tl.constexpr, INTERP: tl.constexpr):
     """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
     product with the ``±1`` un-rotation. ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32
-    (one gather per code; ``D = 4``: four in an int64); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
+    (one gather per code; ``D = 4``: four in an int64); ``WORDS``: codes read as int32 words (``row_len`` in words),
+    else bytes."""
     grp = c0 // GS
     V: tl.constexpr = GS // D
     if WORDS:
