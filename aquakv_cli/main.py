@@ -34,6 +34,9 @@ def _stored_bits(entry: dict, kv_dim: int) -> float:
     return sum(stored_bits(config, kv_dim))
 
 
+_SCALE = {"float16": "f16", "float32": "f32", "float8_e4m3fn": "e4m3"}  # the scales' dtype, short
+
+
 def format_manifest(m: dict) -> str:
     """A readable table of a bundle manifest."""
     fp, bpv = m["model"], m["bits_per_value"]
@@ -44,15 +47,16 @@ def format_manifest(m: dict) -> str:
            f"cache    sinks {m['cache']['sinks']}, recent window {m['cache']['recent_window']}",
            f"bits     {bpv['total']:.3f}/value overall = {bpv['index']:.3f} index + {bpv['scales']:.3f} scales "
            "(sinks and recent window exact, not counted)", "",
-           f"{'layer':>5}  {'keys grid':<18} {'values grid':<18} {'bits/v':>6}  {'kind':<10} predictors (K, V)"]
+           f"{'layer':>5}  {'keys grid':<23} {'values grid':<23} {'bits/v':>6}  {'kind':<10} predictors (K, V)"]
     kinds = fp.get("layer_kinds") or ["?"] * len(m["layers"])
     kv_dim = fp["num_kv_heads"] * fp["head_dim"]
     for i, layer in enumerate(m["layers"]):
         k, v = layer["keys"], layer["values"]
         bits = sum(_stored_bits(e, kv_dim) for e in (k, v)) / 2
         preds = ", ".join("-" if e["predictor"] is None else "x".join(map(str, e["predictor"])) for e in (k, v))
-        out.append(f"{i:>5}  d={k['dim']} n={k['size']:<4} g={k['group_size']:<4} d={v['dim']} n={v['size']:<4} "
-                   f"g={v['group_size']:<4} {bits:>6.2f}  {kinds[i]:<10} {preds}")
+        grids = "".join(f"d={e['dim']} n={e['size']:<4} g={e['group_size']:<3} {_SCALE.get(e['scale_dtype'], '?'):<4} "
+                        for e in (k, v))
+        out.append(f"{i:>5}  {grids}{bits:>6.2f}  {kinds[i]:<10} {preds}")
     if m.get("calibration"):
         out += ["", "calibration: " + json.dumps(m["calibration"], sort_keys=True)]
     if m.get("validation"):

@@ -80,7 +80,7 @@ def test_flow_publishes_a_bundle_that_generates(first_run, assets, capsys):
     cli(["inspect", first_run["bundle"]])
     shown = capsys.readouterr().out
     assert "tiny/v1" in shown and "d=2 n=256" in shown and "ppl_exact" in shown
-    assert "(llama)" in shown and "full+rope" in shown
+    assert "(llama)" in shown and "full+rope" in shown and " f16 " in shown  # the scales' dtype
 
 
 def test_rerun_after_crash_resumes_and_publishes_identical_bytes(first_run, harness, assets, monkeypatch):
