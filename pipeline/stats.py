@@ -154,9 +154,9 @@ def encode_with_errors(keys: torch.Tensor, values: torch.Tensor, prev: tuple[tor
         raise NonFiniteError(f"{where}: {e}") from e
     for kind, q, residual in (("keys", block.keys, codec.keys), ("values", block.values, codec.values)):
         cfg = residual.config
-        if cfg.scale_dtype.startswith("float8") and bool((q.scales.float() >= cfg.scale_max).any()):
+        if bool((q.scales.float() >= cfg.scale_max).any()):  # the quantizers clamp a scale there
             raise CalibrationError(f"{where}: {kind} residual groups with a norm above {cfg.scale_max:g} saturate "
-                                   f"the {cfg.scale_dtype} scale; use scale_dtype: float16")
+                                   f"the {cfg.scale_dtype} scale; use a wider scale_dtype (float16, float32)")
     preds = (codec.predict_keys(prev, keys), codec.predict_values(keys_hat, prev))
     for kind, y, y_hat, pred in (("keys", keys, keys_hat, preds[0]), ("values", values, values_hat, preds[1])):
         y64 = y.double()
