@@ -180,6 +180,20 @@ def _rope_keys(layer: AquaKVLayer, keys_hat: torch.Tensor, length: int, offset: 
     return layer.rope.rotate(keys.float(), cos, sin).to(layer.dtype)
 
 
+def _decode_read(layer: AquaKVLayer, block: EncodedBlock | None, length: int, offset: int,
+                 codec: LayerCodec) -> Pair:
+    """Reconstruct ``length`` compressed tokens with :func:`aquakv.codec.decode` (from ``prev_old``, or from the
+    block's stored projections), then RoPE: post-RoPE keys and values ``[B, H, T, hd]``; leaves ``(K̂, V̂)`` in
+    ``prev_old`` for the next layer."""
+    if length == 0:
+        layer.shared.prev_old = None
+        empty = layer.sink_keys[:, :, :0]
+        return empty, empty
+    keys_hat, values_hat = decode(block, layer.shared.prev_old, codec)
+    layer.shared.prev_old = (keys_hat, values_hat)
+    return _rope_keys(layer, keys_hat, length, offset), layer.heads(values_hat)
+
+
 class TorchBackend:
     """The PyTorch reference on any device: fp32 reconstruction, then attention (or its tiled partials)."""
 
@@ -191,16 +205,10 @@ class TorchBackend:
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
                codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
-        return encode(keys, values, prev, _reference_codec(codec))
+        return encode(keys, values, prev, _reference_codec(codec), self.settings.prediction == "stored")
 
     def _reconstruct(self, layer: AquaKVLayer, block: EncodedBlock | None, length: int, offset: int = 0) -> Pair:
-        if length == 0:
-            layer.shared.prev_old = None
-            empty = layer.sink_keys[:, :, :0]
-            return empty, empty
-        keys_hat, values_hat = decode(block, layer.shared.prev_old, _reference_codec(layer.codec))
-        layer.shared.prev_old = (keys_hat, values_hat)
-        return _rope_keys(layer, keys_hat, length, offset), layer.heads(values_hat)
+        return _decode_read(layer, block, length, offset, _reference_codec(layer.codec))
 
     def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
         block = layer.compressed.tail(start) if layer.compressed is not None else None
@@ -232,10 +240,13 @@ class TritonBackend:
         self.handoff: tuple[bool, int] | None = None  # the scratch layout, fixed at the first fused read
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
-               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
-        return encode(keys, values, prev, codec)  # aquakv.quantize dispatches to the kernels on CUDA
+               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:  # aquakv.quantize dispatches to the kernels
+        return encode(keys, values, prev, codec, self.settings.prediction == "stored")
 
     def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
+        if self.settings.prediction == "stored":  # each layer on its own: the codec kernels, then RoPE
+            block = layer.compressed.tail(start) if layer.compressed is not None else None
+            return _decode_read(layer, block, layer.compressed_len - start, start, layer.codec)
         from aquakv.kernels.host import read_compressed
 
         return read_compressed(layer, self.settings, start)
@@ -246,7 +257,9 @@ class TritonBackend:
 
         layer, shared = seg.layer, seg.layer.shared
         compressed = None
-        if seg.length:
+        if seg.length and self.settings.prediction == "stored":
+            compressed = self._attend_stored(seg, query, exact_keys, mask, scaling)
+        elif seg.length:
             b, _, q_len, hd = query.shape
             if self.handoff is None:
                 self.handoff = handoff(shared.codecs, self.settings, exact_keys.shape[1] * hd)
@@ -264,6 +277,24 @@ class TritonBackend:
                 shared.codecs[layer.layer_idx + 1] if layer.layer_idx + 1 < len(shared.codecs) else None)
             shared.scratch_src = dst
         return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed)
+
+    def _attend_stored(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, mask: torch.Tensor | None,
+                       scaling: float) -> Pair:
+        """The compressed tokens' partials from their stored projections: no scratch, no other layer."""
+        from aquakv.kernels.decode import decode_attention
+
+        layer, shared = seg.layer, seg.layer.shared
+        b, _, q_len, _ = query.shape
+        proj = seg.block.projections
+        if proj is None:  # a layer without predictors: nothing is read from the projections
+            latents = scales = query.new_zeros(b, seg.length, 2)
+        else:
+            latents, scales = proj.latents, proj.scales.contiguous()
+        valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
+        return decode_attention(
+            query, seg.block.keys, seg.block.values, seg.length, layer.codec, latents, latents, shared.positions,
+            shared.inv_freq(query.device), float(getattr(shared.rotary, "attention_scaling", 1.0)), valid, scaling,
+            self.settings, stored=scales)
 
 
 def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int,

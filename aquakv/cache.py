@@ -24,9 +24,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from aquakv.attention import IMPLEMENTATION, MAX_QUERY_ROWS, Backend, Segments, install, select_backend
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
-from aquakv.codec import EncodedBlock, LayerCodec
+from aquakv.codec import EncodedBlock, LayerCodec, Projections, stored_factors
 from aquakv.config import CacheConfig
-from aquakv.errors import ModelMismatchError
+from aquakv.errors import ConfigError, ModelMismatchError
 from aquakv.family import LayerSpec, Rope, describe_model, kv_heads, llama_specs, predecessors, rotary_module
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized
@@ -190,7 +190,12 @@ def _cat_blocks(a: EncodedBlock | None, b: EncodedBlock) -> EncodedBlock:
     def cat(x: Quantized, y: Quantized) -> Quantized:
         return Quantized(torch.cat([x.codes, y.codes], 1), torch.cat([x.scales, y.scales], 1), x.channels)
 
-    return EncodedBlock(cat(a.keys, b.keys), cat(a.values, b.values))
+    projections = None
+    if a.projections is not None:
+        pa, pb = a.projections, b.projections
+        projections = Projections(torch.cat([pa.latents, pb.latents], 1), torch.cat([pa.scales, pb.scales], 1),
+                                  pa.key_width)
+    return EncodedBlock(cat(a.keys, b.keys), cat(a.values, b.values), projections)
 
 
 class AquaKVLayer(CacheLayerMixin):
@@ -393,6 +398,14 @@ class AquaKVCache(Cache):
             settings = settings.with_(enabled=False, attention="full", keep_reconstructions=False)  # layers drop
         elif not all(s.rope is not None and s.rope.standard for s in specs):  # the kernels compute rotate-half RoPE
             settings = settings.with_(enabled=False)
+        if settings.prediction == "stored":
+            for i, codec in enumerate(codecs):
+                for kind, p in (("key", codec.key_predictor), ("value", codec.value_predictor)):
+                    try:
+                        if p is not None:
+                            stored_factors(p)
+                    except ValueError as e:
+                        raise ConfigError(f"layer {i}'s {kind} predictor: {e}") from None
         self.shared = _Shared(rotary, settings, list(codecs))
         if model is not None and settings.attention != "full" and install(model):
             cfg = model.config

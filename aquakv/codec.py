@@ -6,6 +6,12 @@ Shared by calibration (the chain fit) and the runtime cache, so both reconstruct
     V̂_l = P^V_l([K̂_l, V̂_{l-1}])   + deq(R^V_l)
 
 Layer 0 (or a codec without predictors) quantizes keys and values directly. Keys are pre-RoPE.
+
+With ``stored=True`` (the cache's ``KernelSettings(prediction="stored")``) each token also keeps its low-rank
+predictor inputs :class:`Projections` ``z = input @ down`` (float8, one scale per token and part), and the prediction
+is ``z @ up + bias`` from them: reading a layer then needs no other layer's reconstruction. The residual is taken
+against the prediction from the *rounded* ``z``, so the rounding costs no accuracy of its own (the residual absorbs
+it) and encode and decode agree exactly.
 """
 
 from __future__ import annotations
@@ -79,16 +85,76 @@ class LayerCodec:
         return self.value_predictor(self.value_inputs(keys_hat, prev[1].float()))
 
 
-@dataclass
-class EncodedBlock:
-    """Quantized key and value residuals of a run of tokens."""
+PROJECTION_DTYPE = torch.float8_e4m3fn
+PROJECTION_MAX = float(torch.finfo(PROJECTION_DTYPE).max)
 
-    keys: Quantized
-    values: Quantized
+
+@dataclass
+class Projections:
+    """Stored predictor inputs of a run of tokens: ``latents [..., RK + RV]`` float8 e4m3, the key predictor's
+    ``z^K = K̂_{l-1} @ down^K`` (``key_width = RK`` columns, 0 without a key predictor) then the value predictor's
+    ``z^V = [K̂_l, V̂_{l-1}] @ down^V``; ``scales [..., 2]`` float32, each part's ``max |z| / 448`` per token. Widths
+    are the factorizations' (:func:`aquakv.predictors.kernel_rank`)."""
+
+    latents: torch.Tensor
+    scales: torch.Tensor
+    key_width: int
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.latents.numel() * self.latents.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z^K, z^V)`` float32, as the predictions use them."""
+        z = self.latents.float()
+        kw = self.key_width
+        return z[..., :kw] * self.scales[..., :1], z[..., kw:] * self.scales[..., 1:]
+
+    def tail(self, start: int, copy: bool = False) -> Projections:
+        latents, scales = self.latents[:, start:], self.scales[:, start:]
+        return Projections(latents.clone() if copy else latents, scales.clone() if copy else scales, self.key_width)
+
+
+def round_projection(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``z [..., R]`` -> ``(z8 float8, scale [..., 1] float32, z8 * scale float32)``: scaled so each row's largest
+    magnitude is e4m3's largest finite value."""
+    amax = z.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / PROJECTION_MAX, torch.ones_like(amax))
+    z8 = (z / scale).clamp(-PROJECTION_MAX, PROJECTION_MAX).to(PROJECTION_DTYPE)
+    return z8, scale, z8.float() * scale
+
+
+def _projected(predictor: Predictor | None, inputs: torch.Tensor | None,
+               like: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """Stored mode: ``(prediction, (z8, scale))`` from the rounded projection of ``inputs`` (zeros and None without a
+    predictor)."""
+    if predictor is None:
+        return torch.zeros_like(like, dtype=torch.float32), None
+    down, up = stored_factors(predictor)
+    z8, scale, z = round_projection(inputs.float() @ down.to(inputs.device))
+    return z @ up.to(z.device) + predictor.bias.to(z), (z8, scale)
+
+
+def stored_factors(predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down, up)`` of a predictor whose projections are stored; refuses a full-rank one."""
+    factors = predictor.factors()
+    if factors is None:
+        raise ValueError("prediction='stored' needs low-rank predictors (rank <= D/4: calibrate with predictor_rank); "
+                         f"this one is {tuple(predictor.weight.shape)} at full rank")
+    return factors
+
+
+@dataclass
+class EncodedBlock:
+    """Quantized key and value residuals of a run of tokens, and their stored predictor inputs (or None)."""
+
+    keys: Quantized
+    values: Quantized
+    projections: Projections | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + (self.projections.nbytes if self.projections else 0)
 
     def tail(self, start: int, copy: bool = False) -> EncodedBlock:
         """Tokens ``start:`` of a ``[B, T, ...]`` block (as the cache holds them): views, or with ``copy`` new
@@ -100,7 +166,8 @@ class EncodedBlock:
             codes, scales = q.codes[:, start:], q.scales[:, start:]
             return Quantized(codes.clone() if copy else codes, scales.clone() if copy else scales, q.channels)
 
-        return EncodedBlock(cut(self.keys), cut(self.values))
+        projections = self.projections.tail(start, copy) if self.projections is not None else None
+        return EncodedBlock(cut(self.keys), cut(self.values), projections)
 
 
 def encode(
@@ -108,26 +175,54 @@ def encode(
     values: torch.Tensor,
     prev: tuple[torch.Tensor, torch.Tensor] | None,
     codec: LayerCodec,
+    stored: bool = False,
 ) -> tuple[EncodedBlock, tuple[torch.Tensor, torch.Tensor]]:
-    """Encode ``keys, values [..., D]`` given the previous layer's reconstruction; return the block and ``(K̂, V̂)``."""
-    key_pred = codec.predict_keys(prev, keys)
+    """Encode ``keys, values [..., D]`` given the previous layer's reconstruction; return the block and ``(K̂, V̂)``.
+    ``stored``: predict from rounded projections and keep them in the block (module docstring)."""
+    zk = zv = None  # stored mode: (z8, scale) of each predictor's rounded projection
+    if not stored:
+        key_pred = codec.predict_keys(prev, keys)
+    else:
+        if prev is None and (codec.key_predictor is not None or codec.value_predictor is not None):
+            raise ValueError("this layer's predictors need the previous layer's reconstruction")
+        key_pred, zk = _projected(codec.key_predictor, None if prev is None else prev[0], keys)
     qk = codec.keys.quantize(keys.float() - key_pred)
     keys_hat = key_pred + codec.keys.dequantize(qk)
-    value_pred = codec.predict_values(keys_hat, prev)
+    if not stored:
+        value_pred = codec.predict_values(keys_hat, prev)
+    else:
+        inputs = None if prev is None else codec.value_inputs(keys_hat, prev[1].float())
+        value_pred, zv = _projected(codec.value_predictor, inputs, keys_hat)
     qv = codec.values.quantize(values.float() - value_pred)
     values_hat = value_pred + codec.values.dequantize(qv)
-    return EncodedBlock(qk, qv), (keys_hat, values_hat)
+    projections = None
+    if zk is not None or zv is not None:
+        one = torch.ones(*keys.shape[:-1], 1, device=keys.device)
+        none = (one[..., :0].to(PROJECTION_DTYPE), one)
+        (k8, ks), (v8, vs) = zk or none, zv or none
+        projections = Projections(torch.cat([k8, v8], -1), torch.cat([ks, vs], -1), k8.shape[-1])
+    return EncodedBlock(qk, qv, projections), (keys_hat, values_hat)
 
 
 def decode(
     block: EncodedBlock, prev: tuple[torch.Tensor, torch.Tensor] | None, codec: LayerCodec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstruct ``(K̂, V̂) [..., D]`` float32 of a block, exactly as :func:`encode` returned them."""
+    """Reconstruct ``(K̂, V̂) [..., D]`` float32 of a block, exactly as :func:`encode` returned them (from its stored
+    projections where it has them: ``prev`` is then not read)."""
     residual_keys = codec.keys.dequantize(block.keys)
-    keys_hat = codec.predict_keys(prev, residual_keys) + residual_keys
     residual_values = codec.values.dequantize(block.values)
-    values_hat = codec.predict_values(keys_hat, prev) + residual_values
-    return keys_hat, values_hat
+    if block.projections is None:
+        keys_hat = codec.predict_keys(prev, residual_keys) + residual_keys
+        return keys_hat, codec.predict_values(keys_hat, prev) + residual_values
+    zk, zv = block.projections.parts()
+
+    def predict(predictor: Predictor | None, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if predictor is None:
+            return torch.zeros_like(like)
+        return z @ stored_factors(predictor)[1].to(z.device) + predictor.bias.to(z)
+
+    return (predict(codec.key_predictor, zk, residual_keys) + residual_keys,
+            predict(codec.value_predictor, zv, residual_values) + residual_values)
 
 
 def gaussian_residual(config: QuantizerConfig, seed: int = 0) -> Residual:

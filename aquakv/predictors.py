@@ -7,7 +7,7 @@ across chunks or workers reduces to one exact solve.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,11 +42,55 @@ class Predictor:
     weight: torch.Tensor
     bias: torch.Tensor
     rank: int | None = None  # the rank :func:`fit_ridge` chose (None when not fitted here, e.g. loaded from a bundle)
+    _factors: list = field(default_factory=list, init=False, repr=False, compare=False)  # memo of :meth:`factors`
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias.to(x), x.reshape(-1, x.shape[-1]), self.weight.to(x)).view(
             *x.shape[:-1], self.weight.shape[1]
         )
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`low_rank_factors` of ``weight``, computed once: every user of the factors (the decode kernels, the
+        stored projections of :mod:`aquakv.codec`) works in the same basis."""
+        if not self._factors:
+            self._factors.append(low_rank_factors(self.weight))
+        return self._factors[0]
+
+
+def kernel_rank(rank: int) -> int:
+    """The width a rank-``rank`` factorization is padded to (zero directions): a power of two, at least 16, what the
+    decode kernel's matmul tiles take."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def low_rank_factors(weight: torch.Tensor, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(down [K, r], up [r, N])`` float32 with ``down @ up == weight`` (to ``tol``) when the weight's rank is at most
+    a quarter of ``min(K, N)``, so factoring saves at least half the arithmetic; else ``None``.
+
+    A randomized range finder (float64, on the weight's device) tests the rank cheaply; ``r`` is padded with zero
+    directions to :func:`kernel_rank`.
+    """
+    w = weight.detach().double()
+    k_max = min(w.shape) // 4
+    if k_max < 1 or not torch.isfinite(w).all():
+        return None
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    probe = torch.randn(w.shape[1], min(k_max + 8, min(w.shape)), generator=gen, dtype=w.dtype, device=w.device)
+    q, _ = torch.linalg.qr(w @ probe)
+    b = q.T @ w
+    norm = float(w.norm())
+    if norm == 0 or float((w - q @ b).norm()) > tol * norm:
+        return None
+    u, s, vh = torch.linalg.svd(b, full_matrices=False)
+    r = int((s > tol * s[0]).sum())
+    if r > k_max:
+        return None
+    pad = kernel_rank(r)
+    down = torch.zeros(w.shape[0], pad, dtype=w.dtype, device=w.device)
+    up = torch.zeros(pad, w.shape[1], dtype=w.dtype, device=w.device)
+    down[:, :r] = (q @ u[:, :r]) * s[:r]
+    up[:r] = vh[:r]
+    return down.float(), up.float()
 
 
 def _with_bias(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aquakv.attention import Segments, TorchBackend, TritonBackend  # noqa: E402
 from aquakv.cache import AquaKVCache, dynamic_cache_nbytes  # noqa: E402
-from aquakv.codec import EncodedBlock, LayerCodec, gaussian_residual  # noqa: E402
+from aquakv.codec import PROJECTION_DTYPE, EncodedBlock, LayerCodec, Projections, gaussian_residual  # noqa: E402
 from aquakv.compat import cache_kwargs  # noqa: E402
 from aquakv.config import CacheConfig, QuantizerConfig  # noqa: E402
 from aquakv.kernels import KernelSettings  # noqa: E402
@@ -55,10 +55,12 @@ RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128, "aquakv-r256
 GRIDS = {"d2": ((2, 16), (2, 16)), "d4": ((4, 512), (4, 256))}
 
 
-def aquakv_kind(kind: str) -> tuple[int | None, str]:
-    """``(predictor rank, grids)`` of a cache kind ``aquakv-<rank>[-d4]``."""
+def aquakv_kind(kind: str) -> tuple[int | None, str, str]:
+    """``(predictor rank, grids, prediction)`` of a cache kind ``aquakv-<rank>[-d4][-stored]`` (``-stored``: each
+    token keeps its predictor projections, :class:`~aquakv.kernels.KernelSettings` ``prediction="stored"``)."""
+    kind, stored, _ = kind.partition("-stored")
     base, _, grids = kind.partition("-d")
-    return RANKS[base], f"d{grids or 2}"
+    return RANKS[base], f"d{grids or 2}", "stored" if stored else "chained"
 
 
 def log(*a: object) -> None:
@@ -165,6 +167,12 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         layer._refresh()
         layer.compressed = EncodedBlock(random_block(batch, tokens, d, layer.codec.keys.config),
                                         random_block(batch, tokens, d, layer.codec.values.config))
+        predictors = (layer.codec.key_predictor, layer.codec.value_predictor)
+        if cache.shared.settings.prediction == "stored" and predictors[0] is not None:
+            widths = [p.factors()[0].shape[1] for p in predictors]
+            latents = torch.randn(batch, tokens, sum(widths), device=DEV).to(PROJECTION_DTYPE)
+            layer.compressed.projections = Projections(latents, torch.rand(batch, tokens, 2, device=DEV) * 0.01,
+                                                       widths[0])
         layer.compressed_len = tokens
     pos = torch.arange(4, context + 512, dtype=torch.int32, device=DEV)
     cache.shared.positions = pos[None, : context - 4].expand(batch, -1).contiguous()
@@ -210,12 +218,13 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings, kinds: list[s
     free()
     rotary = rotary_module()
     for kind in kinds:
-        rank, grids = aquakv_kind(kind)  # layer 1 is timed: it reads layer 0's hand-on and hands on its own
+        rank, grids, prediction = aquakv_kind(kind)  # layer 1 is timed: it reads layer 0's hand-on, hands on its own
         codecs = make_codecs(3, kvh * hd, rank, grids=grids)
-        cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=settings)
+        layer_settings = settings.with_(prediction=prediction)
+        cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=layer_settings)
         fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
         shared = cache.shared
-        triton_b = TritonBackend(settings)
+        triton_b = TritonBackend(layer_settings)
         segs = [Segments(layer, layer.compressed, layer.compressed_len, 4) for layer in cache.layers]
         exact = [(torch.cat([la.sink_keys, la.keys], -2), torch.cat([la.sink_values, la.values], -2))
                  for la in cache.layers]
@@ -253,7 +262,7 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings, kinds: list[s
             out.append({"method": f"reconstruct + flash SDPA (previous runtime), {kind}", "error": repr(e)[:300]})
         # accuracy of the fused layer against the PyTorch reference (fp32 reconstruction)
         shared.prev_old = None
-        ref = TorchBackend(KernelSettings(enabled=False))
+        ref = TorchBackend(KernelSettings(enabled=False, prediction=prediction))
         ref.attend(segs[0], q, *exact[0], None, hd**-0.5)
         want = ref.attend(segs[1], q, *exact[1], None, hd**-0.5)
         triton_b.attend(segs[0], q, *exact[0], None, hd**-0.5)  # a fresh layer-0 scratch (low rank works in place)
@@ -411,11 +420,12 @@ def make_cache(kind: str, model, batch: int, context: int, window: int, settings
             cache.update(k, torch.randn_like(k), i)
             del k
         return cache, None, {}
-    rank, grids = aquakv_kind(kind)
+    rank, grids, prediction = aquakv_kind(kind)
     cache = AquaKVCache(make_codecs(layers, kvh * hd, rank, grids=grids), CacheConfig(), model.model.rotary_emb,
-                        kernels=settings, model=model)
+                        kernels=settings.with_(prediction=prediction), model=model)
     fill_aquakv(cache, batch, kvh, hd, context, window)
-    return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank, "grids": grids}
+    return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank, "grids": grids,
+                                   "prediction": prediction}
 
 
 def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int, profile_steps: int,

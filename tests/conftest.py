@@ -47,15 +47,16 @@ def pre_rope_kv(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[list[torch.
 
 
 def calibrate_in_memory(model: LlamaForCausalLM, ids: torch.Tensor, q: QuantizerConfig, first: QuantizerConfig,
-                        predictors: bool = True, cache: CacheConfig | None = None) -> Bundle:
-    """The chain fit of docs/design.md §1 on one batch, in memory; returns a verified bundle via bytes."""
+                        predictors: bool = True, cache: CacheConfig | None = None, rank: int | None = None) -> Bundle:
+    """The chain fit of docs/design.md §1 on one batch, in memory (``rank``: of every predictor); returns a verified
+    bundle via bytes."""
     keys, values = pre_rope_kv(model, ids)
-    return chain_fit(keys, values, q, first, fingerprint_of(model), predictors, cache)
+    return chain_fit(keys, values, q, first, fingerprint_of(model), predictors, cache, rank=rank)
 
 
 def chain_fit(keys: list[torch.Tensor], values: list[torch.Tensor], q: QuantizerConfig, first: QuantizerConfig,
               fingerprint: dict, predictors: bool = True, cache: CacheConfig | None = None,
-              windows: list[int | None] | None = None) -> Bundle:
+              windows: list[int | None] | None = None, rank: int | None = None) -> Bundle:
     """Fit codecs on per-layer pre-RoPE ``keys``, ``values [tokens, D]``, each layer predicted from its predecessor
     (``windows``: each layer's sliding window, :func:`aquakv.family.predecessors`); a verified bundle via bytes."""
     codecs, recon = [], {}
@@ -64,9 +65,9 @@ def chain_fit(keys: list[torch.Tensor], values: list[torch.Tensor], q: Quantizer
         codec = LayerCodec(gaussian_residual(cfg, 2 * i), gaussian_residual(cfg, 2 * i + 1))
         prev = recon.get(p)
         if predictors and prev is not None:
-            codec.key_predictor = fit_ridge(ridge_stats(prev[0], k))
+            codec.key_predictor = fit_ridge(ridge_stats(prev[0], k), rank=rank)
             _, (k_hat, _) = encode(k, v, prev, codec)
-            codec.value_predictor = fit_ridge(ridge_stats(LayerCodec.value_inputs(k_hat, prev[1]), v))
+            codec.value_predictor = fit_ridge(ridge_stats(LayerCodec.value_inputs(k_hat, prev[1]), v), rank=rank)
         _, recon[i] = encode(k, v, prev, codec)
         codecs.append(codec)
     return decode_bundle(encode_bundle(codecs, cache or CacheConfig(), fingerprint))

@@ -3,8 +3,12 @@ import torch
 from transformers import DynamicCache
 
 from aquakv.cache import AquaKVCache, dynamic_cache_nbytes
+from aquakv.codec import LayerCodec, decode, encode, gaussian_residual
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.errors import ConfigError
+from aquakv.kernels import KernelSettings
+from aquakv.predictors import fit_ridge, ridge_stats
 from conftest import calibrate_in_memory, tiny_llama
 
 
@@ -89,3 +93,57 @@ def test_cache_without_bundle_positions_fails_clearly(model3, bundle3):
     model3.model.rotary_emb._aquakv_positions = None
     with pytest.raises(RuntimeError, match="position_ids"):
         cache.update(torch.zeros(1, 2, 20, 16), torch.zeros(1, 2, 20, 16), 0)
+
+
+def test_stored_projections_decode_exactly_what_encode_returned():
+    """``prediction="stored"``: decode needs no previous layer (it is not given one) and reconstructs exactly what
+    encode returned; the rounding of the float8 projections goes into the residual, so where the prediction is about
+    twice the residual (as on real models) the reconstruction error stays within 2% of the chained encode's."""
+    gen = torch.Generator().manual_seed(0)
+    d = 64
+    basis = torch.randn(4, d, generator=gen)
+    prev_k, prev_v = (torch.randn(2, 40, 4, generator=gen) @ basis + 0.05 * torch.randn(2, 40, d, generator=gen)
+                      for _ in range(2))
+    keys = prev_k @ torch.randn(d, d, generator=gen) * 0.04 + 0.3 * torch.randn(2, 40, d, generator=gen)
+    values = (torch.cat([keys, prev_v], -1) @ torch.randn(2 * d, d, generator=gen) * 0.02
+              + 0.3 * torch.randn(2, 40, d, generator=gen))
+    q = QuantizerConfig(dim=2, size=16, group_size=32)
+    codec = LayerCodec(gaussian_residual(q, 1), gaussian_residual(q, 2),
+                       fit_ridge(ridge_stats(prev_k.flatten(0, 1), keys.flatten(0, 1)), rank=8))
+    codec.value_predictor = fit_ridge(ridge_stats(LayerCodec.value_inputs(keys, prev_v).flatten(0, 1),
+                                                  values.flatten(0, 1)), rank=8)
+    block, (k_hat, v_hat) = encode(keys, values, (prev_k, prev_v), codec, stored=True)
+    proj = block.projections
+    assert proj.latents.dtype == torch.float8_e4m3fn and proj.latents.shape == (2, 40, 32) and proj.key_width == 16
+    got_k, got_v = decode(block, None, codec)
+    assert torch.equal(got_k, k_hat) and torch.equal(got_v, v_hat)
+    _, (chained_k, chained_v) = encode(keys, values, (prev_k, prev_v), codec)
+    for ours, chained, x in ((k_hat, chained_k, keys), (v_hat, chained_v, values)):
+        err, chained_err = (ours - x).norm() / x.norm(), (chained - x).norm() / x.norm()
+        assert err < 1.02 * chained_err, (err, chained_err)
+
+
+@pytest.fixture(scope="module")
+def low_rank_bundle(model3):
+    ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(1))
+    q = QuantizerConfig(dim=2, size=256, group_size=32)
+    return calibrate_in_memory(model3, ids, q, q, cache=CacheConfig(recent_window=32), rank=8)
+
+
+def test_stored_prediction_gives_the_chained_logits_and_holds_the_projections(model3, low_rank_bundle):
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    exact = _stepped_logits(model3, ids, DynamicCache(config=model3.config), 20)
+    caches, logits = {}, {}
+    for mode in ("chained", "stored"):
+        caches[mode] = AquaKVCache.from_bundle(low_rank_bundle, model3, kernels=KernelSettings(prediction=mode))
+        logits[mode] = _stepped_logits(model3, ids, caches[mode], 20)
+    assert (logits["stored"] - exact).norm() / exact.norm() < 0.02
+    assert (logits["stored"] - logits["chained"]).norm() / logits["chained"].norm() < 0.01
+    # layers 1 and 2 keep 16 + 16 float8 projections and two float32 scales per compressed token
+    held = caches["stored"].nbytes() - caches["chained"].nbytes()
+    assert held == 2 * 2 * 288 * (32 + 8), held
+
+
+def test_stored_prediction_refuses_full_rank_predictors(model3, bundle3):
+    with pytest.raises(ConfigError, match="layer 1's key predictor: prediction='stored' needs low-rank predictors"):
+        AquaKVCache.from_bundle(bundle3, model3, kernels=KernelSettings(prediction="stored"))

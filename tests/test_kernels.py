@@ -18,7 +18,7 @@ from aquakv.grids import fit_grid, gaussian_grid
 from aquakv.hadamard import random_signs, rotate, walsh_hadamard
 from aquakv.kernels import KernelSettings
 from aquakv.packing import pack, packed_bytes, unpack
-from aquakv.predictors import Predictor
+from aquakv.predictors import Predictor, low_rank_factors
 from aquakv.quantize import Quantized, dequantize_reference, quantize, quantize_reference
 
 if kernels.HAS_TRITON:
@@ -144,10 +144,10 @@ def test_quantize_module_dispatches_to_kernels_on_cuda():
 def test_low_rank_factors():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(256, 20, generator=gen) @ torch.randn(20, 128, generator=gen)
-    down, up = host.low_rank_factors(w)
-    assert down.shape == (256, 32) and up.shape == (32, 128)
+    down, up = low_rank_factors(w)
+    assert down.shape == (256, 32) and up.shape == (32, 128)  # rank 20, padded to a power of two
     assert _rel(down @ up, w) < 1e-6
-    assert host.low_rank_factors(torch.randn(256, 128, generator=gen)) is None
+    assert low_rank_factors(torch.randn(256, 128, generator=gen)) is None
 
 
 def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, tokens: int, window: int,
@@ -338,6 +338,39 @@ def test_fp8_scales_on_the_kernels():
     assert _rel(ours, dequantize_reference(q, grid, signs, k8)) < 1e-6
     cache = synthetic_cache(2, 2, 128, 3, 150, 5, torch.bfloat16, rank=24, grids=(k8, v8))
     check_fused_layers(cache, 2, 128, 1, 150)
+
+
+@pytest.mark.parametrize("rank,q_len,grids", [(24, 1, None), ((64, 16), 3, None), (64, 1, "d4")])
+def test_stored_projections_on_the_fused_decode_path(rank, q_len, grids):
+    """``prediction="stored"``: the kernel reads each token's own float8 projections (no scratch, no other layer) and
+    gives the PyTorch reference's attention, layer by layer in any order; d=4 keys with 9-bit codes too."""
+    from aquakv.attention import Segments, TritonBackend
+    from aquakv.codec import PROJECTION_DTYPE, Projections
+
+    if grids == "d4":
+        grids = QuantizerConfig(dim=4, size=512, group_size=64), QuantizerConfig(dim=4, size=256, group_size=64)
+    settings = KernelSettings(prediction="stored")
+    cache = synthetic_cache(2, 2, 128, 3, 150, 5, torch.bfloat16, rank=rank, settings=settings, grids=grids)
+    gen = torch.Generator().manual_seed(2)
+    for layer in cache.layers[1:]:
+        widths = [p.factors()[0].shape[1] for p in (layer.codec.key_predictor, layer.codec.value_predictor)]
+        latents = (torch.randn(2, 150, sum(widths), generator=gen) * 100).to(PROJECTION_DTYPE)
+        scales = torch.rand(2, 150, 2, generator=gen) * 0.05
+        layer.compressed.projections = Projections(latents.to(DEV), scales.to(DEV), widths[0])
+    ref, ours = TorchBackend(KernelSettings(enabled=False, prediction="stored"), tile=32), TritonBackend(settings)
+    mask = torch.ones(2, 1, q_len, 4 + 150 + 5, dtype=torch.bool)
+    mask[1, ..., :7] = False
+    mask[..., -q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    for layer in reversed(cache.layers):  # no layer needs another's read
+        query = torch.randn(2, 4, q_len, 128, generator=gen).to(DEV, torch.bfloat16)
+        exact_k = torch.cat([layer.sink_keys, layer.keys], -2)
+        exact_v = torch.cat([layer.sink_values, layer.values], -2)
+        seg = Segments(layer, layer.compressed, layer.compressed_len, 4)
+        cache.shared.prev_old = None
+        want = ref.attend(seg, query, exact_k, exact_v, mask.to(DEV), 128**-0.5)
+        got = ours.attend(seg, query, exact_k, exact_v, mask.to(DEV), 128**-0.5)
+        assert _rel(got[0], want[0]) < 2e-2 and _rel(got[1], want[1]) < 2e-2, (_rel(got, want), layer.layer_idx)
+    assert cache.shared.scratch is None
 
 
 @pytest.mark.parametrize("q_len,window,mask_kind,length", [(1, 9, None, 70), (3, 9, None, 70), (1, 9, "bool", 70),

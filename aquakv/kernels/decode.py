@@ -87,7 +87,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _launch_config(rows: int, full_rank: bool, projected: bool, settings: KernelSettings,
-                   device: torch.device, rank: int = 0) -> tuple[int, int, int]:
+                   device: torch.device, rank: int = 0, stored: bool = False) -> tuple[int, int, int]:
     """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens`` (measured on H200s,
     2026-11-26, rank 64 at 32k). Projected hand-on: 128-token tiles with 8 warps, 1 stage once they give every SM a
     program (0.198 vs 0.204 ms per layer with 2 stages, 0.277 with 64-token tiles; batch 1). Full hand-on: 64-token
@@ -99,8 +99,8 @@ def _launch_config(rows: int, full_rank: bool, projected: bool, settings: Kernel
     sms = _sm_count(device)
     wide = projected or (not full_rank and rank > MAX_PROJECTED_RANK)
     bt = settings.tile_tokens or (128 if wide and rows >= sms * 128 else 64 if rows >= 2 * sms * 64 else 32)
-    if bt >= 128:
-        return bt, 8, 1
+    if bt >= 128:  # stored projections: 4 warps (0.133 vs 0.168 ms with 8, rank 64, 32k, batch 1, H100)
+        return bt, 4 if stored else 8, 1
     return bt, 4, (3 if projected else 4) if bt == 64 and not full_rank else 2
 
 
@@ -146,7 +146,7 @@ def decode_attention(
     query: torch.Tensor, keys_q, values_q, length: int, codec, prev: torch.Tensor, cur: torch.Tensor,
     positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, key_mask: torch.Tensor | None,
     scaling: float, settings: KernelSettings, projected: bool = False, next_codec=None,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple[int, int, int] | None = None, stored: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention partials of ``query [B, Hq, Q, hd]`` over ``length`` compressed tokens.
 
@@ -155,6 +155,8 @@ def decode_attention(
     ``prev`` / ``cur``: scratch ``[B, capacity, columns]`` holding what this layer reads / receiving what the next
     layer (``next_codec``, None for the last) reads (may be the same tensor unless :func:`needs_own_buffer`): the full
     reconstruction ``[K̂ | V̂]`` pre-RoPE, or its low-rank projections when ``projected`` (see :func:`handoff`);
+    ``stored``: the block's projection scales ``[B, length, 2]`` when ``prev`` holds its stored projections
+    ``[B, length, RK + RV]`` (:class:`~aquakv.codec.Projections`; ``cur`` unused, ``next_codec`` None);
     ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
     ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
     ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
@@ -176,6 +178,10 @@ def decode_attention(
     vmode, vw, vb, va, vup, rv = _predictor_operands(codec.value_predictor, dev, settings)
     ka2 = va2 = None
     rk2 = rv2 = 0
+    if stored is not None:
+        widths = (rk if kmode else 0) + (rv if vmode else 0)
+        if kmode == 1 or vmode == 1 or (widths and prev.shape[-1] != widths) or next_codec is not None:
+            raise ValueError("stored projections need low-rank predictors whose widths match them, and no hand-on")
     if projected and next_codec is not None:
         nkmode, _, _, ka2, _, rk2 = _predictor_operands(next_codec.key_predictor, dev, settings)
         nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
@@ -203,7 +209,7 @@ def decode_attention(
             query, query.stride(0), query.stride(1), query.stride(2),
             kc, kc.shape[-1], ks, ks.shape[-1], kgrid, k_unrot,
             vc, vc.shape[-1], vs, vs.shape[-1], vgrid, v_unrot,
-            prev, cur, prev.stride(0), prev.stride(1),
+            prev, cur, prev.stride(0), prev.stride(1), stored if stored is not None else dummy,
             kw if kw is not None else dummy, kb if kb is not None else dummy, ka if ka is not None else dummy,
             kup if kup is not None else dummy,
             vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
@@ -212,7 +218,8 @@ def decode_attention(
             mask if mask is not None else dummy, probs, o, lse,
             length, nt, hq, qlen, float(scaling) * math.log2(math.e),
             DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
-            KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected, RK2=rk2, RV2=rv2,
+            KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected or stored is not None, RK2=rk2, RV2=rv2,
+            STORED=stored is not None,
             GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
             GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
             HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
@@ -221,9 +228,10 @@ def decode_attention(
 
     if launch is not None:  # benchmark sweeps: exactly this config
         return run(launch)
+    projected = projected or stored is not None
     wanted = _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev,
-                            max(rk if kmode else 0, rv if vmode else 0))
-    key = (wanted, d, hd, gq, qm, kmode, vmode, rk, rv, projected, rk2, rv2, kcfg, vcfg, str(dev))
+                            max(rk if kmode else 0, rv if vmode else 0), stored is not None)
+    key = (wanted, d, hd, gq, qm, kmode, vmode, rk, rv, projected, rk2, rv2, stored is not None, kcfg, vcfg, str(dev))
     if key in _FITS:
         return run(_FITS[key])
     *larger, smallest = _launch_candidates(wanted)

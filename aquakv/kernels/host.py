@@ -249,36 +249,6 @@ class PreparedPredictor:
 _PREPARED = _PerTensor()
 
 
-def low_rank_factors(weight: torch.Tensor, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(down [K, r], up [r, N])`` with ``down @ up == weight`` (to ``tol``) when the weight's rank is at most a
-    quarter of ``min(K, N)``, so factoring saves at least half the arithmetic; else ``None``.
-
-    A randomized range finder (float64, on the weight's device) tests the rank cheaply; ``r`` is padded with zero
-    directions to a multiple of 32 (whole kernel tiles).
-    """
-    w = weight.detach().double()
-    k_max = min(w.shape) // 4
-    if k_max < 1 or not torch.isfinite(w).all():
-        return None
-    gen = torch.Generator(device=w.device).manual_seed(0)
-    probe = torch.randn(w.shape[1], min(k_max + 8, min(w.shape)), generator=gen, dtype=w.dtype, device=w.device)
-    q, _ = torch.linalg.qr(w @ probe)
-    b = q.T @ w
-    norm = float(w.norm())
-    if norm == 0 or float((w - q @ b).norm()) > tol * norm:
-        return None
-    u, s, vh = torch.linalg.svd(b, full_matrices=False)
-    r = int((s > tol * s[0]).sum())
-    if r > k_max:
-        return None
-    pad = -(-r // 32) * 32
-    down = torch.zeros(w.shape[0], pad, dtype=w.dtype, device=w.device)
-    up = torch.zeros(pad, w.shape[1], dtype=w.dtype, device=w.device)
-    down[:, :r] = (q @ u[:, :r]) * s[:r]
-    up[:r] = vh[:r]
-    return down.float(), up.float()
-
-
 def prepare(predictor, dtype: torch.dtype, device: torch.device, low_rank: str = "auto",
             rank_multiple: int = 32) -> PreparedPredictor:
     """Kernel operands of ``predictor`` (cached per weight tensor); low-rank factors are zero-padded to a rank that is
@@ -287,7 +257,7 @@ def prepare(predictor, dtype: torch.dtype, device: torch.device, low_rank: str =
     per = _PREPARED.get(predictor.weight)
     if key in per:
         return per[key]
-    factors = low_rank_factors(predictor.weight) if low_rank == "auto" else None
+    factors = predictor.factors() if low_rank == "auto" else None
     bias = predictor.bias.to(device, torch.float32).contiguous()
     bias_op = bias.to(dtype)
     if factors is None:

@@ -383,7 +383,7 @@ def _decode_attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
     kc_ptr, kc_rl, ks_ptr, k_groups, kgrid_ptr, khr_ptr,
     vc_ptr, vc_rl, vs_ptr, v_groups, vgrid_ptr, vhr_ptr,
-    prev_ptr, cur_ptr, s_sb, s_st,
+    prev_ptr, cur_ptr, s_sb, s_st, zs_ptr,
     kw_ptr, kb_ptr, ka_ptr, kup_ptr,
     vw_ptr, vb_ptr, va_ptr, vup_ptr, ka2_ptr, va2_ptr,
     pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
@@ -392,7 +392,7 @@ def _decode_attention_kernel(
     DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr,
     KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr,
+    PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr, STORED: tl.constexpr,
     GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
     GS_V: tl.constexpr, D_V: tl.constexpr, BITS_V: tl.constexpr, WORDS_V: tl.constexpr,
     HAS_MASK: tl.constexpr, INTERP: tl.constexpr,
@@ -400,7 +400,9 @@ def _decode_attention_kernel(
     """Attention of all query heads to one tile of ``BT`` compressed tokens of batch row ``b``.
 
     Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``;
-    the value predictor's input is ``[K̂_l, V̂_{l-1}]``. The scratch hands layer ``l``'s reconstruction to layer
+    the value predictor's input is ``[K̂_l, V̂_{l-1}]``. ``STORED``: the tokens' own projections ``[z^K | z^V]``
+    (float8, scales ``zs``) are ``prev`` and nothing is handed on: no layer reads another's reconstruction.
+    Otherwise the scratch hands layer ``l``'s reconstruction to layer
     ``l+1``: ``prev`` holds what layer ``l`` reads, ``cur`` receives what layer ``l+1`` reads (the same buffer unless a
     predictor is full rank: each input is read before its columns are overwritten). Rows are either the full
     reconstruction ``[K̂ (DM columns) | V̂ (DM)]`` pre-RoPE, or, with ``PROJ`` (every predictor low rank or absent),
@@ -434,13 +436,18 @@ def _decode_attention_kernel(
     # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head; scores and probabilities; hand-on of K̂_l
     zk = 0.0  # the low-rank projections, read only where KPRED / VPRED == 2
     zv = 0.0
-    if PROJ:  # layer l-1 wrote them: [K̂_{l-1} @ a^K (RK) | V̂_{l-1} @ a^V[DM:] (RV)]
-        if KPRED == 2:
+    if PROJ:  # layer l-1 wrote them: [K̂_{l-1} @ a^K (RK) | V̂_{l-1} @ a^V[DM:] (RV)]; STORED: the tokens' own
+        if KPRED == 2:  # [z^K (RK) | z^V (RV)] in fp8, each part times its per-token scale (zs [rows, 2])
             zk = tl.load(prev_ptr + srow[:, None] + tl.arange(0, RK)[None, :], mask=tmask[:, None],
-                         other=0.0).to(kup_ptr.dtype.element_ty)
+                         other=0.0).to(tl.float32)
+            if STORED:
+                zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
+            zk = zk.to(kup_ptr.dtype.element_ty)
         if VPRED == 2:
             zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
                          mask=tmask[:, None], other=0.0).to(tl.float32)
+            if STORED:
+                zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
     else:
         if KPRED == 2:
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
@@ -462,7 +469,7 @@ def _decode_attention_kernel(
                                      kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
                                      INTERP).to(kd)
         if PROJ:
-            if VPRED == 2:  # zv += K̂_l[:, head h] @ a[head h rows]
+            if VPRED == 2 and not STORED:  # zv += K̂_l[:, head h] @ a[head h rows]
                 zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
             if RK2 > 0:
                 nk = _head_times(kl, kh, ka2_ptr, c0, RK2, HB, nk, INTERP)

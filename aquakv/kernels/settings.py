@@ -29,6 +29,12 @@ class KernelSettings:
     - ``epilogue_tile``: ``(rows, warps)`` of the reconstruct-then-attend epilogue kernel (None: measured default).
     - ``scratch``: dtype of the per-pass reconstruction scratch the fused kernel hands to the next layer.
     - ``tile_tokens``: compressed tokens per program of the fused kernel (None: chosen from the grid size).
+    - ``prediction``: ``"chained"`` (each layer's predictions come from the previous layer's reconstruction of the same
+      tokens, recomputed per read: the fused kernel hands it on), or ``"stored"``: every compressed token also keeps
+      its low-rank predictor inputs (float8, ``RK + RV`` values per token and layer, :class:`aquakv.codec.Projections`),
+      so a layer is read on its own. At rank 64 of an 8B model's D = 1024 that is +136 bytes per token and layer on
+      576 of 2-bit codes and scales (+24%), and the fused kernel ~1.5x faster (docs/benchmarks/decode.md, round
+      15). Needs every predictor low rank (rank <= D/4).
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
@@ -42,16 +48,20 @@ class KernelSettings:
     epilogue_tile: tuple[int, int] | None = None
     scratch: Literal["bf16", "fp8"] = "bf16"
     tile_tokens: int | None = None
+    prediction: Literal["chained", "stored"] = "chained"
     keep_reconstructions: bool = False
 
     def __post_init__(self) -> None:
         checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
-                  "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8")}
+                  "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8"),
+                  "prediction": ("chained", "stored")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.tile_tokens is not None and (self.tile_tokens < 16 or self.tile_tokens & (self.tile_tokens - 1)):
             raise ValueError(f"tile_tokens must be a power of two >= 16, got {self.tile_tokens}")
+        if self.prediction == "stored" and self.low_rank == "off":
+            raise ValueError("prediction='stored' keeps low-rank projections: it needs low_rank='auto'")
         if self.keep_reconstructions and self.attention != "full":
             raise ValueError("keep_reconstructions needs attention='full' (the fused path reconstructs in registers)")
 
