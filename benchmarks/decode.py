@@ -19,6 +19,7 @@ fused attention's kernels as one CUDA-graph replay (**graph ms**: no launch gaps
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -47,7 +48,6 @@ from aquakv.quantize import Quantized  # noqa: E402
 DEV = "cuda"
 T0 = time.time()
 SHAPE = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "mlp": 14336, "vocab": 128256}
-DATE = "2026-11-26"
 RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128, "aquakv-r256": 256}
 # residual quantizers of layers >= 1 (keys, values): the paper's 2-bit d=2 grid, and the d=4 grids of the quality
 # bench's best config at <= 2.5 bits (aquakv-d4-k2.25v2: keys 9-bit codes per 4 values, values 8-bit); a cache kind
@@ -573,7 +573,7 @@ def main() -> None:
                                                    "aquakv-full", "aquakv-r64", "aquakv-r128"])
     p.add_argument("--budget-caches", nargs="+", default=["dynamic", "aquakv-r64"])
     p.add_argument("--layer-caches", nargs="+", default=list(RANKS),
-                   help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4])")
+                   help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4][-stored])")
     p.add_argument("--kv-budget", type=float, default=64e9)
     p.add_argument("--window", type=int, default=32, help="exact recent tokens at the start (< 128 - steps)")
     p.add_argument("--warmup", type=int, default=3)
@@ -591,14 +591,15 @@ def main() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)  # same sdpa backends (flash / efficient / math) for every cache
     settings = KernelSettings.from_env(scratch=args.scratch)
     result: dict = {
-        "device": torch.cuda.get_device_name(0), "date": DATE,
+        "device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "triton": triton.__version__, "python": platform.python_version()},
         "model": {"shape": "Llama-3.1-8B (hidden 4096, 32 heads, 8 KV heads, head_dim 128, MLP 14336, vocab 128256)",
                   "layers": args.layers, "weights": "random bf16", "attention": "sdpa, cuDNN SDPA disabled"},
         "aquakv": {"quantizer": "HIGGS g=64, fp16 scale per group; layer 0 d=2 n=256 (4 bits); layers >= 1 d=2 n=16 "
-                                "(2 bits), kinds ending -d4: keys d=4 n=512 (2.25 bits), values d=4 n=256 (2 bits)",
+                                "(2 bits), kinds with -d4: keys d=4 n=512 (2.25 bits), values d=4 n=256 (2 bits); "
+                                "kinds ending -stored: prediction=\"stored\" (float8 projections per token)",
                    "sinks": 4, "window_at_start": args.window, "settings": repr(settings),
                    "note": "random codes and predictors; the fused kernel reconstructs every compressed token of "
                            "every layer every step from the previous layer's scratch"},
