@@ -408,13 +408,15 @@ def test_exact_merge_kernel_equals_the_reference_merge(q_len, window, mask_kind,
     assert torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-5), (got.cpu() - want).abs().max()
 
 
-@pytest.mark.parametrize("scratch,tol,grids", [("bf16", 2e-2, "gaussian"), ("fp8", 1e-1, "gaussian"),
-                                               ("bf16", 2e-2, "fitted")])
-def test_fused_path_logits_match_the_reference_path(scratch, tol, grids):
+@pytest.mark.parametrize("scratch,tol,grids,prediction", [("bf16", 2e-2, "gaussian", "chained"),
+                                                          ("fp8", 1e-1, "gaussian", "chained"),
+                                                          ("bf16", 2e-2, "fitted", "chained"),
+                                                          ("bf16", 2e-2, "gaussian", "stored")])
+def test_fused_path_logits_match_the_reference_path(scratch, tol, grids, prediction):
     """A tiny Llama through AquaKVCache: fused Triton attention vs reconstruct-then-attend in PyTorch, on the same
     device; sinks, several compressed blocks, batch 2 with left padding, prefill chunks then q_len 1 steps; the
     bundle's Gaussian grids, or a fitted grid per layer (encode through the quantize kernel, decode in the fused
-    kernel)."""
+    kernel); ``prediction="stored"``: rank-32 predictors whose projections the encode stores and the kernel reads."""
     if DEV != "cuda" and scratch == "fp8":
         pytest.skip("fp8 scratch needs CUDA")
     from conftest import calibrate_in_memory, tiny_llama
@@ -423,7 +425,7 @@ def test_fused_path_logits_match_the_reference_path(scratch, tol, grids):
     q = QuantizerConfig(dim=2, size=16, group_size=64)
     ids = torch.randint(0, 128, (2, 420), generator=torch.Generator().manual_seed(0)).to(DEV)
     bundle = calibrate_in_memory(model.cpu(), ids[:, :200].cpu(), q, QuantizerConfig(dim=2, size=256, group_size=64),
-                                 cache=CacheConfig(recent_window=64))
+                                 cache=CacheConfig(recent_window=64), rank=32 if prediction == "stored" else None)
     if grids == "fitted":
         for i, codec in enumerate(bundle.codecs):
             codec.keys, codec.values = fitted_residual(codec.keys, 2 * i), fitted_residual(codec.values, 2 * i + 1)
@@ -432,13 +434,14 @@ def test_fused_path_logits_match_the_reference_path(scratch, tol, grids):
     mask[1, :6] = 0
     chunks = [(0, 100), (100, 20), (120, 30), (150, 7)] + [(157 + i, 1) for i in range(263)]
     logits = {}
-    for name, settings in (("ref", KernelSettings(enabled=False, attention="full")),
-                           ("fused", KernelSettings(scratch=scratch))):
+    for name, settings in (("ref", KernelSettings(enabled=False, attention="full", prediction=prediction)),
+                           ("fused", KernelSettings(scratch=scratch, prediction=prediction))):
         cache = AquaKVCache.from_bundle(bundle, model, kernels=settings)
         with torch.no_grad():
             logits[name] = torch.cat([model(ids[:, s : s + n], attention_mask=mask[:, : s + n],
                                             **cache_kwargs(model, cache)).logits for s, n in chunks], 1)
         assert cache.layers[2].compressed_len == 384
+        assert (cache.layers[2].compressed.projections is not None) == (prediction == "stored")
     assert cache.backend.name == "triton" and model.config._attn_implementation == "aquakv"
     for row in (0, 1):
         assert _rel(logits["fused"][row, 6 * row :], logits["ref"][row, 6 * row :]) < tol
