@@ -18,6 +18,7 @@ from aquakv.cache import AquaKVCache
 from aquakv.codec import Residual
 from aquakv.config import CacheConfig
 from aquakv.grids import gaussian_grid
+from aquakv.kernels.settings import KernelSettings
 from aquakv.packing import pack, unpack
 
 METHODS = ("exact", "aquakv", "no-predictors", "kivi-2bit", "kivi-2bit-g32", "kivi-3bit", "quanto-int2",
@@ -76,6 +77,10 @@ class KIVILayer(DynamicLayer):
         self.bits, self.residual, self.group = bits, residual, group
         self.blocks: list[tuple] = []
         self.quantized_len = 0
+        # each block's dequantized keys and values, concatenated (a block never changes once compressed, so it is
+        # dequantized once, not at every step: the same tensors, O(T) instead of O(T^2) work over a sequence); a
+        # simulation's scratch, not counted by held_bytes
+        self._old: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> tuple:
         b, h, t, hd = values.shape
@@ -98,12 +103,15 @@ class KIVILayer(DynamicLayer):
             self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
-        old = [self._decompress(b) for b in self.blocks]
+        old = [] if self._old is None else [self._old]
         keys = torch.cat([k for k, _ in old] + [self.keys], -2)
         values = torch.cat([v for _, v in old] + [self.values], -2)
         while self.keys.shape[-2] >= self.residual:
             r = self.residual
             self.blocks.append(self._compress(self.keys[:, :, :r], self.values[:, :, :r]))
+            k, v = self._decompress(self.blocks[-1])
+            self._old = (k, v) if self._old is None else (torch.cat([self._old[0], k], -2),
+                                                         torch.cat([self._old[1], v], -2))
             self.quantized_len += r
             self.keys, self.values = self.keys[:, :, r:], self.values[:, :, r:]
         return keys, values
@@ -136,8 +144,9 @@ def held_bytes(cache: Cache) -> int:
 
 
 def make_cache(method: str, model: torch.nn.Module, bundle: Bundle | None = None,
-               cache: CacheConfig | None = None) -> Callable[[], Cache]:
-    """A factory of fresh caches for ``method`` (see :data:`METHODS`)."""
+               cache: CacheConfig | None = None, kernels: KernelSettings | None = None) -> Callable[[], Cache]:
+    """A factory of fresh caches for ``method`` (see :data:`METHODS`); ``kernels``: the AQUA-KV caches' backend
+    options (default :meth:`KernelSettings.from_env`), e.g. ``keep_reconstructions`` for evaluation on a CPU."""
     cfg = cache or (bundle.cache if bundle is not None else CacheConfig())
     if method == "exact":
         return lambda: DynamicCache(config=model.config)
@@ -145,7 +154,7 @@ def make_cache(method: str, model: torch.nn.Module, bundle: Bundle | None = None
         if bundle is None:
             raise ValueError(f"method {method!r} needs a bundle")
         b = bundle if method == "aquakv" else without_predictors(bundle)
-        return lambda: AquaKVCache.from_bundle(b, model, cfg)
+        return lambda: AquaKVCache.from_bundle(b, model, cfg, kernels=kernels)
     if method.startswith("kivi-"):
         bits, group = _kivi_params(method)
         n = model.config.num_hidden_layers

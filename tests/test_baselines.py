@@ -49,3 +49,35 @@ def test_no_predictors_is_higgs_with_the_gaussian_grid(bundle3) -> None:
     for bad in ("kivi-0bit", "kivi-9bit", "kivi-2bit-g0", "kivi-2bit-g48"):
         with pytest.raises(ValueError, match="power-of-two channel group"):
             kivi_bits(bad, 128)
+
+
+def test_kivi_dequantizes_each_block_once_with_the_same_numbers() -> None:
+    """KIVILayer keeps its blocks' dequantized keys and values: what it returns at every step equals dequantizing
+    every block again (the O(T^2) way it worked before), to the bit."""
+    from aquakv.baselines import KIVILayer
+
+    gen = torch.Generator().manual_seed(5)
+    layer = KIVILayer(bits=2, residual=32, group=16)
+    for step in (7, 32, 1, 40, 16, 64, 3):
+        keys, values = torch.randn(2, 3, step, 16, generator=gen), torch.randn(2, 3, step, 16, generator=gen)
+        exact_keys = layer.keys if layer.is_initialized else keys[:, :, :0]
+        exact_values = layer.values if layer.is_initialized else values[:, :, :0]
+        old = [layer._decompress(b) for b in layer.blocks]
+        want_keys = torch.cat([k for k, _ in old] + [exact_keys, keys], -2)
+        want_values = torch.cat([v for _, v in old] + [exact_values, values], -2)
+        got_keys, got_values = layer.update(keys, values)
+        assert torch.equal(got_keys, want_keys) and torch.equal(got_values, want_values)
+    assert layer.quantized_len == 160 and len(layer.blocks) == 5
+
+
+def test_keep_reconstructions_gives_the_same_perplexity(model3, bundle3) -> None:
+    """The quality bench evaluates AQUA-KV caches on a CPU with ``keep_reconstructions`` (each compressed token
+    reconstructed once per layer): the same NLL as reconstructing everything at every step, to the bit."""
+    from aquakv.kernels.settings import KernelSettings
+
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(4))
+    keep = KernelSettings.from_env(attention="full", keep_reconstructions=True)
+    for method in ("aquakv", "no-predictors"):
+        plain = window_nll(model3, ids, make_cache(method, model3, bundle3)(), step=16)
+        kept = window_nll(model3, ids, make_cache(method, model3, bundle3, kernels=keep)(), step=16)
+        assert kept == plain

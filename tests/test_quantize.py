@@ -135,3 +135,22 @@ def test_fitted_grid_follows_weighted_data() -> None:
 
     assert err(grid) < 0.8 * err(init)
     assert float(grid.abs().max()) < 6  # the outliers pulled no point out
+
+
+@pytest.mark.parametrize(("dim", "size"), [(2, 16), (2, 256), (4, 256), (4, 1024)])
+def test_nearest_is_the_one_chunk_argmin_to_the_bit(dim, size) -> None:
+    """nearest's CPU path (small chunks, distances in place in one buffer) gives the codes of the plain formula over
+    one large chunk, ``argmin(|g|^2 - 2 x @ g.T)``, on Gaussian vectors, exact grid points and midpoints between
+    neighbouring points (ties: the first index wins in both); also for any explicit chunk."""
+    from aquakv.grids import nearest
+
+    grid = gaussian_grid(dim, size)
+    gen = torch.Generator().manual_seed(size + dim)
+    mids = (grid[:-1] + grid[1:]) / 2
+    x = torch.cat([torch.randn(50_000, dim, generator=gen), grid, mids, 3 * torch.randn(5_000, dim, generator=gen)])
+
+    want = torch.argmin((grid * grid).sum(-1) - 2 * x @ grid.T, dim=-1)
+    assert torch.equal(nearest(x, grid), want)
+    assert torch.equal(nearest(x.view(-1, 5, dim) if x.shape[0] % 5 == 0 else x, grid).reshape(-1), want)
+    assert torch.equal(nearest(x, grid, chunk=777), want)
+    assert torch.equal(nearest(x[:0], grid), want[:0])
