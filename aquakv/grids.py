@@ -23,6 +23,7 @@ def cache_dir() -> Path:
 
 
 CPU_DISTANCES = 1 << 20  # distances per chunk on a CPU (4 MB of float32: stays in cache between matmul and argmin)
+ARGMIN_BLOCK = 32  # grid points per block of the CPU's two-step argmin
 
 
 def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -32,9 +33,11 @@ def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int | None = None)
     Distances are computed ``chunk`` vectors at a time (default: ~256 MB of distances on a GPU; on a CPU
     :data:`CPU_DISTANCES` distances, 1024 vectors for a 1024-point grid, 64k at most). On a CPU each chunk's
     distances go into one reused buffer, in place: the same matmul, then ``-2 x.g + |g|^2``, which is ``|g|^2 - 2 x.g``
-    to the bit (IEEE subtraction is the addition of the negation; the factor 2 is exact), so the codes are the ones
-    one large chunk gives (``tests/test_quantize.py``), 3-4x sooner for 256-1024-point grids (the distances of a
-    large chunk went to memory and back twice per pass).
+    to the bit (IEEE subtraction is the addition of the negation; the factor 2 is exact), then the argmin in two steps
+    (per block of :data:`ARGMIN_BLOCK` points, then within the first block holding the minimum: the same first
+    index). The codes are the ones one large chunk and one argmin give (``tests/test_quantize.py``), ~5x sooner for
+    256-1024-point grids (the distances of a large chunk went to memory and back twice per pass, and PyTorch's CPU
+    argmin is not vectorized).
     """
     n, d = grid.shape
     flat = vectors.reshape(-1, d).to(grid.dtype)
@@ -52,7 +55,17 @@ def nearest(vectors: torch.Tensor, grid: torch.Tensor, chunk: int | None = None)
         block = flat[start : start + chunk]
         dist = buf[: block.shape[0]]
         torch.mm(block, grid.T, out=dist)
-        torch.argmin(dist.mul_(-2).add_(norms), dim=-1, out=out[start : start + chunk])
+        dist.mul_(-2).add_(norms)
+        if n % ARGMIN_BLOCK or n < 2 * ARGMIN_BLOCK:
+            torch.argmin(dist, dim=-1, out=out[start : start + chunk])
+            continue
+        # argmin in two steps, ~2x sooner for n >= 256 on a CPU (amin is vectorized, argmin is not): the first block
+        # of ARGMIN_BLOCK points whose minimum is the row's, then the first point of that block at it; that is the
+        # first index of the row's minimum, as argmin returns it
+        cells = dist.view(dist.shape[0], n // ARGMIN_BLOCK, ARGMIN_BLOCK)
+        first = cells.amin(-1).argmin(-1, keepdim=True)  # [m, 1]
+        inner = cells.gather(1, first.unsqueeze(-1).expand(-1, 1, ARGMIN_BLOCK)).squeeze(1).argmin(-1)
+        torch.add(inner, first.squeeze(1), alpha=ARGMIN_BLOCK, out=out[start : start + chunk])
     return out.view(vectors.shape[:-1])
 
 

@@ -13,7 +13,8 @@ Defaults depend on the device (issue 14: the whole bench within an hour on a 2-c
 16 windows per text, baselines kivi-2bit, quanto-int2 and quanto-int4, passkey and all three RULER-style tasks at
 2k/4k/8k. Without one: 8 windows per text, the kivi-2bit baseline only, passkey and the multikey / vartrack tasks at
 2k/4k (commonwords scores 0 with the exact cache at every length, and an 8k prompt costs minutes per cache on a CPU).
-Every flag given explicitly wins. On a CPU the AQUA-KV caches keep their reconstructions between passes
+The CPU default took 41 min on the project's 2-core machine (docs/benchmarks/quality-levers.md, "Bench time on the
+2-core CPU"). Every flag given explicitly wins. On a CPU the AQUA-KV caches keep their reconstructions between passes
 (``KernelSettings.keep_reconstructions``: the same numbers with O(T) instead of O(T^2) reconstruction work).
 """
 
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"caches for the long-context tasks and passkey (default {','.join(LONG_CONFIGS)})")
     p.add_argument("--full", action="store_true",
                    help="the GPU defaults on any device: 16 windows, all baselines, every task, passkey and tasks at "
-                        "2k/4k/8k (several hours on a 2-core CPU)")
+                        "2k/4k/8k (~1.5 h on the 2-core CPU, estimated; the CPU default took 41 min)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--resident", action="store_true",
                    help="fused collect+fit on the workers' devices, no activations on disk (a bit budget stays "

@@ -154,3 +154,11 @@ def test_nearest_is_the_one_chunk_argmin_to_the_bit(dim, size) -> None:
     assert torch.equal(nearest(x.view(-1, 5, dim) if x.shape[0] % 5 == 0 else x, grid).reshape(-1), want)
     assert torch.equal(nearest(x, grid, chunk=777), want)
     assert torch.equal(nearest(x[:0], grid), want[:0])
+    # exact ties across the argmin's blocks: copies of point 5 further on (one in the same block, two in later ones)
+    tied = grid.clone()
+    copies = [i for i in (7, 40, size - 1) if i < size]
+    tied[copies] = grid[5]
+    got = nearest(torch.cat([tied[5:6].expand(100, -1), x[:1000]]), tied)
+    assert (got[:100] == 5).all()
+    assert torch.equal(got, torch.argmin((tied * tied).sum(-1) - 2 * torch.cat([tied[5:6].expand(100, -1), x[:1000]])
+                                         @ tied.T, dim=-1))
