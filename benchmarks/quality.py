@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the GPU defaults on any device: 16 windows, all baselines, every task, passkey and tasks at "
                         "2k/4k/8k (~1.5 h on the 2-core CPU, estimated; the CPU default took 41 min)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--prediction", default="chained", choices=("chained", "stored"),
+                   help="AQUA-KV caches' predictions: recomputed from the previous layer (chained, default) or from "
+                        "each token's stored float8 projections (stored: low-rank configs only, KernelSettings)")
     p.add_argument("--resident", action="store_true",
                    help="fused collect+fit on the workers' devices, no activations on disk (a bit budget stays "
                         "staged); for GPUs and small disks")
@@ -352,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     # CPU: reconstruct-then-attend keeping each layer's reconstruction between passes (the same numbers, each token
     # reconstructed once per layer instead of at every later step); CUDA: the fused kernels as a user gets them
     kernels = KernelSettings.from_env(attention="full", keep_reconstructions=True) if device == "cpu" else None
+    if args.prediction != "chained":
+        kernels = (kernels or KernelSettings.from_env()).with_(prediction=args.prediction)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     methods: dict[str, tuple] = {"exact": ("exact", None)}
