@@ -15,6 +15,7 @@ from aquakv.config import QuantizerConfig
 from aquakv.kernels import HAS_TRITON, supports
 from aquakv.kernels.settings import INTERPRET, KernelSettings
 from aquakv.packing import packed_bytes
+from aquakv.predictors import kernel_rank
 
 if HAS_TRITON:
     import triton
@@ -265,7 +266,7 @@ def prepare(predictor, dtype: torch.dtype, device: torch.device, low_rank: str =
     else:
         down, up = factors
         r = down.shape[1]
-        target = -(-r // rank_multiple) * rank_multiple if rank_multiple else max(16, 1 << (r - 1).bit_length())
+        target = -(-r // rank_multiple) * rank_multiple if rank_multiple else kernel_rank(r)
         if target != r:
             down = torch.cat([down, down.new_zeros(down.shape[0], target - r)], 1)
             up = torch.cat([up, up.new_zeros(target - r, up.shape[1])], 0)
