@@ -344,6 +344,20 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
                                                   "handoff": "projected" if projected else "full",
                                                   "launch": list(launch)}))
         del scratch
+    if rank <= MAX_PROJECTED_RANK:  # stored projections, and the floors without the value / any predictor
+        full = layer.codec
+        for name, codec in (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values,
+                            full.key_predictor)), ("no predictors", LayerCodec(full.keys, full.values))):
+            widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
+            latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
+            scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
+            for launch in [(128, 4, 1), (128, 8, 1)]:
+                def fn(codec=codec, latents=latents, scales=scales, launch=launch):
+                    return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
+                                            codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
+                                            settings, False, None, launch, stored=scales)
+                out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
+                                                      "handoff": name, "launch": list(launch)}))
     free()
     return out
 

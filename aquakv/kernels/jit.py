@@ -292,14 +292,11 @@ def _codes_from_words(codes_ptr, rows, rmask, row_words, grp, BM: tl.constexpr, 
 
 
 @triton.jit
-def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
-              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-              WORDS: tl.constexpr, INTERP: tl.constexpr):
-    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
-    product with the ``±1`` un-rotation. ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32
-    (one gather per code; ``D = 4``: four in an int64); ``WORDS``: codes read as int32 words (``row_len`` in words),
-    else bytes."""
-    grp = c0 // GS
+def _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
+                BITS: tl.constexpr, WORDS: tl.constexpr):
+    """``[BM, GS]`` fp16 grid coordinates of group ``grp`` (the residual in the rotated space, before its scale).
+    ``table``: per code, its ``D <= 2`` fp16 grid coordinates packed in an int32 (one gather per code; ``D = 4``: four
+    in an int64); ``WORDS``: codes read as int32 words (``row_len`` in words), else bytes."""
     V: tl.constexpr = GS // D
     if WORDS:
         codes = _codes_from_words(codes_ptr, rows, rmask, row_len, grp, BM, V, BITS)
@@ -316,6 +313,17 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
         unit = tl.reshape(tl.join(lo, (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)), (BM, GS))
     else:
         unit = lo
+    return unit
+
+
+@triton.jit
+def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G, c0,
+              BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+              WORDS: tl.constexpr, INTERP: tl.constexpr):
+    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
+    product of the grid coordinates (:func:`_grid_units`) with the ``±1`` un-rotation."""
+    grp = c0 // GS
+    unit = _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM, GS, D, BITS, WORDS)
     kk = tl.arange(0, GS)
     h = tl.load(hr_ptr + kk[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
     if INTERP:
@@ -324,6 +332,31 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, rows, rmask, row_len, G,
         acc = tl.dot(unit, h, tl.zeros((BM, WIDTH), tl.float32))
     scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
     return acc * (scale * (1.0 / GS))[:, None]
+
+
+@triton.jit
+def _attend_rotated(p, psum, pz, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask,
+                    c_rl, groups, c0, DM: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
+                    GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PRED: tl.constexpr,
+                    INTERP: tl.constexpr):
+    """``p [QM, BT] @ V̂[:, c0 : c0 + HB]`` without forming V̂: values carry no RoPE, so the attention is linear in
+    each of their parts, ``(p * scale) @ units @ H^T[:, cols] + (p @ z) @ up[:, cols] + sum(p) bias``. The residual
+    stays in the rotated space until ``QM`` rows are left, so the per-token un-rotation and prediction
+    (two ``[BT, 64] x [64, HB]`` products) become ``[QM, BT] x [BT, GS]`` and two ``QM``-row products.
+    ``pz = p @ z [QM, R]`` (``PRED`` 2), ``psum = sum(p) [QM]`` (``PRED`` 1, 2)."""
+    grp = c0 // GS
+    unit = _grid_units(c_ptr, grid_ptr, rows, tmask, c_rl, grp, BT, GS, D, BITS, WORDS)
+    scale = tl.load(s_ptr + rows.to(tl.int64) * groups + grp, mask=tmask, other=0.0).to(tl.float32)
+    pu = _dot16(p.to(tl.float32) * (scale * (1.0 / GS))[None, :], unit, tl.zeros((QM, GS), tl.float32), INTERP)
+    kk = tl.arange(0, GS)
+    acc = _dot16(pu, tl.load(hr_ptr + kk[:, None] * GS + (c0 % GS) + tl.arange(0, HB)[None, :]),
+                 tl.zeros((QM, HB), tl.float32), INTERP)
+    cols = c0 + tl.arange(0, HB)
+    if PRED == 2:
+        acc = _dot16(pz, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), acc, INTERP)
+    if PRED != 0:
+        acc += psum[:, None] * tl.load(bias_ptr + cols)[None, :]
+    return acc
 
 
 @triton.jit
@@ -374,6 +407,17 @@ def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTER
     w_rows = (c0 + tl.arange(0, HB))[:, None] * R + tl.arange(0, R)[None, :]
     acc = _dot16(xl, tl.load(w_ptr + w_rows), acc, INTERP)
     return _dot16(xh, tl.load(w_ptr + (w_rows + HB * R)), acc, INTERP)
+
+
+@triton.jit
+def _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, off, RV: tl.constexpr, STORED: tl.constexpr):
+    """``[BT, RV]`` float32 value-predictor inputs from ``prev``'s columns ``off .. off + RV``: the previous layer's
+    hand-on, or (``STORED``) the tokens' own float8 ``z^V`` times its per-token scale."""
+    zv = tl.load(prev_ptr + srow[:, None] + off + tl.arange(0, RV)[None, :], mask=tmask[:, None],
+                 other=0.0).to(tl.float32)
+    if STORED:
+        zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
+    return zv
 
 
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
@@ -443,11 +487,8 @@ def _decode_attention_kernel(
             if STORED:
                 zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
             zk = zk.to(kup_ptr.dtype.element_ty)
-        if VPRED == 2:
-            zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
-                         mask=tmask[:, None], other=0.0).to(tl.float32)
-            if STORED:
-                zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
+        if VPRED == 2 and not STORED:  # (stored: read in pass 2, so it does not live through pass 1)
+            zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, False)
     else:
         if KPRED == 2:
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
@@ -506,46 +547,66 @@ def _decode_attention_kernel(
                      mask=tmask[:, None])
 
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
-    if VPRED == 2:
-        if not PROJ:  # [K̂_l | V̂_{l-1}] @ a from the scratch: no [BT, RV] accumulator live through pass 1
-            zv = _rows_times(cur_ptr, srow, tmask, va_ptr, RV, 0, 0, DM, BT, RV, BK, tl.zeros((BT, RV), tl.float32),
-                             INTERP)
-            zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK, zv, INTERP)
-            tl.debug_barrier()  # every warp has read V̂_{l-1} before any overwrites it with V̂_l
-        zv = zv.to(vup_ptr.dtype.element_ty)  # complete: only its bf16 operand is needed from here on
-    nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
-    for h in range(H):
-        c0 = h * HD
-        acc_l = tl.zeros((BT, HB), tl.float32)
-        acc_h = tl.zeros((BT, HB), tl.float32)
-        if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
-            acc_l = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
-            acc_l = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0, DM, BT, HB, BK, acc_l, INTERP)
-            acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
-            acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
-                                INTERP)
-        vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
-                                     vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                     INTERP).to(kd)
-        vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
-                                     vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                     INTERP).to(kd)
+    if STORED and VPRED == 2:
+        zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, True)
+    if PROJ and RV2 == 0:  # nothing to hand on: attend in the rotated / latent space (_attend_rotated), no V̂ tile
+        if VPRED == 2:
+            zv = zv.to(vup_ptr.dtype.element_ty)
+        for h in range(H):
+            c0 = h * HD
+            p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
+            psum = tl.sum(p.to(tl.float32), axis=1)
+            pz = 0.0
+            if VPRED == 2:
+                pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP)
+            part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
+            ol = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                 vc_rl, v_groups, c0, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, INTERP)
+            tl.store(o_ptr + part[:, None] * HD + half[None, :], ol, mask=rvalid[:, None])
+            oh = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows, tmask,
+                                 vc_rl, v_groups, c0 + HB, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, INTERP)
+            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :], oh, mask=rvalid[:, None])
+    else:  # V̂ of each head formed: the next layer reads it
+        if VPRED == 2:
+            if not PROJ:  # [K̂_l | V̂_{l-1}] @ a from the scratch: no [BT, RV] accumulator live through pass 1
+                zv = _rows_times(cur_ptr, srow, tmask, va_ptr, RV, 0, 0, DM, BT, RV, BK, tl.zeros((BT, RV), tl.float32),
+                                 INTERP)
+                zv = _rows_times(prev_ptr + DM, srow, tmask, va_ptr, RV, DM, 0, DM, BT, RV, BK, zv, INTERP)
+                tl.debug_barrier()  # every warp has read V̂_{l-1} before any overwrites it with V̂_l
+            zv = zv.to(vup_ptr.dtype.element_ty)  # complete: only its bf16 operand is needed from here on
+        nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
+        for h in range(H):
+            c0 = h * HD
+            acc_l = tl.zeros((BT, HB), tl.float32)
+            acc_h = tl.zeros((BT, HB), tl.float32)
+            if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
+                acc_l = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
+                acc_l = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0, DM, BT, HB, BK, acc_l, INTERP)
+                acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
+                acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
+                                    INTERP)
+            vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows,
+                                         tmask, vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                         INTERP).to(kd)
+            vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, rows,
+                                         tmask, vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                         INTERP).to(kd)
+            if PROJ:
+                if RV2 > 0:
+                    nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
+            else:
+                tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
+                tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
+            p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
+            part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
+            tl.store(o_ptr + part[:, None] * HD + half[None, :], _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP),
+                     mask=rvalid[:, None])
+            tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
+                     _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
         if PROJ:
             if RV2 > 0:
-                nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
-        else:
-            tl.store(cur_ptr + DM + srow[:, None] + c0 + half[None, :], vl, mask=tmask[:, None])
-            tl.store(cur_ptr + DM + srow[:, None] + c0 + HB + half[None, :], vh, mask=tmask[:, None])
-        p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
-        part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
-        tl.store(o_ptr + part[:, None] * HD + half[None, :], _dot16(p, vl, tl.zeros((QM, HB), tl.float32), INTERP),
-                 mask=rvalid[:, None])
-        tl.store(o_ptr + part[:, None] * HD + HB + half[None, :],
-                 _dot16(p, vh, tl.zeros((QM, HB), tl.float32), INTERP), mask=rvalid[:, None])
-    if PROJ:
-        if RV2 > 0:
-            tl.store(cur_ptr + srow[:, None] + RK2 + tl.arange(0, RV2)[None, :], nv.to(cur_ptr.dtype.element_ty),
-                     mask=tmask[:, None])
+                tl.store(cur_ptr + srow[:, None] + RK2 + tl.arange(0, RV2)[None, :], nv.to(cur_ptr.dtype.element_ty),
+                         mask=tmask[:, None])
 
 
 @triton.jit
