@@ -98,6 +98,7 @@ class Checkpoint:
             )
         self._base_keys = self._find_base_keys()
         self._placed: tuple[torch.device, torch.dtype] | None = None
+        self._head_placed: tuple[torch.device, torch.dtype] | None = None
         self._calls: dict[tuple, list[LayerCall]] = {}
         self._specs: dict[int, LayerSpec] = {}
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # load_layer's, one per GPU
@@ -232,11 +233,15 @@ class Checkpoint:
         return self._specs[i]
 
     def _head(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The whole skeleton with the base tensors and the output head on ``device``. The head's tensors are the
-        checkpoint's tensors outside the base model and the layers (the saved name may differ from the module's:
-        GPT-NeoX saves ``embed_out``), else the embedding where the config ties them."""
+        """The whole skeleton with the base tensors and the output head on ``device`` (kept there). The head's tensors
+        are the checkpoint's tensors outside the base model and the layers (the saved name may differ from the
+        module's: GPT-NeoX saves ``embed_out``), else the embedding where the config ties them."""
         model = self.skeleton
         self.base(device, dtype)
+        # placed once per device and dtype: a validation pass asks once per chunk, and a 70B head is 2.1 GB (it was
+        # read from disk and copied through pageable memory at every call before, 2026-11-27)
+        if self._head_placed == self._placed:
+            return model
         head = model.get_output_embeddings()
         outside = [k for k in self.weight_map if not _LAYER_KEY.match(k) and k not in self._base_keys.values()]
         stored = {}
@@ -256,6 +261,7 @@ class Checkpoint:
         else:
             raise CalibrationError(f"checkpoint {self.path}: no output head tensor and the config does not tie it to "
                                    "the embedding")
+        self._head_placed = self._placed
         return model
 
     @torch.no_grad()

@@ -124,3 +124,23 @@ def test_layer_stream_prefetches_next_layer(sharded: Path) -> None:
         order.append(i)
     assert order == [0, 1, 2]
     assert all(name.startswith("layer-prefetch") for name in threads)
+
+
+def test_output_head_is_read_once_per_placement(sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation asks for logits once per chunk: the head is read and placed at the first call, reused after, and
+    placed again for another dtype (the model's own logits every time)."""
+    ckpt = Checkpoint(sharded)
+    model = LlamaForCausalLM.from_pretrained(sharded).eval()
+    reads: list[list[str]] = []
+    read = ckpt._read
+    monkeypatch.setattr(ckpt, "_read", lambda keys: reads.append(sorted(keys)) or read(keys))
+    hidden = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    want = model.lm_head(model.model.norm(hidden))
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(ckpt.logits(hidden), want, rtol=1e-6, atol=1e-6)
+        head_reads = [r for r in reads if "weight" in r]
+        assert len(head_reads) == 1, reads  # the lm_head's tensor, once
+        half = ckpt.logits(hidden.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and len([r for r in reads if "weight" in r]) == 2
+    torch.testing.assert_close(half.float(), want, rtol=5e-2, atol=5e-2)
