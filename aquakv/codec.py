@@ -16,7 +16,7 @@ it) and encode and decode agree exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,7 @@ class LayerCodec:
     values: Residual
     key_predictor: Predictor | None = None
     value_predictor: Predictor | None = None
+    _moved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of :meth:`to`
 
     @staticmethod
     def value_inputs(keys: torch.Tensor, prev_values: torch.Tensor) -> torch.Tensor:
@@ -64,11 +65,27 @@ class LayerCodec:
         return LayerCodec(self.keys, self.values, self.key_predictor, None)
 
     def to(self, device: torch.device | str) -> LayerCodec:
-        def move(p: Predictor | None) -> Predictor | None:
-            return None if p is None else Predictor(p.weight.to(device), p.bias.to(device), p.rank)
+        """This codec on ``device``, made once per device and then shared: every cache built from one bundle reuses
+        the same predictors, so their factorization (:meth:`Predictor.factors`) and the kernels' prepared operands
+        are computed once per process, not at each cache's first step."""
+        key = str(torch.device(device))
+        if key not in self._moved:
+            def move(p: Predictor | None) -> Predictor | None:
+                if p is None:
+                    return None
+                moved = Predictor(p.weight.to(device), p.bias.to(device), p.rank)
+                if p._factors:  # already factorized (e.g. by a cache's checks): the same basis on every device
+                    f = p._factors[0]
+                    moved._factors.append(None if f is None else tuple(t.to(device) for t in f))
+                return moved
 
-        return LayerCodec(self.keys.to(device), self.values.to(device),
-                          move(self.key_predictor), move(self.value_predictor))
+            self._moved[key] = LayerCodec(self.keys.to(device), self.values.to(device),
+                                          move(self.key_predictor), move(self.value_predictor))
+        return self._moved[key]
+
+    def __getstate__(self) -> dict:
+        """Pickled (Ray) without the device copies: they may live on a device the receiver does not have."""
+        return {**self.__dict__, "_moved": {}}
 
     def predict_keys(self, prev: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
         if self.key_predictor is None:

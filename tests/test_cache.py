@@ -144,6 +144,30 @@ def test_stored_prediction_gives_the_chained_logits_and_holds_the_projections(mo
     assert held == 2 * 2 * 288 * (32 + 8), held
 
 
+def test_caches_of_one_bundle_factorize_its_predictors_once(model3, low_rank_bundle, monkeypatch):
+    """A server builds a cache per request from one bundle: the predictors' factorization (and the operands prepared
+    from it) is done once per device, not at each cache's first step; the device copies are not pickled."""
+    import pickle
+
+    from aquakv import predictors
+
+    calls = []
+    real = predictors.low_rank_factors
+    monkeypatch.setattr(predictors, "low_rank_factors", lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(6))
+    outs, counts = [], []
+    for _ in range(3):
+        cache = AquaKVCache.from_bundle(low_rank_bundle, model3, kernels=KernelSettings(prediction="stored"))
+        outs.append(_stepped_logits(model3, ids, cache, 20))
+        counts.append(len(calls))
+    low_rank = sum(p is not None for c in low_rank_bundle.codecs for p in (c.key_predictor, c.value_predictor))
+    assert low_rank == 4 and counts[0] <= low_rank and counts[2] == counts[0], counts  # (0: an earlier test did it)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    codec = low_rank_bundle.codecs[1]
+    assert codec.to("cpu") is codec.to("cpu") and codec._moved
+    assert pickle.loads(pickle.dumps(codec))._moved == {}
+
+
 def test_stored_prediction_refuses_full_rank_predictors(model3, bundle3):
     with pytest.raises(ConfigError, match="layer 1's key predictor: prediction='stored' needs low-rank predictors"):
         AquaKVCache.from_bundle(bundle3, model3, kernels=KernelSettings(prediction="stored"))
