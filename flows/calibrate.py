@@ -137,47 +137,50 @@ def fit_stage(config: dict, model_dir: str, tokens: str, activations: str) -> li
     return fits
 
 
-@task(name="collect_fit", cache_policy=NO_CACHE)
-def collect_fit_stage(config: dict, model_dir: str, tokens: str) -> tuple[list, dict]:
-    """Resident mode (``cfg.resident``): collect and chain-fit in one pass, one Ray actor per shard keeping its
-    samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). A finished fit is loaded; an interrupted
-    one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else from
-    layer 0. ``cfg.write_activations``: the actors also write K/V to
-    ``activations.zarr`` in the background (skipped when it is already complete), so a re-fit with other quantizer
-    settings can run the staged fit without collecting again. Returns the fits and where the time went
-    (:func:`pipeline.chain.fit_chain`'s ``seconds``)."""
-    cfg = CalibrationConfig.model_validate(config)
-    import ray
-
-    from cluster.workers import ray_shards_call, shard_actors
-    from pipeline.chain import fit_chain, shard_ranges
+def _activations_to_write(cfg: CalibrationConfig, model_dir: str) -> str | None:
+    """Where resident workers write K/V in the background (``cfg.write_activations``, unless already complete)."""
     from pipeline.checkpoint import Checkpoint
     from pipeline.collect import layer_complete, open_activations
 
+    if not cfg.write_activations:
+        return None
+    ckpt, path = Checkpoint(model_dir), _paths(cfg)["activations"]
+    group = open_activations(path, ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim, dtype=cfg.dtype,
+                             attrs={"windows": ckpt.windows})
+    return None if all(layer_complete(group, layer) for layer in range(ckpt.num_layers)) else str(path)
+
+
+@task(name="collect_fit", cache_policy=NO_CACHE)
+def collect_fit_stage(config: dict, model_dir: str, actors: list) -> tuple[list, dict]:
+    """Resident mode (``cfg.resident``): collect and chain-fit in one pass over ``actors``, one Ray actor per shard
+    keeping its samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). A finished fit is loaded; an
+    interrupted one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else
+    from layer 0. ``cfg.write_activations``: the actors also write K/V to ``activations.zarr`` in the background, so a
+    re-fit with other quantizer settings can run the staged fit without collecting again. Returns the fits and where
+    the time went (:func:`pipeline.chain.fit_chain`'s ``seconds``)."""
+    cfg = CalibrationConfig.model_validate(config)
+    from cluster.workers import ray_shards_call
+    from pipeline.chain import fit_chain
+    from pipeline.checkpoint import Checkpoint
+
     logger = get_run_logger()
-    ckpt = Checkpoint(model_dir)
-    paths = _paths(cfg)
-    activations = None
-    if cfg.write_activations:
-        group = open_activations(paths["activations"], ckpt.num_layers, cfg.num_samples, cfg.seq_len, ckpt.kv_dim,
-                                 dtype=cfg.dtype, attrs={"windows": ckpt.windows})
-        if not all(layer_complete(group, layer) for layer in range(ckpt.num_layers)):
-            activations = str(paths["activations"])
-    shards = shard_ranges(cfg.num_samples, cfg.workers)
-    logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", ckpt.num_layers,
-                cfg.num_samples, len(shards), activations or "not written")
-    actors = shard_actors(model_dir, tokens, shards, cfg.dtype, activations)
+    num_layers = Checkpoint(model_dir).num_layers
+    logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", num_layers,
+                cfg.num_samples, len(actors), "written" if cfg.write_activations else "not written")
     seconds: dict[str, float] = {}
-    try:
-        fits = fit_chain(ray_shards_call(actors), cfg, paths["fit"], ckpt.num_layers, progress=False,
-                         seconds=seconds)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    fits = fit_chain(ray_shards_call(actors), cfg, _paths(cfg)["fit"], num_layers, progress=False, seconds=seconds)
     _log_fits(logger, fits)
     seconds = {k: round(v, 2) for k, v in seconds.items()}
     logger.info("collect+fit seconds: %s", _seconds(seconds))
     return fits, seconds
+
+
+def _kill(actors: list) -> None:
+    if actors:
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
 
 
 def _seconds(seconds: dict[str, float]) -> str:
@@ -185,27 +188,33 @@ def _seconds(seconds: dict[str, float]) -> str:
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_stage(config: dict, model_dir: str, tokens: str, fits: list) -> tuple[dict, dict, dict]:
+def validate_stage(config: dict, model_dir: str, tokens: str, fits: list,
+                   actors: list | None = None) -> tuple[dict, dict, dict]:
     """Held-out perplexity with the real cache vs exact, on the Ray workers (held-out sequences split over them,
     the checkpoint streamed one layer at a time: :func:`pipeline.validate.streamed_sums`); refuses to go on when
-    the gate is missed. Returns the metrics, the model fingerprint the workers probed and the slowest worker's
-    seconds per pass."""
+    the gate is missed. ``actors``: the resident mode's workers, done with the chain, validate in their own
+    processes (:meth:`pipeline.resident.ResidentShard.validate`); else one Ray task per shard. Returns the metrics,
+    the model fingerprint the workers probed and the slowest worker's seconds per pass."""
     cfg = CalibrationConfig.model_validate(config)
     import zarr
 
-    from cluster.workers import ray_map, validate_worker
+    from cluster.workers import ray_get, ray_map, validate_worker
     from pipeline.chain import shard_ranges
     from pipeline.validate import check_gate, metrics_from
 
     logger = get_run_logger()
     shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
-    shards = shard_ranges(shape[0], cfg.workers)
+    shards = shard_ranges(shape[0], len(actors) if actors else cfg.workers)
     codecs = [f.codec for f in fits]
     logger.info("validate: %d held-out sequences x %d tokens over %d workers, streaming the checkpoint", *shape,
                 len(shards))
     n = len(shards)
-    results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards], [b for _, b in shards],
-                      [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n)
+    if actors:
+        results = ray_get([actor.validate.remote(a, b, codecs, cfg.cache)
+                           for actor, (a, b) in zip(actors, shards, strict=False)])
+    else:
+        results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards],
+                          [b for _, b in shards], [codecs] * n, [cfg.cache] * n, [cfg.dtype] * n)
     fingerprint = results[0][1]
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, fits=fits)
@@ -260,12 +269,22 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     data = data_stage.submit(config)  # tokenizing needs no Ray: it runs while Ray starts
     timed("ray", connect, cfg.ray_address, cfg.workers)
     model_dir, tokens, seconds["data"] = data.result()  # (its own seconds: they overlap the ray stage's)
-    if cfg.resident:
-        fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, tokens)
-    else:
-        activations = timed("collect", collect_stage, config, model_dir, tokens)
-        fits = timed("fit", fit_stage, config, model_dir, tokens, activations)
-    metrics, fingerprint, detail["validate"] = timed("validate", validate_stage, config, model_dir, tokens, fits)
+    actors: list = []
+    try:
+        if cfg.resident:  # one actor per shard: collect+fit, then validation in the same processes
+            from cluster.workers import shard_actors
+            from pipeline.chain import shard_ranges
+
+            actors = shard_actors(model_dir, tokens, shard_ranges(cfg.num_samples, cfg.workers), cfg.dtype,
+                                  _activations_to_write(cfg, model_dir))
+            fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, actors)
+        else:
+            activations = timed("collect", collect_stage, config, model_dir, tokens)
+            fits = timed("fit", fit_stage, config, model_dir, tokens, activations)
+        metrics, fingerprint, detail["validate"] = timed("validate", validate_stage, config, model_dir, tokens, fits,
+                                                         actors)
+    finally:
+        _kill(actors)
     uri = timed("publish", publish_stage, config, fits, metrics, fingerprint)
     logger.info("stage seconds: %s", _seconds(seconds))
     summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],

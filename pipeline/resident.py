@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from aquakv.codec import LayerCodec
+from aquakv.config import CacheConfig
 from aquakv.errors import CalibrationError
 from aquakv.family import predecessors
 from aquakv.predictors import RidgeStats
@@ -59,6 +60,7 @@ class ResidentShard:
             torch.zeros(1, device=self.device)  # the CUDA context starts here, not inside the first layer
         self.dtype = _dtype_name(dtype)
         self.micro_batch = micro_batch
+        self.tokens_path = Path(tokens_path)
         tokens = zarr.open_group(str(tokens_path), mode="r")["calib"]
         if not 0 <= start < stop <= tokens.shape[0]:
             raise CalibrationError(f"shard [{start}, {stop}) out of range of {tokens_path} ({tokens.shape[0]} samples)")
@@ -337,6 +339,16 @@ class ResidentShard:
         self.hidden, self.recon, self.kv = hidden.to(self.device), recon, {}
         self.hidden_layer = self.kv_layer = layer
         self._pending = {}
+
+    def validate(self, start: int, stop: int, codecs: list[LayerCodec], cache: CacheConfig) -> tuple[dict, dict]:
+        """Held-out sequences ``[start, stop)`` of the tokens store on this worker once the chain is done
+        (:func:`pipeline.validate.streamed_sums`; frees the chain's buffers first): the worker's process, device and
+        opened checkpoint serve the validation too, instead of a new task starting them again."""
+        from pipeline.validate import streamed_sums
+
+        self.close()
+        heldout = torch.from_numpy(zarr.open_group(str(self.tokens_path), mode="r")["heldout"][start:stop]).long()
+        return streamed_sums(self.checkpoint, heldout, codecs, cache, device=self.device, dtype=DTYPES[self.dtype])
 
     def close(self) -> None:
         """Wait for pending writes and free the device buffers."""
