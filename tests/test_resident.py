@@ -268,3 +268,29 @@ def _fit_codec(cfg: CalibrationConfig, layer: int, shard: ResidentShard):
 
     return solve_layer(cfg, layer, None if layer == 0 else layer - 1, lambda: shard.key_stats(layer),
                        lambda partial: shard.value_stats(layer, partial), None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp_path: Path, device: str) -> None:
+    """Resident mode validates on its collect+fit workers once the chain is done (the flow's ``validate_stage`` with
+    actors): the same sums as a fresh streamed validation of the same held-out rows, and the chain's buffers freed."""
+    from aquakv.config import CacheConfig
+    from pipeline.validate import streamed_sums
+
+    tokens = tmp_path / "tokens.zarr"
+    group = zarr.open_group(str(tokens), mode="w")
+    group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
+    heldout = np.random.default_rng(1).integers(3, 320, (3, 80), dtype=np.int32)
+    group.create_array("heldout", data=heldout, chunks=(1, 80))
+    shard = ResidentShard(assets["model"], tokens, 0, SAMPLES, device=device)
+    fits = fit_chain(shards_call([shard]), _cfg(assets), tmp_path / "fit", LAYERS, progress=False)
+    codecs, layout = [f.codec for f in fits], CacheConfig(sinks=2, recent_window=16)
+    ours, fingerprint = shard.validate(1, 3, codecs, layout)
+    assert shard.hidden is None and not shard.kv and not shard.recon
+    want, want_fingerprint = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout[1:3]).long(),
+                                           codecs, layout, device=device)
+    assert fingerprint == want_fingerprint
+    for key in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values"):
+        assert ours[key] == pytest.approx(want[key], rel=1e-6), key
+    assert ours["nll_aquakv"] != ours["nll_exact"]
