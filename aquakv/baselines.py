@@ -78,8 +78,8 @@ class KIVILayer(DynamicLayer):
         self.blocks: list[tuple] = []
         self.quantized_len = 0
         # each block's dequantized keys and values, concatenated (a block never changes once compressed, so it is
-        # dequantized once, not at every step: the same tensors, O(T) instead of O(T^2) work over a sequence); a
-        # simulation's scratch, not counted by held_bytes
+        # dequantized once, not at every step: the same tensors; the concatenation is the only per-block cost left);
+        # a simulation's scratch, not counted by held_bytes
         self._old: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> tuple:

@@ -70,17 +70,9 @@ class LayerCodec:
         are computed once per process, not at each cache's first step."""
         key = str(torch.device(device))
         if key not in self._moved:
-            def move(p: Predictor | None) -> Predictor | None:
-                if p is None:
-                    return None
-                moved = Predictor(p.weight.to(device), p.bias.to(device), p.rank)
-                if p._factors:  # already factorized (e.g. by a cache's checks): the same basis on every device
-                    f = p._factors[0]
-                    moved._factors.append(None if f is None else tuple(t.to(device) for t in f))
-                return moved
-
+            kp, vp = self.key_predictor, self.value_predictor
             self._moved[key] = LayerCodec(self.keys.to(device), self.values.to(device),
-                                          move(self.key_predictor), move(self.value_predictor))
+                                          None if kp is None else kp.to(device), None if vp is None else vp.to(device))
         return self._moved[key]
 
     def __getstate__(self) -> dict:

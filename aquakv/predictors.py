@@ -56,6 +56,15 @@ class Predictor:
             self._factors.append(low_rank_factors(self.weight))
         return self._factors[0]
 
+    def to(self, device: torch.device | str) -> Predictor:
+        """This predictor on ``device``, with its factorization if already computed (the same basis on every
+        device)."""
+        moved = Predictor(self.weight.to(device), self.bias.to(device), self.rank)
+        if self._factors:
+            f = self._factors[0]
+            moved._factors.append(None if f is None else tuple(t.to(device) for t in f))
+        return moved
+
 
 def kernel_rank(rank: int) -> int:
     """The width a rank-``rank`` factorization is padded to (zero directions): a power of two, at least 16, what the

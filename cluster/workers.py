@@ -82,14 +82,12 @@ def validate_worker(model_dir: str, tokens_path: str, start: int, stop: int, cod
     """Held-out sequences ``[start, stop)``: exact and AQUA-KV NLL sums on the checkpoint streamed one layer at a
     time (:func:`pipeline.validate.streamed_sums`, decode's chunks), and the model fingerprint."""
     import torch
-    import zarr
 
     from pipeline.checkpoint import Checkpoint
-    from pipeline.validate import streamed_sums
+    from pipeline.validate import heldout_sums
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    heldout = torch.from_numpy(zarr.open_group(tokens_path, mode="r")["heldout"][start:stop]).long()
-    return streamed_sums(Checkpoint(model_dir), heldout, codecs, cache, device=device, dtype=getattr(torch, dtype))
+    return heldout_sums(Checkpoint(model_dir), tokens_path, start, stop, codecs, cache, device, getattr(torch, dtype))
 
 
 def sensitivity_worker(model_dir: str, tokens_path: str, samples: int, sinks: int, dtype: str) -> dict:

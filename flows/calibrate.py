@@ -151,7 +151,7 @@ def _activations_to_write(cfg: CalibrationConfig, model_dir: str) -> str | None:
 
 
 @task(name="collect_fit", cache_policy=NO_CACHE)
-def collect_fit_stage(config: dict, model_dir: str, actors: list) -> tuple[list, dict]:
+def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: str | None) -> tuple[list, dict]:
     """Resident mode (``cfg.resident``): collect and chain-fit in one pass over ``actors``, one Ray actor per shard
     keeping its samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). A finished fit is loaded; an
     interrupted one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else
@@ -166,7 +166,7 @@ def collect_fit_stage(config: dict, model_dir: str, actors: list) -> tuple[list,
     logger = get_run_logger()
     num_layers = Checkpoint(model_dir).num_layers
     logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", num_layers,
-                cfg.num_samples, len(actors), "written" if cfg.write_activations else "not written")
+                cfg.num_samples, len(actors), activations or "not written")
     seconds: dict[str, float] = {}
     fits = fit_chain(ray_shards_call(actors), cfg, _paths(cfg)["fit"], num_layers, progress=False, seconds=seconds)
     _log_fits(logger, fits)
@@ -275,9 +275,11 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
             from cluster.workers import shard_actors
             from pipeline.chain import shard_ranges
 
+            activations = _activations_to_write(cfg, model_dir)
             actors = shard_actors(model_dir, tokens, shard_ranges(cfg.num_samples, cfg.workers), cfg.dtype,
-                                  _activations_to_write(cfg, model_dir))
-            fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, actors)
+                                  activations)
+            fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, actors,
+                                                activations)
         else:
             activations = timed("collect", collect_stage, config, model_dir, tokens)
             fits = timed("fit", fit_stage, config, model_dir, tokens, activations)

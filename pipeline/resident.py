@@ -342,13 +342,13 @@ class ResidentShard:
 
     def validate(self, start: int, stop: int, codecs: list[LayerCodec], cache: CacheConfig) -> tuple[dict, dict]:
         """Held-out sequences ``[start, stop)`` of the tokens store on this worker once the chain is done
-        (:func:`pipeline.validate.streamed_sums`; frees the chain's buffers first): the worker's process, device and
+        (:func:`pipeline.validate.heldout_sums`; frees the chain's buffers first): the worker's process, device and
         opened checkpoint serve the validation too, instead of a new task starting them again."""
-        from pipeline.validate import streamed_sums
+        from pipeline.validate import heldout_sums
 
         self.close()
-        heldout = torch.from_numpy(zarr.open_group(str(self.tokens_path), mode="r")["heldout"][start:stop]).long()
-        return streamed_sums(self.checkpoint, heldout, codecs, cache, device=self.device, dtype=DTYPES[self.dtype])
+        return heldout_sums(self.checkpoint, self.tokens_path, start, stop, codecs, cache, self.device,
+                            DTYPES[self.dtype])
 
     def close(self) -> None:
         """Wait for pending writes and free the device buffers."""

@@ -23,8 +23,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
+import zarr
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
@@ -280,6 +282,14 @@ def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequen
         seconds[f"{name}_median_layer"] = round(steady[len(steady) // 2], 3)
     return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
              "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel(), "seconds": seconds}, fingerprint)
+
+
+def heldout_sums(ckpt: Checkpoint, tokens_path: str | Path, start: int, stop: int, codecs: Sequence[LayerCodec],
+                 layout: CacheConfig, device: str | torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """:func:`streamed_sums` of the held-out sequences ``[start, stop)`` of a tokens store (``heldout``): one
+    worker's share of the flow's validation."""
+    heldout = torch.from_numpy(zarr.open_group(str(tokens_path), mode="r")["heldout"][start:stop]).long()
+    return streamed_sums(ckpt, heldout, codecs, layout, device=device, dtype=dtype)
 
 
 def check_gate(metrics: dict, max_ppl_increase: float) -> None:
