@@ -470,8 +470,12 @@ class AquaKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held between steps by every layer (codes, scales, exact tokens; not ``keep_reconstructions``'
         copies), plus the shared token positions."""
+        return sum(layer.nbytes() for layer in self.layers) + self.positions_nbytes()
+
+    def positions_nbytes(self) -> int:
+        """Bytes of the token positions all layers share (int32)."""
         pos = self.shared.positions
-        return sum(layer.nbytes() for layer in self.layers) + (0 if pos is None else pos.numel() * 4)
+        return 0 if pos is None else pos.numel() * pos.element_size()
 
 
 def dynamic_cache_nbytes(cache: Cache) -> int:

@@ -175,6 +175,25 @@ def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: s
     return fits, seconds
 
 
+def _heldout_shards(tokens: str, workers: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The held-out store's shape and its rows split over ``workers``."""
+    import zarr
+
+    from pipeline.chain import shard_ranges
+
+    shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
+    return shape, shard_ranges(shape[0], workers)
+
+
+def _validate_along(actors: list, tokens: str, cfg: CalibrationConfig) -> None:
+    """Each resident actor takes its share of the held-out rows through each layer while the chain holds it
+    (:meth:`pipeline.resident.ResidentShard.validate_along`), so validation loads no layer again."""
+    from cluster.workers import ray_get
+
+    _, shards = _heldout_shards(tokens, len(actors))
+    ray_get([actor.validate_along.remote(a, b, cfg.cache) for actor, (a, b) in zip(actors, shards, strict=False)])
+
+
 def _kill(actors: list) -> None:
     if actors:
         import ray
@@ -192,22 +211,19 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list,
                    actors: list | None = None) -> tuple[dict, dict, dict]:
     """Held-out perplexity with the real cache vs exact, on the Ray workers (held-out sequences split over them,
     the checkpoint streamed one layer at a time: :func:`pipeline.validate.streamed_sums`); refuses to go on when
-    the gate is missed. ``actors``: the resident mode's workers, done with the chain, validate in their own
-    processes (:meth:`pipeline.resident.ResidentShard.validate`); else one Ray task per shard. Returns the metrics,
-    the model fingerprint the workers probed and the slowest worker's seconds per pass."""
+    the gate is missed. ``actors``: the resident mode's workers, done with the chain, give the sums of the passes
+    that rode along it (or stream the checkpoint in their own processes after a resumed chain:
+    :meth:`pipeline.resident.ResidentShard.validate`); else one Ray task per shard. Returns the metrics, the model
+    fingerprint the workers probed and the slowest worker's seconds per pass."""
     cfg = CalibrationConfig.model_validate(config)
-    import zarr
-
     from cluster.workers import ray_get, ray_map, validate_worker
-    from pipeline.chain import shard_ranges
     from pipeline.validate import check_gate, metrics_from
 
     logger = get_run_logger()
-    shape = tuple(zarr.open_group(tokens, mode="r")["heldout"].shape)
-    shards = shard_ranges(shape[0], len(actors) if actors else cfg.workers)
+    shape, shards = _heldout_shards(tokens, len(actors) if actors else cfg.workers)
     codecs = [f.codec for f in fits]
-    logger.info("validate: %d held-out sequences x %d tokens over %d workers, streaming the checkpoint", *shape,
-                len(shards))
+    logger.info("validate: %d held-out sequences x %d tokens over %d workers, %s", *shape, len(shards),
+                "on the resident workers" if actors else "streaming the checkpoint")
     n = len(shards)
     if actors:
         results = ray_get([actor.validate.remote(a, b, codecs, cfg.cache)
@@ -278,6 +294,7 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
             activations = _activations_to_write(cfg, model_dir)
             actors = shard_actors(model_dir, tokens, shard_ranges(cfg.num_samples, cfg.workers), cfg.dtype,
                                   activations)
+            _validate_along(actors, tokens, cfg)
             fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, actors,
                                                 activations)
         else:

@@ -13,6 +13,12 @@ layers each worker saves its hidden states and chain reconstructions (:meth:`Res
 only): a rerun with the same shards goes on after the saved layer; without one it restarts at layer 0. With
 ``activations_path`` the workers also write K/V to the activations store in the background (and mark the layers
 done), so a later re-fit with other quantizer settings can use the staged fit without collecting again.
+
+Validation rides along (:meth:`ResidentShard.validate_along`): each layer, while loaded for the chain, also takes the
+worker's held-out rows through the exact pass after :meth:`~ResidentShard.forward` and through the AQUA-KV pass with
+the layer's codec in :meth:`~ResidentShard.reconstruct` (:class:`pipeline.validate.HeldoutValidation`), so the
+held-out passes load no layer again. A resumed chain has no such passes for its first layers; its validation streams
+the checkpoint after the chain instead.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 import zarr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from aquakv.codec import LayerCodec
 from aquakv.config import CacheConfig
@@ -34,6 +41,7 @@ from pipeline import stats
 from pipeline.chain import ShardShape
 from pipeline.checkpoint import Checkpoint
 from pipeline.collect import DTYPES, KINDS, _check_finite, _dtype_name, _encode, shard_name
+from pipeline.validate import HeldoutValidation, heldout_rows, heldout_sums
 
 
 def _device(device: str) -> torch.device:
@@ -87,6 +95,9 @@ class ResidentShard:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         self._commit: Future | None = None
         self.seconds: dict[str, float] = {}  # wall time per method, for benchmarks
+        self.heldout_plan: tuple[int, int, CacheConfig] | None = None  # validate_along's rows and layout
+        self.heldout: HeldoutValidation | None = None  # its passes, from layer 0 of this chain
+        self._layer: nn.Module | None = None  # the current layer, kept for the AQUA-KV pass until reconstruct
 
     def _timed(self, method: str, t0: float) -> None:
         if self.device.type == "cuda":
@@ -156,6 +167,7 @@ class ResidentShard:
         if layer == 0:  # (re)start the chain
             self.hidden = self.checkpoint.embed(self.tokens, self.device, DTYPES[self.dtype])
             self.hidden_layer, self.recon = -1, {}
+            self.heldout = self._heldout_passes()
         self._expect("forward", layer, self.hidden_layer + 1, layer)
         module = self._load(layer).result()
         self._pending = {k: v for k, v in self._pending.items() if k > layer}
@@ -181,6 +193,8 @@ class ResidentShard:
                     if self.group is not None:
                         writes.append(self._writer.submit(self._write, layer, a, b, kind, rows))
                 self.hidden[b0:b1] = out
+            if self.heldout is not None:  # for the held-out passes (released in reconstruct)
+                self._layer = module
         except BaseException:
             for f in writes:
                 f.cancel()
@@ -191,6 +205,10 @@ class ResidentShard:
             self._commit = self._committer.submit(self._commit_layer, layer, writes)
         self.hidden_layer = self.kv_layer = layer
         self._timed("forward", t0)
+        if self.heldout is not None:
+            t0 = time.perf_counter()
+            self.heldout.exact_layer(layer, self._layer)
+            self._timed("heldout", t0)
 
     # -- chain fit ----------------------------------------------------------------------------------------------
 
@@ -284,6 +302,12 @@ class ResidentShard:
         if layer + 1 == self.checkpoint.num_layers:
             self.finish()
         self._timed("reconstruct", t0)
+        if self.heldout is not None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():  # as forward, where the passes' tensors were made
+                self.heldout.aquakv_layer(layer, self._layer, codec)
+            self._layer = None
+            self._timed("heldout", t0)
         return sums
 
     # -- resume ------------------------------------------------------------------------------------------------
@@ -339,14 +363,36 @@ class ResidentShard:
         self.hidden, self.recon, self.kv = hidden.to(self.device), recon, {}
         self.hidden_layer = self.kv_layer = layer
         self._pending = {}
+        self.heldout = self._layer = None  # the held-out passes missed the layers before: validate streams
+
+    def validate_along(self, start: int, stop: int, layout: CacheConfig) -> None:
+        """Validate held-out sequences ``[start, stop)`` of the tokens store along the chain (call before layer 0):
+        each layer takes them through the exact pass after :meth:`forward` and through the AQUA-KV pass with its codec
+        after :meth:`reconstruct`; :meth:`validate` then only reads out the sums."""
+        self.heldout_plan = (start, stop, layout)
+
+    def _heldout_passes(self) -> HeldoutValidation | None:
+        if self.heldout_plan is None:
+            return None
+        start, stop, layout = self.heldout_plan
+        return HeldoutValidation(self.checkpoint, heldout_rows(self.tokens_path, start, stop), layout,
+                                 device=self.device, dtype=DTYPES[self.dtype])
 
     def validate(self, start: int, stop: int, codecs: list[LayerCodec], cache: CacheConfig) -> tuple[dict, dict]:
-        """Held-out sequences ``[start, stop)`` of the tokens store on this worker once the chain is done
-        (:func:`pipeline.validate.heldout_sums`; frees the chain's buffers first): the worker's process, device and
-        opened checkpoint serve the validation too, instead of a new task starting them again."""
-        from pipeline.validate import heldout_sums
-
+        """Held-out sums and fingerprint of sequences ``[start, stop)`` once the chain is done; frees the chain's
+        buffers first. When :meth:`validate_along` asked for these rows and layout and the chain ran every layer from
+        layer 0 here, the passes are done: ``codecs`` are the ones the chain reconstructed with (the driver saves and
+        returns them). Else (a resumed or loaded fit) the worker streams the checkpoint
+        (:func:`pipeline.validate.heldout_sums`) in its own process, on its device and opened checkpoint."""
+        heldout, self.heldout = self.heldout, None
         self.close()
+        if heldout is not None and self.heldout_plan == (start, stop, cache) and heldout.done:
+            if len(codecs) != len(heldout.codecs):
+                raise CalibrationError(f"{len(codecs)} codecs for a chain of {len(heldout.codecs)} layers")
+            t0 = time.perf_counter()
+            sums, fingerprint = heldout.sums()
+            self._timed("heldout", t0)
+            return sums, fingerprint
         return heldout_sums(self.checkpoint, self.tokens_path, start, stop, codecs, cache, self.device,
                             DTYPES[self.dtype])
 
@@ -355,7 +401,7 @@ class ResidentShard:
         try:
             self.finish()
         finally:
-            self.hidden, self.kv, self.recon = None, {}, {}
+            self.hidden, self.kv, self.recon, self.heldout, self._layer = None, {}, {}, None, None
             self._prefetch.shutdown(wait=True, cancel_futures=True)
             if self.group is not None:
                 self._writer.shutdown(wait=True)

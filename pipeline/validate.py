@@ -10,18 +10,21 @@ window) are refused: such a validation measures nothing, and the gate refuses me
 compressed token.
 
 Two ways to run the same passes: :func:`validate` on a model in memory (tests, benchmarks), and
-:func:`streamed_sums` on a :class:`pipeline.checkpoint.Checkpoint` read one decoder layer at a time, what the flow's
+:class:`HeldoutValidation` on a :class:`pipeline.checkpoint.Checkpoint` one decoder layer at a time, what the flow's
 Ray workers run (a 70B model never sits whole on one device or on the flow's host): every chunk of every held-out
-sequence goes through layer ``l`` before layer ``l + 1`` is loaded, each layer called with the arguments the model's
-own forward gives it for that chunk and cache, and the cache's step state (:meth:`AquaKVCache.step_state`) carried
-from layer to layer per chunk; both reduce to the same sums (:func:`metrics_from`).
+sequence goes through layer ``l`` before layer ``l + 1`` (:class:`LayerMajorPass`), each layer called with the
+arguments the model's own forward gives it for that chunk and cache, and the cache's step state
+(:meth:`AquaKVCache.step_state`) carried from layer to layer per chunk. The layers come either from a stream of the
+checkpoint (:func:`streamed_sums`, each layer loaded once for both passes) or from the resident calibration chain,
+which hands each layer and its freshly fitted codec to the passes while the layer is loaded for calibration. All
+reduce to the same sums (:func:`metrics_from`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -166,130 +169,194 @@ def _window_sums(model: torch.nn.Module, rows: torch.Tensor, bundle: Bundle, lay
             "cached_values": values_per_token * rows.numel()}
 
 
-@torch.no_grad()
-def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, on_layer: Callable[[int, nn.Module], None] | None = None,
-                 first: int | None = None, layer_seconds: list[float] | None = None) -> tuple[float, int]:
-    """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks (the first ``first``)
-    through ``cache``, with the checkpoint streamed one decoder layer at a time (each loaded once; ``on_layer(i,
-    layer)`` sees it first).
+class LayerMajorPass:
+    """One pass of ``ids [B, T]`` fed in chunks (``starts``) through a checkpoint's decoder layers one layer at a time:
+    every chunk goes through layer ``l`` before layer ``l + 1``, so each layer is loaded once.
 
-    A first pass records, per chunk, the hidden states entering layer 0 and every layer's call (mask, position
+    The constructor records, per chunk, the hidden states entering layer 0 and every layer's call (mask, position
     embeddings, cache position) from the model's own forward, against a ``DynamicCache`` of zeros advanced chunk by
-    chunk (masks depend only on how many tokens each layer's cache holds). Then every chunk goes through layer
-    ``l`` in order with the real ``cache``; an ``AquaKVCache``'s step state after layer ``l`` of chunk ``c`` is
-    restored before layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a
-    whole-model pass. Logits come from the model's own forward after its last layer (:meth:`Checkpoint.logits`).
-    ``layer_seconds`` receives each layer's wall seconds (its load wait included; the device synchronized after it)."""
-    with attention_backends():
-        return _streamed_nll(ckpt, ids, cache, chunk_starts(ids.shape[1], step, first), device, dtype, on_layer,
-                             layer_seconds)
+    chunk (masks depend only on how many tokens each layer's cache holds). :meth:`layer` then runs the chunks through
+    one layer with the real cache; an ``AquaKVCache``'s step state after layer ``l`` of chunk ``c`` is restored before
+    layer ``l + 1`` of chunk ``c``, so each layer compresses and reconstructs exactly as in a whole-model pass.
+    :meth:`nll` takes the logits from the model's own forward after the last layer (:meth:`Checkpoint.logits`).
+    """
 
+    @torch.no_grad()
+    def __init__(self, ckpt: Checkpoint, ids: torch.Tensor, starts: list[int], device: str | torch.device,
+                 dtype: torch.dtype) -> None:
+        self.ckpt, self.starts, self.ids = ckpt, starts, ids.to(device)
+        base = ckpt.base(torch.device(device), dtype)
+        self.rotary = rotary_module(base)
+        tracker = DynamicCache(config=ckpt.config)
+        self.stops = [*starts[1:], ids.shape[1]]
+        self.hidden, self.calls, self.positions = [], [], []
+        for start, stop in zip(starts, self.stops, strict=True):
+            chunk = self.ids[:, start:stop]
+            pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
+            h, layer_calls = layer_inputs(base, input_ids=chunk, position_ids=pos, use_cache=True,
+                                          **cache_kwargs(base, tracker))
+            self.hidden.append(h.to(dtype))
+            self.calls.append(layer_calls)
+            self.positions.append(pos)
+            zeros = torch.zeros(1, kv_heads(ckpt.config), chunk.shape[1], ckpt.head_dim, device=device, dtype=dtype)
+            for i in range(ckpt.num_layers):
+                tracker.update(zeros, zeros, i)
+        self.states: list[dict] | None = None
+        self.tuple_out = False
 
-def _streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, starts: list[int], device: str | torch.device,
-                  dtype: torch.dtype, on_layer: Callable[[int, nn.Module], None] | None,
-                  layer_seconds: list[float] | None) -> tuple[float, int]:
-    ids = ids.to(device)
-    base = ckpt.base(torch.device(device), dtype)
-    rotary = rotary_module(base)
-    tracker = DynamicCache(config=ckpt.config)
-    stops = [*starts[1:], ids.shape[1]]
-    hidden, calls, positions = [], [], []
-    for start, stop in zip(starts, stops, strict=True):
-        chunk = ids[:, start:stop]
-        pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
-        h, layer_calls = layer_inputs(base, input_ids=chunk, position_ids=pos, use_cache=True,
-                                      **cache_kwargs(base, tracker))
-        hidden.append(h.to(dtype))
-        calls.append(layer_calls)
-        positions.append(pos)
-        zeros = torch.zeros(1, kv_heads(ckpt.config), chunk.shape[1], ckpt.head_dim, device=device, dtype=dtype)
-        for i in range(ckpt.num_layers):
-            tracker.update(zeros, zeros, i)
-    del tracker
-    stateful = isinstance(cache, AquaKVCache)
-    states: list[dict] | None = None
-    tuple_out = False
-    mark = time.perf_counter()
-    for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
-        if on_layer is not None:
-            on_layer(i, layer)
+    @torch.no_grad()
+    def layer(self, i: int, layer: nn.Module, cache: Cache) -> None:
+        """Every chunk through layer ``i`` (layers come in order) with ``cache``."""
+        stateful = isinstance(cache, AquaKVCache)
         saved = []
-        for c in range(len(starts)):
-            if states is not None:
-                cache.restore_step_state(states[c])
-            if i == 0:  # what the pass's rotary call told the cache: the chunk's token positions
-                remember_positions(rotary, positions[c])
-            call = calls[c][i]
-            kwargs = {**call.kwargs, cache_kwarg(call): cache}
-            out = layer(hidden[c], *call.args, **kwargs)
-            tuple_out = isinstance(out, tuple)
-            hidden[c] = out[0] if tuple_out else out
-            if stateful:
-                saved.append(cache.step_state())
+        with attention_backends():
+            for c in range(len(self.starts)):
+                if self.states is not None:
+                    cache.restore_step_state(self.states[c])
+                if i == 0:  # what the pass's rotary call told the cache: the chunk's token positions
+                    remember_positions(self.rotary, self.positions[c])
+                call = self.calls[c][i]
+                out = layer(self.hidden[c], *call.args, **{**call.kwargs, cache_kwarg(call): cache})
+                self.tuple_out = isinstance(out, tuple)
+                self.hidden[c] = out[0] if self.tuple_out else out
+                if stateful:
+                    saved.append(cache.step_state())
         if stateful:
             cache.forget_reconstructions(i)
-        states = saved if stateful else None
-        if layer_seconds is not None:
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
-            layer_seconds.append(time.perf_counter() - mark)
-            mark = time.perf_counter()
-    total, count = 0.0, 0
-    for c, (start, stop) in enumerate(zip(starts, stops, strict=True)):
-        targets = ids[:, start + 1:stop + 1]
-        logits = ckpt.logits(hidden[c], tuple_out)[:, :targets.shape[1]]
-        total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                         targets.reshape(-1), reduction="sum"))
-        count += targets.numel()
-    return total, count
+        self.states = saved if stateful else None
+
+    @torch.no_grad()
+    def nll(self) -> tuple[float, int]:
+        """:func:`aquakv.eval.window_nll`'s sums (summed NLL, predictions) once every layer has run."""
+        total, count = 0.0, 0
+        for c, (start, stop) in enumerate(zip(self.starts, self.stops, strict=True)):
+            targets = self.ids[:, start + 1:stop + 1]
+            logits = self.ckpt.logits(self.hidden[c], self.tuple_out)[:, :targets.shape[1]]
+            total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                             targets.reshape(-1), reduction="sum"))
+            count += targets.numel()
+        return total, count
+
+
+def streamed_nll(ckpt: Checkpoint, ids: torch.Tensor, cache: Cache, step: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, first: int | None = None) -> tuple[float, int]:
+    """:func:`aquakv.eval.window_nll`'s sums for ``ids [B, T]`` fed in ``step``-token chunks (the first ``first``)
+    through ``cache``, with the checkpoint streamed one decoder layer at a time (:class:`LayerMajorPass`)."""
+    run = LayerMajorPass(ckpt, ids, chunk_starts(ids.shape[1], step, first), device, dtype)
+    for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
+        run.layer(i, layer, cache)
+    return run.nll()
+
+
+class HeldoutValidation:
+    """Validation of held-out rows ``[n, T]`` driven one decoder layer at a time by whoever holds the layers: the
+    exact pass (``DynamicCache``, :data:`EXACT_STEP`-token chunks; it also probes each layer's :class:`LayerSpec` and
+    the model fingerprint) and the AQUA-KV pass (reconstruct-then-attend, chunks: :func:`chunking`), each a
+    :class:`LayerMajorPass`. Call :meth:`exact_layer` then :meth:`aquakv_layer` for layers 0, 1, ... in order, then
+    :meth:`sums`.
+
+    Layer ``l``'s codec is needed only when the AQUA-KV pass reaches layer ``l``: the resident chain
+    (:class:`pipeline.resident.ResidentShard`) hands it over right after fitting it, while the layer is still loaded,
+    so validation rides along calibration and loads no layer again; :func:`streamed_sums` streams the checkpoint once
+    for both passes. The AQUA-KV pass reads layer ``l`` through a cache of layers ``0..l`` (the codecs and RoPE of
+    later layers are not known yet); the step state hands each chunk's reconstructions from one to the next.
+    """
+
+    def __init__(self, ckpt: Checkpoint, rows: torch.Tensor, layout: CacheConfig, step: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        _check_heldout(rows, layout, step)
+        self.ckpt, self.layout, self.device, self.rows = ckpt, layout, torch.device(device), rows.long()
+        length = rows.shape[1]
+        self.exact = LayerMajorPass(ckpt, self.rows, chunk_starts(length, EXACT_STEP), device, dtype)
+        self.aquakv = LayerMajorPass(ckpt, self.rows, chunk_starts(length, *chunking(layout, step)), device, dtype)
+        self.exact_cache = DynamicCache(config=ckpt.config)
+        self.specs: list[LayerSpec] = []
+        self.codecs: list[LayerCodec] = []
+        self.probes: dict[str, torch.Tensor] = {}
+        self.cache_bytes = self.positions_bytes = 0
+        self.layer_seconds: dict[str, list[float]] = {"exact": [], "aquakv": []}
+
+    @property
+    def done(self) -> bool:
+        """Whether both passes went through every layer."""
+        return len(self.codecs) == self.ckpt.num_layers
+
+    def _timed(self, name: str, t0: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.layer_seconds[name].append(time.perf_counter() - t0)
+
+    def exact_layer(self, i: int, layer: nn.Module) -> None:
+        """The exact pass through layer ``i`` (the next one), probing its spec (and the fingerprint's weights)."""
+        if i != len(self.specs):
+            raise CalibrationError(f"held-out exact pass: layer {i} out of order (expected {len(self.specs)})")
+        t0 = time.perf_counter()
+        self.specs.append(self.ckpt.spec(i, layer))
+        if i == 0:
+            self.probes["first"] = attention_weights(layer)[0].float().cpu()
+        if i == self.ckpt.num_layers - 1:
+            self.probes["last"] = attention_weights(layer)[-1].float().cpu()
+        self.exact.layer(i, layer, self.exact_cache)
+        self._timed("exact", t0)
+
+    def aquakv_layer(self, i: int, layer: nn.Module, codec: LayerCodec) -> None:
+        """The AQUA-KV pass through layer ``i`` (after :meth:`exact_layer` of it) with layer ``i``'s ``codec``."""
+        if i != len(self.codecs) or i >= len(self.specs):
+            raise CalibrationError(f"held-out AQUA-KV pass: layer {i} out of order (expected {len(self.codecs)}, "
+                                   f"exact pass at {len(self.specs)})")
+        t0 = time.perf_counter()
+        self.codecs.append(codec)
+        cache = AquaKVCache(self.codecs, self.layout, rotary_module(self.ckpt.skeleton), kernels=validation_kernels(),
+                            specs=self.specs[:i + 1])
+        self.aquakv.layer(i, layer, cache)
+        self.cache_bytes += cache.layers[i].nbytes()
+        self.positions_bytes = cache.positions_nbytes()
+        self._timed("aquakv", t0)
+
+    def sums(self) -> tuple[dict, dict]:
+        """The sums :func:`metrics_from` takes (with ``seconds``: each pass's total and the median of its layers after
+        the first, layer loads not included) and the model fingerprint."""
+        if not self.done:
+            raise CalibrationError(f"held-out validation ran {len(self.codecs)} of {self.ckpt.num_layers} layers")
+        fingerprint = model_fingerprint(self.ckpt.config, self.probes["first"], self.probes["last"], self.specs)
+        exact, count = self.exact.nll()
+        aquakv, _ = self.aquakv.nll()
+        seconds: dict[str, float] = {}
+        for name, times in self.layer_seconds.items():  # the steady cost of a layer: the first also pays start-up
+            steady = sorted(times[1:] or times)
+            seconds[name] = round(sum(times), 3)
+            seconds[f"{name}_median_layer"] = round(steady[len(steady) // 2], 3)
+        return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count,
+                 "cache_bits": 8 * (self.cache_bytes + self.positions_bytes),
+                 "cached_values": 2 * self.ckpt.num_layers * self.ckpt.kv_dim * self.rows.numel(),
+                 "seconds": seconds}, fingerprint)
 
 
 def streamed_sums(ckpt: Checkpoint, tokens_heldout: torch.Tensor, codecs: Sequence[LayerCodec], layout: CacheConfig,
                   step: int | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
-    """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a streamed checkpoint: the
-    exact pass (``DynamicCache``, :data:`EXACT_STEP`-token chunks) also probes each layer's :class:`LayerSpec` and
-    the model fingerprint, then the AQUA-KV pass (reconstruct-then-attend: the fused path's scratch is handed on in
-    place; chunks: :func:`chunking`). Returns the sums :func:`metrics_from` takes (with ``seconds`` of each pass and
-    the median of its layers after the first) and the fingerprint."""
-    _check_heldout(tokens_heldout, layout, step)
-    specs: dict[int, LayerSpec] = {}
-    probes: dict[str, torch.Tensor] = {}
+    """One worker's validation of ``tokens_heldout [n, T]`` (all rows in one pass) on a checkpoint streamed once:
+    each layer is loaded once and goes through both passes of :class:`HeldoutValidation`. Returns its sums and the
+    model fingerprint."""
+    if len(codecs) != ckpt.num_layers:
+        raise CalibrationError(f"{len(codecs)} layer codecs for a checkpoint of {ckpt.num_layers} layers")
+    run = HeldoutValidation(ckpt, tokens_heldout, layout, step, device, dtype)
+    for i, layer in LayerStream(ckpt, range(ckpt.num_layers), device, dtype):
+        run.exact_layer(i, layer)
+        run.aquakv_layer(i, layer, codecs[i])
+    return run.sums()
 
-    def probe(i: int, layer: nn.Module) -> None:
-        specs[i] = ckpt.spec(i, layer)
-        if i == 0:
-            probes["first"] = attention_weights(layer)[0].float().cpu()
-        if i == ckpt.num_layers - 1:
-            probes["last"] = attention_weights(layer)[-1].float().cpu()
 
-    rows = tokens_heldout.long()
-    per_layer: dict[str, list[float]] = {"exact": [], "aquakv": []}
-    t0 = time.perf_counter()
-    exact, count = streamed_nll(ckpt, rows, DynamicCache(config=ckpt.config), EXACT_STEP, device, dtype, probe,
-                                layer_seconds=per_layer["exact"])
-    t1 = time.perf_counter()
-    spec_list = [specs[i] for i in range(ckpt.num_layers)]
-    fingerprint = model_fingerprint(ckpt.config, probes["first"], probes["last"], spec_list)
-    cache = AquaKVCache(list(codecs), layout, rotary_module(ckpt.skeleton), kernels=validation_kernels(),
-                        specs=spec_list)
-    step, first = chunking(layout, step)
-    aquakv, _ = streamed_nll(ckpt, rows, cache, step, device, dtype, first=first, layer_seconds=per_layer["aquakv"])
-    seconds = {"exact": round(t1 - t0, 3), "aquakv": round(time.perf_counter() - t1, 3)}
-    for name, times in per_layer.items():  # the steady cost of a layer: the first also pays start-up and probes
-        steady = sorted(times[1:] or times)
-        seconds[f"{name}_median_layer"] = round(steady[len(steady) // 2], 3)
-    return ({"nll_exact": exact, "nll_aquakv": aquakv, "count": count, "cache_bits": 8 * cache.nbytes(),
-             "cached_values": 2 * ckpt.num_layers * ckpt.kv_dim * rows.numel(), "seconds": seconds}, fingerprint)
+def heldout_rows(tokens_path: str | Path, start: int, stop: int) -> torch.Tensor:
+    """Held-out sequences ``[start, stop)`` of a tokens store (``heldout``)."""
+    return torch.from_numpy(zarr.open_group(str(tokens_path), mode="r")["heldout"][start:stop]).long()
 
 
 def heldout_sums(ckpt: Checkpoint, tokens_path: str | Path, start: int, stop: int, codecs: Sequence[LayerCodec],
                  layout: CacheConfig, device: str | torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
     """:func:`streamed_sums` of the held-out sequences ``[start, stop)`` of a tokens store (``heldout``): one
     worker's share of the flow's validation."""
-    heldout = torch.from_numpy(zarr.open_group(str(tokens_path), mode="r")["heldout"][start:stop]).long()
-    return streamed_sums(ckpt, heldout, codecs, layout, device=device, dtype=dtype)
+    return streamed_sums(ckpt, heldout_rows(tokens_path, start, stop), codecs, layout, device=device, dtype=dtype)
 
 
 def check_gate(metrics: dict, max_ppl_increase: float) -> None:

@@ -212,7 +212,7 @@ def test_missed_gate_publishes_nothing(first_run, harness, assets, trained_model
 
 def test_resident_flow_without_activations_publishes_the_staged_bundle(first_run, harness, assets):
     """resident: true, write_activations: false: collect+fit on the workers, nothing written to activations.zarr,
-    validation streamed on the workers, and the same predictors and codes as the staged run."""
+    validation along the chain on the workers, and the same predictors, codes and perplexity as the staged run."""
     summary = calibrate(config(assets, "resident", resident=True, write_activations=False))
     assert not list((assets["root"] / "resident" / "work").glob("activations-*/activations.zarr"))
     assert set(summary["seconds"]) == {"ray", "data", "collect_fit", "validate", "publish"}

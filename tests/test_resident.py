@@ -270,11 +270,15 @@ def _fit_codec(cfg: CalibrationConfig, layer: int, shard: ResidentShard):
                        lambda partial: shard.value_stats(layer, partial), None)
 
 
+@pytest.mark.parametrize("along", [True, False], ids=["along-the-chain", "after-the-chain"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp_path: Path, device: str) -> None:
-    """Resident mode validates on its collect+fit workers once the chain is done (the flow's ``validate_stage`` with
-    actors): the same sums as a fresh streamed validation of the same held-out rows, and the chain's buffers freed."""
+def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp_path: Path, device: str,
+                                                               along: bool) -> None:
+    """Resident mode validates on its collect+fit workers (the flow's ``validate_stage`` with actors): along the chain
+    (``validate_along``: each layer's held-out passes run while the chain holds the layer) or, for a chain that did
+    not run from layer 0 here, by streaming the checkpoint after it. Either way: the same sums as a fresh streamed
+    validation of the same held-out rows, and the chain's buffers freed."""
     from aquakv.config import CacheConfig
     from pipeline.validate import streamed_sums
 
@@ -283,11 +287,15 @@ def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp
     group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
     heldout = np.random.default_rng(1).integers(3, 320, (3, 80), dtype=np.int32)
     group.create_array("heldout", data=heldout, chunks=(1, 80))
+    layout = CacheConfig(sinks=2, recent_window=16)
     shard = ResidentShard(assets["model"], tokens, 0, SAMPLES, device=device)
+    if along:
+        shard.validate_along(1, 3, layout)
     fits = fit_chain(shards_call([shard]), _cfg(assets), tmp_path / "fit", LAYERS, progress=False)
-    codecs, layout = [f.codec for f in fits], CacheConfig(sinks=2, recent_window=16)
+    codecs = [f.codec for f in fits]
+    assert (shard.heldout is not None and shard.heldout.done) == along
     ours, fingerprint = shard.validate(1, 3, codecs, layout)
-    assert shard.hidden is None and not shard.kv and not shard.recon
+    assert shard.hidden is None and not shard.kv and not shard.recon and shard.heldout is None
     want, want_fingerprint = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout[1:3]).long(),
                                            codecs, layout, device=device)
     assert fingerprint == want_fingerprint
