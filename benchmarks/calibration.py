@@ -135,24 +135,29 @@ def project(rec: dict, args: argparse.Namespace) -> float:
     1..L-1, from the stage's own breakdown) scales with layers x tokens; the rest of the stage (worker start-up,
     layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: each of its two
     passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the run's), the
-    rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once. Staged stages
+    rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once; when the held-out
+    passes ran along the resident chain, their steady layer is inside collect+fit's and scales with layers only.
+    Staged stages
     scale whole. Start-up, data and publish as measured (the data stage runs while Ray starts: the two stages' seconds
     overlap, and start-up, the whole flow less every stage, is short by that overlap, so the sum is the wall time)."""
     s, detail = rec["seconds"], rec.get("stage_seconds", {})
     tokens = args.samples * args.seq_len
     scale = (TARGET_LAYERS / args.layers) * (TARGET_TOKENS / tokens)
-    cf = detail.get("collect_fit", {})
+    cf, v = detail.get("collect_fit", {}), detail.get("validate", {})
+    heldout = v.get("exact_median_layer", 0.0) + v.get("aquakv_median_layer", 0.0)  # a held-out layer, steady
+    along = bool(v.get("along_chain"))  # the held-out passes ran inside collect+fit's layers
     if "median_layer" in cf:
         steady = cf["median_layer"]
         once = s["collect_fit"] - steady * args.layers  # worker start, layer 0's and the first solve's extra
-        work = once + steady * TARGET_LAYERS * TARGET_TOKENS / tokens
+        calib = steady - heldout if along else steady  # scales with tokens; the held-out size stays the run's
+        work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + (heldout * TARGET_LAYERS if along else 0.0)
     else:
         work = sum(s.get(k, 0.0) for k in ("collect", "fit", "collect_fit")) * scale
-    v = detail.get("validate", {})
     passes = v.get("exact", 0.0) + v.get("aquakv", 0.0) if v else s["validate"]
-    if "exact_median_layer" in v:
-        steady = v["exact_median_layer"] + v["aquakv_median_layer"]
-        validate = s["validate"] + steady * (TARGET_LAYERS - args.layers)
+    if along:  # the stage only reads the sums out
+        validate = s["validate"]
+    elif "exact_median_layer" in v:
+        validate = s["validate"] + heldout * (TARGET_LAYERS - args.layers)
     else:
         validate = s["validate"] - passes + passes * TARGET_LAYERS / args.layers
     fixed = sum(s.get(k, 0.0) for k in ("ray", "data", "publish"))

@@ -234,7 +234,8 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list,
     fingerprint = results[0][1]
     kv_dim = fingerprint["num_kv_heads"] * fingerprint["head_dim"]
     metrics = metrics_from([sums for sums, _ in results], codecs, kv_dim, cfg.cache, shape, fits=fits)
-    seconds = {k: max(sums["seconds"][k] for sums, _ in results) for k in results[0][0]["seconds"]}
+    seconds = {k: max(sums["seconds"].get(k, 0.0) for sums, _ in results)
+               for k in sorted({k for sums, _ in results for k in sums["seconds"]})}
     logger.info("validate seconds (slowest worker): %s", _seconds(seconds))
     logger.info("validate: held-out ppl %.4f (AQUA-KV) vs %.4f (exact): %+.2f%%; %.3f bits/value",
                 metrics["ppl_aquakv"], metrics["ppl_exact"], 100 * metrics["ppl_increase"],
