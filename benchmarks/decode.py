@@ -310,11 +310,12 @@ def timed_launch(section: str, fn, rec: dict, reference: torch.Tensor | None = N
     return rec
 
 
+STORED_LAUNCHES = [(128, 4, 1), (128, 8, 1), (128, 4, 2), (64, 4, 1), (64, 4, 2), (64, 2, 1), (256, 8, 1)]
 FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (32, 4, 3), (32, 4, 2),
                         (32, 4, 1), (128, 8, 1)]
 
 
-def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> list[dict]:
+def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, grids: str = "d2") -> list[dict]:
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one. A config that does not fit the SM's shared
@@ -323,7 +324,7 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
     d = kvh * hd
-    codecs = make_codecs(3, d, rank)
+    codecs = make_codecs(3, d, rank, grids=grids)
     cache = AquaKVCache(codecs, CacheConfig(), rotary_module(), kernels=settings)
     fill_aquakv(cache, batch, kvh, hd, tokens + 4 + 16, 16)
     layer = cache.layers[1]
@@ -351,13 +352,13 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64) -> 
             widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
             latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
             scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
-            for launch in [(128, 4, 1), (128, 8, 1)]:
+            for launch in STORED_LAUNCHES:
                 def fn(codec=codec, latents=latents, scales=scales, launch=launch):
                     return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                             codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
                                             settings, False, None, launch, stored=scales)
                 out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
-                                                      "handoff": name, "launch": list(launch)}))
+                                                      "grids": grids, "handoff": name, "launch": list(launch)}))
     free()
     return out
 
@@ -595,6 +596,7 @@ def main() -> None:
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"])
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
+    p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--budget-s", type=float, default=480.0, help="skip remaining e2e configs after this many seconds")
     args = p.parse_args()
@@ -641,7 +643,7 @@ def main() -> None:
     if "sweep" in args.sections:
         result["sweep"] = []
         for batch in args.layer_batches:
-            result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank)
+            result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids)
             save()
     if "merge_sweep" in args.sections:
         result["merge_sweep"] = []
