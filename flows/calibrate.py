@@ -159,7 +159,7 @@ def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: s
     re-fit with other quantizer settings can run the staged fit without collecting again. Returns the fits and where
     the time went (:func:`pipeline.chain.fit_chain`'s ``seconds``)."""
     cfg = CalibrationConfig.model_validate(config)
-    from cluster.workers import ray_shards_call
+    from cluster.workers import ray_get, ray_shards_call
     from pipeline.chain import fit_chain
     from pipeline.checkpoint import Checkpoint
 
@@ -172,6 +172,9 @@ def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: s
     _log_fits(logger, fits)
     seconds = {k: round(v, 2) for k, v in seconds.items()}
     logger.info("collect+fit seconds: %s", _seconds(seconds))
+    # inside the workers (device synchronized): what the driver's seconds spend waiting on, besides Ray's transfers
+    for i, worker in enumerate(ray_get([actor.timings.remote() for actor in actors])):
+        seconds |= {f"worker{i}.{k}": round(v, 2) for k, v in worker.items()}
     return fits, seconds
 
 
