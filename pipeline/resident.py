@@ -50,6 +50,19 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _same_codec(a: LayerCodec, b: LayerCodec) -> bool:
+    """Whether two codecs store alike: configs, grids, signs and predictors equal (on the CPU)."""
+    def tensors(c: LayerCodec) -> list[torch.Tensor | None]:
+        preds = (c.key_predictor, c.value_predictor)
+        return [c.keys.grid, c.keys.signs, c.values.grid, c.values.signs,
+                *(t for p in preds for t in ((p.weight, p.bias) if p is not None else (None, None)))]
+
+    if (a.keys.config, a.values.config) != (b.keys.config, b.values.config):
+        return False
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x.cpu(), y.cpu()))
+               for x, y in zip(tensors(a), tensors(b), strict=True))
+
+
 class ResidentShard:
     """One worker's samples ``[start, stop)`` of ``tokens_path``'s ``calib`` array, resident on ``device``.
 
@@ -380,15 +393,14 @@ class ResidentShard:
 
     def validate(self, start: int, stop: int, codecs: list[LayerCodec], cache: CacheConfig) -> tuple[dict, dict]:
         """Held-out sums and fingerprint of sequences ``[start, stop)`` once the chain is done; frees the chain's
-        buffers first. When :meth:`validate_along` asked for these rows and layout and the chain ran every layer from
-        layer 0 here, the passes are done: ``codecs`` are the ones the chain reconstructed with (the driver saves and
-        returns them). Else (a resumed or loaded fit) the worker streams the checkpoint
+        buffers first. When :meth:`validate_along` asked for these rows and layout, the chain ran every layer from
+        layer 0 here and ``codecs`` equal the ones it reconstructed with (what the driver saved and returns), the
+        passes are done. Else (a resumed or loaded fit, other codecs) the worker streams the checkpoint
         (:func:`pipeline.validate.heldout_sums`) in its own process, on its device and opened checkpoint."""
         heldout, self.heldout = self.heldout, None
         self.close()
-        if heldout is not None and self.heldout_plan == (start, stop, cache) and heldout.done:
-            if len(codecs) != len(heldout.codecs):
-                raise CalibrationError(f"{len(codecs)} codecs for a chain of {len(heldout.codecs)} layers")
+        if (heldout is not None and self.heldout_plan == (start, stop, cache) and heldout.done
+                and len(codecs) == len(heldout.codecs) and all(map(_same_codec, codecs, heldout.codecs))):
             t0 = time.perf_counter()
             sums, fingerprint = heldout.sums()
             sums["seconds"]["along_chain"] = 1.0  # the passes' seconds were spent inside the chain's layers

@@ -295,6 +295,7 @@ def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp
     codecs = [f.codec for f in fits]
     assert (shard.heldout is not None and shard.heldout.done) == along
     ours, fingerprint = shard.validate(1, 3, codecs, layout)
+    assert ours["seconds"].get("along_chain") == (1.0 if along else None)  # the passes that rode along were used
     assert shard.hidden is None and not shard.kv and not shard.recon and shard.heldout is None
     want, want_fingerprint = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout[1:3]).long(),
                                            codecs, layout, device=device)
@@ -302,3 +303,34 @@ def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp
     for key in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values"):
         assert ours[key] == pytest.approx(want[key], rel=1e-6), key
     assert ours["nll_aquakv"] != ours["nll_exact"]
+
+
+def test_validation_along_the_chain_of_other_codecs_streams_them(assets: dict, tmp_path: Path) -> None:
+    """Codecs other than those the chain reconstructed with (here one predictor's bias moved) are validated by
+    streaming the checkpoint with them, never answered with the passes that rode along the chain."""
+    import dataclasses
+
+    from aquakv.config import CacheConfig
+    from aquakv.predictors import Predictor
+    from pipeline.validate import streamed_sums
+
+    tokens = tmp_path / "tokens.zarr"
+    group = zarr.open_group(str(tokens), mode="w")
+    group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
+    heldout = np.random.default_rng(1).integers(3, 320, (2, 80), dtype=np.int32)
+    group.create_array("heldout", data=heldout, chunks=(1, 80))
+    layout = CacheConfig(sinks=2, recent_window=16)
+    shard = ResidentShard(assets["model"], tokens, 0, SAMPLES, device="cpu")
+    shard.validate_along(0, 2, layout)
+    codecs = [f.codec for f in fit_chain(shards_call([shard]), _cfg(assets), tmp_path / "fit", LAYERS,
+                                         progress=False)]
+    along, _ = shard.heldout.sums()
+    moved = codecs[1].key_predictor
+    other = [*codecs[:1], dataclasses.replace(codecs[1], key_predictor=Predictor(moved.weight, moved.bias + 0.5)),
+             *codecs[2:]]
+    ours, _ = shard.validate(0, 2, other, layout)
+    assert "along_chain" not in ours["seconds"]
+    want, _ = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout).long(), other, layout)
+    assert ours["nll_aquakv"] == pytest.approx(want["nll_aquakv"], rel=1e-6)
+    assert ours["nll_aquakv"] != pytest.approx(along["nll_aquakv"], rel=1e-6)
+    assert ours["nll_exact"] == pytest.approx(along["nll_exact"], rel=1e-6)
