@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from aquakv.config import QuantizerConfig
+from aquakv.pickling import ArrayPickled
 from aquakv.predictors import Predictor
 from aquakv.quantize import Quantized, dequantize, quantize
 
 
 @dataclass
-class Residual:
+class Residual(ArrayPickled):
     """A quantized residual with its config, grid ``[n, d]`` and Hadamard signs ``[g]``."""
 
     config: QuantizerConfig

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from aquakv.errors import NonFiniteError
+from aquakv.pickling import ArrayPickled
 
 
 @dataclass
-class RidgeStats:
+class RidgeStats(ArrayPickled):
     """Sufficient statistics in float64: ``xtx [D_in+1, D_in+1]``, ``xty [D_in+1, D_out]``, ``yty`` (ΣY²), ``count``."""
 
     xtx: torch.Tensor
@@ -36,7 +37,7 @@ class RidgeStats:
 
 
 @dataclass
-class Predictor:
+class Predictor(ArrayPickled):
     """``y ≈ x @ weight + bias`` with ``weight [D_in, D_out]``; low rank when ``weight = down @ up``."""
 
     weight: torch.Tensor

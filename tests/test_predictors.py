@@ -63,3 +63,35 @@ def test_rank_budget_finds_the_planted_rank_and_its_error_is_exact() -> None:
     assert torch.allclose(fit_ridge(stats, damping=1e-6, rank_budget=0.0).weight, full.weight, atol=1e-5)
     with pytest.raises(ValueError, match="not both"):
         fit_ridge(stats, rank=16, rank_budget=0.1)
+
+
+def test_statistics_predictors_and_residuals_pickle_their_tensors_out_of_band() -> None:
+    """What crosses Ray every layer (statistics to the driver, codecs to the workers) pickles its tensors as NumPy
+    buffers, which Ray's object store passes without copying them into the pickled bytes, and comes back equal and
+    writable, also from read-only buffers (Ray's zero-copy views)."""
+    import pickle
+
+    from aquakv.codec import gaussian_residual
+    from aquakv.config import QuantizerConfig
+    from aquakv.predictors import Predictor
+
+    g = torch.Generator().manual_seed(0)
+    objects = [
+        ridge_stats(torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(64, 4, generator=g,
+                                                                                       dtype=torch.float64)),
+        Predictor(torch.randn(8, 4, generator=g), torch.randn(4, generator=g), rank=2),
+        gaussian_residual(QuantizerConfig(dim=2, size=16, group_size=32)),
+    ]
+    for obj in objects:
+        tensors = {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
+        buffers: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        assert len(buffers) == len(tensors) >= 2, type(obj).__name__
+        frozen = [memoryview(bytes(b.raw())) for b in buffers]  # as Ray hands them back: read-only views
+        back = pickle.loads(data, buffers=frozen)
+        for name, t in tensors.items():
+            got = getattr(back, name)
+            assert isinstance(got, torch.Tensor) and got.dtype == t.dtype and torch.equal(got, t), name
+            got += 0  # writable
+        assert {k: v for k, v in vars(back).items() if k not in tensors} == \
+            {k: v for k, v in vars(obj).items() if k not in tensors}
