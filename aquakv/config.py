@@ -10,12 +10,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aquakv.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Frozen(BaseModel):
@@ -56,11 +58,15 @@ class QuantizerConfig(_Frozen):
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
+        import torch  # here, not at the top: a config (the CLI, the flow's process) needs no torch until used
+
         return getattr(torch, self.scale_dtype)
 
     @property
     def scale_max(self) -> float:
         """The largest finite scale: norms above it are stored as it (fp8 has no infinity)."""
+        import torch
+
         return float(torch.finfo(self.torch_scale_dtype).max)
 
     @property
@@ -70,6 +76,8 @@ class QuantizerConfig(_Frozen):
     @property
     def bits_per_value(self) -> float:
         """Index bits plus scale bits, per (padded) value."""
+        import torch
+
         return self.index_bits_per_value + torch.finfo(self.torch_scale_dtype).bits / self.group_size
 
     @classmethod
