@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from aquakv.config import CalibrationConfig, QuantizerConfig
+from aquakv.config import CacheConfig, CalibrationConfig, QuantizerConfig
 from aquakv.errors import CalibrationError, NonFiniteError
 from pipeline.chain import fit_chain, saved_layer, shard_ranges, shards_call
 from pipeline.checkpoint import Checkpoint
@@ -270,6 +270,19 @@ def _fit_codec(cfg: CalibrationConfig, layer: int, shard: ResidentShard):
                        lambda partial: shard.value_stats(layer, partial), None)
 
 
+HELDOUT_LAYOUT = CacheConfig(sinks=2, recent_window=16)
+
+
+def _with_heldout(assets: dict, tmp_path: Path, rows: int) -> tuple[Path, np.ndarray]:
+    """A tokens store with the calibration samples and ``rows`` held-out sequences of 80 tokens."""
+    tokens = tmp_path / "tokens.zarr"
+    group = zarr.open_group(str(tokens), mode="w")
+    group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
+    heldout = np.random.default_rng(1).integers(3, 320, (rows, 80), dtype=np.int32)
+    group.create_array("heldout", data=heldout, chunks=(1, 80))
+    return tokens, heldout
+
+
 @pytest.mark.parametrize("along", [True, False], ids=["along-the-chain", "after-the-chain"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
@@ -279,26 +292,20 @@ def test_validation_on_the_resident_shard_equals_streamed_sums(assets: dict, tmp
     (``validate_along``: each layer's held-out passes run while the chain holds the layer) or, for a chain that did
     not run from layer 0 here, by streaming the checkpoint after it. Either way: the same sums as a fresh streamed
     validation of the same held-out rows, and the chain's buffers freed."""
-    from aquakv.config import CacheConfig
     from pipeline.validate import streamed_sums
 
-    tokens = tmp_path / "tokens.zarr"
-    group = zarr.open_group(str(tokens), mode="w")
-    group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
-    heldout = np.random.default_rng(1).integers(3, 320, (3, 80), dtype=np.int32)
-    group.create_array("heldout", data=heldout, chunks=(1, 80))
-    layout = CacheConfig(sinks=2, recent_window=16)
+    tokens, heldout = _with_heldout(assets, tmp_path, 3)
     shard = ResidentShard(assets["model"], tokens, 0, SAMPLES, device=device)
     if along:
-        shard.validate_along(1, 3, layout)
+        shard.validate_along(1, 3, HELDOUT_LAYOUT)
     fits = fit_chain(shards_call([shard]), _cfg(assets), tmp_path / "fit", LAYERS, progress=False)
     codecs = [f.codec for f in fits]
     assert (shard.heldout is not None and shard.heldout.done) == along
-    ours, fingerprint = shard.validate(1, 3, codecs, layout)
+    ours, fingerprint = shard.validate(1, 3, codecs, HELDOUT_LAYOUT)
     assert ours["seconds"].get("along_chain") == (1.0 if along else None)  # the passes that rode along were used
     assert shard.hidden is None and not shard.kv and not shard.recon and shard.heldout is None
     want, want_fingerprint = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout[1:3]).long(),
-                                           codecs, layout, device=device)
+                                           codecs, HELDOUT_LAYOUT, device=device)
     assert fingerprint == want_fingerprint
     for key in ("nll_exact", "nll_aquakv", "count", "cache_bits", "cached_values"):
         assert ours[key] == pytest.approx(want[key], rel=1e-6), key
@@ -310,27 +317,21 @@ def test_validation_along_the_chain_of_other_codecs_streams_them(assets: dict, t
     streaming the checkpoint with them, never answered with the passes that rode along the chain."""
     import dataclasses
 
-    from aquakv.config import CacheConfig
     from aquakv.predictors import Predictor
     from pipeline.validate import streamed_sums
 
-    tokens = tmp_path / "tokens.zarr"
-    group = zarr.open_group(str(tokens), mode="w")
-    group.create_array("calib", data=assets["data"], chunks=(1, SEQ))
-    heldout = np.random.default_rng(1).integers(3, 320, (2, 80), dtype=np.int32)
-    group.create_array("heldout", data=heldout, chunks=(1, 80))
-    layout = CacheConfig(sinks=2, recent_window=16)
+    tokens, heldout = _with_heldout(assets, tmp_path, 2)
     shard = ResidentShard(assets["model"], tokens, 0, SAMPLES, device="cpu")
-    shard.validate_along(0, 2, layout)
+    shard.validate_along(0, 2, HELDOUT_LAYOUT)
     codecs = [f.codec for f in fit_chain(shards_call([shard]), _cfg(assets), tmp_path / "fit", LAYERS,
                                          progress=False)]
     along, _ = shard.heldout.sums()
     moved = codecs[1].key_predictor
     other = [*codecs[:1], dataclasses.replace(codecs[1], key_predictor=Predictor(moved.weight, moved.bias + 0.5)),
              *codecs[2:]]
-    ours, _ = shard.validate(0, 2, other, layout)
+    ours, _ = shard.validate(0, 2, other, HELDOUT_LAYOUT)
     assert "along_chain" not in ours["seconds"]
-    want, _ = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout).long(), other, layout)
+    want, _ = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout).long(), other, HELDOUT_LAYOUT)
     assert ours["nll_aquakv"] == pytest.approx(want["nll_aquakv"], rel=1e-6)
     assert ours["nll_aquakv"] != pytest.approx(along["nll_aquakv"], rel=1e-6)
     assert ours["nll_exact"] == pytest.approx(along["nll_exact"], rel=1e-6)
