@@ -335,3 +335,31 @@ def test_validation_along_the_chain_of_other_codecs_streams_them(assets: dict, t
     assert ours["nll_aquakv"] == pytest.approx(want["nll_aquakv"], rel=1e-6)
     assert ours["nll_aquakv"] != pytest.approx(along["nll_aquakv"], rel=1e-6)
     assert ours["nll_exact"] == pytest.approx(along["nll_exact"], rel=1e-6)
+
+
+def test_a_resumed_chain_validates_by_streaming(assets: dict, tmp_path: Path) -> None:
+    """A chain resumed after a saved layer missed the held-out passes of the layers before it: its validation streams
+    the checkpoint instead (the same sums as a fresh streamed validation), never reads half-run passes out."""
+    from pipeline.validate import streamed_sums
+
+    tokens, heldout = _with_heldout(assets, tmp_path, 2)
+    cfg = _cfg(assets).model_copy(update={"resident_checkpoint_every": 1})
+    crashed = ResidentShard(assets["model"], tokens, 0, SAMPLES, device="cpu")
+    crashed.validate_along(0, 2, HELDOUT_LAYOUT)
+    inner = shards_call([crashed])
+
+    def crash_in_the_last_layer(method: str, *args: object) -> list:
+        if method == "forward" and args[0] == LAYERS - 1:
+            raise RuntimeError("killed")
+        return inner(method, *args)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit_chain(crash_in_the_last_layer, cfg, tmp_path / "fit", LAYERS, progress=False)
+    resumed = ResidentShard(assets["model"], tokens, 0, SAMPLES, device="cpu")
+    resumed.validate_along(0, 2, HELDOUT_LAYOUT)
+    codecs = [f.codec for f in fit_chain(shards_call([resumed]), cfg, tmp_path / "fit", LAYERS, progress=False)]
+    ours, _ = resumed.validate(0, 2, codecs, HELDOUT_LAYOUT)
+    assert "along_chain" not in ours["seconds"]
+    want, _ = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout).long(), codecs, HELDOUT_LAYOUT)
+    for key in ("nll_exact", "nll_aquakv", "count", "cache_bits"):
+        assert ours[key] == pytest.approx(want[key], rel=1e-6), key
