@@ -3,8 +3,10 @@
 Every stage is resumable on disk and content-addressed: activations live under ``workdir/activations-<digest>``
 (sampling settings plus fingerprints of the model's files and of the data) and fits under ``.../fit-<digest>``
 (everything that shapes the bundle), so a rerun after a crash skips finished stages and layers, a changed model or
-text behind the same path is collected again, and a change of quantizer settings alone re-fits without re-collecting.
-Inputs are checked first (:mod:`pipeline.inputs`), before Ray starts.
+text behind the same path is collected again, and in staged mode a change of quantizer settings alone re-fits without
+re-collecting. Resident mode (``resident: true``) runs its chain again instead: at 70B scale the forward on the GPUs
+is faster than reading the activations back (``docs/benchmarks/calibration.md``); it still writes the activations
+(``write_activations``) for a staged re-fit. Inputs are checked first (:mod:`pipeline.inputs`), before Ray starts.
 
 Run it locally (``aquakv calibrate``), on a Ray cluster (``ray submit cluster/config.yaml flows/calibrate.py --
 --config configs/llama-3.1-70b.yaml``) or as a Prefect deployment (``prefect.yaml``).
