@@ -76,9 +76,7 @@ class QuantizerConfig(_Frozen):
     @property
     def bits_per_value(self) -> float:
         """Index bits plus scale bits, per (padded) value."""
-        import torch
-
-        return self.index_bits_per_value + torch.finfo(self.torch_scale_dtype).bits / self.group_size
+        return self.index_bits_per_value + 8 * self.torch_scale_dtype.itemsize / self.group_size
 
     @classmethod
     def for_bits(cls, bits: int, dim: int = 2, **kw: object) -> QuantizerConfig:

@@ -137,9 +137,9 @@ def project(rec: dict, args: argparse.Namespace) -> float:
     passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the run's), the
     rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once; when the held-out
     passes ran along the resident chain, their steady layer is inside collect+fit's and scales with layers only.
-    Staged stages
-    scale whole. Start-up, data and publish as measured (the data stage runs while Ray starts: the two stages' seconds
-    overlap, and start-up, the whole flow less every stage, is short by that overlap, so the sum is the wall time)."""
+    Staged stages scale whole. Start-up, data and publish as measured (the data stage runs while Ray starts: the two
+    stages' seconds overlap, and start-up, the whole flow less every stage, is short by that overlap, so the sum is the
+    wall time)."""
     s, detail = rec["seconds"], rec.get("stage_seconds", {})
     tokens = args.samples * args.seq_len
     scale = (TARGET_LAYERS / args.layers) * (TARGET_TOKENS / tokens)

@@ -153,9 +153,11 @@ def _activations_to_write(cfg: CalibrationConfig, model_dir: str) -> str | None:
 
 
 @task(name="collect_fit", cache_policy=NO_CACHE)
-def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: str | None) -> tuple[list, dict]:
+def collect_fit_stage(config: dict, model_dir: str, tokens: str, actors: list,
+                      activations: str | None) -> tuple[list, dict]:
     """Resident mode (``cfg.resident``): collect and chain-fit in one pass over ``actors``, one Ray actor per shard
-    keeping its samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`). A finished fit is loaded; an
+    keeping its samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`); each actor also takes its share
+    of the held-out rows along the chain (:func:`_validate_along`). A finished fit is loaded; an
     interrupted one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else
     from layer 0. ``cfg.write_activations``: the actors also write K/V to ``activations.zarr`` in the background, so a
     re-fit with other quantizer settings can run the staged fit without collecting again. Returns the fits and where
@@ -166,6 +168,7 @@ def collect_fit_stage(config: dict, model_dir: str, actors: list, activations: s
     from pipeline.checkpoint import Checkpoint
 
     logger = get_run_logger()
+    _validate_along(actors, tokens, cfg)  # (waits for the actors to start)
     num_layers = Checkpoint(model_dir).num_layers
     logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", num_layers,
                 cfg.num_samples, len(actors), activations or "not written")
@@ -300,8 +303,7 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
             activations = _activations_to_write(cfg, model_dir)
             actors = shard_actors(model_dir, tokens, shard_ranges(cfg.num_samples, cfg.workers), cfg.dtype,
                                   activations)
-            _validate_along(actors, tokens, cfg)
-            fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, actors,
+            fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, tokens, actors,
                                                 activations)
         else:
             activations = timed("collect", collect_stage, config, model_dir, tokens)

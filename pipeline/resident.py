@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from aquakv.bundle import encode_layer
 from aquakv.codec import LayerCodec
 from aquakv.config import CacheConfig
 from aquakv.errors import CalibrationError
@@ -51,16 +52,14 @@ def _device(device: str) -> torch.device:
 
 
 def _same_codec(a: LayerCodec, b: LayerCodec) -> bool:
-    """Whether two codecs store alike: configs, grids, signs and predictors equal (on the CPU)."""
-    def tensors(c: LayerCodec) -> list[torch.Tensor | None]:
-        preds = (c.key_predictor, c.value_predictor)
-        return [c.keys.grid, c.keys.signs, c.values.grid, c.values.signs,
-                *(t for p in preds for t in ((p.weight, p.bias) if p is not None else (None, None)))]
-
-    if (a.keys.config, a.values.config) != (b.keys.config, b.values.config):
-        return False
-    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x.cpu(), y.cpu()))
-               for x, y in zip(tensors(a), tensors(b), strict=True))
+    """Whether two codecs store alike: the same bundle entry and tensors (:func:`aquakv.bundle.encode_layer`)."""
+    encoded = []
+    for codec in (a, b):
+        tensors: dict[str, torch.Tensor] = {}
+        encoded.append((encode_layer(0, codec, tensors, tensors), tensors))
+    (entry_a, tensors_a), (entry_b, tensors_b) = encoded
+    return entry_a == entry_b and tensors_a.keys() == tensors_b.keys() and all(
+        torch.equal(t, tensors_b[k]) for k, t in tensors_a.items())
 
 
 class ResidentShard:
