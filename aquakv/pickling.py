@@ -2,9 +2,9 @@
 
 Ray's object store passes NumPy buffers out of band (pickle protocol 5: no copy into the pickled bytes), torch tensors
 in band. The chain fit sends every worker's float64 ridge statistics to the driver each layer (48 MB per worker for a
-70B value predictor) and codecs back to the workers: as tensors a 50 MB statistics object took 120-570 ms through
-Ray on a 2-core CPU, as arrays 13-64 ms (2026-11-27). Tensors on other devices and dtypes NumPy lacks (bfloat16)
-stay tensors.
+70B value predictor) and codecs back to the workers: 50 MB of statistics took 155 ms through a local Ray actor as
+tensors and 47 ms as arrays on a 2-core CPU (medians, ``benchmarks/ray_transfer.py``, 2026-11-27). Tensors on other
+devices and dtypes NumPy lacks (bfloat16) stay tensors.
 """
 
 from __future__ import annotations
