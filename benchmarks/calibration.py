@@ -110,10 +110,10 @@ def run_flow(args: argparse.Namespace, workers: int) -> dict:
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, **ENV, "PREFECT_HOME": str(root / "prefect"),
            **({"PREFECT_API_URL": args.api} if args.api else {})}
-    start = time.perf_counter()
+    start, epoch = time.perf_counter(), time.time()
     proc = subprocess.run([sys.executable, "flows/calibrate.py", "--config", str(root / "config.yaml")], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    wall = time.perf_counter() - start
+    wall, exited = time.perf_counter() - start, time.time()
     (root / "flow.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-6000:], flush=True)
@@ -122,6 +122,9 @@ def run_flow(args: argparse.Namespace, workers: int) -> dict:
     first = max(i for i, line in enumerate(lines) if line == "{")  # the flow's summary, printed as indented JSON
     summary = json.JSONDecoder().raw_decode("\n".join(lines[first:]))[0]
     rec = {"workers": workers, "mode": args.mode, "whole_flow_s": round(wall, 1), **summary}
+    if "clock" in summary:  # the process's start to the flow's, and the flow's return to the process's exit
+        rec["before_flow_s"] = round(summary["clock"]["flow_start"] - epoch, 2)
+        rec["after_flow_s"] = round(exited - summary["clock"]["flow_end"], 2)
     print(json.dumps(rec), flush=True)
     return rec
 

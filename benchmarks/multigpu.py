@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from aquakv.config import CalibrationConfig
-from cluster.workers import collect_worker, connect, ray_map, ray_shards_call, shard_actors
+from cluster.workers import collect_worker, connect, open_shards, ray_map, ray_shards_call, start_shard_workers
 from pipeline.chain import shard_ranges
 from pipeline.collect import open_activations
 from pipeline.fit import fit_all
@@ -146,10 +146,10 @@ def run_resident(n: int, args: argparse.Namespace, ckpt: Path, tokens: Path, kv_
     cfg = CalibrationConfig(model=str(ckpt), data="synthetic", seq_len=args.seq_len, num_samples=args.samples,
                             workers=n, dtype="bfloat16", resident=True)
     t = time.perf_counter()
-    actors = shard_actors(str(ckpt), str(tokens), shard_ranges(args.samples, n), "bfloat16",
-                          None if act is None else str(act))
+    actors = start_shard_workers(n)
+    open_shards(actors, str(ckpt), str(tokens), shard_ranges(args.samples, n), "bfloat16",
+                None if act is None else str(act))
     call = ray_shards_call(actors)
-    call("shape")
     start_s = time.perf_counter() - t
     try:
         t = time.perf_counter()

@@ -108,31 +108,57 @@ def sensitivity_worker(model_dir: str, tokens_path: str, samples: int, sinks: in
 # resident mode: one long-lived actor per shard (pipeline.resident), its samples kept on its GPU
 
 
-def __getattr__(name: str) -> Any:
-    """``ShardActor = ray.remote(ResidentShard)``, made on first use (keeps torch out of this module's import)."""
-    if name == "ShardActor":
+class ShardWorker:
+    """The process of one resident shard (:class:`pipeline.resident.ResidentShard`), started before the shard exists.
+
+    Its start is the flow's largest fixed cost: importing torch, transformers and the pipeline takes ~17 s on a
+    2-GPU H100 host (``benchmarks/fixed_costs.py``). So the flow starts the workers as soon as Ray is up, while it
+    checks its inputs and tokenizes the data, then :meth:`open` builds each worker's shard and :meth:`call` runs the
+    shard's methods (:func:`ray_shards_call`).
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        import pipeline.resident  # noqa: F401  (the import is the cost this process pays up front)
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # the device's context starts here too
+        self.shard: Any = None
+
+    def open(self, model_dir: str, tokens_path: str, start: int, stop: int, dtype: str,
+             activations_path: str | None) -> None:
+        """Samples ``[start, stop)`` of ``tokens_path`` become this worker's shard."""
         from pipeline.resident import ResidentShard
 
-        actor = ray.remote(ResidentShard)
-        globals()["ShardActor"] = actor
-        return actor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        self.shard = ResidentShard(model_dir, tokens_path, start, stop, "auto", dtype, activations_path)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """The shard's ``method(*args)``."""
+        if self.shard is None:
+            raise AquaKVError(f"shard worker asked for {method}() before open()")
+        return getattr(self.shard, method)(*args)
 
 
-def shard_actors(model_dir: str, tokens_path: str, shards: list[tuple[int, int]], dtype: str = "float32",
-                 activations_path: str | None = None) -> list[Any]:
-    """One :class:`pipeline.resident.ResidentShard` actor per ``(start, stop)`` shard, with :func:`worker_options`
-    (one GPU each when the cluster has GPUs). Free them with ``ray.kill``."""
-    actor = globals().get("ShardActor") or __getattr__("ShardActor")
-    return [actor.options(**worker_options()).remote(model_dir, tokens_path, a, b, "auto", dtype, activations_path)
-            for a, b in shards]
+def start_shard_workers(n: int) -> list[Any]:
+    """``n`` :class:`ShardWorker` actors with :func:`worker_options` (one GPU each when the cluster has GPUs), starting
+    in the background. Free them with ``ray.kill``."""
+    actor = ray.remote(ShardWorker).options(**worker_options())
+    return [actor.remote() for _ in range(n)]
 
 
-def ray_shards_call(actors: list[Any]) -> Callable[..., list[Any]]:
-    """``shards_call(method, *args)`` for :func:`pipeline.chain.fit_chain`: ``method`` on every actor,
-    results in actor order (arguments are put in the object store once, not once per actor)."""
+def open_shards(workers: list[Any], model_dir: str, tokens_path: str, shards: list[tuple[int, int]],
+                dtype: str = "float32", activations_path: str | None = None) -> None:
+    """Give each worker its ``(start, stop)`` shard; waits for the workers' start."""
+    ray_get([w.open.remote(model_dir, tokens_path, a, b, dtype, activations_path)
+             for w, (a, b) in zip(workers, shards, strict=True)])
+
+
+def ray_shards_call(workers: list[Any]) -> Callable[..., list[Any]]:
+    """``shards_call(method, *args)`` for :func:`pipeline.chain.fit_chain`: ``method`` on every worker's shard,
+    results in worker order (arguments are put in the object store once, not once per worker)."""
     def call(method: str, *args: Any) -> list[Any]:
         refs = [ray.put(a) for a in args]
-        return ray_get([getattr(actor, method).remote(*refs) for actor in actors])
+        return ray_get([worker.call.remote(method, *refs) for worker in workers])
 
     return call

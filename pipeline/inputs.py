@@ -1,4 +1,5 @@
-"""Check a calibration run's inputs before any stage starts (no Ray, no Prefect, no model load).
+"""Check a calibration run's inputs before any work (no Ray, no model load): the CLI calls it before the flow starts,
+the flow first thing in its data stage, while Ray and the workers start.
 
 Every expected mistake — a missing model or shard, a sequence longer than the model allows, missing, empty or binary
 data, an unwritable registry or work directory — fails here in a second with one :class:`AquaKVError` line, instead

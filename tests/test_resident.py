@@ -363,3 +363,11 @@ def test_a_resumed_chain_validates_by_streaming(assets: dict, tmp_path: Path) ->
     want, _ = streamed_sums(Checkpoint(assets["model"]), torch.from_numpy(heldout).long(), codecs, HELDOUT_LAYOUT)
     for key in ("nll_exact", "nll_aquakv", "count", "cache_bits"):
         assert ours[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_a_shard_worker_refuses_calls_before_its_shard_is_opened() -> None:
+    from aquakv.errors import AquaKVError
+    from cluster.workers import ShardWorker
+
+    with pytest.raises(AquaKVError, match=r"timings\(\) before open\(\)"):
+        ShardWorker().call("timings")
