@@ -315,11 +315,13 @@ FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 
                         (32, 4, 1), (128, 8, 1)]
 
 
-def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, grids: str = "d2") -> list[dict]:
+def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, grids: str = "d2",
+          once: bool = False) -> list:
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one. A config that does not fit the SM's shared
-    memory is recorded as an error (explicit launches do not fall back)."""
+    memory is recorded as an error (explicit launches do not fall back). ``once``: no timing; ``(name, call)`` of the
+    stored kernel and its two floors with the default launch are returned (section ``stored_once``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
@@ -331,8 +333,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
-    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)])]
-    if rank <= MAX_PROJECTED_RANK:
+    variants = [] if once else [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK
+                                 else [(128, 8, 1), (64, 4, 4)])]
+    if rank <= MAX_PROJECTED_RANK and not once:
         variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
     for projected, cols, configs in variants:
         scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
@@ -357,6 +360,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
                     return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                             codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
                                             settings, False, None, launch, stored=scales)
+                if once:
+                    out.append((name, fn))
+                    break
                 out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
                                                       "grids": grids, "handoff": name, "launch": list(launch)}))
     free()
@@ -594,7 +600,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"])
+    p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"],
+                   help="ceilings sweep stored_once merge_sweep layer e2e host budget")
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
     p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
@@ -644,6 +651,21 @@ def main() -> None:
         result["sweep"] = []
         for batch in args.layer_batches:
             result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids)
+            save()
+    if "stored_once" in args.sections:  # for a kernel profiler (`ncu --kernel-name regex:_decode_attention ...`)
+        from aquakv.kernels.jit import _decode_attention_kernel
+
+        for batch in args.layer_batches:
+            for name, fn in sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids, once=True):
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                compiled = [k for cache in _decode_attention_kernel.device_caches.values() for k in cache[0].values()]
+                result.setdefault("stored_once", []).append(  # the newest compilation is this kernel's
+                    {"batch": batch, "grids": args.sweep_grids, "kernel": name,
+                     "registers": getattr(compiled[-1], "n_regs", None), "spills": getattr(compiled[-1], "n_spills",
+                                                                                           None)})
+                log("stored_once", json.dumps(result["stored_once"][-1]))
             save()
     if "merge_sweep" in args.sections:
         result["merge_sweep"] = []
