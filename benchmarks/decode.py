@@ -601,7 +601,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"],
-                   help="ceilings sweep stored_once merge_sweep layer e2e host budget")
+                   help="ceilings sweep stored stored_once merge_sweep layer e2e host budget (stored: the stored "
+                        "kernel and its two floors, default launch: registers, spills, GPU ms)")
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
     p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
@@ -652,20 +653,24 @@ def main() -> None:
         for batch in args.layer_batches:
             result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids)
             save()
-    if "stored_once" in args.sections:  # for a kernel profiler (`ncu --kernel-name regex:_decode_attention ...`)
+    stored = [s for s in ("stored", "stored_once") if s in args.sections]
+    if stored:  # stored_once: three launches, no timing (for a kernel profiler: `ncu --kernel-name regex:_decode`)
         from aquakv.kernels.jit import _decode_attention_kernel
 
+        result[stored[0]] = []
         for batch in args.layer_batches:
             for name, fn in sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids, once=True):
                 for _ in range(3):
                     fn()
                 torch.cuda.synchronize()
                 compiled = [k for cache in _decode_attention_kernel.device_caches.values() for k in cache[0].values()]
-                result.setdefault("stored_once", []).append(  # the newest compilation is this kernel's
-                    {"batch": batch, "grids": args.sweep_grids, "kernel": name,
-                     "registers": getattr(compiled[-1], "n_regs", None), "spills": getattr(compiled[-1], "n_spills",
-                                                                                           None)})
-                log("stored_once", json.dumps(result["stored_once"][-1]))
+                rec = {"batch": batch, "grids": args.sweep_grids, "kernel": name,  # the newest compilation is fn's
+                       "registers": getattr(compiled[-1], "n_regs", None),
+                       "spills": getattr(compiled[-1], "n_spills", None)}
+                if stored[0] == "stored":
+                    rec["gpu_ms"] = gpu_ms(fn, 10)
+                result[stored[0]].append(rec)
+                log(stored[0], json.dumps(rec))
             save()
     if "merge_sweep" in args.sections:
         result["merge_sweep"] = []

@@ -389,15 +389,19 @@ def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_
                             c_rl, groups, c0, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr, GS: tl.constexpr,
                             D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PRED: tl.constexpr,
                             INTERP: tl.constexpr):
-    """``acc [BT, HB]`` (fp32) of columns ``c0 .. c0+HB`` + the low-rank prediction ``z [BT, R] @ up[:, cols]``
-    (``PRED`` 2) + the bias (``PRED`` 1, 2) + the dequantized residual: half a head of K̂ or V̂."""
+    """``acc [BT, HB]`` (fp32, the full-rank prediction: ``PRED`` 1) of columns ``c0 .. c0+HB`` + the low-rank
+    prediction ``z [BT, R] @ up[:, cols]`` (``PRED`` 2) + the bias (``PRED`` 1, 2) + the dequantized residual: half a
+    head of K̂ or V̂. The prediction accumulates onto the residual, so one ``[BT, HB]`` accumulator is live: two
+    spilled the stored kernel's registers (``benchmarks/kernel_registers.py``, decode.md round 18)."""
     cols = c0 + tl.arange(0, HB)
+    out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS, INTERP)
+    if PRED == 1:
+        out += acc
     if PRED == 2:
-        acc = _dot16(z, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), acc, INTERP)
+        out = _dot16(z, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), out, INTERP)
     if PRED != 0:
-        acc += tl.load(bias_ptr + cols)[None, :]
-    return acc + _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS,
-                           INTERP)
+        out += tl.load(bias_ptr + cols)[None, :]
+    return out
 
 
 @triton.jit

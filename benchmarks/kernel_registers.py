@@ -1,0 +1,137 @@
+"""Registers and spills of the fused decode kernel, compiled for a GPU this machine need not have (Triton's compiler
+and the ``ptxas`` it ships; no GPU, no driver).
+
+The launch is ``benchmarks/decode.py``'s stored layer (Llama-3.1-8B shape, rank-64 predictors, the default launch),
+captured under Triton's interpreter with the host code's CUDA operand dtypes, and specialized as Triton would on a GPU
+(16-byte divisibility and ints equal to 1, from the captured values). Register spills are what round 18 of
+``docs/benchmarks/decode.md`` found the stored kernel losing its time to (255 registers, 5.0 M local-memory requests
+on an H100), so a change to the kernel's register use can be checked in seconds before it goes to a GPU:
+
+    python benchmarks/kernel_registers.py --grids d2 d4
+
+The counts come from this ptxas; a GPU's driver may load the same cubin, so they should match what Triton reports
+there (``n_regs``; ``n_spills`` is the local memory in 4-byte words), but only a GPU run times the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "int32": "i32", "int64": "i64", "uint8": "u8",
+          "int8": "i8", "int16": "i16", "float8_e4m3fn": "fp8e4nv"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture(grids: str, out: Path) -> None:
+    """In a process with ``TRITON_INTERPRET=1``: run the stored layer's launch up to the kernel call and write the
+    kernel's signature, constexprs and specializations to ``out`` (JSON)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import aquakv.kernels.decode as decode
+    import aquakv.kernels.host as host
+    import benchmarks.decode as bench
+    from aquakv.kernels import KernelSettings
+
+    bench.DEV = "cpu"
+    host.INTERPRET = decode.INTERPRET = False  # the CUDA path's operand dtypes (the kernel itself never runs here)
+    kernel = decode._decode_attention_kernel
+    code = kernel.fn.__code__
+    names = code.co_varnames[:code.co_argcount]
+    free = set(kernel.do_not_specialize) if hasattr(kernel, "do_not_specialize") else {"pos_sb", "C", "NT"}
+
+    class Launcher:
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                signature, constexprs, divisible = {}, {}, []
+                for name, a in zip(names, args, strict=False):
+                    if isinstance(a, torch.Tensor):
+                        signature[name] = "*" + DTYPES[str(a.dtype).removeprefix("torch.")]
+                        if a.data_ptr() % 16 == 0:
+                            divisible.append(name)
+                    elif isinstance(a, float):
+                        signature[name] = "fp32"
+                    elif isinstance(a, int) and a == 1 and name not in free:
+                        signature[name], constexprs[name] = "constexpr", 1  # Triton specializes a 1
+                    else:
+                        signature[name] = "i32"
+                        if a % 16 == 0 and name not in free:
+                            divisible.append(name)
+                options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS}
+                for name, v in kwargs.items():
+                    signature[name], constexprs[name] = "constexpr", v
+                out.write_text(json.dumps({"signature": signature, "constexprs": constexprs, "divisible": divisible,
+                                           "options": options, "grid": list(grid)}, default=int))
+                raise _Captured
+
+            return launch
+
+    decode._decode_attention_kernel = Launcher()
+    (_, fn), *_ = bench.sweep(1, 512, KernelSettings.from_env(), 64, grids, once=True)
+    try:
+        fn()
+    except _Captured:
+        return
+    raise RuntimeError("the stored layer did not launch _decode_attention_kernel")
+
+
+def compile_counts(launch: dict, arch: int, maxnreg: int | None) -> dict:
+    """Compile the captured launch for ``sm_<arch>`` and read ptxas's register and spill report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    sys.path.insert(0, str(ROOT))
+    from aquakv.kernels.jit import _decode_attention_kernel as kernel
+
+    index = {name: (kernel.arg_names.index(name),) for name in launch["signature"]}
+    attrs = {index[name]: [["tt.divisibility", 16]] for name in launch["divisible"]}
+    src = ASTSource(kernel, launch["signature"], {index[k]: v for k, v in launch["constexprs"].items()}, attrs)
+    options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                                capture_output=True, text=True, check=True)
+    text = report.stdout + report.stderr
+    numbers = {key: int(m.group(1)) if (m := re.search(pattern, text)) else 0 for key, pattern in (
+        ("registers", r"Used (\d+) registers"), ("stack_bytes", r"(\d+) bytes stack frame"),
+        ("spill_store_bytes", r"(\d+) bytes spill stores"), ("spill_load_bytes", r"(\d+) bytes spill loads"))}
+    return {**numbers, **options}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grids", nargs="+", default=["d2", "d4"], choices=["d2", "d4"])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
+    p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
+    p.add_argument("--capture", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.capture:
+        capture(args.grids[0], Path(args.capture))
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    for grids in args.grids:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "launch.json"
+            subprocess.run([sys.executable, __file__, "--capture", str(path), "--grids", grids], env=env, check=True)
+            launch = json.loads(path.read_text())
+        print(json.dumps({"grids": grids, "kernel": "stored", "arch": args.arch,
+                          **compile_counts(launch, args.arch, args.maxnreg)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
