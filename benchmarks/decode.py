@@ -320,8 +320,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one. A config that does not fit the SM's shared
-    memory is recorded as an error (explicit launches do not fall back). ``once``: no timing; ``(name, call)`` of the
-    stored kernel and its two floors with the default launch are returned (section ``stored_once``)."""
+    memory is recorded as an error (explicit launches do not fall back). ``once``: no timing; ``(name, call)`` of each
+    variant with its first launch is returned (the chained hand-ons, the stored kernel and its two floors: sections
+    ``stored`` / ``stored_once``, ``benchmarks/kernel_registers.py``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
@@ -333,9 +334,8 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
-    variants = [] if once else [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK
-                                 else [(128, 8, 1), (64, 4, 4)])]
-    if rank <= MAX_PROJECTED_RANK and not once:
+    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)])]
+    if rank <= MAX_PROJECTED_RANK:
         variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
     for projected, cols, configs in variants:
         scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
@@ -344,6 +344,10 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
                 return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                         layer.codec, scratch, scratch, positions, inv_freq, 1.0, None,
                                         hd**-0.5, settings, projected, codecs[2], launch)
+            name = "chained, " + ("projected" if projected else "full") + " hand-on"
+            if once:
+                out.append((name, fn))
+                break
             out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
                                                   "handoff": "projected" if projected else "full",
                                                   "launch": list(launch)}))

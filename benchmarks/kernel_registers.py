@@ -1,16 +1,17 @@
 """Registers and spills of the fused decode kernel, compiled for a GPU this machine need not have (Triton's compiler
 and the ``ptxas`` it ships; no GPU, no driver).
 
-The launch is ``benchmarks/decode.py``'s stored layer (Llama-3.1-8B shape, rank-64 predictors, the default launch),
-captured under Triton's interpreter with the host code's CUDA operand dtypes, and specialized as Triton would on a GPU
-(16-byte divisibility and ints equal to 1, from the captured values). Register spills are what round 18 of
-``docs/benchmarks/decode.md`` found the stored kernel losing its time to (255 registers, 5.0 M local-memory requests
-on an H100), so a change to the kernel's register use can be checked in seconds before it goes to a GPU:
+The launches are those of ``benchmarks/decode.py``'s kernel sweep (Llama-3.1-8B shape, a rank-64 layer: the chained
+hand-ons, the stored kernel and its floors, each with its first launch), captured under Triton's interpreter with the
+host code's CUDA operand dtypes and specialized as Triton would on a GPU (16-byte divisibility and ints equal to 1, from
+the captured values). Register spills are what round 18 of ``docs/benchmarks/decode.md`` found the stored kernel
+losing its time to (255 registers, 5.0 M local-memory requests on an H100), so a change to the kernel's register use
+can be checked in seconds before it goes to a GPU:
 
-    python benchmarks/kernel_registers.py --grids d2 d4
+    python benchmarks/kernel_registers.py --grids d2 d4 [--kernels stored]
 
-The counts come from this ptxas; a GPU's driver may load the same cubin, so they should match what Triton reports
-there (``n_regs``; ``n_spills`` is the local memory in 4-byte words), but only a GPU run times the kernel.
+On the kernel an H100 ran in round 18, the spilled stack it reports (160 / 240 bytes for d=2 / d=4) is exactly the
+``n_spills`` Triton reported there (40 / 60 4-byte words). Only a GPU run times the kernel.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class _Captured(Exception):
 
 
 def capture(grids: str, out: Path) -> None:
-    """In a process with ``TRITON_INTERPRET=1``: run the stored layer's launch up to the kernel call and write the
-    kernel's signature, constexprs and specializations to ``out`` (JSON)."""
+    """In a process with ``TRITON_INTERPRET=1``: run each variant's launch (:func:`benchmarks.decode.sweep`'s
+    ``once``) up to the kernel call and write the kernel's signature, constexprs and specializations per variant to
+    ``out`` (JSON)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -72,19 +74,23 @@ def capture(grids: str, out: Path) -> None:
                 options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS}
                 for name, v in kwargs.items():
                     signature[name], constexprs[name] = "constexpr", v
-                out.write_text(json.dumps({"signature": signature, "constexprs": constexprs, "divisible": divisible,
-                                           "options": options, "grid": list(grid)}, default=int))
+                launches.append({"signature": signature, "constexprs": constexprs, "divisible": divisible,
+                                 "options": options, "grid": list(grid)})
                 raise _Captured
 
             return launch
 
     decode._decode_attention_kernel = Launcher()
-    (_, fn), *_ = bench.sweep(1, 512, KernelSettings.from_env(), 64, grids, once=True)
-    try:
-        fn()
-    except _Captured:
-        return
-    raise RuntimeError("the stored layer did not launch _decode_attention_kernel")
+    launches: list[dict] = []
+    captured = {}
+    for name, fn in bench.sweep(1, 512, KernelSettings.from_env(), 64, grids, once=True):
+        try:
+            fn()
+        except _Captured:
+            captured[name] = launches.pop()
+        else:
+            raise RuntimeError(f"{name}: no _decode_attention_kernel launch")
+    out.write_text(json.dumps(captured, default=int))
 
 
 def compile_counts(launch: dict, arch: int, maxnreg: int | None) -> dict:
@@ -118,6 +124,9 @@ def main() -> None:
     p.add_argument("--grids", nargs="+", default=["d2", "d4"], choices=["d2", "d4"])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
+    p.add_argument("--kernels", nargs="+", default=None,
+                   help="variants to compile (default: all of benchmarks/decode.py's sweep: 'stored', 'chained, "
+                        "projected hand-on', ...)")
     p.add_argument("--capture", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.capture:
@@ -128,9 +137,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "launch.json"
             subprocess.run([sys.executable, __file__, "--capture", str(path), "--grids", grids], env=env, check=True)
-            launch = json.loads(path.read_text())
-        print(json.dumps({"grids": grids, "kernel": "stored", "arch": args.arch,
-                          **compile_counts(launch, args.arch, args.maxnreg)}), flush=True)
+            launches = json.loads(path.read_text())
+        for name, launch in launches.items():
+            if args.kernels and name not in args.kernels:
+                continue
+            print(json.dumps({"grids": grids, "kernel": name, "arch": args.arch,
+                              **compile_counts(launch, args.arch, args.maxnreg)}), flush=True)
 
 
 if __name__ == "__main__":
