@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,12 @@ def test_two_ray_workers_collect_the_same_activations_as_one(first_run, assets, 
             assert torch.equal(a, b)
 
 
-def test_missing_shard_fails_clearly_and_publishes_nothing(harness, assets, tmp_path):
+@pytest.mark.parametrize("resident", [False, True])
+def test_missing_shard_fails_clearly_and_publishes_nothing(harness, assets, tmp_path, resident):
+    """The flow checks its inputs in the data stage, beside Ray's start (and, resident, the workers' start): the
+    error is the input check's, the started workers are freed, nothing is published."""
+    import ray
+
     broken = tmp_path / "model"
     broken.mkdir()
     src = Path(assets["model"])
@@ -172,8 +178,12 @@ def test_missing_shard_fails_clearly_and_publishes_nothing(harness, assets, tmp_
         if p.name != shards[-1]:
             (broken / p.name).write_bytes(p.read_bytes())
     with pytest.raises(CalibrationError, match=shards[-1]):
-        calibrate(config(assets, "c", model=str(broken)))
+        calibrate(config(assets, "c", model=str(broken), resident=resident))
     assert not (assets["root"] / "c" / "registry").exists()
+    deadline = time.monotonic() + 30  # the started workers were killed: their CPU slots come back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 @pytest.fixture(scope="module")
