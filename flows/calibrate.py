@@ -305,7 +305,8 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
         if cfg.resident:  # the workers' processes import and open their devices while the data stage runs
             from cluster.workers import start_shard_workers
 
-            actors = start_shard_workers(cfg.workers)
+            # one per shard (pipeline.chain.shard_ranges: at most one per sample), without importing torch here
+            actors = start_shard_workers(min(cfg.workers, cfg.num_samples))
         model_dir, tokens, seconds["data"] = data.result()  # (its own seconds: they overlap the ray stage's)
         if cfg.resident:  # one actor per shard: collect+fit, then validation in the same processes
             activations = _activations_to_write(cfg, model_dir)

@@ -230,3 +230,12 @@ def test_resident_flow_without_activations_publishes_the_staged_bundle(first_run
     resident = {p.name: p.read_bytes() for p in Path(summary["bundle"]).glob("*.safetensors")}
     assert staged and resident == staged
     assert summary["ppl_aquakv"] == pytest.approx(first_run["ppl_aquakv"], rel=1e-6)
+
+
+def test_resident_flow_with_more_workers_than_samples_starts_one_per_sample(first_run, harness, assets):
+    """The workers start before the data exists: as many as there are shards (one per sample at most), not
+    ``workers``."""
+    summary = calibrate(config(assets, "few", resident=True, write_activations=False, num_samples=1, workers=2))
+    workers = {k.split(".")[0] for k in summary["stage_seconds"]["collect_fit"] if k.startswith("worker")}
+    assert workers == {"worker0"}
+    assert Path(summary["bundle"]).is_dir()
