@@ -93,8 +93,10 @@ def capture(grids: str, out: Path) -> None:
     out.write_text(json.dumps(captured, default=int))
 
 
-def compile_counts(launch: dict, arch: int, maxnreg: int | None) -> dict:
-    """Compile the captured launch for ``sm_<arch>`` and read ptxas's register and spill report."""
+def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | None = None,
+                   warps: int | None = None) -> dict:
+    """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` instead of the captured ones)
+    and read ptxas's register and spill report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
@@ -104,8 +106,10 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None) -> dict:
 
     index = {name: (kernel.arg_names.index(name),) for name in launch["signature"]}
     attrs = {index[name]: [["tt.divisibility", 16]] for name in launch["divisible"]}
-    src = ASTSource(kernel, launch["signature"], {index[k]: v for k, v in launch["constexprs"].items()}, attrs)
-    options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {})
+    constexprs = launch["constexprs"] | ({"BT": tokens} if tokens else {})
+    src = ASTSource(kernel, launch["signature"], {index[k]: v for k, v in constexprs.items()}, attrs)
+    options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {}) | ({"num_warps": warps} if warps
+                                                                                       else {})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as d:
@@ -116,7 +120,7 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None) -> dict:
     numbers = {key: int(m.group(1)) if (m := re.search(pattern, text)) else 0 for key, pattern in (
         ("registers", r"Used (\d+) registers"), ("stack_bytes", r"(\d+) bytes stack frame"),
         ("spill_store_bytes", r"(\d+) bytes spill stores"), ("spill_load_bytes", r"(\d+) bytes spill loads"))}
-    return {**numbers, **options}
+    return {**numbers, "tokens_per_program": constexprs["BT"], **options}
 
 
 def main() -> None:
@@ -124,6 +128,8 @@ def main() -> None:
     p.add_argument("--grids", nargs="+", default=["d2", "d4"], choices=["d2", "d4"])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
+    p.add_argument("--tokens", type=int, default=None, help="compressed tokens per program instead of the captured")
+    p.add_argument("--warps", type=int, default=None, help="warps per program instead of the captured")
     p.add_argument("--kernels", nargs="+", default=None,
                    help="variants to compile (default: all of benchmarks/decode.py's sweep: 'stored', 'chained, "
                         "projected hand-on', ...)")
@@ -142,7 +148,7 @@ def main() -> None:
             if args.kernels and name not in args.kernels:
                 continue
             print(json.dumps({"grids": grids, "kernel": name, "arch": args.arch,
-                              **compile_counts(launch, args.arch, args.maxnreg)}), flush=True)
+                              **compile_counts(launch, args.arch, args.maxnreg, args.tokens, args.warps)}), flush=True)
 
 
 if __name__ == "__main__":
