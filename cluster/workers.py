@@ -113,25 +113,34 @@ class ShardWorker:
 
     Its start is the flow's largest fixed cost: importing torch, transformers and the pipeline takes ~17 s on a
     2-GPU H100 host (``benchmarks/fixed_costs.py``). So the flow starts the workers as soon as Ray is up, while it
-    checks its inputs and tokenizes the data, then :meth:`open` builds each worker's shard and :meth:`call` runs the
-    shard's methods (:func:`ray_shards_call`).
+    checks its inputs and tokenizes the data (a local checkpoint is opened then too), then :meth:`open` builds each
+    worker's shard and :meth:`call` runs the shard's methods (:func:`ray_shards_call`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model_dir: str | None = None, dtype: str = "float32") -> None:
+        """``model_dir``: the checkpoint, when known before the data stage is done (a local directory), is opened now,
+        and its embedding and layer 0 start loading (:func:`pipeline.resident.warm_start`)."""
         import torch
 
-        import pipeline.resident  # noqa: F401  (the import is the cost this process pays up front)
+        from pipeline.resident import warm_start  # (the import is the cost this process pays up front)
 
         if torch.cuda.is_available():
             torch.zeros(1, device="cuda")  # the device's context starts here too
         self.shard: Any = None
+        self.warm = None
+        if model_dir is not None:
+            try:
+                self.warm = warm_start(model_dir, "auto", dtype)
+            except Exception:  # noqa: BLE001  (only a head start: open() opens the checkpoint and says what is wrong)
+                log.debug("warm start of %s failed; the shard opens it itself", model_dir, exc_info=True)
 
     def open(self, model_dir: str, tokens_path: str, start: int, stop: int, dtype: str,
              activations_path: str | None) -> None:
         """Samples ``[start, stop)`` of ``tokens_path`` become this worker's shard."""
         from pipeline.resident import ResidentShard
 
-        self.shard = ResidentShard(model_dir, tokens_path, start, stop, "auto", dtype, activations_path)
+        warm, self.warm = self.warm, None
+        self.shard = ResidentShard(model_dir, tokens_path, start, stop, "auto", dtype, activations_path, warm=warm)
 
     def call(self, method: str, *args: Any) -> Any:
         """The shard's ``method(*args)``."""
@@ -140,11 +149,11 @@ class ShardWorker:
         return getattr(self.shard, method)(*args)
 
 
-def start_shard_workers(n: int) -> list[Any]:
+def start_shard_workers(n: int, model_dir: str | None = None, dtype: str = "float32") -> list[Any]:
     """``n`` :class:`ShardWorker` actors with :func:`worker_options` (one GPU each when the cluster has GPUs), starting
-    in the background. Free them with ``ray.kill``."""
+    in the background (``model_dir``: opened as they start). Free them with ``ray.kill``."""
     actor = ray.remote(ShardWorker).options(**worker_options())
-    return [actor.remote() for _ in range(n)]
+    return [actor.remote(model_dir, dtype) for _ in range(n)]
 
 
 def open_shards(workers: list[Any], model_dir: str, tokens_path: str, shards: list[tuple[int, int]],

@@ -305,8 +305,11 @@ def calibrate(config: str | dict = "configs/smollm2-demo.yaml", registry: str | 
         if cfg.resident:  # the workers' processes import and open their devices while the data stage runs
             from cluster.workers import start_shard_workers
 
-            # one per shard (pipeline.chain.shard_ranges: at most one per sample), without importing torch here
-            actors = start_shard_workers(min(cfg.workers, cfg.num_samples))
+            # one per shard (pipeline.chain.shard_ranges: at most one per sample), without importing torch here;
+            # a local checkpoint is opened by the workers as they start ("smollm2" is prepared by the data stage)
+            local = Path(cfg.model).expanduser()
+            actors = start_shard_workers(min(cfg.workers, cfg.num_samples),
+                                         str(local) if (local / "config.json").is_file() else None, cfg.dtype)
         model_dir, tokens, seconds["data"] = data.result()  # (its own seconds: they overlap the ray stage's)
         if cfg.resident:  # one actor per shard: collect+fit, then validation in the same processes
             activations = _activations_to_write(cfg, model_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import zarr
@@ -51,6 +52,28 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class WarmStart(NamedTuple):
+    """A checkpoint opened before its shard exists (:func:`warm_start`)."""
+
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: str
+    base: Future  # the base model's own tensors (embedding...) placed on the device
+    layer0: Future  # layer 0 loaded on the device
+
+
+def warm_start(model_dir: str | Path, device: str = "auto", dtype: str = "float32") -> WarmStart:
+    """Open ``model_dir`` (its meta skeleton) and, in the background, place the base model's tensors on the device and
+    load layer 0: a worker starts this while the flow tokenizes, so its shard's first layer waits for neither (at 70B
+    the embedding alone is 2.1 GB of bf16)."""
+    ckpt, dev, name = Checkpoint(model_dir), _device(device), _dtype_name(dtype)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-start")  # one after the other, in order
+    base = pool.submit(ckpt.base, dev, DTYPES[name])
+    layer0 = pool.submit(ckpt.load_layer, 0, dev, DTYPES[name])
+    pool.shutdown(wait=False)
+    return WarmStart(ckpt, dev, name, base, layer0)
+
+
 def _same_codec(a: LayerCodec, b: LayerCodec) -> bool:
     """Whether two codecs store alike: the same bundle entry and tensors (:func:`aquakv.bundle.encode_layer`)."""
     encoded = []
@@ -72,10 +95,14 @@ class ResidentShard:
     """
 
     def __init__(self, model_dir: str | Path, tokens_path: str | Path, start: int, stop: int, device: str = "auto",
-                 dtype: str = "float32", activations_path: str | Path | None = None, micro_batch: int = 1) -> None:
-        self.checkpoint = Checkpoint(model_dir)
-        self.start, self.stop = start, stop
+                 dtype: str = "float32", activations_path: str | Path | None = None, micro_batch: int = 1,
+                 warm: WarmStart | None = None) -> None:
         self.device = _device(device)
+        if warm is not None and (warm.checkpoint.path.resolve() != Path(model_dir).resolve()
+                                 or (warm.device, warm.dtype) != (self.device, _dtype_name(dtype))):
+            warm = None  # opened for another model or placement: not used
+        self.checkpoint = warm.checkpoint if warm is not None else Checkpoint(model_dir)
+        self.start, self.stop = start, stop
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # the CUDA context starts here, not inside the first layer
         self.dtype = _dtype_name(dtype)
@@ -95,6 +122,9 @@ class ResidentShard:
         self.recon: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its K̂, V̂ (the latest of each chain)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-prefetch")
         self._pending: dict[int, Future] = {}
+        if warm is not None:
+            warm.base.result()  # placed before this shard's embed places it (both would write the skeleton)
+            self._pending[0] = warm.layer0
         self.group = None
         if activations_path is not None:
             self.group = zarr.open_group(str(activations_path), mode="r+")

@@ -371,3 +371,18 @@ def test_a_shard_worker_refuses_calls_before_its_shard_is_opened() -> None:
 
     with pytest.raises(AquaKVError, match=r"timings\(\) before open\(\)"):
         ShardWorker().call("timings")
+
+
+def test_a_warm_started_shard_fits_what_a_cold_one_does(assets: dict, staged: dict, tmp_path: Path) -> None:
+    """A worker opens the checkpoint and loads layer 0 before its shard exists (pipeline.resident.warm_start): the
+    shard uses them and fits the same codecs; a warm start for another placement is not used."""
+    from pipeline.resident import warm_start
+
+    warm = warm_start(assets["model"], "cpu", "float32")
+    shard = ResidentShard(assets["model"], assets["tokens"], 0, SAMPLES, device="cpu", warm=warm)
+    assert shard.checkpoint is warm.checkpoint and shard._pending[0] is warm.layer0
+    _assert_same(staged[1], fit_chain(shards_call([shard]), _cfg(assets), tmp_path, LAYERS, progress=False),
+                 exact=True)
+    other = ResidentShard(assets["model"], assets["tokens"], 0, SAMPLES, device="cpu", dtype="bfloat16",
+                          warm=warm_start(assets["model"], "cpu", "float32"))
+    assert other.checkpoint is not warm.checkpoint and not other._pending
