@@ -664,15 +664,18 @@ def main() -> None:
         result[stored[0]] = []
         for batch in args.layer_batches:
             for name, fn in sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids, once=True):
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize()
-                compiled = [k for cache in _decode_attention_kernel.device_caches.values() for k in cache[0].values()]
-                rec = {"batch": batch, "grids": args.sweep_grids, "kernel": name,  # the newest compilation is fn's
-                       "registers": getattr(compiled[-1], "n_regs", None),
-                       "spills": getattr(compiled[-1], "n_spills", None)}
-                if stored[0] == "stored":
-                    rec["gpu_ms"] = gpu_ms(fn, 10)
+                rec = {"batch": batch, "grids": args.sweep_grids, "kernel": name}
+                try:
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                    compiled = [k for c in _decode_attention_kernel.device_caches.values() for k in c[0].values()]
+                    rec |= {"registers": getattr(compiled[-1], "n_regs", None),  # the newest compilation is fn's
+                            "spills": getattr(compiled[-1], "n_spills", None)}
+                    if stored[0] == "stored":
+                        rec["gpu_ms"] = gpu_ms(fn, 10)
+                except Exception as e:  # noqa: BLE001  (a launch that does not fit is recorded, as in the sweep)
+                    rec["error"] = f"{type(e).__name__}: {e}"[:300]
                 result[stored[0]].append(rec)
                 log(stored[0], json.dumps(rec))
             save()
