@@ -37,8 +37,8 @@ class _Captured(Exception):
 
 def capture(grids: str, out: Path) -> None:
     """In a process with ``TRITON_INTERPRET=1``: run each variant's launch (:func:`benchmarks.decode.sweep`'s
-    ``once``) up to the kernel call and write the kernel's signature, constexprs and specializations per variant to
-    ``out`` (JSON)."""
+    ``once``) up to the kernel call and write, per variant, what the kernel was called with to ``out`` (JSON):
+    each tensor's dtype and 16-byte alignment, each int's value, the constexprs and the launch options."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -49,33 +49,21 @@ def capture(grids: str, out: Path) -> None:
 
     bench.DEV = "cpu"
     host.INTERPRET = decode.INTERPRET = False  # the CUDA path's operand dtypes (the kernel itself never runs here)
-    kernel = decode._decode_attention_kernel
-    code = kernel.fn.__code__
+    code = decode._decode_attention_kernel.fn.__code__
     names = code.co_varnames[:code.co_argcount]
-    free = set(kernel.do_not_specialize) if hasattr(kernel, "do_not_specialize") else {"pos_sb", "C", "NT"}
 
     class Launcher:
         def __getitem__(self, grid: tuple) -> object:
             def launch(*args: object, **kwargs: object) -> None:
-                signature, constexprs, divisible = {}, {}, []
+                values: dict[str, object] = {}
                 for name, a in zip(names, args, strict=False):
                     if isinstance(a, torch.Tensor):
-                        signature[name] = "*" + DTYPES[str(a.dtype).removeprefix("torch.")]
-                        if a.data_ptr() % 16 == 0:
-                            divisible.append(name)
-                    elif isinstance(a, float):
-                        signature[name] = "fp32"
-                    elif isinstance(a, int) and a == 1 and name not in free:
-                        signature[name], constexprs[name] = "constexpr", 1  # Triton specializes a 1
+                        values[name] = {"dtype": DTYPES[str(a.dtype).removeprefix("torch.")],
+                                        "aligned": a.data_ptr() % 16 == 0}
                     else:
-                        signature[name] = "i32"
-                        if a % 16 == 0 and name not in free:
-                            divisible.append(name)
+                        values[name] = a
                 options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS}
-                for name, v in kwargs.items():
-                    signature[name], constexprs[name] = "constexpr", v
-                launches.append({"signature": signature, "constexprs": constexprs, "divisible": divisible,
-                                 "options": options, "grid": list(grid)})
+                launches.append({"args": values, "constexprs": kwargs, "options": options, "grid": list(grid)})
                 raise _Captured
 
             return launch
@@ -93,6 +81,30 @@ def capture(grids: str, out: Path) -> None:
     out.write_text(json.dumps(captured, default=int))
 
 
+def specialize(kernel: object, launch: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` of a captured launch, specialized as Triton does on a GPU, by the kernel's
+    own parameters (``do_not_specialize``): an int equal to 1 becomes a constant, pointers aligned to and ints
+    divisible by 16 get ``tt.divisibility`` 16."""
+    params = {p.name: p for p in kernel.params}
+    signature, constexprs, divisible = {}, dict(launch["constexprs"]), []
+    for name, a in launch["args"].items():
+        if isinstance(a, dict):
+            signature[name] = "*" + a["dtype"]
+            if a["aligned"] and not params[name].do_not_specialize_on_alignment:
+                divisible.append(name)
+        elif isinstance(a, float):
+            signature[name] = "fp32"
+        elif a == 1 and not params[name].do_not_specialize:
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if a % 16 == 0 and not params[name].do_not_specialize:
+                divisible.append(name)
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    return signature, constexprs, attrs
+
+
 def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | None = None,
                    warps: int | None = None) -> dict:
     """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` instead of the captured ones)
@@ -104,10 +116,9 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
     sys.path.insert(0, str(ROOT))
     from aquakv.kernels.jit import _decode_attention_kernel as kernel
 
-    index = {name: (kernel.arg_names.index(name),) for name in launch["signature"]}
-    attrs = {index[name]: [["tt.divisibility", 16]] for name in launch["divisible"]}
-    constexprs = launch["constexprs"] | ({"BT": tokens} if tokens else {})
-    src = ASTSource(kernel, launch["signature"], {index[k]: v for k, v in constexprs.items()}, attrs)
+    signature, constexprs, attrs = specialize(kernel, launch)
+    constexprs |= {"BT": tokens} if tokens else {}
+    src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
     options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {}) | ({"num_warps": warps} if warps
                                                                                        else {})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
