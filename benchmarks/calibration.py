@@ -134,15 +134,17 @@ def bundle_tensors(uri: str) -> dict[str, bytes]:
 
 
 def project(rec: dict, args: argparse.Namespace) -> float:
-    """Minutes for 80 layers x 2M tokens. Resident collect+fit: the steady per-layer time (the median of layers
-    1..L-1, from the stage's own breakdown) scales with layers x tokens; the rest of the stage (worker start-up,
-    layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: each of its two
-    passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the run's), the
-    rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once; when the held-out
-    passes ran along the resident chain, their steady layer is inside collect+fit's and scales with layers only.
-    Staged stages scale whole. Start-up, data and publish as measured (the data stage runs while Ray starts: the two
-    stages' seconds overlap, and start-up, the whole flow less every stage, is short by that overlap, so the sum is the
-    wall time)."""
+    """Minutes for 80 layers x 2M tokens. Resident collect+fit: the steady per-layer time (the median of layers 1..L-1,
+    from the stage's own breakdown) scales with layers x tokens, except the driver's solve in it (its median; the
+    mean of a record without it), which depends on D and scales with layers only; the rest of the stage (worker
+    start-up, layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: each
+    of its two passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the
+    run's), the rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once;
+    when the held-out passes ran along the resident chain, their steady layer is inside collect+fit's and scales
+    with layers only. Staged stages scale whole. Start-up, data and publish as measured (the data stage runs while
+    Ray starts: the two stages' seconds overlap, and start-up, the whole flow less every stage, is short by that
+    overlap, so the sum is the wall time).
+    """
     s, detail = rec["seconds"], rec.get("stage_seconds", {})
     tokens = args.samples * args.seq_len
     scale = (TARGET_LAYERS / args.layers) * (TARGET_TOKENS / tokens)
@@ -152,8 +154,10 @@ def project(rec: dict, args: argparse.Namespace) -> float:
     if "median_layer" in cf:
         steady = cf["median_layer"]
         once = s["collect_fit"] - steady * args.layers  # worker start, layer 0's and the first solve's extra
-        calib = steady - heldout if along else steady  # scales with tokens; the held-out size stays the run's
-        work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + (heldout * TARGET_LAYERS if along else 0.0)
+        solve = cf.get("median_solve", cf.get("solve", 0.0) / args.layers)  # the driver's: D, not tokens
+        calib = steady - solve - (heldout if along else 0.0)  # scales with tokens; the held-out size stays the run's
+        work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + (solve + (heldout if along else 0.0)) * \
+            TARGET_LAYERS
     else:
         work = sum(s.get(k, 0.0) for k in ("collect", "fit", "collect_fit")) * scale
     passes = v.get("exact", 0.0) + v.get("aquakv", 0.0) if v else s["validate"]

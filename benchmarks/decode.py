@@ -310,7 +310,8 @@ def timed_launch(section: str, fn, rec: dict, reference: torch.Tensor | None = N
     return rec
 
 
-STORED_LAUNCHES = [(128, 4, 1), (128, 8, 1), (128, 4, 2), (64, 4, 1), (64, 4, 2), (64, 2, 1), (256, 8, 1)]
+STORED_LAUNCHES = [(128, 4, 1), (128, 8, 1), (128, 4, 2), (64, 4, 1), (64, 4, 2), (64, 2, 1), (256, 8, 1),
+                   (128, 4, 1, 168), (128, 4, 1, 128), (64, 4, 1, 168)]  # (..., register cap per thread)
 FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (32, 4, 3), (32, 4, 2),
                         (32, 4, 1), (128, 8, 1)]
 

@@ -193,7 +193,8 @@ def fit_chain(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Pa
     layer loop, without the first ``shape`` call that waits for the workers to start), ``first_layer`` (the first
     layer run, layer 0 unless resumed: its weights are not prefetched and the workers' kernels compile there) and
     ``median_layer`` (the median of the layers after it: the steady cost of a layer; the next one also pays the
-    driver's first solve). ``label`` names the progress bar.
+    driver's first solve), ``median_solve`` (the same median of the driver's solve alone: it depends on the model's
+    dimensions, not on the token count). ``label`` names the progress bar.
     """
     workdir = Path(workdir)
     fits = load_fits(workdir, cfg, num_layers)
@@ -215,13 +216,14 @@ def fit_chain(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Pa
     preds = predecessors(shapes[0]["windows"])
     bar = tqdm(range(first, num_layers), desc=label, disable=not progress, initial=first, total=num_layers)
     start, shards_call = time.perf_counter(), timed_calls(shards_call, seconds)
-    ends = [start]
+    ends, solves = [start], []
     for layer in bar:
         shards_call("forward", layer)
         if given is None:
             t0, before = time.perf_counter(), sum(seconds.values())
             codec = _solve(shards_call, cfg, layer, preds[layer], len(shapes), budget)
-            seconds["solve"] = seconds.get("solve", 0.0) + time.perf_counter() - t0 - (sum(seconds.values()) - before)
+            solves.append(time.perf_counter() - t0 - (sum(seconds.values()) - before))
+            seconds["solve"] = seconds.get("solve", 0.0) + solves[-1]
         else:
             codec = given[layer]
         sums: dict[str, float] = {}
@@ -243,4 +245,6 @@ def fit_chain(shards_call: ShardsCall, cfg: CalibrationConfig, workdir: str | Pa
     seconds["first_layer"] = ends[1] - start
     if per_layer:
         seconds["median_layer"] = per_layer[len(per_layer) // 2]
+    if len(solves) > 1:
+        seconds["median_solve"] = sorted(solves[1:])[(len(solves) - 1) // 2]
     return fits

@@ -146,7 +146,7 @@ def decode_attention(
     query: torch.Tensor, keys_q, values_q, length: int, codec, prev: torch.Tensor, cur: torch.Tensor,
     positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, key_mask: torch.Tensor | None,
     scaling: float, settings: KernelSettings, projected: bool = False, next_codec=None,
-    launch: tuple[int, int, int] | None = None, stored: torch.Tensor | None = None,
+    launch: tuple[int, ...] | None = None, stored: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention partials of ``query [B, Hq, Q, hd]`` over ``length`` compressed tokens.
 
@@ -160,7 +160,8 @@ def decode_attention(
     ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
     ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
     ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
-    default (benchmark sweeps; no fallback when it does not fit).
+    default, optionally with a fourth element, a register cap per thread (benchmark sweeps; no fallback when it does
+    not fit).
     """
     b, hq, qlen, hd = query.shape
     d = keys_q.channels
@@ -198,8 +199,8 @@ def decode_attention(
     ks, vs = keys_q.scales.contiguous(), values_q.scales.contiguous()
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
 
-    def run(config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        bt, warps, stages = config
+    def run(config: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        bt, warps, stages, *cap = config
         nt = math.ceil(length / bt)
         o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
         lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
@@ -223,6 +224,7 @@ def decode_attention(
             GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
             GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
             HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
+            **({"maxnreg": cap[0]} if cap else {}),
         )
         return o, lse
 
