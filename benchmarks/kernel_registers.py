@@ -8,7 +8,7 @@ the captured values). Register spills are what round 18 of ``docs/benchmarks/dec
 losing its time to (255 registers, 5.0 M local-memory requests on an H100), so a change to the kernel's register use
 can be checked in seconds before it goes to a GPU:
 
-    python benchmarks/kernel_registers.py --grids d2 d4 [--kernels stored]
+    python benchmarks/kernel_registers.py --grids d2 d4 [--kernels stored] [--instructions]
 
 On the kernel an H100 ran in round 18, the spilled stack it reports (160 / 240 bytes for d=2 / d=4) is exactly the
 ``n_spills`` Triton reported there (40 / 60 4-byte words). Only a GPU run times the kernel.
@@ -105,10 +105,22 @@ def specialize(kernel: object, launch: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+# SASS opcodes counted by ``--instructions``: barriers, shared-memory traffic (layout conversions go through it),
+# tensor-core products (wgmma / mma.sync), special functions (RoPE's sine, cosine), global and local (spill) memory
+OPCODES = ("BAR", "STS", "LDS", "STSM", "LDSM", "HGMMA", "HMMA", "MUFU", "LDG", "STG", "LDL", "STL")
+
+
+def opcode_counts(sass: str) -> dict[str, int]:
+    """How often each of :data:`OPCODES` appears in ``cuobjdump -sass`` text (static counts: a loop body once)."""
+    ops = [m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)",
+                                                            sass)]
+    return {"instructions": len(ops), **{op: ops.count(op) for op in OPCODES}}
+
+
 def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | None = None,
-                   warps: int | None = None) -> dict:
+                   warps: int | None = None, instructions: bool = False) -> dict:
     """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` instead of the captured ones)
-    and read ptxas's register and spill report."""
+    and read ptxas's register and spill report (and, with ``instructions``, the SASS opcode counts)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
@@ -122,16 +134,18 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
     options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {}) | ({"num_warps": warps} if warps
                                                                                        else {})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "k.ptx").write_text(compiled.asm["ptx"])
-        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+        report = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{arch}a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                                 capture_output=True, text=True, check=True)
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f"{d}/k.cubin"], capture_output=True, text=True,
+                              check=True).stdout if instructions else ""
     text = report.stdout + report.stderr
     numbers = {key: int(m.group(1)) if (m := re.search(pattern, text)) else 0 for key, pattern in (
         ("registers", r"Used (\d+) registers"), ("stack_bytes", r"(\d+) bytes stack frame"),
         ("spill_store_bytes", r"(\d+) bytes spill stores"), ("spill_load_bytes", r"(\d+) bytes spill loads"))}
-    return {**numbers, "tokens_per_program": constexprs["BT"], **options}
+    return {**numbers, "tokens_per_program": constexprs["BT"], **options, **(opcode_counts(sass) if sass else {})}
 
 
 def main() -> None:
@@ -141,6 +155,8 @@ def main() -> None:
     p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
     p.add_argument("--tokens", type=int, default=None, help="compressed tokens per program instead of the captured")
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the captured")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count SASS opcodes (cuobjdump): barriers, shared-memory traffic, MMAs, MUFU, loads")
     p.add_argument("--kernels", nargs="+", default=None,
                    help="variants to compile (default: all of benchmarks/decode.py's sweep: 'stored', 'chained, "
                         "projected hand-on', ...)")
@@ -159,7 +175,8 @@ def main() -> None:
             if args.kernels and name not in args.kernels:
                 continue
             print(json.dumps({"grids": grids, "kernel": name, "arch": args.arch,
-                              **compile_counts(launch, args.arch, args.maxnreg, args.tokens, args.warps)}), flush=True)
+                              **compile_counts(launch, args.arch, args.maxnreg, args.tokens, args.warps,
+                                               args.instructions)}), flush=True)
 
 
 if __name__ == "__main__":

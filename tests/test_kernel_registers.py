@@ -21,3 +21,13 @@ def test_the_decode_kernels_do_not_spill_registers_on_sm90(grids):
     assert {c["kernel"] for c in counts} >= {"stored", "chained, projected hand-on"}
     for c in counts:
         assert c["registers"] <= 255 and c["stack_bytes"] == 0 and c["spill_store_bytes"] == 0, c
+
+
+def test_the_stored_kernel_runs_its_products_on_wgmma_without_local_memory():
+    args = ["--grids", "d2", "--kernels", "stored", "--instructions"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), *args],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    (c,) = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    # the [128, 64] x [64, 64] un-rotations and predictions are Hopper wgmma; no spill traffic to local memory
+    assert c["HGMMA"] > 0 and c["LDL"] == 0 and c["STL"] == 0, c
+    assert c["instructions"] > sum(c[op] for op in ("BAR", "STS", "LDS", "HGMMA", "HMMA", "MUFU", "LDG")), c
