@@ -135,8 +135,9 @@ def bundle_tensors(uri: str) -> dict[str, bytes]:
 
 def project(rec: dict, args: argparse.Namespace) -> float:
     """Minutes for 80 layers x 2M tokens. Resident collect+fit: the steady per-layer time (the median of layers 1..L-1,
-    from the stage's own breakdown) scales with layers x tokens, except the driver's solve in it (its median; the
-    mean of a record without it), which depends on D and scales with layers only; the rest of the stage (worker
+    from the stage's own breakdown) scales with layers x tokens, except the driver's solve in it (its median,
+    ``median_solve``), which depends on D and scales with layers only (a record without it scales the solve with the
+    tokens too: an upper bound); the rest of the stage (worker
     start-up, layer 0 without prefetch, kernel compilation, the driver's first solve) is paid once. Validation: each
     of its two passes' steady layer (the median of layers 1..L-1) scales with layers (the held-out size stays the
     run's), the rest of the pass (its first layer's start-up, probes, kernel loads) and the workers' start once;
@@ -154,7 +155,7 @@ def project(rec: dict, args: argparse.Namespace) -> float:
     if "median_layer" in cf:
         steady = cf["median_layer"]
         once = s["collect_fit"] - steady * args.layers  # worker start, layer 0's and the first solve's extra
-        solve = cf.get("median_solve", cf.get("solve", 0.0) / args.layers)  # the driver's: D, not tokens
+        solve = cf.get("median_solve", 0.0)  # the driver's: D, not tokens (a record without it: scaled as tokens)
         calib = steady - solve - (heldout if along else 0.0)  # scales with tokens; the held-out size stays the run's
         work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + (solve + (heldout if along else 0.0)) * \
             TARGET_LAYERS
@@ -191,8 +192,14 @@ def main(argv: list[str] | None = None) -> None:
                         "runs are), instead of each flow starting Prefect's temporary server (~14 s on an H100 host)")
     p.add_argument("--workdir", default="/tmp/aquakv-flow")
     p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--reproject", metavar="JSON", help="no run: each recorded flow pair in this file (a result of "
+                   "this script, or docs/benchmarks/calibration.json's keys) projected again with project() as it is "
+                   "now, and with the mean solve per layer where its median was not recorded (an estimate)")
     args = p.parse_args(argv)
     args.api = None
+    if args.reproject:
+        reproject(Path(args.reproject))
+        return
     if "write" in args.sections:
         write(args)
     if "run" not in args.sections:
@@ -217,6 +224,34 @@ def run_all(args: argparse.Namespace, argv: list[str] | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"calibration-flow-{args.mode}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+
+
+def reproject(path: Path) -> None:
+    """Print, for every record of ``path`` with two resident runs and its settings (the top level and each key), the
+    projections on 1 and 2 GPUs and their ratio as :func:`project` computes them now, and with the solve estimated
+    by :func:`_with_mean_solve`."""
+    data = json.loads(path.read_text())
+    for key, rec in [("(top level)", data), *data.items()]:
+        runs, settings = (rec.get("runs"), rec.get("settings")) if isinstance(rec, dict) else (None, None)
+        if not runs or len(runs) < 2 or not settings or not all("median_layer" in r.get("stage_seconds", {}).get(
+                "collect_fit", {}) for r in runs[:2]):
+            continue
+        args = argparse.Namespace(**{k: settings[k] for k in ("layers", "samples", "seq_len")})
+        out = {"key": key}
+        for name, records in (("now", runs[:2]), ("mean_solve", [_with_mean_solve(r, args.layers) for r in runs[:2]])):
+            one, two = (project(r, args) for r in records)
+            out[name] = [round(one, 2), round(two, 2), round(one / two, 3)]
+        print(json.dumps(out))
+
+
+def _with_mean_solve(rec: dict, layers: int) -> dict:
+    """``rec`` with ``median_solve`` estimated as the mean solve per layer where it was not recorded (the mean includes
+    the first layer's solve, so it can only overstate the part that does not scale with tokens)."""
+    cf = rec["stage_seconds"]["collect_fit"]
+    if "median_solve" in cf:
+        return rec
+    cf = cf | {"median_solve": cf.get("solve", 0.0) / layers}
+    return rec | {"stage_seconds": rec["stage_seconds"] | {"collect_fit": cf}}
 
 
 def summarize(args: argparse.Namespace, runs: list[dict], argv: list[str] | None) -> dict:
