@@ -197,8 +197,9 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
 
 
 def _random_block(gen: torch.Generator, batch: int, tokens: int, d: int, cfg: QuantizerConfig) -> Quantized:
-    groups = d // 64
-    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * 64 // cfg.dim, cfg.index_bits)), generator=gen,
+    groups = -(-d // cfg.group_size)  # the last group zero-padded
+    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * cfg.group_size // cfg.dim, cfg.index_bits)),
+                          generator=gen,
                           dtype=torch.uint8)
     scales = (torch.rand(batch, tokens, groups, generator=gen) * 16 + 4).to(cfg.torch_scale_dtype)
     return Quantized(codes.to(DEV), scales.to(DEV), d)
@@ -321,6 +322,16 @@ def test_d4_grids_on_the_fused_decode_path(rank):
     for i, codec in enumerate(cache.shared.codecs[1:], 1):
         codec.keys, codec.values = fitted_residual(codec.keys, 2 * i), fitted_residual(codec.values, 2 * i + 1)
     check_fused_layers(cache, 2, 128, 1, 150)
+
+
+@pytest.mark.parametrize("rank", [None, 24])
+def test_groups_wider_than_a_head_on_the_fused_decode_path(rank):
+    """Hadamard groups of 128 channels over 64-channel heads: head ``h``'s halves sit at offsets 0/32 or 64/96 of
+    their group by the parity of ``h``, so the un-rotation slices differ from head to head (the kernel reads them
+    once per program only where the group size divides the head)."""
+    grids = (QuantizerConfig(dim=2, size=16, group_size=128),) * 2
+    cache = synthetic_cache(2, 3, 64, 3, 150, 5, torch.bfloat16, rank=rank, grids=grids)
+    check_fused_layers(cache, 3, 64, 1, 150)
 
 
 def test_fp8_scales_on_the_kernels():
