@@ -10,9 +10,9 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from aquakv.errors import ConfigError
 
@@ -97,6 +97,19 @@ class CacheConfig(_Frozen):
     compress: bool = True
 
 
+class PredictorRanks(_Frozen):
+    """Separate fixed ranks for the key and value predictors: at decode, keys are reconstructed token by token
+    before RoPE (their rank costs per token), values are attended to in the latent space (theirs costs per tile)."""
+
+    keys: int = Field(ge=1)
+    values: int = Field(ge=1)
+
+
+# one int, or a mapping per kind: chosen by the input's shape, so a bad value gets only its own shape's error
+Rank = Annotated[Annotated[int, Field(ge=1), Tag("int")] | Annotated[PredictorRanks, Tag("per kind")],
+                 Discriminator(lambda v: "per kind" if isinstance(v, dict | PredictorRanks) else "int")]
+
+
 class CalibrationConfig(_Frozen):
     """Everything a calibration run depends on. ``collect_digest`` names the activations, ``digest`` the bundle."""
 
@@ -118,7 +131,8 @@ class CalibrationConfig(_Frozen):
     values: QuantizerConfig = QuantizerConfig()
     first_layer: QuantizerConfig = QuantizerConfig(dim=2, size=256)
     damping: float = Field(1e-3, gt=0)
-    predictor_rank: int | None = Field(None, ge=1)  # fixed rank of every predictor (None: full rank)
+    # fixed rank of every predictor, or {keys: r_K, values: r_V} (None: full rank)
+    predictor_rank: Rank | None = None
     # or: per layer, the smallest rank (a multiple of 16) within this relative residual-MSE budget of full rank
     predictor_rank_budget: float | None = Field(None, ge=0, le=10)
     fit_mode: Literal["chain", "parallel"] = "chain"
@@ -167,6 +181,12 @@ class CalibrationConfig(_Frozen):
             raise ValueError(f"exclude_sinks leaves no token of a {self.seq_len}-token sample "
                              f"(cache.sinks = {self.cache.sinks})")
         return self
+
+    def rank_of(self, kind: Literal["keys", "values"]) -> int | None:
+        """The fixed rank of ``kind``'s predictors (None: full rank or a rank budget)."""
+        if isinstance(self.predictor_rank, PredictorRanks):
+            return getattr(self.predictor_rank, kind)
+        return self.predictor_rank
 
     @property
     def heldout_window(self) -> int:

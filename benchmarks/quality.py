@@ -56,6 +56,9 @@ CONFIGS: dict[str, dict] = {
     # decode-priced predictors (issue: predictors priced for decode): SmolLM2's D = 192, so ranks 12/24/48 are
     # r/D = 1/16, 1/8, 1/4 as ranks 64/128/256 would be for an 8B model's D = 1024; "rb" picks a rank per layer
     **{f"aquakv-2bit-r{r}": {"keys": Q2, "values": Q2, "predictor_rank": r} for r in (48, 24, 12)},
+    # which kind needs the rank: decode pays the key rank per token, the value rank per tile (stored projections)
+    **{f"aquakv-2bit-k{k}v{v}": {"keys": Q2, "values": Q2, "predictor_rank": {"keys": k, "values": v}}
+       for k, v in ((12, 48), (48, 12), (24, 48))},
     **{f"aquakv-2bit-rb{b:g}": {"keys": Q2, "values": Q2, "predictor_rank_budget": b} for b in (0.02, 0.1)},
     # issue 14's levers, each with its own row: per-layer fitted grids, sinks out of the statistics, a bit budget
     "aquakv-2bit-fitted": {"keys": Q2, "values": Q2, "grids": "fitted"},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -85,15 +86,15 @@ def residual_quantizers(cfg: CalibrationConfig, layer: int, chain_start: bool,
             gaussian_residual(value_cfg, sign_seed(layer, "values")))
 
 
-def solve_predictor(stats: RidgeStats, cfg: CalibrationConfig) -> Predictor:
-    """The ridge solve with the run's damping and rank policy (fixed rank, rank budget or full rank), on this
+def solve_predictor(stats: RidgeStats, cfg: CalibrationConfig, kind: Literal["keys", "values"]) -> Predictor:
+    """``kind``'s ridge solve with the run's damping and rank policy (fixed rank, rank budget or full rank), on this
     process's GPU when it has one: the float64 solve of a ``[2D+1]²`` system took ~0.3 s per layer on a 16-core CPU
     at D = 1024 (and ~4 s to load LAPACK on first use; H100 machine, 2026-11-26), milliseconds on the GPU. A flow
     driver without a GPU (a cluster's head node) solves on its CPU; the two differ in float64 ulps. Returns CPU
     tensors."""
     if torch.cuda.is_available():
         stats = RidgeStats(stats.xtx.cuda(), stats.xty.cuda(), stats.yty, stats.count)
-    p = fit_ridge(stats, cfg.damping, cfg.predictor_rank, cfg.predictor_rank_budget)
+    p = fit_ridge(stats, cfg.damping, cfg.rank_of(kind), cfg.predictor_rank_budget)
     return Predictor(p.weight.cpu(), p.bias.cpu(), p.rank)
 
 
@@ -113,12 +114,13 @@ def solve_layer(cfg: CalibrationConfig, layer: int, prev: int | None, key_stats:
     keys_q, values_q = residual_quantizers(cfg, layer, prev is None, allocation)
     key_predictor = value_predictor = None
     if prev is not None:
-        key_predictor = solve_predictor(key_stats(), cfg)
+        key_predictor = solve_predictor(key_stats(), cfg, "keys")
     if cfg.grids == "fitted":
         vectors = max(GRID_VECTORS, 512 * keys_q.config.size)
         keys_q = _fitted(keys_q, grid_samples(LayerCodec(keys_q, values_q, key_predictor, None), "keys", vectors))
     if prev is not None:
-        value_predictor = solve_predictor(value_stats(LayerCodec(keys_q, values_q, key_predictor, None)), cfg)
+        value_predictor = solve_predictor(value_stats(LayerCodec(keys_q, values_q, key_predictor, None)), cfg,
+                                          "values")
     if cfg.grids == "fitted":
         vectors = max(GRID_VECTORS, 512 * values_q.config.size)
         partial = LayerCodec(keys_q, values_q, key_predictor, value_predictor)
@@ -152,8 +154,8 @@ def _quantization_noise(energy: torch.Tensor, config: QuantizerConfig, distortio
     return (distortion * padded.mean(1, keepdim=True)).expand_as(padded).reshape(-1)[:d]
 
 
-def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg: CalibrationConfig
-                 ) -> tuple[Predictor, torch.Tensor]:
+def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg: CalibrationConfig,
+                 kind: Literal["keys", "values"]) -> tuple[Predictor, torch.Tensor]:
     """Ridge solve with the inputs' expected noise ``noise [D_in]`` (per-channel variance) added to XᵀX's diagonal.
 
     Returns the predictor and the expected per-channel residual energy ``[D_out]`` per token on noisy inputs.
@@ -161,7 +163,7 @@ def _noisy_solve(stats: RidgeStats, noise: torch.Tensor, y_sq: torch.Tensor, cfg
     n = stats.count
     extra = torch.cat([noise.double() * n, torch.zeros(1, dtype=torch.float64)])
     noisy = RidgeStats(stats.xtx + torch.diag(extra), stats.xty, stats.yty, n)
-    predictor = solve_predictor(noisy, cfg)
+    predictor = solve_predictor(noisy, cfg, kind)
     w = torch.cat([predictor.weight, predictor.bias[None]], 0).double()
     energy = (y_sq - 2 * (w * noisy.xty).sum(0) + (w * (noisy.xtx @ w)).sum(0)) / n
     return predictor, energy.clamp_min(0.0)
@@ -195,10 +197,10 @@ def solve_parallel(stats: Iterable[ExactStats], cfg: CalibrationConfig,
             key_energy, value_energy = s.keys_sq / s.count, s.values_sq / s.count
             noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
         else:
-            key_predictor, key_energy = _noisy_solve(s.keys, noise[prev][0], s.keys_sq, cfg)
+            key_predictor, key_energy = _noisy_solve(s.keys, noise[prev][0], s.keys_sq, cfg, "keys")
             noise_keys = _quantization_noise(key_energy, keys_q.config, distortions[keys_q.config])
             value_noise = LayerCodec.value_inputs(noise_keys, noise[prev][1])
-            value_predictor, value_energy = _noisy_solve(s.values, value_noise, s.values_sq, cfg)
+            value_predictor, value_energy = _noisy_solve(s.values, value_noise, s.values_sq, cfg, "values")
         noise.append((noise_keys, _quantization_noise(value_energy, values_q.config, distortions[values_q.config])))
         codecs.append(LayerCodec(keys_q, values_q, key_predictor, value_predictor))
     return codecs
@@ -216,7 +218,7 @@ def allocate_bits(stats: Iterable[ExactStats], preds: list[int | None], cfg: Cal
         if preds[layer] is None:
             continue
         for kind, xy, y_sq in (("keys", s.keys, s.keys_sq), ("values", s.values, s.values_sq)):
-            _, energy = _noisy_solve(xy, torch.zeros(xy.xtx.shape[0] - 1, dtype=torch.float64), y_sq, cfg)
+            _, energy = _noisy_solve(xy, torch.zeros(xy.xtx.shape[0] - 1, dtype=torch.float64), y_sq, cfg, kind)
             items.append(budget.Item(layer, kind, float(energy.sum()) * sensitivity[kind][layer]))
     choices = {"keys": budget.options(cfg.keys), "values": budget.options(cfg.values)}
     distortion = {q: expected_distortion(gaussian_grid(q.dim, q.size)) for qs in choices.values() for q in qs}

@@ -48,6 +48,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (root / "mla" / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "kv_lora_rank": 512}))
     (root / "bad.yaml").write_text(f"model: {model}\ndata: data.txt\nseq_len: 4\nbogus_field: 1\n")
     (root / "broken.yaml").write_text("model: [unclosed\n")
+    (root / "rank.yaml").write_text(f"model: {model}\ndata: data.txt\npredictor_rank: {{keys: 16}}\n")
     (root / "readonly").mkdir()
     (root / "readonly" / "registry").write_text("a file where the registry directory should be")
     return {"root": root, "model": model, "broken": broken, "nan": nan}
@@ -63,6 +64,8 @@ def flags(inputs: dict[str, Path], **kw: str) -> list[str]:
 CASES = {
     "invalid config": (["calibrate", "--config", "bad.yaml"],
                        "ConfigError: invalid config (bad.yaml): seq_len: Input should be greater than or equal to 8"),
+    "half a rank": (["calibrate", "--config", "rank.yaml"],
+                    "ConfigError: invalid config (rank.yaml): predictor_rank.per kind.values: Field required"),
     "unparsable yaml": (["calibrate", "--config", "broken.yaml"], "ConfigError: config broken.yaml is not valid YAML"),
     "missing data": ({"--data": "missing.txt"}, "CalibrationError: data file missing.txt does not exist"),
     "empty data": ({"--data": "empty.txt"}, "CalibrationError: data file empty.txt is empty"),

@@ -172,6 +172,22 @@ def test_chain_vs_parallel(tmp_path: Path) -> None:
     print("\nkeys/values relative MSE\n" + "\n".join(report))
 
 
+@pytest.mark.parametrize("mode", ["chain", "parallel"])
+def test_keys_and_values_get_their_own_ranks(tmp_path: Path, mode: str) -> None:
+    """``predictor_rank: {keys, values}`` fits each kind at its own rank; one int gives both the same."""
+    act = tmp_path / "act.zarr"
+    write_store(act, layers=3, noise=0.1)
+    split = fit.fit_all(act, tmp_path / "split", _cfg(fit_mode=mode, predictor_rank={"keys": 4, "values": 12}),
+                        progress=False, num_shards=2)
+    for f in split[1:]:
+        assert (f.codec.key_predictor.rank, f.codec.value_predictor.rank) == (4, 12)
+        assert torch.linalg.matrix_rank(f.codec.key_predictor.weight, rtol=1e-4) == 4
+        assert torch.linalg.matrix_rank(f.codec.value_predictor.weight, rtol=1e-4) == 12
+        assert f.metrics["keys_predictor_rank"] == 4 and f.metrics["values_predictor_rank"] == 12
+    same = _cfg(fit_mode=mode, predictor_rank=8)
+    assert (same.rank_of("keys"), same.rank_of("values")) == (8, 8)
+
+
 def test_parallel_noise_model_matches_chain(tmp_path: Path) -> None:
     """Layer 1's parallel key predictor (exact inputs + modelled noise) is close to the chain's on held-out
     reconstructions, and better than a plain fit on exact inputs."""
