@@ -317,13 +317,16 @@ def _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM: tl.constexp
 
 
 @triton.jit
-def _deq_fast(codes_ptr, scales_ptr, table_ptr, h, rows, rmask, row_len, G, c0,
+def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, h, rows, rmask, row_len, G, c0,
               BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-              WORDS: tl.constexpr, INTERP: tl.constexpr):
+              WORDS: tl.constexpr, HELD: tl.constexpr, INTERP: tl.constexpr):
     """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
-    product of the grid coordinates (:func:`_grid_units`) with the ``±1`` un-rotation."""
+    product of the grid coordinates (:func:`_grid_units`) with the ``±1`` un-rotation: its slice ``h`` (``HELD``,
+    :func:`_unrotation`) or read here from ``hr_ptr``."""
     grp = c0 // GS
     unit = _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM, GS, D, BITS, WORDS)
+    if not HELD:
+        h = _unrotation_slice(hr_ptr, c0, GS, WIDTH)
     if INTERP:
         acc = tl.dot(unit.to(tl.float32), h.to(tl.float32), input_precision="ieee")
     else:
@@ -333,19 +336,29 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, h, rows, rmask, row_len, G, c0,
 
 
 @triton.jit
-def _unrotation(hr_ptr, c0, GS: tl.constexpr, HB: tl.constexpr):
-    """The ``[GS, HB]`` slices of the ``[GS, GS]`` un-rotation that the low and high halves of the head at column
-    ``c0`` use (the same one when ``GS == HB``). Where the group size divides the head, every head's halves sit at
-    the same offsets within their groups, so the kernel reads them once per program, not once per half head."""
-    kk = tl.arange(0, GS)[:, None] * GS + tl.arange(0, HB)[None, :]
-    return tl.load(hr_ptr + (kk + c0 % GS)), tl.load(hr_ptr + (kk + (c0 + HB) % GS))
+def _unrotation_slice(hr_ptr, c0, GS: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns ``c0 % GS ..`` ``+ WIDTH`` of the ``[GS, GS]`` un-rotation: ``[GS, WIDTH]``, what columns ``c0 ..``
+    of a row use."""
+    return tl.load(hr_ptr + tl.arange(0, GS)[:, None] * GS + (c0 % GS) + tl.arange(0, WIDTH)[None, :])
 
 
 @triton.jit
-def _attend_rotated(p, psum, pz, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, h, rows, tmask,
+def _unrotation(hr_ptr, GS: tl.constexpr, HB: tl.constexpr, HELD: tl.constexpr):
+    """``HELD``: the slices every head's low and high halves use, read once per program (where the group size
+    divides the head, every head's halves sit at the same offsets of their groups); else placeholders, and each
+    half head reads its own slice where it uses it (:func:`_unrotation_slice`)."""
+    lo = 0.0
+    hi = 0.0
+    if HELD:
+        lo, hi = _unrotation_slice(hr_ptr, 0, GS, HB), _unrotation_slice(hr_ptr, HB, GS, HB)
+    return lo, hi
+
+
+@triton.jit
+def _attend_rotated(p, psum, pz, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask,
                     c_rl, groups, c0, DM: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
                     GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PRED: tl.constexpr,
-                    INTERP: tl.constexpr):
+                    HELD: tl.constexpr, INTERP: tl.constexpr):
     """``p [QM, BT] @ V̂[:, c0 : c0 + HB]`` without forming V̂: values carry no RoPE, so the attention is linear in
     each of their parts, ``(p * scale) @ units @ H^T[:, cols] + (p @ z) @ up[:, cols] + sum(p) bias``. The residual
     stays in the rotated space until ``QM`` rows are left, so the per-token un-rotation and prediction
@@ -355,6 +368,8 @@ def _attend_rotated(p, psum, pz, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr
     unit = _grid_units(c_ptr, grid_ptr, rows, tmask, c_rl, grp, BT, GS, D, BITS, WORDS)
     scale = tl.load(s_ptr + rows.to(tl.int64) * groups + grp, mask=tmask, other=0.0).to(tl.float32)
     pu = _dot16(p.to(tl.float32) * (scale * (1.0 / GS))[None, :], unit, tl.zeros((QM, GS), tl.float32), INTERP)
+    if not HELD:
+        h = _unrotation_slice(hr_ptr, c0, GS, HB)
     acc = _dot16(pu, h, tl.zeros((QM, HB), tl.float32), INTERP)
     cols = c0 + tl.arange(0, HB)
     if PRED == 2:
@@ -390,16 +405,17 @@ def _rows_times(x_ptr, xrow, xmask, w_ptr, w_ld, w_row0, w_col0, K: tl.constexpr
 
 
 @triton.jit
-def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, h, rows, tmask,
-                            c_rl, groups, c0, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr, GS: tl.constexpr,
-                            D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PRED: tl.constexpr,
-                            INTERP: tl.constexpr):
+def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows,
+                            tmask, c_rl, groups, c0, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
+                            GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr,
+                            PRED: tl.constexpr, HELD: tl.constexpr, INTERP: tl.constexpr):
     """``acc [BT, HB]`` (fp32, the full-rank prediction: ``PRED`` 1) of columns ``c0 .. c0+HB`` + the low-rank
     prediction ``z [BT, R] @ up[:, cols]`` (``PRED`` 2) + the bias (``PRED`` 1, 2) + the dequantized residual: half a
     head of K̂ or V̂. The prediction accumulates onto the residual, so one ``[BT, HB]`` accumulator is live: two
     spilled the stored kernel's registers (``benchmarks/kernel_registers.py``, decode.md round 18)."""
     cols = c0 + tl.arange(0, HB)
-    out = _deq_fast(c_ptr, s_ptr, grid_ptr, h, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS, INTERP)
+    out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS,
+                    HELD, INTERP)
     if PRED == 1:
         out += acc
     if PRED == 2:
@@ -503,26 +519,25 @@ def _decode_attention_kernel(
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
                              tl.zeros((BT, RK), tl.float32), INTERP).to(kup_ptr.dtype.element_ty)
         tl.debug_barrier()  # every warp has read K̂_{l-1} before any overwrites it with K̂_l
-    SAME_K: tl.constexpr = HD % GS_K == 0  # every head at the same offsets of its groups: the slices read once
-    if SAME_K:
-        kh_lo, kh_hi = _unrotation(khr_ptr, 0, GS_K, HB)
+    # every head at the same offsets of its groups: the slices read once (projected / stored: the full hand-on at
+    # rank 256 ran 11% slower with them held through its loops, decode.md round 20)
+    SAME_K: tl.constexpr = HD % GS_K == 0 and PROJ
+    kh_lo, kh_hi = _unrotation(khr_ptr, GS_K, HB, SAME_K)
     kd = cur_ptr.dtype.element_ty if not PROJ else q_ptr.dtype.element_ty  # K̂, V̂ tiles: scratch / model dtype
     nk = tl.zeros((BT, RK2 if RK2 > 0 else 16), tl.float32)  # K̂_l @ a^K_{l+1}
     for h in range(H):
         c0 = h * HD
-        if not SAME_K:
-            kh_lo, kh_hi = _unrotation(khr_ptr, c0, GS_K, HB)
         acc_l = tl.zeros((BT, HB), tl.float32)
         acc_h = tl.zeros((BT, HB), tl.float32)
         if KPRED == 1:
             acc_l = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
             acc_h = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
-        kl = _low_rank_bias_residual(acc_l, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, kh_lo, rows, tmask,
-                                     kc_rl, k_groups, c0, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
+        kl = _low_rank_bias_residual(acc_l, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, kh_lo, rows,
+                                     tmask, kc_rl, k_groups, c0, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED, SAME_K,
                                      INTERP).to(kd)
-        kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, kh_hi, rows, tmask,
-                                     kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
-                                     INTERP).to(kd)
+        kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, kh_hi, rows,
+                                     tmask, kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
+                                     SAME_K, INTERP).to(kd)
         if PROJ:
             if VPRED == 2 and not STORED:  # zv += K̂_l[:, head h] @ a[head h rows]
                 zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
@@ -561,9 +576,8 @@ def _decode_attention_kernel(
                      mask=tmask[:, None])
 
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
-    SAME_V: tl.constexpr = HD % GS_V == 0
-    if SAME_V:
-        vh_lo, vh_hi = _unrotation(vhr_ptr, 0, GS_V, HB)
+    SAME_V: tl.constexpr = HD % GS_V == 0 and PROJ
+    vh_lo, vh_hi = _unrotation(vhr_ptr, GS_V, HB, SAME_V)
     if STORED and VPRED == 2:
         zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, True)
     if PROJ and RV2 == 0:  # nothing to hand on: attend in the rotated / latent space (_attend_rotated), no V̂ tile
@@ -571,19 +585,19 @@ def _decode_attention_kernel(
             zv = zv.to(vup_ptr.dtype.element_ty)
         for h in range(H):
             c0 = h * HD
-            if not SAME_V:
-                vh_lo, vh_hi = _unrotation(vhr_ptr, c0, GS_V, HB)
             p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
             psum = tl.sum(p.to(tl.float32), axis=1)
             pz = 0.0
             if VPRED == 2:
                 pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP)
             part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
-            ol = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vh_lo, rows, tmask,
-                                 vc_rl, v_groups, c0, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, INTERP)
+            ol = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_lo, rows,
+                                 tmask, vc_rl, v_groups, c0, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, SAME_V,
+                                 INTERP)
             tl.store(o_ptr + part[:, None] * HD + half[None, :], ol, mask=rvalid[:, None])
-            oh = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vh_hi, rows, tmask,
-                                 vc_rl, v_groups, c0 + HB, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, INTERP)
+            oh = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_hi, rows,
+                                 tmask, vc_rl, v_groups, c0 + HB, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                 SAME_V, INTERP)
             tl.store(o_ptr + part[:, None] * HD + HB + half[None, :], oh, mask=rvalid[:, None])
     else:  # V̂ of each head formed: the next layer reads it
         if VPRED == 2:
@@ -596,8 +610,6 @@ def _decode_attention_kernel(
         nv = tl.zeros((BT, RV2 if RV2 > 0 else 16), tl.float32)  # V̂_l @ a^V_{l+1}[DM:]
         for h in range(H):
             c0 = h * HD
-            if not SAME_V:
-                vh_lo, vh_hi = _unrotation(vhr_ptr, c0, GS_V, HB)
             acc_l = tl.zeros((BT, HB), tl.float32)
             acc_h = tl.zeros((BT, HB), tl.float32)
             if VPRED == 1:  # (reads V̂_{l-1} of every head: the host then gives cur its own buffer)
@@ -606,12 +618,12 @@ def _decode_attention_kernel(
                 acc_h = _rows_times(cur_ptr, srow, tmask, vw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
                 acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
                                     INTERP)
-            vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vh_lo, rows,
-                                         tmask, vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                         INTERP).to(kd)
-            vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vh_hi, rows,
-                                         tmask, vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
-                                         INTERP).to(kd)
+            vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_lo,
+                                         rows, tmask, vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V,
+                                         VPRED, SAME_V, INTERP).to(kd)
+            vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_hi,
+                                         rows, tmask, vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V,
+                                         VPRED, SAME_V, INTERP).to(kd)
             if PROJ:
                 if RV2 > 0:
                     nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
