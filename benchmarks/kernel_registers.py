@@ -35,7 +35,7 @@ class _Captured(Exception):
     pass
 
 
-def capture(grids: str, out: Path) -> None:
+def capture(grids: str, rank: int, out: Path) -> None:
     """In a process with ``TRITON_INTERPRET=1``: run each variant's launch (:func:`benchmarks.decode.sweep`'s
     ``once``) up to the kernel call and write, per variant, what the kernel was called with to ``out`` (JSON):
     each tensor's dtype and 16-byte alignment, each int's value, the constexprs and the launch options."""
@@ -71,7 +71,7 @@ def capture(grids: str, out: Path) -> None:
     decode._decode_attention_kernel = Launcher()
     launches: list[dict] = []
     captured = {}
-    for name, fn in bench.sweep(1, 512, KernelSettings.from_env(), 64, grids, once=True):
+    for name, fn in bench.sweep(1, 512, KernelSettings.from_env(), rank, grids, once=True):
         try:
             fn()
         except _Captured:
@@ -118,8 +118,9 @@ def opcode_counts(sass: str) -> dict[str, int]:
 
 
 def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | None = None,
-                   warps: int | None = None, instructions: bool = False) -> dict:
-    """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` instead of the captured ones)
+                   warps: int | None = None, instructions: bool = False, stages: int | None = None) -> dict:
+    """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` / ``stages`` instead of the
+    captured ones)
     and read ptxas's register and spill report (and, with ``instructions``, the SASS opcode counts)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -131,8 +132,8 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
     signature, constexprs, attrs = specialize(kernel, launch)
     constexprs |= {"BT": tokens} if tokens else {}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
-    options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {}) | ({"num_warps": warps} if warps
-                                                                                       else {})
+    options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {})
+    options |= ({"num_warps": warps} if warps else {}) | ({"num_stages": stages} if stages else {})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as d:
@@ -151,10 +152,13 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grids", nargs="+", default=["d2", "d4"], choices=["d2", "d4"])
+    p.add_argument("--rank", type=int, default=64, help="predictor rank of the sweep's layer (above 128: the full "
+                   "hand-on only, as benchmarks/decode.py sweeps it)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
     p.add_argument("--tokens", type=int, default=None, help="compressed tokens per program instead of the captured")
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the captured")
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages instead of the captured")
     p.add_argument("--instructions", action="store_true",
                    help="also count SASS opcodes (cuobjdump): barriers, shared-memory traffic, MMAs, MUFU, loads")
     p.add_argument("--kernels", nargs="+", default=None,
@@ -163,20 +167,21 @@ def main() -> None:
     p.add_argument("--capture", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.capture:
-        capture(args.grids[0], Path(args.capture))
+        capture(args.grids[0], args.rank, Path(args.capture))
         return
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     for grids in args.grids:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "launch.json"
-            subprocess.run([sys.executable, __file__, "--capture", str(path), "--grids", grids], env=env, check=True)
+            command = [sys.executable, __file__, "--capture", str(path), "--grids", grids, "--rank", str(args.rank)]
+            subprocess.run(command, env=env, check=True)
             launches = json.loads(path.read_text())
         for name, launch in launches.items():
             if args.kernels and name not in args.kernels:
                 continue
-            print(json.dumps({"grids": grids, "kernel": name, "arch": args.arch,
+            print(json.dumps({"grids": grids, "rank": args.rank, "kernel": name, "arch": args.arch,
                               **compile_counts(launch, args.arch, args.maxnreg, args.tokens, args.warps,
-                                               args.instructions)}), flush=True)
+                                               args.instructions, args.stages)}), flush=True)
 
 
 if __name__ == "__main__":
