@@ -98,8 +98,9 @@ class CacheConfig(_Frozen):
 
 
 class PredictorRanks(_Frozen):
-    """Separate fixed ranks for the key and value predictors: at decode, keys are reconstructed token by token
-    before RoPE (their rank costs per token), values are attended to in the latent space (theirs costs per tile)."""
+    """Separate fixed ranks for the key and value predictors. At decode, keys are reconstructed token by token
+    before RoPE, so their rank costs per token; with stored projections, values are attended to in the latent space,
+    so theirs costs per tile. Quality needs the key rank more (docs/benchmarks/predictor-ranks.md)."""
 
     keys: int = Field(ge=1)
     values: int = Field(ge=1)
