@@ -156,9 +156,9 @@ def project(rec: dict, args: argparse.Namespace) -> float:
         steady = cf["median_layer"]
         once = s["collect_fit"] - steady * args.layers  # worker start, layer 0's and the first solve's extra
         solve = cf.get("median_solve", 0.0)  # the driver's: D, not tokens (a record without it: scaled as tokens)
-        calib = steady - solve - (heldout if along else 0.0)  # scales with tokens; the held-out size stays the run's
-        work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + (solve + (heldout if along else 0.0)) * \
-            TARGET_LAYERS
+        per_layer = solve + (heldout if along else 0.0)  # scales with layers only
+        calib = steady - per_layer  # scales with tokens too; the held-out size stays the run's
+        work = once + calib * TARGET_LAYERS * TARGET_TOKENS / tokens + per_layer * TARGET_LAYERS
     else:
         work = sum(s.get(k, 0.0) for k in ("collect", "fit", "collect_fit")) * scale
     passes = v.get("exact", 0.0) + v.get("aquakv", 0.0) if v else s["validate"]

@@ -198,9 +198,8 @@ def synthetic_cache(batch: int, kv_heads: int, head_dim: int, layers: int, token
 
 def _random_block(gen: torch.Generator, batch: int, tokens: int, d: int, cfg: QuantizerConfig) -> Quantized:
     groups = -(-d // cfg.group_size)  # the last group zero-padded
-    codes = torch.randint(0, 256, (batch, tokens, packed_bytes(groups * cfg.group_size // cfg.dim, cfg.index_bits)),
-                          generator=gen,
-                          dtype=torch.uint8)
+    row_bytes = packed_bytes(groups * cfg.group_size // cfg.dim, cfg.index_bits)
+    codes = torch.randint(0, 256, (batch, tokens, row_bytes), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(batch, tokens, groups, generator=gen) * 16 + 4).to(cfg.torch_scale_dtype)
     return Quantized(codes.to(DEV), scales.to(DEV), d)
 
