@@ -170,7 +170,9 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         predictors = (layer.codec.key_predictor, layer.codec.value_predictor)
         if cache.shared.settings.prediction == "stored" and predictors[0] is not None:
             widths = [p.factors()[0].shape[1] for p in predictors]
-            latents = torch.randn(batch, tokens, sum(widths), device=DEV).to(PROJECTION_DTYPE)
+            latents = torch.empty(batch, tokens, sum(widths), device=DEV, dtype=PROJECTION_DTYPE)
+            for row in latents:  # a row at a time: a float32 [B, T, RK + RV] would not fit next to a 64 GB budget
+                row.copy_(torch.randn(row.shape, device=DEV))
             layer.compressed.projections = Projections(latents, torch.rand(batch, tokens, 2, device=DEV) * 0.01,
                                                        widths[0])
         layer.compressed_len = tokens
@@ -320,8 +322,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
           once: bool = False) -> list:
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
-    :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one. A config that does not fit the SM's shared
-    memory is recorded as an error (explicit launches do not fall back). ``once``: no timing; ``(name, call)`` of each
+    :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one; the stored projections (every rank) and
+    their two floors. A config that does not fit the SM's shared memory is recorded as an error (explicit launches do
+    not fall back). ``once``: no timing; ``(name, call)`` of each
     variant with its first launch is returned (the chained hand-ons, the stored kernel and its two floors: sections
     ``stored`` / ``stored_once``, ``benchmarks/kernel_registers.py``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
@@ -353,23 +356,23 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
                                                   "handoff": "projected" if projected else "full",
                                                   "launch": list(launch)}))
         del scratch
-    if rank <= MAX_PROJECTED_RANK:  # stored projections, and the floors without the value / any predictor
-        full = layer.codec
-        for name, codec in (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values,
-                            full.key_predictor)), ("no predictors", LayerCodec(full.keys, full.values))):
-            widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
-            latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
-            scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
-            for launch in STORED_LAUNCHES:
-                def fn(codec=codec, latents=latents, scales=scales, launch=launch):
-                    return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
-                                            codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
-                                            settings, False, None, launch, stored=scales)
-                if once:
-                    out.append((name, fn))
-                    break
-                out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
-                                                      "grids": grids, "handoff": name, "launch": list(launch)}))
+    # stored projections (any rank), and the floors without the value / any predictor
+    full = layer.codec
+    for name, codec in (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values,
+                        full.key_predictor)), ("no predictors", LayerCodec(full.keys, full.values))):
+        widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
+        latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
+        scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
+        for launch in STORED_LAUNCHES:
+            def fn(codec=codec, latents=latents, scales=scales, launch=launch):
+                return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
+                                        codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
+                                        settings, False, None, launch, stored=scales)
+            if once:
+                out.append((name, fn))
+                break
+            out.append(timed_launch("sweep", fn, {"batch": batch, "tokens": tokens, "rank": rank,
+                                                  "grids": grids, "handoff": name, "launch": list(launch)}))
     free()
     return out
 

@@ -34,7 +34,8 @@ class KernelSettings:
       its low-rank predictor inputs (float8, ``RK + RV`` values per token and layer, :class:`aquakv.codec.Projections`),
       so a layer is read on its own. At rank 64 of an 8B model's D = 1024 that is +136 bytes per token and layer on
       576 of 2-bit codes and scales (+24%), and the fused kernel ~1.5x faster (docs/benchmarks/decode.md, round
-      15). Needs every predictor low rank (rank <= D/4).
+      15); at rank 256 (D/4) +520 bytes (+90%) and ~2.5x faster (round 21). Needs every predictor low rank
+      (rank <= D/4).
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
