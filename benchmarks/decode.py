@@ -319,12 +319,12 @@ FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 
 
 
 def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, grids: str = "d2",
-          once: bool = False) -> list:
+          once: bool = False, kinds: tuple[str, ...] = ("chained", "stored")) -> list:
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one; the stored projections (every rank) and
     their two floors. A config that does not fit the SM's shared memory is recorded as an error (explicit launches do
-    not fall back). ``once``: no timing; ``(name, call)`` of each
+    not fall back). ``kinds``: which of the two families to run. ``once``: no timing; ``(name, call)`` of each
     variant with its first launch is returned (the chained hand-ons, the stored kernel and its two floors: sections
     ``stored`` / ``stored_once``, ``benchmarks/kernel_registers.py``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
@@ -339,7 +339,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
     variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)])]
-    if rank <= MAX_PROJECTED_RANK:
+    if "chained" not in kinds:
+        variants = []
+    elif rank <= MAX_PROJECTED_RANK:
         variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
     for projected, cols, configs in variants:
         scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
@@ -358,8 +360,9 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
         del scratch
     # stored projections (any rank), and the floors without the value / any predictor
     full = layer.codec
-    for name, codec in (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values,
-                        full.key_predictor)), ("no predictors", LayerCodec(full.keys, full.values))):
+    stored = (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values, full.key_predictor)),
+              ("no predictors", LayerCodec(full.keys, full.values)))
+    for name, codec in stored if "stored" in kinds else ():
         widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
         latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
         scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
@@ -618,6 +621,8 @@ def main() -> None:
                         "variant of the sweep with its first launch: registers, spills, GPU ms; stored_once: the "
                         "same without timing, for a kernel profiler)")
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
+    p.add_argument("--sweep-kinds", nargs="+", default=["chained", "stored"], choices=("chained", "stored"),
+                   help="kernel families of the sweep / stored sections (default both)")
     p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--budget-s", type=float, default=480.0, help="skip remaining e2e configs after this many seconds")
@@ -665,7 +670,8 @@ def main() -> None:
     if "sweep" in args.sections:
         result["sweep"] = []
         for batch in args.layer_batches:
-            result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids)
+            result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids,
+                                     kinds=tuple(args.sweep_kinds))
             save()
     stored = [s for s in ("stored", "stored_once") if s in args.sections]
     if stored:  # stored_once: three launches, no timing (for a kernel profiler: `ncu --kernel-name regex:_decode`)
@@ -673,7 +679,8 @@ def main() -> None:
 
         result[stored[0]] = []
         for batch in args.layer_batches:
-            for name, fn in sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids, once=True):
+            for name, fn in sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids, once=True,
+                                 kinds=tuple(args.sweep_kinds)):
                 rec = {"batch": batch, "grids": args.sweep_grids, "kernel": name}
                 try:
                     before = {id(k) for k in compiled_kernels(_decode_attention_kernel)}
