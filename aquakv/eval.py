@@ -17,6 +17,7 @@ from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig
 from aquakv.errors import DataError
 from aquakv.family import head_dim, kv_heads
+from aquakv.kernels.settings import KernelSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,14 @@ def text_windows(tokenizer: object, path: Path, length: int, count: int) -> torc
 
 
 def compare_methods(model: torch.nn.Module, bundle: Bundle, windows: torch.Tensor, methods: list[str], step: int,
-                    cache: CacheConfig | None = None) -> list[dict]:
-    """Perplexity, measured held bytes and bits/value per method on the same windows."""
+                    cache: CacheConfig | None = None, kernels: KernelSettings | None = None) -> list[dict]:
+    """Perplexity, measured held bytes and bits/value per method on the same windows (``kernels``: the AQUA-KV
+    caches' settings, e.g. ``prediction="stored"``)."""
     rows = []
     exact_ppl = None
     for method in methods:
         try:
-            factory = make_cache(method, model, bundle, cache)
+            factory = make_cache(method, model, bundle, cache, kernels)
         except ValueError as e:
             log.warning("skipping %s: %s", method, e)
             continue

@@ -76,7 +76,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from aquakv.cache import AquaKVCache
     from aquakv.eval import compare_methods, text_windows
+    from aquakv.kernels.settings import KernelSettings
     from aquakv.registry import load_bundle
     from pipeline.sources import resolve_data, resolve_model
 
@@ -85,9 +87,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(device).eval()
+    kernels = KernelSettings.from_env(prediction=a.prediction)
+    AquaKVCache.from_bundle(bundle, model, kernels=kernels)  # refuses what cannot run (e.g. stored at full rank) now
     windows = text_windows(tok, Path(resolve_data(a.text)), a.window, a.windows)
     methods = a.methods.split(",")
-    rows = compare_methods(model, bundle, windows, methods, a.step)
+    rows = compare_methods(model, bundle, windows, methods, a.step, kernels=kernels)
     bpv = bundle.bits_per_value()
     print(f"{len(windows)} windows x {a.window} tokens, fed in {a.step}-token steps; aquakv nominal "
           f"{bpv['total']:.3f} bits/value ({bpv['index']:.3f} index + {bpv['scales']:.3f} scales)")
@@ -164,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=int, default=32, help="tokens fed per forward pass (default 32)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", help="default: cuda if available")
+    s.add_argument("--prediction", default="chained", choices=("chained", "stored"),
+                   help="AQUA-KV predictions recomputed from the previous layer (chained, default: the smallest cache) "
+                        "or from each token's stored float8 projections (stored: faster decode on a GPU, more "
+                        "memory; needs a low-rank bundle)")
     s.add_argument("--json", help="also write the results here")
     s.set_defaults(fn=cmd_eval)
 

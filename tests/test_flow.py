@@ -146,6 +146,26 @@ def test_cli_eval_compares_methods(first_run, assets, tmp_path, capsys):
     assert "kivi-2bit" in capsys.readouterr().out
 
 
+def test_cli_eval_reads_a_low_rank_bundle_stored_and_refuses_a_full_rank_one(first_run, harness, assets, tmp_path,
+                                                                              capsys):
+    low = calibrate(config(assets, "a", predictor_rank=8, version="r8"))  # D = 32: rank D/4; a refit of run "a"
+    rows = {}
+    for prediction in ("chained", "stored"):
+        out = tmp_path / f"{prediction}.json"
+        cli(["eval", "--model", assets["model"], "--bundle", low["bundle"], "--text", assets["data"], "--window", "128",
+             "--windows", "2", "--step", "16", "--methods", "exact,aquakv", "--prediction", prediction,
+             "--json", str(out)])
+        rows[prediction] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}["aquakv"]
+    assert rows["stored"]["held_bytes"] > rows["chained"]["held_bytes"]  # each token's projections are held too
+    assert abs(rows["stored"]["ppl"] / rows["chained"]["ppl"] - 1) < 0.02  # float8 projections, same predictors
+    with pytest.raises(SystemExit) as e:
+        cli(["eval", "--model", assets["model"], "--bundle", first_run["bundle"], "--text", assets["data"],
+             "--window", "128", "--windows", "1", "--methods", "aquakv", "--prediction", "stored"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ConfigError: layer 1's key predictor: prediction='stored' needs low-rank"), err
+
+
 def test_two_ray_workers_collect_the_same_activations_as_one(first_run, assets, tmp_path):
     tokens = str(next((assets["root"] / "a" / "work").glob("activations-*/tokens.zarr")))
     connect(None, 2)
