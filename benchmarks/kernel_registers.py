@@ -146,7 +146,8 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
     numbers = {key: int(m.group(1)) if (m := re.search(pattern, text)) else 0 for key, pattern in (
         ("registers", r"Used (\d+) registers"), ("stack_bytes", r"(\d+) bytes stack frame"),
         ("spill_store_bytes", r"(\d+) bytes spill stores"), ("spill_load_bytes", r"(\d+) bytes spill loads"))}
-    return {**numbers, "tokens_per_program": constexprs["BT"], **options, **(opcode_counts(sass) if sass else {})}
+    return {**numbers, "shared_bytes": compiled.metadata.shared, "tokens_per_program": constexprs["BT"], **options,
+            **(opcode_counts(sass) if sass else {})}
 
 
 def main() -> None:
