@@ -153,8 +153,8 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grids", nargs="+", default=["d2", "d4"], choices=["d2", "d4"])
-    p.add_argument("--rank", type=int, default=64, help="predictor rank of the sweep's layer (above 128: the full "
-                   "hand-on only, as benchmarks/decode.py sweeps it)")
+    p.add_argument("--rank", type=int, default=64, help="predictor rank of the sweep's layer (above 128: no projected "
+                   "hand-on, as benchmarks/decode.py sweeps it)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas then spills)")
     p.add_argument("--tokens", type=int, default=None, help="compressed tokens per program instead of the captured")

@@ -37,7 +37,8 @@ def test_rank_256_full_hand_on_at_its_runtime_launch_does_not_spill_at_d2():
     """The shipped 70B rank (D/4 = 256) goes through the full hand-on with 128-token tiles, 8 warps, 1 stage
     (``aquakv.kernels.decode._launch_config``): that launch, not the sweep's first, is the one to keep free of spills
     (the sweep's first, 64 tokens x 4 warps x 4 stages, spills 176 bytes at rank 256)."""
-    args = ["--grids", "d2", "--rank", "256", "--tokens", "128", "--warps", "8", "--stages", "1"]
+    args = ["--grids", "d2", "--rank", "256", "--tokens", "128", "--warps", "8", "--stages", "1", "--kernels",
+            "chained, full hand-on"]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), *args],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     (c,) = [json.loads(line) for line in out.stdout.strip().splitlines()]
