@@ -1,5 +1,6 @@
-"""Registers and spills of the fused decode kernel, compiled for a GPU this machine need not have (Triton's compiler
-and the ``ptxas`` it ships; no GPU, no driver).
+"""Registers, spills and shared memory of the fused decode kernel, compiled for a GPU this machine need not have
+(Triton's compiler and the ``ptxas`` it ships; no GPU, no driver). Registers and shared memory per program are what
+bound the programs per SM (decode.md round 21).
 
 The launches are those of ``benchmarks/decode.py``'s kernel sweep (Llama-3.1-8B shape, a rank-64 layer: the chained
 hand-ons, the stored kernel and its floors, each with its first launch), captured under Triton's interpreter with the
