@@ -58,7 +58,7 @@ CONFIGS: dict[str, dict] = {
     **{f"aquakv-2bit-r{r}": {"keys": Q2, "values": Q2, "predictor_rank": r} for r in (48, 24, 12)},
     # which kind needs the rank: decode pays the key rank per token, the value rank per tile (stored projections)
     **{f"aquakv-2bit-k{k}v{v}": {"keys": Q2, "values": Q2, "predictor_rank": {"keys": k, "values": v}}
-       for k, v in ((12, 48), (48, 12))},
+       for k, v in ((12, 48), (48, 12), (48, 24))},
     **{f"aquakv-2bit-rb{b:g}": {"keys": Q2, "values": Q2, "predictor_rank_budget": b} for b in (0.02, 0.1)},
     # issue 14's levers, each with its own row: per-layer fitted grids, sinks out of the statistics, a bit budget
     "aquakv-2bit-fitted": {"keys": Q2, "values": Q2, "grids": "fitted"},
