@@ -151,6 +151,15 @@ def random_block(batch: int, tokens: int, d: int, cfg: QuantizerConfig) -> Quant
     return Quantized(codes, scales, d)
 
 
+def random_projections(batch: int, tokens: int, width: int) -> torch.Tensor:
+    """Random stored projections ``[batch, tokens, width]`` in their float8 dtype, drawn a row at a time: a float32
+    ``[B, T, RK + RV]`` would not fit next to a 64 GB budget."""
+    out = torch.empty(batch, tokens, width, device=DEV, dtype=PROJECTION_DTYPE)
+    for row in out:
+        row.copy_(torch.randn(row.shape, device=DEV))
+    return out
+
+
 def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, context: int, window: int) -> None:
     """Give every layer 4 exact sinks, ``context - 4 - window`` compressed tokens and an exact window."""
     d = kv_heads * head_dim
@@ -170,11 +179,8 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         predictors = (layer.codec.key_predictor, layer.codec.value_predictor)
         if cache.shared.settings.prediction == "stored" and predictors[0] is not None:
             widths = [p.factors()[0].shape[1] for p in predictors]
-            latents = torch.empty(batch, tokens, sum(widths), device=DEV, dtype=PROJECTION_DTYPE)
-            for row in latents:  # a row at a time: a float32 [B, T, RK + RV] would not fit next to a 64 GB budget
-                row.copy_(torch.randn(row.shape, device=DEV))
-            layer.compressed.projections = Projections(latents, torch.rand(batch, tokens, 2, device=DEV) * 0.01,
-                                                       widths[0])
+            layer.compressed.projections = Projections(random_projections(batch, tokens, sum(widths)),
+                                                       torch.rand(batch, tokens, 2, device=DEV) * 0.01, widths[0])
         layer.compressed_len = tokens
     pos = torch.arange(4, context + 512, dtype=torch.int32, device=DEV)
     cache.shared.positions = pos[None, : context - 4].expand(batch, -1).contiguous()
@@ -338,11 +344,12 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     q = torch.randn(batch, hq, 1, hd, device=DEV, dtype=torch.bfloat16)
     inv_freq, positions = cache.shared.inv_freq(torch.device(DEV)), cache.shared.positions
     out = []
-    variants = [(False, 2 * d, FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)])]
-    if "chained" not in kinds:
-        variants = []
-    elif rank <= MAX_PROJECTED_RANK:
-        variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
+    variants = []  # (projected hand-on, scratch columns, launches)
+    if "chained" in kinds:
+        launches = FULL_HANDON_LAUNCHES if rank > MAX_PROJECTED_RANK else [(128, 8, 1), (64, 4, 4)]
+        variants.append((False, 2 * d, launches))
+        if rank <= MAX_PROJECTED_RANK:
+            variants.append((True, 2 * rank, [(128, 8, 1), (128, 8, 2), (128, 4, 1), (64, 4, 1)]))
     for projected, cols, configs in variants:
         scratch = torch.randn(batch, tokens + 64, cols, device=DEV, dtype=torch.bfloat16)
         for launch in configs:
@@ -364,7 +371,7 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
               ("no predictors", LayerCodec(full.keys, full.values)))
     for name, codec in stored if "stored" in kinds else ():
         widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
-        latents = torch.randn(batch, tokens + 64, max(widths, 16), device=DEV).to(PROJECTION_DTYPE)
+        latents = random_projections(batch, tokens + 64, max(widths, 16))
         scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
         for launch in STORED_LAUNCHES:
             def fn(codec=codec, latents=latents, scales=scales, launch=launch):

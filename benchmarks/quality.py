@@ -40,7 +40,7 @@ from aquakv.bundle import Bundle
 from aquakv.compat import cache_kwargs
 from aquakv.eval import perplexity, text_windows
 from aquakv.grids import cache_dir
-from aquakv.kernels.settings import KernelSettings
+from aquakv.kernels.settings import PREDICTIONS, KernelSettings
 from aquakv.registry import load_bundle
 from benchmarks.longcontext import TASKS, Recipe, Trial, score
 from pipeline.sources import CALIB_SOURCES, TEXT_SOURCES, prepare_smollm2, prepare_texts
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the GPU defaults on any device: 16 windows, all baselines, every task, passkey and tasks at "
                         "2k/4k/8k (~1.5 h on the 2-core CPU, estimated; the CPU default took 41 min)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--prediction", default="chained", choices=("chained", "stored"),
+    p.add_argument("--prediction", default="chained", choices=PREDICTIONS,
                    help="AQUA-KV caches' predictions: recomputed from the previous layer (chained, default) or from "
                         "each token's stored float8 projections (stored: low-rank configs only, KernelSettings)")
     p.add_argument("--resident", action="store_true",

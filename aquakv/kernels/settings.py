@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 Precision = Literal["bf16", "tf32", "tf32x3", "ieee"]
+Prediction = Literal["chained", "stored"]
+PREDICTIONS = get_args(Prediction)  # for command lines
 ENV_ENABLED = os.environ.get("AQUAKV_KERNELS", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -49,13 +51,13 @@ class KernelSettings:
     epilogue_tile: tuple[int, int] | None = None
     scratch: Literal["bf16", "fp8"] = "bf16"
     tile_tokens: int | None = None
-    prediction: Literal["chained", "stored"] = "chained"
+    prediction: Prediction = "chained"
     keep_reconstructions: bool = False
 
     def __post_init__(self) -> None:
         checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
                   "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8"),
-                  "prediction": ("chained", "stored")}
+                  "prediction": PREDICTIONS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
