@@ -329,10 +329,11 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one; the stored projections (every rank) and
-    their two floors. A config that does not fit the SM's shared memory is recorded as an error (explicit launches do
-    not fall back). ``kinds``: which of the two families to run. ``once``: no timing; ``(name, call)`` of each
-    variant with its first launch is returned (the chained hand-ons, the stored kernel and its two floors: sections
-    ``stored`` / ``stored_once``, ``benchmarks/kernel_registers.py``)."""
+    their two floors (the value predictor's term in the kernel: ``value_latents="fused"``). A config that does not fit
+    the SM's shared memory is recorded as an error (explicit launches do not fall back). ``kinds``: which of the two
+    families to run. ``once``: no timing; ``(name, call)`` of each variant with its first launch is returned (the
+    chained hand-ons, the stored kernel and its two floors: sections ``stored`` / ``stored_once``,
+    ``benchmarks/kernel_registers.py``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
@@ -369,6 +370,7 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     full = layer.codec
     stored = (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values, full.key_predictor)),
               ("no predictors", LayerCodec(full.keys, full.values)))
+    fused_values = settings.with_(value_latents="fused")  # the decode kernel alone times the whole layer's work
     for name, codec in stored if "stored" in kinds else ():
         widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
         latents = random_projections(batch, tokens + 64, max(widths, 16))
@@ -377,7 +379,7 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
             def fn(codec=codec, latents=latents, scales=scales, launch=launch):
                 return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                         codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
-                                        settings, False, None, launch, stored=scales)
+                                        fused_values, False, None, launch, stored=scales)
             if once:
                 out.append((name, fn))
                 break

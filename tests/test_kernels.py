@@ -350,20 +350,22 @@ def test_fp8_scales_on_the_kernels():
     check_fused_layers(cache, 2, 128, 1, 150)
 
 
+@pytest.mark.parametrize("values", ["fused", "deferred"])
 @pytest.mark.parametrize("rank,q_len,grids,heads,tile", [(24, 1, None, (2, 4), None), ((64, 16), 3, None, (2, 4), None),
                                                       (64, 1, "d4", (2, 4), None), (256, 1, None, (8, 32), 128)])
-def test_stored_projections_on_the_fused_decode_path(rank, q_len, grids, heads, tile):
+def test_stored_projections_on_the_fused_decode_path(rank, q_len, grids, heads, tile, values):
     """``prediction="stored"``: the kernel reads each token's own float8 projections (no scratch, no other layer) and
     gives the PyTorch reference's attention, layer by layer in any order; d=4 keys with 9-bit codes too; rank D/4 of
     an 8B model's D = 1024 (8 KV heads of 128, 32 query heads) at the runtime's 32k launch (128-token tiles, 4 warps:
-    the launch that spills registers, decode.md round 21)."""
+    the launch that spills registers, decode.md round 21); the value predictor's low-rank term in the decode kernel
+    or deferred past the merge (``value_latents``)."""
     from aquakv.attention import Segments, TritonBackend
     from aquakv.codec import PROJECTION_DTYPE, Projections
 
     if grids == "d4":
         grids = QuantizerConfig(dim=4, size=512, group_size=64), QuantizerConfig(dim=4, size=256, group_size=64)
     kv_heads, query_heads = heads
-    settings = KernelSettings(prediction="stored", tile_tokens=tile)
+    settings = KernelSettings(prediction="stored", tile_tokens=tile, value_latents=values)
     cache = synthetic_cache(2, kv_heads, 128, 3, 150, 5, torch.bfloat16, rank=rank, settings=settings, grids=grids)
     gen = torch.Generator().manual_seed(2)
     for layer in cache.layers[1:]:

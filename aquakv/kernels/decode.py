@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -23,14 +24,44 @@ from aquakv.kernels.settings import INTERPRET, KernelSettings
 if HAS_TRITON:
     from triton.runtime.errors import OutOfResources
 
-    from aquakv.kernels.jit import _decode_attention_kernel, _exact_merge_kernel
+    from aquakv.kernels.jit import (
+        _decode_attention_kernel,
+        _exact_merge_kernel,
+        _latent_finish_kernel,
+        _latent_values_kernel,
+    )
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
+# Stored projections: the value predictor's low-rank term leaves the decode kernel for _latent_values_kernel once the
+# decode kernel has this many programs per SM (``KernelSettings.value_latents="auto"``). One rank-256 layer at 32k,
+# H200, 2026-11-27 (docs/benchmarks/decode.md round 22): batch 8 (16 programs per SM) 1.423 -> 1.195 ms, rank 64
+# 0.801 -> 0.746; batch 1 (2 per SM) the three extra launches cost more than they save (rank 64 0.101 -> 0.114).
+DEFER_PROGRAMS_PER_SM = 4
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
 # (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.305 / 2.425 ms at batch 1 / 8 against
 # the full hand-on's best 0.305 / 2.284 (64-token tiles), with 8x less scratch; rank 256 projected 0.832 / 6.685
 # against 0.604 / 4.786 full (its [tile, rank] accumulators spill: 376 spilled registers against 222).
 MAX_PROJECTED_RANK = 128
+
+
+class LatentValues(NamedTuple):
+    """What the value predictor's deferred term of stored projections needs (:func:`_add_latent_values`): the decode
+    kernel's per-tile probabilities ``probs [B*tiles, Hkv, QM, BT]``, the tokens' ``z^V [B, >= length, RV]`` (a view of
+    the stored latents) and their scales ``[B, length, 2]``, and ``up [RV, D]``."""
+
+    probs: torch.Tensor
+    latents: torch.Tensor
+    scales: torch.Tensor
+    up: torch.Tensor
+
+
+class Partials(NamedTuple):
+    """The compressed tokens' attention partials: ``o [B, Hq, Q, tiles, hd]`` (float32, normalized per tile), ``lse
+    [B, Hq, Q, tiles]`` (natural log), and the deferred value term of stored projections (or None)."""
+
+    o: torch.Tensor
+    lse: torch.Tensor
+    latent: LatentValues | None = None
 
 
 def scratch_dtype(settings: KernelSettings) -> torch.dtype:
@@ -147,7 +178,7 @@ def decode_attention(
     positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, key_mask: torch.Tensor | None,
     scaling: float, settings: KernelSettings, projected: bool = False, next_codec=None,
     launch: tuple[int, ...] | None = None, stored: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Partials:
     """Attention partials of ``query [B, Hq, Q, hd]`` over ``length`` compressed tokens.
 
     ``keys_q`` / ``values_q``: codes ``[B, length, row_bytes]`` and scales ``[B, length, groups]`` of the key and
@@ -156,12 +187,12 @@ def decode_attention(
     layer (``next_codec``, None for the last) reads (may be the same tensor unless :func:`needs_own_buffer`): the full
     reconstruction ``[K̂ | V̂]`` pre-RoPE, or its low-rank projections when ``projected`` (see :func:`handoff`);
     ``stored``: the block's projection scales ``[B, length, 2]`` when ``prev`` holds its stored projections
-    ``[B, length, RK + RV]`` (:class:`~aquakv.codec.Projections`; ``cur`` unused, ``next_codec`` None);
+    ``[B, length, RK + RV]`` (:class:`~aquakv.codec.Projections`; ``cur`` unused, ``next_codec`` None), the value
+    predictor's low-rank term then deferred to the merge (:class:`LatentValues`);
     ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
-    ``o [B, Hq, Q, tiles, hd]`` float32 (normalized per tile) and ``lse [B, Hq, Q, tiles]`` float32 (natural log;
-    ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps, stages)`` instead of the measured
-    default, optionally with a fourth element, a register cap per thread (benchmark sweeps; no fallback when it does
-    not fit).
+    :class:`Partials` (``lse`` ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps,
+    stages)`` instead of the measured default, optionally with a fourth element, a register cap per thread (benchmark
+    sweeps; no fallback when it does not fit).
     """
     b, hq, qlen, hd = query.shape
     d = keys_q.channels
@@ -199,13 +230,16 @@ def decode_attention(
     ks, vs = keys_q.scales.contiguous(), values_q.scales.contiguous()
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
 
-    def run(config: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(config: tuple[int, ...]) -> Partials:
         bt, warps, stages, *cap = config
         nt = math.ceil(length / bt)
         o = torch.empty(b, hq, qlen, nt, hd, dtype=torch.float32, device=dev)
         lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
         probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
         dummy = o
+        defer = stored is not None and vmode == 2 and (
+            settings.value_latents == "deferred"
+            or (settings.value_latents == "auto" and b * nt >= DEFER_PROGRAMS_PER_SM * _sm_count(dev)))
         _decode_attention_kernel[(nt, b)](
             query, query.stride(0), query.stride(1), query.stride(2),
             kc, kc.shape[-1], ks, ks.shape[-1], kgrid, k_unrot,
@@ -220,13 +254,15 @@ def decode_attention(
             length, nt, hq, qlen, float(scaling) * math.log2(math.e),
             DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
             KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected or stored is not None, RK2=rk2, RV2=rv2,
-            STORED=stored is not None,
+            STORED=stored is not None, DEFER_V=defer,
             GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
             GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
             HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,
             **({"maxnreg": cap[0]} if cap else {}),
         )
-        return o, lse
+        if not defer:
+            return Partials(o, lse)
+        return Partials(o, lse, LatentValues(probs, prev[..., rk if kmode else 0:], stored, vup))
 
     if launch is not None:  # benchmark sweeps: exactly this config
         return run(launch)
@@ -260,7 +296,7 @@ MERGE_MANY_ROWS = (128, 128, 4, 128)
 
 def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
                  mask: torch.Tensor | None, scaling: float,
-                 compressed: tuple[torch.Tensor, torch.Tensor] | None,
+                 compressed: Partials | tuple[torch.Tensor, torch.Tensor] | None,
                  launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Attention of ``query [B, Hq, Q, hd]`` to the exact segments ``exact_keys / exact_values [B, Hkv, TE, hd]``
     (``[sinks | window]``, the ``length`` compressed tokens between them), merged with the compressed tokens' partials
@@ -268,14 +304,15 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
     None) -> ``[B, Q, Hq, hd]`` in the query's dtype; ``mask``: a transformers mask ``[B or 1, 1, Q, >= kv_len]``
     (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`.
     ``launch``: ``(exact tokens per block, partials per block, warps, output columns per program)`` instead of the
-    default (benchmark sweeps)."""
+    default (benchmark sweeps). A deferred value term (``compressed.latent``) is added after the merge."""
     b, hq, qlen, hd = query.shape
     hkv, te = exact_keys.shape[1], exact_keys.shape[2]
     kv_len = te + length
     if query.stride(-1) != 1 or exact_keys.stride(-1) != 1 or exact_values.stride(-1) != 1:
         query, exact_keys, exact_values = query.contiguous(), exact_keys.contiguous(), exact_values.contiguous()
     out = torch.empty(b, qlen, hq, hd, dtype=query.dtype, device=query.device)
-    o, lse = compressed if compressed is not None else (out, out)  # contiguous, as decode_attention returns them
+    o, lse, latent = Partials(*compressed) if compressed is not None else (out, out, None)  # (o, lse) pairs too
+    lse_row = torch.empty(b, hq, qlen, dtype=torch.float32, device=query.device) if latent is not None else out
     nt = o.shape[3] if compressed is not None else 0
     if mask is not None:
         m = mask[:, 0, :, -kv_len:].expand(b, qlen, kv_len)
@@ -292,8 +329,37 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
         query, query.stride(0), query.stride(1), query.stride(2),
         exact_keys, *exact_keys.stride()[:3], exact_values, *exact_values.stride()[:3],
         m, *m_strides, float(thr),
-        o, lse, out,
+        o, lse, out, lse_row,
         te, sinks, length, nt, hq, hq // hkv, qlen, float(scaling) * math.log2(math.e),
-        HD=hd, DC=dc, BE=be, BN=bn, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1, num_warps=warps,
+        HD=hd, DC=dc, BE=be, BN=bn, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1,
+        LSE_OUT=latent is not None, num_warps=warps,
     )
+    if latent is not None:
+        _add_latent_values(out, latent, lse, lse_row, length, hkv)
     return out
+
+
+def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tensor, lse_row: torch.Tensor,
+                       length: int, hkv: int) -> None:
+    """``out [B, Q, Hq, hd] += (sum_t P_t s_t z^V_t) @ up[:, head]``: the value predictor's low-rank term of stored
+    projections, with ``P`` the final probabilities (per-tile ones times ``exp(lse - lse_row)``). Token chunks of whole
+    decode tiles, about two programs per SM (``_latent_values_kernel``); their partial sums are added, through ``up``,
+    by ``_latent_finish_kernel``."""
+    b, qlen, hq, hd = out.shape
+    nt = lse.shape[-1]
+    bt, qm = latent.probs.shape[-1], latent.probs.shape[-2]
+    rv = latent.up.shape[0]
+    rows = hq * qlen
+    mb = 16 if rows <= 16 else 32
+    row_blocks = -(-rows // mb)
+    per_program = max(1, -(-b * row_blocks * nt // (2 * _sm_count(out.device))))  # tiles per program
+    ch = per_program * bt
+    chunks = -(-length // ch)
+    part = torch.empty(b, chunks, row_blocks * mb, rv, dtype=torch.float32, device=out.device)
+    z = latent.latents
+    _latent_values_kernel[(chunks, b, row_blocks)](
+        latent.probs, lse, lse_row, z, z.stride(0), z.stride(1), latent.scales, part, length, nt, ch, hq, qlen,
+        H=hkv, GQ=hq // hkv, QM=qm, BT=bt, MB=mb, RV=rv, BS=min(bt, 64), INTERP=INTERPRET, num_warps=4,
+    )
+    _latent_finish_kernel[(rows, b)](part, latent.up, out, chunks, row_blocks * mb, qlen, hq, hq // hkv,
+                                     HD=hd, RV=rv, DM=latent.up.shape[1], BR=min(32, rv), num_warps=4)

@@ -434,17 +434,6 @@ def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTER
     return _dot16(xh, tl.load(w_ptr + (w_rows + HB * R)), acc, INTERP)
 
 
-@triton.jit
-def _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, off, RV: tl.constexpr, STORED: tl.constexpr):
-    """``[BT, RV]`` float32 value-predictor inputs from ``prev``'s columns ``off .. off + RV``: the previous layer's
-    hand-on, or (``STORED``) the tokens' own float8 ``z^V`` times its per-token scale."""
-    zv = tl.load(prev_ptr + srow[:, None] + off + tl.arange(0, RV)[None, :], mask=tmask[:, None],
-                 other=0.0).to(tl.float32)
-    if STORED:
-        zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
-    return zv
-
-
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
 # (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
 @triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
@@ -461,7 +450,7 @@ def _decode_attention_kernel(
     DM: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr,
     KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr, STORED: tl.constexpr,
+    PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr, STORED: tl.constexpr, DEFER_V: tl.constexpr,
     GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
     GS_V: tl.constexpr, D_V: tl.constexpr, BITS_V: tl.constexpr, WORDS_V: tl.constexpr,
     HAS_MASK: tl.constexpr, INTERP: tl.constexpr,
@@ -470,7 +459,8 @@ def _decode_attention_kernel(
 
     Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``;
     the value predictor's input is ``[K̂_l, V̂_{l-1}]``. ``STORED``: the tokens' own projections ``[z^K | z^V]``
-    (float8, scales ``zs``) are ``prev`` and nothing is handed on: no layer reads another's reconstruction.
+    (float8, scales ``zs``) are ``prev`` and nothing is handed on: no layer reads another's reconstruction;
+    ``DEFER_V``: the value predictor's low-rank term is left out (:func:`_latent_values_kernel` adds it).
     Otherwise the scratch hands layer ``l``'s reconstruction to layer
     ``l+1``: ``prev`` holds what layer ``l`` reads, ``cur`` receives what layer ``l+1`` reads (the same buffer unless a
     predictor is full rank: each input is read before its columns are overwritten). Rows are either the full
@@ -513,7 +503,8 @@ def _decode_attention_kernel(
                 zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
             zk = zk.to(kup_ptr.dtype.element_ty)
         if VPRED == 2 and not STORED:  # (stored: read in pass 2, so it does not live through pass 1)
-            zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, False)
+            zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
+                         mask=tmask[:, None], other=0.0).to(tl.float32)
     else:
         if KPRED == 2:
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
@@ -578,25 +569,29 @@ def _decode_attention_kernel(
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
     SAME_V: tl.constexpr = HD % GS_V == 0 and PROJ
     vh_lo, vh_hi = _unrotation(vhr_ptr, GS_V, HB, SAME_V)
-    if STORED and VPRED == 2:
-        zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, True)
+    if STORED and VPRED == 2 and not DEFER_V:  # the tokens' own z^V times its per-token scale
+        zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
+                     mask=tmask[:, None], other=0.0).to(tl.float32)
+        zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
+    # DEFER_V: the value predictor's low-rank term is left to _latent_values_kernel (after the merge), the bias kept
+    VP: tl.constexpr = 1 if DEFER_V else VPRED
     if PROJ and RV2 == 0:  # nothing to hand on: attend in the rotated / latent space (_attend_rotated), no V̂ tile
-        if VPRED == 2:
+        if VP == 2:
             zv = zv.to(vup_ptr.dtype.element_ty)
         for h in range(H):
             c0 = h * HD
             p = tl.load(p_prog + (h * (QM * BT) + pslot), mask=rvalid[:, None], other=0.0, cache_modifier=".cg")
             psum = tl.sum(p.to(tl.float32), axis=1)
             pz = 0.0
-            if VPRED == 2:
+            if VP == 2:
                 pz = _dot16(p, zv, tl.zeros((QM, RV), tl.float32), INTERP)
             part = ((b * HQ + h * GQ + g).to(tl.int64) * QLEN + qi) * NT + tile
             ol = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_lo, rows,
-                                 tmask, vc_rl, v_groups, c0, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED, SAME_V,
+                                 tmask, vc_rl, v_groups, c0, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VP, SAME_V,
                                  INTERP)
             tl.store(o_ptr + part[:, None] * HD + half[None, :], ol, mask=rvalid[:, None])
             oh = _attend_rotated(p, psum, pz, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_hi, rows,
-                                 tmask, vc_rl, v_groups, c0 + HB, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VPRED,
+                                 tmask, vc_rl, v_groups, c0 + HB, DM, QM, BT, HB, GS_V, D_V, BITS_V, WORDS_V, VP,
                                  SAME_V, INTERP)
             tl.store(o_ptr + part[:, None] * HD + HB + half[None, :], oh, mask=rvalid[:, None])
     else:  # V̂ of each head formed: the next layer reads it
@@ -659,10 +654,10 @@ def _exact_merge_kernel(
     q_ptr, q_sb, q_sh, q_st,
     k_ptr, k_sb, k_sh, k_st, v_ptr, v_sb, v_sh, v_st,
     mask_ptr, m_sb, m_sq, m_sk, m_thr,
-    po_ptr, plse_ptr, out_ptr,
+    po_ptr, plse_ptr, out_ptr, lse_out_ptr,
     TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
     HD: tl.constexpr, DC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, LSE_OUT: tl.constexpr,
 ):
     """One query row ``(b, hq, qi)``: attention to the ``TE`` exact keys / values ``[B, Hkv, TE, HD]`` of its KV head
     (``[sinks | window]``; mask column of exact token ``t``: ``t`` for a sink, ``t + C`` after the ``C`` compressed
@@ -706,3 +701,68 @@ def _exact_merge_kernel(
         m_i, l_i, acc = _softmax_fold(m_i, l_i, acc, lse, o)
     out = tl.where(l_i > 0, acc / l_i, 0.0)
     tl.store(out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + dc, out.to(out_ptr.dtype.element_ty))
+    if LSE_OUT:  # the row's log-sum-exp over every segment (natural log): _latent_values_kernel's normalizer
+        one = tl.arange(0, 1)
+        tl.store(lse_out_ptr + row + one, tl.where(l_i > 0, (m_i + tl.log2(l_i)) * LN2, float("-inf")),
+                 mask=(tl.program_id(1) == 0) & (one == 0))
+
+
+@triton.jit(do_not_specialize=["z_sb", "z_st", "C", "NT", "CH"])
+def _latent_values_kernel(p_ptr, lse_ptr, lsef_ptr, z_ptr, z_sb, z_st, zs_ptr, part_ptr, C, NT, CH, HQ, QLEN,
+                          H: tl.constexpr, GQ: tl.constexpr, QM: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr,
+                          RV: tl.constexpr, BS: tl.constexpr, INTERP: tl.constexpr):
+    """The value predictor's latent term of stored projections, ``sum_t P[row, t] s_t z^V_t`` over the tokens
+    ``c*CH .. c*CH + CH`` of batch row ``b`` for query rows ``mb*MB ..`` (row = ``(hq, qi)``), into
+    ``part [B, chunks, rows, RV]`` (float32). ``P`` are the final probabilities: the decode kernel's per-tile ones
+    ``p`` (its ``[B*NT, H, QM, BT]`` slots) times ``exp(lse_tile - lse_row)`` (the merge's normalizer). Values carry no
+    RoPE, so this part of the attention is linear in ``z^V``: summed over every token first, then one ``up`` product
+    per row (host), instead of a ``[BT, RV]`` operand held in every decode program."""
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    m = tl.program_id(2) * MB + tl.arange(0, MB)
+    mvalid = m < HQ * QLEN
+    hq = m // QLEN
+    qi = m % QLEN
+    h = hq // GQ
+    row = (b * HQ + hq).to(tl.int64) * QLEN + qi
+    lsef = tl.load(lsef_ptr + row, mask=mvalid, other=float("-inf"))
+    lsef = tl.where(lsef == float("-inf"), float("inf"), lsef)  # a row with no key: every weight 0
+    s = tl.arange(0, BS)
+    r = tl.arange(0, RV)
+    acc = tl.zeros((MB, RV), tl.float32)
+    for t0 in range(c * CH, tl.minimum(c * CH + CH, C), BS):  # BS divides BT: one decode tile per step
+        t = t0 + s
+        tmask = t < C
+        tile = t0 // BT
+        w = tl.exp(tl.load(lse_ptr + row * NT + tile, mask=mvalid, other=float("-inf")) - lsef)
+        poff = ((b.to(tl.int64) * NT + tile) * H + h) * (QM * BT) + ((hq % GQ) * QLEN + qi) * BT + t0 % BT
+        p = tl.load(p_ptr + poff[:, None] + s[None, :], mask=mvalid[:, None] & tmask[None, :], other=0.0)
+        zs = tl.load(zs_ptr + (b.to(tl.int64) * C + t) * 2 + 1, mask=tmask, other=0.0)
+        z = tl.load(z_ptr + b.to(tl.int64) * z_sb + t.to(tl.int64)[:, None] * z_st + r[None, :], mask=tmask[:, None],
+                    other=0.0)
+        acc = _dot16(p.to(tl.float32) * w[:, None] * zs[None, :], z, acc, INTERP)
+    part = (b.to(tl.int64) * tl.num_programs(0) + c) * (tl.num_programs(2) * MB) + m
+    tl.store(part_ptr + part[:, None] * RV + r[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["CHUNKS", "ROWS"])
+def _latent_finish_kernel(part_ptr, up_ptr, out_ptr, CHUNKS, ROWS, QLEN, HQ, GQ, HD: tl.constexpr, RV: tl.constexpr,
+                          DM: tl.constexpr, BR: tl.constexpr):
+    """One query row ``(b, hq, qi)``: ``out[b, qi, hq] += (sum over chunks of part[b, chunk, row]) @ up[:, head]``,
+    the partial sums of :func:`_latent_values_kernel` (``[B, CHUNKS, ROWS, RV]``) through the head's ``up`` columns,
+    in ``BR``-row blocks of ``up``."""
+    r = tl.program_id(0)  # hq * QLEN + qi
+    b = tl.program_id(1)
+    hq = r // QLEN
+    qi = r % QLEN
+    d = tl.arange(0, HD)
+    o = tl.zeros((HD,), tl.float32)
+    for k0 in range(0, RV, BR):
+        k = k0 + tl.arange(0, BR)
+        pz = tl.zeros((BR,), tl.float32)
+        for c in range(CHUNKS):
+            pz += tl.load(part_ptr + ((b.to(tl.int64) * CHUNKS + c) * ROWS + r) * RV + k)
+        w = tl.load(up_ptr + k[:, None] * DM + (hq // GQ) * HD + d[None, :]).to(tl.float32)
+        o += tl.sum(pz[:, None] * w, 0)
+    dst = out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + d
+    tl.store(dst, (tl.load(dst).to(tl.float32) + o).to(out_ptr.dtype.element_ty))

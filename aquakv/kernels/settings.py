@@ -38,6 +38,10 @@ class KernelSettings:
       576 of 2-bit codes and scales (+24%), and the fused kernel ~1.5x faster (docs/benchmarks/decode.md, round
       15); at rank 256 (D/4) +520 bytes (+90%) and ~2.5x faster (round 21). Needs every predictor low rank
       (rank <= D/4).
+    - ``value_latents``: with stored projections, where the value predictor's low-rank term ``P z^V up`` is computed:
+      ``"fused"`` in every decode program (a ``[tile, RV]`` operand per program), ``"deferred"`` after the merge,
+      summed over all tokens first (two small kernels), ``"auto"`` deferred where the decode kernel runs several
+      programs per SM (:data:`aquakv.kernels.decode.DEFER_PROGRAMS_PER_SM`). The same math either way.
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
@@ -52,12 +56,13 @@ class KernelSettings:
     scratch: Literal["bf16", "fp8"] = "bf16"
     tile_tokens: int | None = None
     prediction: Prediction = "chained"
+    value_latents: Literal["auto", "fused", "deferred"] = "auto"
     keep_reconstructions: bool = False
 
     def __post_init__(self) -> None:
         checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
                   "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8"),
-                  "prediction": PREDICTIONS}
+                  "prediction": PREDICTIONS, "value_latents": ("auto", "fused", "deferred")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
