@@ -108,7 +108,7 @@ def specialize(kernel: object, launch: dict) -> tuple[dict, dict, dict]:
 
 # SASS opcodes counted by ``--instructions``: barriers, shared-memory traffic (layout conversions go through it),
 # tensor-core products (wgmma / mma.sync), special functions (RoPE's sine, cosine), global and local (spill) memory
-OPCODES = ("BAR", "STS", "LDS", "STSM", "LDSM", "HGMMA", "HMMA", "MUFU", "LDG", "STG", "LDL", "STL")
+OPCODES = ("BAR", "STS", "LDS", "STSM", "LDSM", "HGMMA", "QGMMA", "HMMA", "MUFU", "LDG", "STG", "LDL", "STL")
 
 
 def opcode_counts(sass: str) -> dict[str, int]:
