@@ -33,9 +33,9 @@ if HAS_TRITON:
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
 # Stored projections: the value predictor's low-rank term leaves the decode kernel for _latent_values_kernel once the
-# decode kernel has this many programs per SM (``KernelSettings.value_latents="auto"``). One rank-256 layer at 32k,
-# H200, 2026-11-27 (docs/benchmarks/decode.md round 22): batch 8 (16 programs per SM) 1.423 -> 1.195 ms, rank 64
-# 0.801 -> 0.746; batch 1 (2 per SM) the three extra launches cost more than they save (rank 64 0.101 -> 0.114).
+# decode kernel has this many programs per SM (``KernelSettings.value_latents="auto"``). One layer at 32k, 2026-11-27
+# (docs/benchmarks/decode.md round 22): batch 8 (16 programs per SM) rank 256 1.442 -> 1.195 ms, rank 64 0.818 -> 0.744
+# (H100); batch 1 (2 per SM) the three extra launches cost more than they save (rank 64 0.101 -> 0.114, H200).
 DEFER_PROGRAMS_PER_SM = 4
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
 # (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.305 / 2.425 ms at batch 1 / 8 against
@@ -188,7 +188,7 @@ def decode_attention(
     reconstruction ``[K̂ | V̂]`` pre-RoPE, or its low-rank projections when ``projected`` (see :func:`handoff`);
     ``stored``: the block's projection scales ``[B, length, 2]`` when ``prev`` holds its stored projections
     ``[B, length, RK + RV]`` (:class:`~aquakv.codec.Projections`; ``cur`` unused, ``next_codec`` None), the value
-    predictor's low-rank term then deferred to the merge (:class:`LatentValues`);
+    predictor's low-rank term then possibly deferred to the merge (``settings.value_latents``, :class:`LatentValues`);
     ``positions [B, >= length]`` int32; ``key_mask [B, length]`` (nonzero = attend) or None. Returns
     :class:`Partials` (``lse`` ``-inf`` for a fully masked tile). ``launch``: ``(tokens per program, warps,
     stages)`` instead of the measured default, optionally with a fourth element, a register cap per thread (benchmark
