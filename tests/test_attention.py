@@ -152,6 +152,8 @@ def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
         KernelSettings(scratch="fp4")
     with pytest.raises(ValueError, match="tile_tokens"):
         KernelSettings(tile_tokens=48)
+    with pytest.raises(ValueError, match="value_latents"):
+        KernelSettings(value_latents="later")
     settings = KernelSettings()
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.enabled = False  # type: ignore[misc]
