@@ -634,6 +634,8 @@ def main() -> None:
                    help="kernel families of the sweep / stored sections (default both)")
     p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
+    p.add_argument("--value-latents", default="auto", choices=["auto", "fused", "deferred"],
+                   help="stored projections: where the value predictor's low-rank term is computed (KernelSettings)")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip remaining e2e configs after this many seconds")
     args = p.parse_args()
 
@@ -641,7 +643,7 @@ def main() -> None:
     import triton
 
     torch.backends.cuda.enable_cudnn_sdp(False)  # same sdpa backends (flash / efficient / math) for every cache
-    settings = KernelSettings.from_env(scratch=args.scratch)
+    settings = KernelSettings.from_env(scratch=args.scratch, value_latents=args.value_latents)
     result: dict = {
         "device": torch.cuda.get_device_name(0), "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),

@@ -22,6 +22,7 @@ from aquakv.kernels.host import _PerTensor, prepare, rotation_matrices
 from aquakv.kernels.settings import INTERPRET, KernelSettings
 
 if HAS_TRITON:
+    import triton
     from triton.runtime.errors import OutOfResources
 
     from aquakv.kernels.jit import (
@@ -37,6 +38,7 @@ MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handle
 # (docs/benchmarks/decode.md round 22): batch 8 (16 programs per SM) rank 256 1.442 -> 1.195 ms, rank 64 0.818 -> 0.744
 # (H100); batch 1 (2 per SM) the three extra launches cost more than they save (rank 64 0.101 -> 0.114, H200).
 DEFER_PROGRAMS_PER_SM = 4
+MAX_LATENT_CHUNKS = 64  # token chunks per batch row at most: _latent_finish_kernel adds their partial sums in one load
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
 # (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.305 / 2.425 ms at batch 1 / 8 against
 # the full hand-on's best 0.305 / 2.284 (64-token tiles), with 8x less scratch; rank 256 projected 0.832 / 6.685
@@ -352,7 +354,8 @@ def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tenso
     rows = hq * qlen
     mb = 16 if rows <= 16 else 32
     row_blocks = -(-rows // mb)
-    per_program = max(1, -(-b * row_blocks * nt // (2 * _sm_count(out.device))))  # tiles per program
+    # tiles per program: about two programs per SM, at most MAX_LATENT_CHUNKS chunks per batch row to add up
+    per_program = max(-(-b * row_blocks * nt // (2 * _sm_count(out.device))), -(-nt // MAX_LATENT_CHUNKS))
     ch = per_program * bt
     chunks = -(-length // ch)
     part = torch.empty(b, chunks, row_blocks * mb, rv, dtype=torch.float32, device=out.device)
@@ -362,4 +365,5 @@ def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tenso
         H=hkv, GQ=hq // hkv, QM=qm, BT=bt, MB=mb, RV=rv, BS=min(bt, 64), INTERP=INTERPRET, num_warps=4,
     )
     _latent_finish_kernel[(rows, b)](part, latent.up, out, chunks, row_blocks * mb, qlen, hq, hq // hkv,
-                                     HD=hd, RV=rv, DM=latent.up.shape[1], BR=min(32, rv), num_warps=4)
+                                     HD=hd, RV=rv, DM=latent.up.shape[1], BR=min(32, rv),
+                                     CB=min(MAX_LATENT_CHUNKS, triton.next_power_of_2(chunks)), num_warps=4)

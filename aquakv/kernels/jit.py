@@ -747,10 +747,10 @@ def _latent_values_kernel(p_ptr, lse_ptr, lsef_ptr, z_ptr, z_sb, z_st, zs_ptr, p
 
 @triton.jit(do_not_specialize=["CHUNKS", "ROWS"])
 def _latent_finish_kernel(part_ptr, up_ptr, out_ptr, CHUNKS, ROWS, QLEN, HQ, GQ, HD: tl.constexpr, RV: tl.constexpr,
-                          DM: tl.constexpr, BR: tl.constexpr):
+                          DM: tl.constexpr, BR: tl.constexpr, CB: tl.constexpr):
     """One query row ``(b, hq, qi)``: ``out[b, qi, hq] += (sum over chunks of part[b, chunk, row]) @ up[:, head]``,
     the partial sums of :func:`_latent_values_kernel` (``[B, CHUNKS, ROWS, RV]``) through the head's ``up`` columns,
-    in ``BR``-row blocks of ``up``."""
+    in ``BR``-row blocks of ``up``, ``CB`` chunks per load."""
     r = tl.program_id(0)  # hq * QLEN + qi
     b = tl.program_id(1)
     hq = r // QLEN
@@ -760,8 +760,10 @@ def _latent_finish_kernel(part_ptr, up_ptr, out_ptr, CHUNKS, ROWS, QLEN, HQ, GQ,
     for k0 in range(0, RV, BR):
         k = k0 + tl.arange(0, BR)
         pz = tl.zeros((BR,), tl.float32)
-        for c in range(CHUNKS):
-            pz += tl.load(part_ptr + ((b.to(tl.int64) * CHUNKS + c) * ROWS + r) * RV + k)
+        for c0 in range(0, CHUNKS, CB):
+            c = c0 + tl.arange(0, CB)
+            off = ((b.to(tl.int64) * CHUNKS + c) * ROWS + r) * RV
+            pz += tl.sum(tl.load(part_ptr + off[:, None] + k[None, :], mask=(c < CHUNKS)[:, None], other=0.0), 0)
         w = tl.load(up_ptr + k[:, None] * DM + (hq // GQ) * HD + d[None, :]).to(tl.float32)
         o += tl.sum(pz[:, None] * w, 0)
     dst = out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + d
