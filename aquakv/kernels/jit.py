@@ -434,6 +434,17 @@ def _head_times(xl, xh, w_ptr, c0, R: tl.constexpr, HB: tl.constexpr, acc, INTER
     return _dot16(xh, tl.load(w_ptr + (w_rows + HB * R)), acc, INTERP)
 
 
+@triton.jit
+def _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, off, RV: tl.constexpr, STORED: tl.constexpr):
+    """``[BT, RV]`` float32 value-predictor inputs from ``prev``'s columns ``off .. off + RV``: the previous layer's
+    hand-on, or (``STORED``) the tokens' own float8 ``z^V`` times its per-token scale."""
+    zv = tl.load(prev_ptr + srow[:, None] + off + tl.arange(0, RV)[None, :], mask=tmask[:, None],
+                 other=0.0).to(tl.float32)
+    if STORED:
+        zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
+    return zv
+
+
 # Integers that change from step to step (lengths, tile counts, strides of growing buffers) are not specialized on
 # (Triton would compile a variant for each divisibility-by-16 pattern they pass through: seconds of stall mid-decode).
 @triton.jit(do_not_specialize=["pos_sb", "C", "NT"])
@@ -503,8 +514,7 @@ def _decode_attention_kernel(
                 zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
             zk = zk.to(kup_ptr.dtype.element_ty)
         if VPRED == 2 and not STORED:  # (stored: read in pass 2, so it does not live through pass 1)
-            zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
-                         mask=tmask[:, None], other=0.0).to(tl.float32)
+            zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, False)
     else:
         if KPRED == 2:
             zk = _rows_times(prev_ptr, srow, tmask, ka_ptr, RK, 0, 0, DM, BT, RK, BK,
@@ -569,10 +579,8 @@ def _decode_attention_kernel(
     # ---- pass 2, values: V̂_l = P^V([K̂_l, V̂_{l-1}]) + deq(R^V) per head; outputs; hand-on of V̂_l
     SAME_V: tl.constexpr = HD % GS_V == 0 and PROJ
     vh_lo, vh_hi = _unrotation(vhr_ptr, GS_V, HB, SAME_V)
-    if STORED and VPRED == 2 and not DEFER_V:  # the tokens' own z^V times its per-token scale
-        zv = tl.load(prev_ptr + srow[:, None] + (RK if KPRED == 2 else 0) + tl.arange(0, RV)[None, :],
-                     mask=tmask[:, None], other=0.0).to(tl.float32)
-        zv = zv * tl.load(zs_ptr + rows * 2 + 1, mask=tmask, other=0.0)[:, None]
+    if STORED and VPRED == 2 and not DEFER_V:
+        zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, True)
     # DEFER_V: the value predictor's low-rank term is left to _latent_values_kernel (after the merge), the bias kept
     VP: tl.constexpr = 1 if DEFER_V else VPRED
     if PROJ and RV2 == 0:  # nothing to hand on: attend in the rotated / latent space (_attend_rotated), no V̂ tile
