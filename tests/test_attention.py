@@ -159,6 +159,18 @@ def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
         settings.enabled = False  # type: ignore[misc]
 
 
+def test_value_latents_auto_defers_at_many_programs_per_sm_or_a_high_rank():
+    """decode.md rounds 22-23 (H100, 32k): deferring pays from 4 decode programs per SM (batch 8), and at batch 1
+    (2 per SM) only at rank 256."""
+    from aquakv.kernels.decode import defers_values
+
+    auto = KernelSettings()
+    assert defers_values(auto, 64, 8 * 256, 132) and not defers_values(auto, 64, 256, 132)
+    assert defers_values(auto, 256, 256, 132) and not defers_values(auto, 128, 256, 132)
+    assert not defers_values(KernelSettings(value_latents="fused"), 256, 8 * 256, 132)
+    assert defers_values(KernelSettings(value_latents="deferred"), 16, 1, 132)
+
+
 @pytest.mark.parametrize("ranks,want", [((16, 40), (True, 128)), ((None, 16), (False, 1024)),
                                         ((128, 16), (True, 256)), ((256, 16), (False, 1024))])
 def test_scratch_hand_on_is_projected_only_for_low_rank_predictors(ranks, want):

@@ -28,17 +28,20 @@ if HAS_TRITON:
     from aquakv.kernels.jit import (
         _decode_attention_kernel,
         _exact_merge_kernel,
-        _latent_finish_kernel,
+        _latent_add_kernel,
+        _latent_up_kernel,
         _latent_values_kernel,
     )
 
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handles
 # Stored projections: the value predictor's low-rank term leaves the decode kernel for _latent_values_kernel once the
-# decode kernel has this many programs per SM (``KernelSettings.value_latents="auto"``). One layer at 32k, 2026-11-27
-# (docs/benchmarks/decode.md round 22): batch 8 (16 programs per SM) rank 256 1.442 -> 1.195 ms, rank 64 0.818 -> 0.744
-# (H100); batch 1 (2 per SM) the three extra launches cost more than they save (rank 64 0.101 -> 0.114, H200).
+# decode kernel has this many programs per SM, or its rank is DEFER_RANK or more (``KernelSettings.value_latents=
+# "auto"``). One layer at 32k, H100 (docs/benchmarks/decode.md rounds 22-23): batch 8 (16 programs per SM) rank 256
+# 1.442 -> 1.177 ms, rank 64 0.815 -> 0.742; batch 1 (2 per SM) rank 256 0.185 -> 0.166, but rank 64 0.100 -> 0.105.
 DEFER_PROGRAMS_PER_SM = 4
-MAX_LATENT_CHUNKS = 64  # token chunks per batch row at most: _latent_finish_kernel adds their partial sums in one load
+DEFER_RANK = 256
+MAX_LATENT_CHUNKS = 256  # token chunks per batch row at most (_latent_up_kernel adds their partial sums)
+LATENT_UP_ROWS = 32  # rows of ``up`` per _latent_up_kernel program
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
 # (`benchmarks/decode.py --sections sweep`, 2026-11-26): rank 128 projected 0.305 / 2.425 ms at batch 1 / 8 against
 # the full hand-on's best 0.305 / 2.284 (64-token tiles), with 8x less scratch; rank 256 projected 0.832 / 6.685
@@ -239,9 +242,7 @@ def decode_attention(
         lse = torch.empty(b, hq, qlen, nt, dtype=torch.float32, device=dev)
         probs = torch.empty(b * nt, h, qm, bt, dtype=torch.float32 if INTERPRET else torch.bfloat16, device=dev)
         dummy = o
-        defer = stored is not None and vmode == 2 and (
-            settings.value_latents == "deferred"
-            or (settings.value_latents == "auto" and b * nt >= DEFER_PROGRAMS_PER_SM * _sm_count(dev)))
+        defer = stored is not None and vmode == 2 and defers_values(settings, rv, b * nt, _sm_count(dev))
         _decode_attention_kernel[(nt, b)](
             query, query.stride(0), query.stride(1), query.stride(2),
             kc, kc.shape[-1], ks, ks.shape[-1], kgrid, k_unrot,
@@ -341,12 +342,20 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
     return out
 
 
+def defers_values(settings: KernelSettings, rank: int, programs: int, sms: int) -> bool:
+    """Whether a stored layer's value predictor term of width ``rank`` is deferred past the merge
+    (``value_latents``) when the decode kernel runs ``programs`` programs on ``sms`` SMs."""
+    if settings.value_latents != "auto":
+        return settings.value_latents == "deferred"
+    return programs >= DEFER_PROGRAMS_PER_SM * sms or rank >= DEFER_RANK
+
+
 def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tensor, lse_row: torch.Tensor,
                        length: int, hkv: int) -> None:
     """``out [B, Q, Hq, hd] += (sum_t P_t s_t z^V_t) @ up[:, head]``: the value predictor's low-rank term of stored
     projections, with ``P`` the final probabilities (per-tile ones times ``exp(lse - lse_row)``). Token chunks of whole
-    decode tiles, about two programs per SM (``_latent_values_kernel``); their partial sums are added, through ``up``,
-    by ``_latent_finish_kernel``."""
+    decode tiles, about two programs per SM (``_latent_values_kernel``); their partial sums are added, through blocks
+    of ``up``'s rows, by ``_latent_up_kernel``, and the blocks by ``_latent_add_kernel``."""
     b, qlen, hq, hd = out.shape
     nt = lse.shape[-1]
     bt, qm = latent.probs.shape[-1], latent.probs.shape[-2]
@@ -364,6 +373,9 @@ def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tenso
         latent.probs, lse, lse_row, z, z.stride(0), z.stride(1), latent.scales, part, length, nt, ch, hq, qlen,
         H=hkv, GQ=hq // hkv, QM=qm, BT=bt, MB=mb, RV=rv, BS=min(bt, 64), INTERP=INTERPRET, num_warps=4,
     )
-    _latent_finish_kernel[(rows, b)](part, latent.up, out, chunks, row_blocks * mb, qlen, hq, hq // hkv,
-                                     HD=hd, RV=rv, DM=latent.up.shape[1], BR=min(32, rv),
-                                     CB=min(MAX_LATENT_CHUNKS, triton.next_power_of_2(chunks)), num_warps=4)
+    br = min(LATENT_UP_ROWS, rv)
+    o = torch.empty(b, rows, rv // br, hd, dtype=torch.float32, device=out.device)
+    _latent_up_kernel[(rows, b, rv // br)](part, latent.up, o, chunks, row_blocks * mb, qlen, hq // hkv, HD=hd, RV=rv,
+                                           DM=latent.up.shape[1], BR=br, CB=min(64, triton.next_power_of_2(chunks)),
+                                           num_warps=4)
+    _latent_add_kernel[(rows, b)](o, out, qlen, hq, HD=hd, KB=rv // br, num_warps=4)

@@ -754,25 +754,35 @@ def _latent_values_kernel(p_ptr, lse_ptr, lsef_ptr, z_ptr, z_sb, z_st, zs_ptr, p
 
 
 @triton.jit(do_not_specialize=["CHUNKS", "ROWS"])
-def _latent_finish_kernel(part_ptr, up_ptr, out_ptr, CHUNKS, ROWS, QLEN, HQ, GQ, HD: tl.constexpr, RV: tl.constexpr,
-                          DM: tl.constexpr, BR: tl.constexpr, CB: tl.constexpr):
-    """One query row ``(b, hq, qi)``: ``out[b, qi, hq] += (sum over chunks of part[b, chunk, row]) @ up[:, head]``,
-    the partial sums of :func:`_latent_values_kernel` (``[B, CHUNKS, ROWS, RV]``) through the head's ``up`` columns,
-    in ``BR``-row blocks of ``up``, ``CB`` chunks per load."""
+def _latent_up_kernel(part_ptr, up_ptr, o_ptr, CHUNKS, ROWS, QLEN, GQ, HD: tl.constexpr, RV: tl.constexpr,
+                      DM: tl.constexpr, BR: tl.constexpr, CB: tl.constexpr):
+    """Query row ``r = (hq, qi)`` of batch row ``b``, ``up`` rows ``k = kb*BR .. kb*BR + BR``: ``o[b, r, kb] = (sum over
+    chunks of part[b, chunk, r, k]) @ up[k, head columns]``, the partial sums of :func:`_latent_values_kernel`
+    (``[B, CHUNKS, ROWS, RV]``, ``CB`` chunks per load) through one block of the head's ``up`` rows (``[HD]``
+    float32; :func:`_latent_add_kernel` adds the blocks). Split over ``up``'s rows so that batch 1 has enough
+    programs: one per row (32) added up 256 chunks at 0.017 ms a layer, more than the sums themselves."""
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    kb = tl.program_id(2)
+    k = kb * BR + tl.arange(0, BR)
+    d = tl.arange(0, HD)
+    pz = tl.zeros((BR,), tl.float32)
+    for c0 in range(0, CHUNKS, CB):
+        c = c0 + tl.arange(0, CB)
+        off = ((b.to(tl.int64) * CHUNKS + c) * ROWS + r) * RV
+        pz += tl.sum(tl.load(part_ptr + off[:, None] + k[None, :], mask=(c < CHUNKS)[:, None], other=0.0), 0)
+    w = tl.load(up_ptr + k[:, None] * DM + ((r // QLEN) // GQ) * HD + d[None, :]).to(tl.float32)
+    dst = ((b.to(tl.int64) * tl.num_programs(0) + r) * tl.num_programs(2) + kb) * HD + d
+    tl.store(o_ptr + dst, tl.sum(pz[:, None] * w, 0))
+
+
+@triton.jit
+def _latent_add_kernel(o_ptr, out_ptr, QLEN, HQ, HD: tl.constexpr, KB: tl.constexpr):
+    """``out[b, qi, hq] += sum over kb of o[b, r, kb]`` (:func:`_latent_up_kernel`'s blocks, in a fixed order)."""
     r = tl.program_id(0)  # hq * QLEN + qi
     b = tl.program_id(1)
-    hq = r // QLEN
-    qi = r % QLEN
     d = tl.arange(0, HD)
-    o = tl.zeros((HD,), tl.float32)
-    for k0 in range(0, RV, BR):
-        k = k0 + tl.arange(0, BR)
-        pz = tl.zeros((BR,), tl.float32)
-        for c0 in range(0, CHUNKS, CB):
-            c = c0 + tl.arange(0, CB)
-            off = ((b.to(tl.int64) * CHUNKS + c) * ROWS + r) * RV
-            pz += tl.sum(tl.load(part_ptr + off[:, None] + k[None, :], mask=(c < CHUNKS)[:, None], other=0.0), 0)
-        w = tl.load(up_ptr + k[:, None] * DM + (hq // GQ) * HD + d[None, :]).to(tl.float32)
-        o += tl.sum(pz[:, None] * w, 0)
-    dst = out_ptr + ((b.to(tl.int64) * QLEN + qi) * HQ + hq) * HD + d
+    rows = (b.to(tl.int64) * (HQ * QLEN) + r) * KB + tl.arange(0, KB)
+    o = tl.sum(tl.load(o_ptr + rows[:, None] * HD + d[None, :]), 0)
+    dst = out_ptr + ((b.to(tl.int64) * QLEN + r % QLEN) * HQ + r // QLEN) * HD + d
     tl.store(dst, (tl.load(dst).to(tl.float32) + o).to(out_ptr.dtype.element_ty))

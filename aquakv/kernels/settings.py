@@ -40,8 +40,9 @@ class KernelSettings:
       (rank <= D/4).
     - ``value_latents``: with stored projections, where the value predictor's low-rank term ``P z^V up`` is computed:
       ``"fused"`` in every decode program (a ``[tile, RV]`` operand per program), ``"deferred"`` after the merge,
-      summed over all tokens first (two small kernels), ``"auto"`` deferred where the decode kernel runs several
-      programs per SM (:data:`aquakv.kernels.decode.DEFER_PROGRAMS_PER_SM`). The same math either way.
+      summed over all tokens first (three small kernels), ``"auto"`` deferred where the decode kernel runs several
+      programs per SM or the rank is high (:data:`aquakv.kernels.decode.DEFER_PROGRAMS_PER_SM`, ``DEFER_RANK``). The
+      same math either way.
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
