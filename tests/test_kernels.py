@@ -389,6 +389,38 @@ def test_stored_projections_on_the_fused_decode_path(rank, q_len, grids, heads, 
     assert cache.shared.scratch is None
 
 
+def test_deferred_value_term_adds_every_chunk(monkeypatch):
+    """The value predictor's deferred term (``_add_latent_values``) against its formula, ``out += (sum_t p_t
+    exp(lse_tile - lse_row) s_t z^V_t) @ up[:, head]``, with one tile per chunk on 132 SMs: 80 chunks, more than one
+    load of the finish (64), 2 query tokens per head, batch 2."""
+    import aquakv.kernels.decode as dec
+    from aquakv.kernels.decode import LatentValues, _add_latent_values
+
+    monkeypatch.setattr(dec, "_sm_count", lambda device: 132)
+    gen = torch.Generator().manual_seed(4)
+    b, hkv, gq, qlen, bt, nt, rv, hd = 2, 2, 4, 2, 16, 80, 32, 64
+    hq, qm, length = hkv * gq, 16, nt * bt - 5
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    probs, scales = torch.rand(b * nt, hkv, qm, bt, generator=gen), torch.rand(b, length, 2, generator=gen)
+    lse, z, up, out = rnd(b, hq, qlen, nt), rnd(b, length + 3, rv), rnd(rv, hkv * hd), rnd(b, qlen, hq, hd)
+    lse_row = torch.logsumexp(lse, -1) + 1.0
+    t = torch.arange(length)
+    want = out.clone()
+    for bb in range(b):
+        for h in range(hq):
+            for qi in range(qlen):
+                p = probs.view(b, nt, hkv, qm, bt)[bb, t // bt, h // gq, (h % gq) * qlen + qi, t % bt]
+                weight = p * torch.exp(lse[bb, h, qi, t // bt] - lse_row[bb, h, qi]) * scales[bb, :, 1]
+                want[bb, qi, h] += (weight @ z[bb, :length]) @ up[:, h // gq * hd:(h // gq + 1) * hd]
+    got = out.to(DEV)
+    _add_latent_values(got, LatentValues(*(x.to(DEV) for x in (probs, z, scales, up))), lse.to(DEV),
+                       lse_row.to(DEV), length, hkv)
+    assert _rel(got.cpu(), want) < 1e-5
+
+
 @pytest.mark.parametrize("q_len,window,mask_kind,length", [(1, 9, None, 70), (3, 9, None, 70), (1, 9, "bool", 70),
                                                             (3, 90, "float", 70), (2, 9, "bool", 0)])
 def test_exact_merge_kernel_equals_the_reference_merge(q_len, window, mask_kind, length):
