@@ -373,9 +373,9 @@ def _add_latent_values(out: torch.Tensor, latent: LatentValues, lse: torch.Tenso
         latent.probs, lse, lse_row, z, z.stride(0), z.stride(1), latent.scales, part, length, nt, ch, hq, qlen,
         H=hkv, GQ=hq // hkv, QM=qm, BT=bt, MB=mb, RV=rv, BS=min(bt, 64), INTERP=INTERPRET, num_warps=4,
     )
-    br = min(LATENT_UP_ROWS, rv)
-    o = torch.empty(b, rows, rv // br, hd, dtype=torch.float32, device=out.device)
-    _latent_up_kernel[(rows, b, rv // br)](part, latent.up, o, chunks, row_blocks * mb, qlen, hq // hkv, HD=hd, RV=rv,
-                                           DM=latent.up.shape[1], BR=br, CB=min(64, triton.next_power_of_2(chunks)),
-                                           num_warps=4)
-    _latent_add_kernel[(rows, b)](o, out, qlen, hq, HD=hd, KB=rv // br, num_warps=4)
+    br = min(LATENT_UP_ROWS, rv)  # divides rv: factorization widths are powers of two (predictors.kernel_rank)
+    blocks = torch.empty(b, rows, rv // br, hd, dtype=torch.float32, device=out.device)
+    _latent_up_kernel[(rows, b, rv // br)](part, latent.up, blocks, chunks, row_blocks * mb, qlen, hq // hkv, HD=hd,
+                                           RV=rv, DM=latent.up.shape[1], BR=br,
+                                           CB=min(64, triton.next_power_of_2(chunks)), num_warps=4)
+    _latent_add_kernel[(rows, b)](blocks, out, qlen, hq, HD=hd, KB=rv // br, num_warps=4)

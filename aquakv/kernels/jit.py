@@ -724,7 +724,7 @@ def _latent_values_kernel(p_ptr, lse_ptr, lsef_ptr, z_ptr, z_sb, z_st, zs_ptr, p
     ``part [B, chunks, rows, RV]`` (float32). ``P`` are the final probabilities: the decode kernel's per-tile ones
     ``p`` (its ``[B*NT, H, QM, BT]`` slots) times ``exp(lse_tile - lse_row)`` (the merge's normalizer). Values carry no
     RoPE, so this part of the attention is linear in ``z^V``: summed over every token first, then one ``up`` product
-    per row (host), instead of a ``[BT, RV]`` operand held in every decode program."""
+    per row (:func:`_latent_up_kernel`), instead of a ``[BT, RV]`` operand held in every decode program."""
     c = tl.program_id(0)
     b = tl.program_id(1)
     m = tl.program_id(2) * MB + tl.arange(0, MB)
