@@ -11,7 +11,8 @@ With ``stored=True`` (the cache's ``KernelSettings(prediction="stored")``) each 
 predictor inputs :class:`Projections` ``z = input @ down`` (float8, one scale per token and part), and the prediction
 is ``z @ up + bias`` from them: reading a layer then needs no other layer's reconstruction. The residual is taken
 against the prediction from the *rounded* ``z``, so the rounding costs no accuracy of its own (the residual absorbs
-it) and encode and decode agree exactly.
+it) and encode and decode agree exactly. The key predictor's ``up`` factor is rounded the same way (float8, one scale:
+:func:`round_factor`), so the decode kernel can multiply ``z^K`` by it on float8 tensor cores.
 """
 
 from __future__ import annotations
@@ -134,24 +135,40 @@ def round_projection(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return z8, scale, z8.float() * scale
 
 
+def round_factor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [R, N]`` -> ``(w8 float8 e4m3, scale [] float32)``, one scale for the whole matrix so its largest magnitude
+    is e4m3's largest finite value (e4m3's exponent keeps every entry to ~3 significant bits, 6% at worst):
+    ``w8 * scale`` is the factor. The stored key predictor's ``up``: ``z^K`` is float8 already, so the decode kernel
+    multiplies the two on float8 tensor cores (twice bf16's rate; rank D/4 of an 8B model, batch 8: 1.04 -> 0.80 ms
+    per layer's kernel, docs/benchmarks/decode.md round 24)."""
+    amax = w.abs().amax()
+    scale = torch.where(amax > 0, amax / PROJECTION_MAX, torch.ones_like(amax)).float()
+    return (w / scale).clamp(-PROJECTION_MAX, PROJECTION_MAX).to(PROJECTION_DTYPE), scale
+
+
 def _projected(predictor: Predictor | None, inputs: torch.Tensor | None,
-               like: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+               like: torch.Tensor, keys: bool) -> tuple[torch.Tensor, tuple | None]:
     """Stored mode: ``(prediction, (z8, scale))`` from the rounded projection of ``inputs`` (zeros and None without a
-    predictor)."""
+    predictor); ``keys``: the key predictor (its ``up`` rounded, :func:`stored_factors`)."""
     if predictor is None:
         return torch.zeros_like(like, dtype=torch.float32), None
-    down, up = stored_factors(predictor)
+    down, up = stored_factors(predictor, keys)
     z8, scale, z = round_projection(inputs.float() @ down.to(inputs.device))
     return z @ up.to(z.device) + predictor.bias.to(z), (z8, scale)
 
 
-def stored_factors(predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down, up)`` of a predictor whose projections are stored; refuses a full-rank one."""
+def stored_factors(predictor: Predictor, keys: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down, up)`` float32 of a predictor whose projections are stored; refuses a full-rank one. ``keys``: the key
+    predictor's, with ``up`` rounded to float8 (:func:`round_factor`, returned as ``w8 * scale``): every user of a
+    stored key prediction (encode, decode, the kernels) multiplies by this one."""
     factors = predictor.factors()
     if factors is None:
         raise ValueError("prediction='stored' needs low-rank predictors (rank <= D/4: calibrate with predictor_rank); "
                          f"this one is {tuple(predictor.weight.shape)} at full rank")
-    return factors
+    if not keys:
+        return factors
+    up8, scale = round_factor(factors[1])
+    return factors[0], up8.float() * scale
 
 
 @dataclass
@@ -195,14 +212,14 @@ def encode(
     else:
         if prev is None and (codec.key_predictor is not None or codec.value_predictor is not None):
             raise ValueError("this layer's predictors need the previous layer's reconstruction")
-        key_pred, zk = _projected(codec.key_predictor, None if prev is None else prev[0], keys)
+        key_pred, zk = _projected(codec.key_predictor, None if prev is None else prev[0], keys, True)
     qk = codec.keys.quantize(keys.float() - key_pred)
     keys_hat = key_pred + codec.keys.dequantize(qk)
     if not stored:
         value_pred = codec.predict_values(keys_hat, prev)
     else:
         inputs = None if prev is None else codec.value_inputs(keys_hat, prev[1].float())
-        value_pred, zv = _projected(codec.value_predictor, inputs, keys_hat)
+        value_pred, zv = _projected(codec.value_predictor, inputs, keys_hat, False)
     qv = codec.values.quantize(values.float() - value_pred)
     values_hat = value_pred + codec.values.dequantize(qv)
     projections = None
@@ -226,13 +243,13 @@ def decode(
         return keys_hat, codec.predict_values(keys_hat, prev) + residual_values
     zk, zv = block.projections.parts()
 
-    def predict(predictor: Predictor | None, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def predict(predictor: Predictor | None, z: torch.Tensor, like: torch.Tensor, keys: bool) -> torch.Tensor:
         if predictor is None:
             return torch.zeros_like(like)
-        return z @ stored_factors(predictor)[1].to(z.device) + predictor.bias.to(z)
+        return z @ stored_factors(predictor, keys)[1].to(z.device) + predictor.bias.to(z)
 
-    return (predict(codec.key_predictor, zk, residual_keys) + residual_keys,
-            predict(codec.value_predictor, zv, residual_values) + residual_values)
+    return (predict(codec.key_predictor, zk, residual_keys, True) + residual_keys,
+            predict(codec.value_predictor, zv, residual_values, False) + residual_values)
 
 
 def gaussian_residual(config: QuantizerConfig, seed: int = 0) -> Residual:

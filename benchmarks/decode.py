@@ -179,8 +179,9 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
         predictors = (layer.codec.key_predictor, layer.codec.value_predictor)
         if cache.shared.settings.prediction == "stored" and predictors[0] is not None:
             widths = [p.factors()[0].shape[1] for p in predictors]
-            layer.compressed.projections = Projections(random_projections(batch, tokens, sum(widths)),
-                                                       torch.rand(batch, tokens, 2, device=DEV) * 0.01, widths[0])
+            scales = torch.rand(batch, tokens, 2, device=DEV) * 0.01 + 1e-4  # > 0, as encode's are
+            layer.compressed.projections = Projections(random_projections(batch, tokens, sum(widths)), scales,
+                                                       widths[0])
         layer.compressed_len = tokens
     pos = torch.arange(4, context + 512, dtype=torch.int32, device=DEV)
     cache.shared.positions = pos[None, : context - 4].expand(batch, -1).contiguous()
@@ -324,16 +325,26 @@ FULL_HANDON_LAUNCHES = [(64, 4, 4), (64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 
                         (32, 4, 1), (128, 8, 1)]
 
 
+def launch_arg(text: str) -> tuple[int, ...]:
+    """``'128,4,1'`` or ``'64,4,1,168'`` -> a launch tuple (command lines)."""
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"a launch is tokens,warps,stages[,register cap], got {text!r}")
+    return parts
+
+
 def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, grids: str = "d2",
-          once: bool = False, kinds: tuple[str, ...] = ("chained", "stored")) -> list:
+          once: bool = False, kinds: tuple[str, ...] = ("chained", "stored"),
+          stored_launches: list[tuple[int, ...]] | None = None, floors: bool = True) -> list:
     """``_decode_attention_kernel`` alone on a middle rank-``rank`` layer at ``tokens``, over launch configs ``(tokens
     per program, warps, stages)``: the full-reconstruction hand-on (every rank) and, up to
     :data:`~aquakv.kernels.decode.MAX_PROJECTED_RANK`, the projected one; the stored projections (every rank) and
-    their two floors (the value predictor's term in the kernel: ``value_latents="fused"``). A config that does not fit
-    the SM's shared memory is recorded as an error (explicit launches do not fall back). ``kinds``: which of the two
-    families to run. ``once``: no timing; ``(name, call)`` of each variant with its first launch is returned (the
-    chained hand-ons, the stored kernel and its two floors: sections ``stored`` / ``stored_once``,
-    ``benchmarks/kernel_registers.py``)."""
+    their two floors (the value predictor's term in the kernel: ``value_latents="fused"``, unless ``settings`` asks
+    for ``"deferred"``). A config that does not fit the SM's shared memory is recorded as an error (explicit launches
+    do not fall back). ``kinds``: which of the two families to run; ``stored_launches``: the stored family's launches
+    instead of :data:`STORED_LAUNCHES`; ``floors``: also the stored kernel's two floors. ``once``: no timing;
+    ``(name, call)`` of each variant with its first launch is returned (the chained hand-ons, the stored kernel and
+    its two floors: sections ``stored`` / ``stored_once``, ``benchmarks/kernel_registers.py``)."""
     from aquakv.kernels.decode import MAX_PROJECTED_RANK, decode_attention
 
     kvh, hd, hq = SHAPE["kv_heads"], SHAPE["head_dim"], SHAPE["heads"]
@@ -370,16 +381,18 @@ def sweep(batch: int, tokens: int, settings: KernelSettings, rank: int = 64, gri
     full = layer.codec
     stored = (("stored", full), ("stored, no value predictor", LayerCodec(full.keys, full.values, full.key_predictor)),
               ("no predictors", LayerCodec(full.keys, full.values)))
-    fused_values = settings.with_(value_latents="fused")  # the decode kernel alone times the whole layer's work
-    for name, codec in stored if "stored" in kinds else ():
+    # the decode kernel alone times the whole layer's work only with the value term fused; "deferred" (asked for)
+    # times the kernel the runtime runs at high ranks / batches, without the three small kernels after the merge
+    kernel_settings = settings if settings.value_latents == "deferred" else settings.with_(value_latents="fused")
+    for name, codec in (stored if floors else stored[:1]) if "stored" in kinds else ():
         widths = sum(p.factors()[0].shape[1] for p in (codec.key_predictor, codec.value_predictor) if p)
         latents = random_projections(batch, tokens + 64, max(widths, 16))
-        scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05  # [B, length, 2], contiguous
-        for launch in STORED_LAUNCHES:
+        scales = torch.rand(batch, layer.compressed_len, 2, device=DEV) * 0.05 + 1e-3  # [B, length, 2], > 0
+        for launch in stored_launches or STORED_LAUNCHES:
             def fn(codec=codec, latents=latents, scales=scales, launch=launch):
                 return decode_attention(q, layer.compressed.keys, layer.compressed.values, layer.compressed_len,
                                         codec, latents, latents, positions, inv_freq, 1.0, None, hd**-0.5,
-                                        fused_values, False, None, launch, stored=scales)
+                                        kernel_settings, False, None, launch, stored=scales)
             if once:
                 out.append((name, fn))
                 break
@@ -632,6 +645,10 @@ def main() -> None:
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
     p.add_argument("--sweep-kinds", nargs="+", default=["chained", "stored"], choices=("chained", "stored"),
                    help="kernel families of the sweep / stored sections (default both)")
+    p.add_argument("--sweep-launches", nargs="+", type=launch_arg, default=None,
+                   help="the stored family's launches, each 'tokens,warps,stages[,register cap]' (default: "
+                        "STORED_LAUNCHES)")
+    p.add_argument("--no-floors", action="store_true", help="sweep the stored kernel without its two floors")
     p.add_argument("--sweep-grids", default="d2", choices=sorted(GRIDS), help="grids of the sweep section's layer")
     p.add_argument("--scratch", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--value-latents", default="auto", choices=["auto", "fused", "deferred"],
@@ -682,7 +699,8 @@ def main() -> None:
         result["sweep"] = []
         for batch in args.layer_batches:
             result["sweep"] += sweep(batch, 32768, settings, args.sweep_rank, args.sweep_grids,
-                                     kinds=tuple(args.sweep_kinds))
+                                     kinds=tuple(args.sweep_kinds), stored_launches=args.sweep_launches,
+                                     floors=not args.no_floors)
             save()
     stored = [s for s in ("stored", "stored_once") if s in args.sections]
     if stored:  # stored_once: three launches, no timing (for a kernel profiler: `ncu --kernel-name regex:_decode`)

@@ -119,7 +119,8 @@ def opcode_counts(sass: str) -> dict[str, int]:
 
 
 def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | None = None,
-                   warps: int | None = None, instructions: bool = False, stages: int | None = None) -> dict:
+                   warps: int | None = None, instructions: bool = False, stages: int | None = None,
+                   defer: bool = False) -> dict:
     """Compile the captured launch for ``sm_<arch>`` (``tokens`` per program / ``warps`` / ``stages`` instead of the
     captured ones)
     and read ptxas's register and spill report (and, with ``instructions``, the SASS opcode counts)."""
@@ -132,6 +133,7 @@ def compile_counts(launch: dict, arch: int, maxnreg: int | None, tokens: int | N
 
     signature, constexprs, attrs = specialize(kernel, launch)
     constexprs |= {"BT": tokens} if tokens else {}
+    constexprs |= {"DEFER_V": True} if defer and constexprs.get("STORED") else {}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
     options = dict(launch["options"]) | ({"maxnreg": maxnreg} if maxnreg else {})
     options |= ({"num_warps": warps} if warps else {}) | ({"num_stages": stages} if stages else {})
@@ -166,6 +168,8 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=None,
                    help="variants to compile (default: all of benchmarks/decode.py's sweep: 'stored', 'chained, "
                         "projected hand-on', ...)")
+    p.add_argument("--deferred", action="store_true",
+                   help="the stored kernels with the value predictor's term deferred (value_latents='deferred')")
     p.add_argument("--capture", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.capture:
@@ -183,7 +187,7 @@ def main() -> None:
                 continue
             print(json.dumps({"grids": grids, "rank": args.rank, "kernel": name, "arch": args.arch,
                               **compile_counts(launch, args.arch, args.maxnreg, args.tokens, args.warps,
-                                               args.instructions, args.stages)}), flush=True)
+                                               args.instructions, args.stages, args.deferred)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from aquakv.cache import AquaKVCache, dynamic_cache_nbytes
-from aquakv.codec import LayerCodec, decode, encode, gaussian_residual
+from aquakv.codec import LayerCodec, decode, encode, gaussian_residual, round_factor, stored_factors
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.errors import ConfigError
@@ -121,6 +121,39 @@ def test_stored_projections_decode_exactly_what_encode_returned():
     for ours, chained, x in ((k_hat, chained_k, keys), (v_hat, chained_v, values)):
         err, chained_err = (ours - x).norm() / x.norm(), (chained - x).norm() / x.norm()
         assert err < 1.02 * chained_err, (err, chained_err)
+
+
+def test_stored_key_prediction_multiplies_by_the_float8_up_factor():
+    """The stored key predictor's ``up`` is rounded to float8 with one scale (the decode kernel multiplies ``z^K`` by it
+    on float8 tensor cores) and encode predicts with that rounded factor, so decode gives back exactly what encode
+    returned; the value predictor's ``up`` is not rounded."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 48, generator=gen) * torch.logspace(-3, 0, 48)  # columns over three decades
+    w8, scale = round_factor(w)
+    assert w8.dtype == torch.float8_e4m3fn and float(w8.float().abs().max()) == 448.0
+    back = w8.float() * scale
+    assert ((back - w).abs() <= w.abs() / 16 + 1e-6).all()  # e4m3 keeps ~3 significant bits at every magnitude
+    assert float(round_factor(torch.zeros(4, 4))[1]) == 1.0  # an all-zero factor: scale 1, no division by zero
+    d = 32
+    prev_k, prev_v = torch.randn(2, 3, 20, d, generator=gen).unbind(0)
+    keys, values = prev_k @ torch.randn(d, d, generator=gen) * 0.2, torch.randn(3, 20, d, generator=gen)
+    q = QuantizerConfig(dim=2, size=16, group_size=32)
+    codec = LayerCodec(gaussian_residual(q, 1), gaussian_residual(q, 2),
+                       fit_ridge(ridge_stats(prev_k.flatten(0, 1), keys.flatten(0, 1)), rank=8),
+                       fit_ridge(ridge_stats(LayerCodec.value_inputs(keys, prev_v).flatten(0, 1),
+                                             values.flatten(0, 1)), rank=8))
+    up = codec.key_predictor.factors()[1]
+    up8, up_scale = round_factor(up)
+    assert torch.equal(stored_factors(codec.key_predictor, keys=True)[1], up8.float() * up_scale)
+    assert torch.equal(stored_factors(codec.value_predictor)[1], codec.value_predictor.factors()[1])
+    block, (k_hat, v_hat) = encode(keys, values, (prev_k, prev_v), codec, stored=True)
+    zk = block.projections.parts()[0]
+    residual = codec.keys.dequantize(block.keys)
+    rounded = zk @ stored_factors(codec.key_predictor, keys=True)[1] + codec.key_predictor.bias
+    assert torch.allclose(k_hat, rounded + residual, atol=1e-5)
+    assert not torch.allclose(k_hat, zk @ up + codec.key_predictor.bias + residual, atol=1e-5)
+    got_k, got_v = decode(block, None, codec)
+    assert torch.equal(got_k, k_hat) and torch.equal(got_v, v_hat)
 
 
 @pytest.fixture(scope="module")

@@ -44,3 +44,12 @@ def test_rank_256_full_hand_on_at_its_runtime_launch_does_not_spill_at_d2():
     assert (c["kernel"], c["rank"], c["tokens_per_program"], c["num_warps"], c["num_stages"]) == (
         "chained, full hand-on", 256, 128, 8, 1)
     assert c["stack_bytes"] == 0 and c["spill_store_bytes"] == 0, c
+
+
+def test_the_rank_256_stored_kernel_multiplies_the_key_prediction_on_float8_tensor_cores():
+    """At rank D/4 = 256 (``aquakv.kernels.decode.FP8_KEY_RANK``) the stored kernel multiplies float8 ``z^K`` by the
+    float8 ``up`` factor with float8 ``wgmma`` (QGMMA); the un-rotations stay fp16 ``wgmma``."""
+    (c,) = compiled("--grids", "d2", "--rank", "256", "--kernels", "stored", "--instructions", "--deferred")
+    assert c["QGMMA"] > 0 and c["HGMMA"] > 0, c
+    (c64,) = compiled("--grids", "d2", "--kernels", "stored", "--instructions")
+    assert c64["QGMMA"] == 0, c64  # below the rank, the same rounded factor in bf16

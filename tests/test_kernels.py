@@ -371,7 +371,7 @@ def test_stored_projections_on_the_fused_decode_path(rank, q_len, grids, heads, 
     for layer in cache.layers[1:]:
         widths = [p.factors()[0].shape[1] for p in (layer.codec.key_predictor, layer.codec.value_predictor)]
         latents = (torch.randn(2, 150, sum(widths), generator=gen) * 100).to(PROJECTION_DTYPE)
-        scales = torch.rand(2, 150, 2, generator=gen) * 0.05
+        scales = torch.rand(2, 150, 2, generator=gen) * 0.05 + 1e-3
         layer.compressed.projections = Projections(latents.to(DEV), scales.to(DEV), widths[0])
     ref, ours = TorchBackend(KernelSettings(enabled=False, prediction="stored"), tile=32), TritonBackend(settings)
     mask = torch.ones(2, 1, q_len, 4 + 150 + 5, dtype=torch.bool)
@@ -418,7 +418,9 @@ def test_deferred_value_term_adds_every_chunk(monkeypatch):
     got = out.to(DEV)
     _add_latent_values(got, LatentValues(*(x.to(DEV) for x in (probs, z, scales, up))), lse.to(DEV),
                        lse_row.to(DEV), length, hkv)
-    assert _rel(got.cpu(), want) < 1e-5
+    # fp32 under the interpreter; on a GPU the sums multiply bf16 operands (1e-3 measured on an H100): a chunk left
+    # out of the 80 moves the result by ~1e-2 or more
+    assert _rel(got.cpu(), want) < (1e-5 if DEV == "cpu" else 5e-3)
 
 
 @pytest.mark.parametrize("q_len,window,mask_kind,length", [(1, 9, None, 70), (3, 9, None, 70), (1, 9, "bool", 70),

@@ -17,9 +17,11 @@ from typing import NamedTuple
 
 import torch
 
+from aquakv.codec import round_factor, stored_factors
 from aquakv.kernels import HAS_TRITON
 from aquakv.kernels.host import _PerTensor, prepare, rotation_matrices
 from aquakv.kernels.settings import INTERPRET, KernelSettings
+from aquakv.predictors import kernel_rank
 
 if HAS_TRITON:
     import triton
@@ -40,6 +42,11 @@ MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens one program handle
 # 1.442 -> 1.177 ms, rank 64 0.815 -> 0.742; batch 1 (2 per SM) rank 256 0.185 -> 0.166, but rank 64 0.100 -> 0.105.
 DEFER_PROGRAMS_PER_SM = 4
 DEFER_RANK = 256
+# Stored projections: from this (kernel) rank the key prediction ``z^K @ up`` runs on float8 tensor cores (z^K is
+# float8 as stored, up rounded to float8 for every stored key prediction: aquakv.codec.round_factor). 32k, H100, the
+# decode kernel alone: rank 256 0.131 -> 0.116 ms at batch 1, 1.037 -> 0.797 at batch 8; rank 64 slower (0.094 ->
+# 0.109 at batch 1), so below this rank the same rounded factor is multiplied in bf16 (decode.md round 24).
+FP8_KEY_RANK = 256
 MAX_LATENT_CHUNKS = 256  # token chunks per batch row at most (_latent_up_kernel adds their partial sums)
 LATENT_UP_ROWS = 32  # rows of ``up`` per _latent_up_kernel program
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
@@ -83,6 +90,26 @@ def _predictor_operands(predictor, device: torch.device, settings: KernelSetting
     if prep.weight is not None:
         return 1, prep.weight, prep.bias, None, None, 16
     return 2, None, prep.bias, prep.down, prep.up, prep.down.shape[1]
+
+
+_KEY_UP = _PerTensor()
+
+
+def _stored_key_up(predictor, device: torch.device, fp8: bool) -> tuple[torch.Tensor, float]:
+    """The stored key predictor's ``up``, rounded to float8 as every stored key prediction uses it
+    (:func:`aquakv.codec.stored_factors`), zero-padded to the kernel rank ``R``, cached per weight, device and form:
+    ``fp8``: ``(up8^T [DM, R] float8, scale)``, K-major as float8 tensor cores read it; else ``(up8 * scale [R, DM],
+    1.0)`` in the operand dtype."""
+    per, key = _KEY_UP.get(predictor.weight), (str(device), fp8)
+    if key not in per:
+        up = stored_factors(predictor)[1].to(device)
+        up = torch.cat([up, up.new_zeros(kernel_rank(up.shape[0]) - up.shape[0], up.shape[1])])
+        up8, scale = round_factor(up)  # the zero rows change neither the scale nor the other entries
+        if fp8:
+            per[key] = (up8.t().contiguous(), float(scale))
+        else:
+            per[key] = ((up8.float() * scale).to(torch.float32 if INTERPRET else torch.bfloat16).contiguous(), 1.0)
+    return per[key]
 
 
 def needs_own_buffer(codec, settings: KernelSettings) -> bool:
@@ -223,6 +250,10 @@ def decode_attention(
         nkmode, _, _, ka2, _, rk2 = _predictor_operands(next_codec.key_predictor, dev, settings)
         nvmode, _, _, va2, _, rv2 = _predictor_operands(next_codec.value_predictor, dev, settings)
         rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
+    key8, kup_scale = False, 1.0
+    if stored is not None and kmode == 2:  # the stored key predictor's rounded up (codec.stored_factors)
+        key8 = rk >= FP8_KEY_RANK
+        kup, kup_scale = _stored_key_up(codec.key_predictor, dev, key8)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
         raise ValueError("a full-rank predictor needs separate prev and cur scratch buffers")
@@ -249,7 +280,7 @@ def decode_attention(
             vc, vc.shape[-1], vs, vs.shape[-1], vgrid, v_unrot,
             prev, cur, prev.stride(0), prev.stride(1), stored if stored is not None else dummy,
             kw if kw is not None else dummy, kb if kb is not None else dummy, ka if ka is not None else dummy,
-            kup if kup is not None else dummy,
+            kup if kup is not None else dummy, kup_scale,
             vw if vw is not None else dummy, vb if vb is not None else dummy, va if va is not None else dummy,
             vup if vup is not None else dummy, ka2 if ka2 is not None else dummy, va2 if va2 is not None else dummy,
             positions, positions.stride(0), inv_freq, float(rope_scale),
@@ -257,7 +288,7 @@ def decode_attention(
             length, nt, hq, qlen, float(scaling) * math.log2(math.e),
             DM=d, H=h, HD=hd, GQ=gq, QM=qm, BT=bt, BK=64,
             KPRED=kmode, VPRED=vmode, RK=rk, RV=rv, PROJ=projected or stored is not None, RK2=rk2, RV2=rv2,
-            STORED=stored is not None, DEFER_V=defer,
+            STORED=stored is not None, DEFER_V=defer, Z8=key8,
             GS_K=kcfg.group_size, D_K=kcfg.dim, BITS_K=kcfg.index_bits, WORDS_K=kc_words,
             GS_V=vcfg.group_size, D_V=vcfg.dim, BITS_V=vcfg.index_bits, WORDS_V=vc_words,
             HAS_MASK=key_mask is not None, INTERP=INTERPRET, num_warps=warps, num_stages=stages,

@@ -280,6 +280,16 @@ def _dot16(a, b, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _dot8(a, b, acc, INTERP: tl.constexpr):
+    """``acc + a @ b`` with float8 e4m3 operands and fp32 accumulation (fp32 ``ieee`` under the interpreter)."""
+    if INTERP:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
 def _codes_from_words(codes_ptr, rows, rmask, row_words, grp, BM: tl.constexpr, V: tl.constexpr,
                       BITS: tl.constexpr):
     """``[BM, V]`` int32: the ``V`` codes of group ``grp`` from the row's 32-bit words (``32 % BITS == 0`` and every
@@ -317,12 +327,12 @@ def _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM: tl.constexp
 
 
 @triton.jit
-def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, h, rows, rmask, row_len, G, c0,
+def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, h, rows, rmask, row_len, G, c0, rdiv,
               BM: tl.constexpr, WIDTH: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
               WORDS: tl.constexpr, HELD: tl.constexpr, INTERP: tl.constexpr):
-    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group): ``[BM, WIDTH]`` float32, one fp16
-    product of the grid coordinates (:func:`_grid_units`) with the ``±1`` un-rotation: its slice ``h`` (``HELD``,
-    :func:`_unrotation`) or read here from ``hr_ptr``."""
+    """Dequantized residual of columns ``c0 .. c0 + WIDTH`` (inside one group), divided by ``rdiv`` per row (``[BM]``
+    or a scalar): ``[BM, WIDTH]`` float32, one fp16 product of the grid coordinates (:func:`_grid_units`) with the
+    ``±1`` un-rotation: its slice ``h`` (``HELD``, :func:`_unrotation`) or read here from ``hr_ptr``."""
     grp = c0 // GS
     unit = _grid_units(codes_ptr, table_ptr, rows, rmask, row_len, grp, BM, GS, D, BITS, WORDS)
     if not HELD:
@@ -332,7 +342,7 @@ def _deq_fast(codes_ptr, scales_ptr, table_ptr, hr_ptr, h, rows, rmask, row_len,
     else:
         acc = tl.dot(unit, h, tl.zeros((BM, WIDTH), tl.float32))
     scale = tl.load(scales_ptr + rows.to(tl.int64) * G + grp, mask=rmask, other=0.0).to(tl.float32)
-    return acc * (scale * (1.0 / GS))[:, None]
+    return acc * (scale * (1.0 / GS) / rdiv)[:, None]
 
 
 @triton.jit
@@ -406,19 +416,25 @@ def _rows_times(x_ptr, xrow, xmask, w_ptr, w_ld, w_row0, w_col0, K: tl.constexpr
 
 @triton.jit
 def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows,
-                            tmask, c_rl, groups, c0, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
+                            tmask, c_rl, groups, c0, zrow, DM: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
                             GS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr,
-                            PRED: tl.constexpr, HELD: tl.constexpr, INTERP: tl.constexpr):
+                            PRED: tl.constexpr, HELD: tl.constexpr, Z8: tl.constexpr, INTERP: tl.constexpr):
     """``acc [BT, HB]`` (fp32, the full-rank prediction: ``PRED`` 1) of columns ``c0 .. c0+HB`` + the low-rank
     prediction ``z [BT, R] @ up[:, cols]`` (``PRED`` 2) + the bias (``PRED`` 1, 2) + the dequantized residual: half a
     head of K̂ or V̂. The prediction accumulates onto the residual, so one ``[BT, HB]`` accumulator is live: two
     spilled the stored kernel's registers (``benchmarks/kernel_registers.py``, decode.md round 18)."""
     cols = c0 + tl.arange(0, HB)
-    out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, BT, HB, GS, D, BITS, WORDS,
-                    HELD, INTERP)
+    if Z8:  # z, up float8: out = (residual / zrow + z @ up) * zrow, zrow [BT] the product's scale per token
+        out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, zrow, BT, HB, GS, D, BITS,
+                        WORDS, HELD, INTERP)
+        # up^T [DM, R] row-major: the [R, HB] operand is K-major, as float8 wgmma reads it
+        out = _dot8(z, tl.load(up_ptr + tl.arange(0, R)[:, None] + cols[None, :] * R), out, INTERP) * zrow[:, None]
+    else:
+        out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, 1.0, BT, HB, GS, D, BITS,
+                        WORDS, HELD, INTERP)
     if PRED == 1:
         out += acc
-    if PRED == 2:
+    if PRED == 2 and not Z8:
         out = _dot16(z, tl.load(up_ptr + tl.arange(0, R)[:, None] * DM + cols[None, :]), out, INTERP)
     if PRED != 0:
         out += tl.load(bias_ptr + cols)[None, :]
@@ -453,7 +469,7 @@ def _decode_attention_kernel(
     kc_ptr, kc_rl, ks_ptr, k_groups, kgrid_ptr, khr_ptr,
     vc_ptr, vc_rl, vs_ptr, v_groups, vgrid_ptr, vhr_ptr,
     prev_ptr, cur_ptr, s_sb, s_st, zs_ptr,
-    kw_ptr, kb_ptr, ka_ptr, kup_ptr,
+    kw_ptr, kb_ptr, ka_ptr, kup_ptr, kup_scale,
     vw_ptr, vb_ptr, va_ptr, vup_ptr, ka2_ptr, va2_ptr,
     pos_ptr, pos_sb, inv_freq_ptr, rope_scale,
     mask_ptr, p_ptr, o_ptr, lse_ptr,
@@ -462,6 +478,7 @@ def _decode_attention_kernel(
     BK: tl.constexpr,
     KPRED: tl.constexpr, VPRED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
     PROJ: tl.constexpr, RK2: tl.constexpr, RV2: tl.constexpr, STORED: tl.constexpr, DEFER_V: tl.constexpr,
+    Z8: tl.constexpr,
     GS_K: tl.constexpr, D_K: tl.constexpr, BITS_K: tl.constexpr, WORDS_K: tl.constexpr,
     GS_V: tl.constexpr, D_V: tl.constexpr, BITS_V: tl.constexpr, WORDS_V: tl.constexpr,
     HAS_MASK: tl.constexpr, INTERP: tl.constexpr,
@@ -471,7 +488,9 @@ def _decode_attention_kernel(
     Predictors: ``KPRED``/``VPRED`` 0 none, 1 full weight ``[K_in, DM]``, 2 low rank ``a [K_in, R] @ up [R, DM]``;
     the value predictor's input is ``[K̂_l, V̂_{l-1}]``. ``STORED``: the tokens' own projections ``[z^K | z^V]``
     (float8, scales ``zs``) are ``prev`` and nothing is handed on: no layer reads another's reconstruction;
-    ``DEFER_V``: the value predictor's low-rank term is left out (:func:`_latent_values_kernel` adds it).
+    ``DEFER_V``: the value predictor's low-rank term is left out (:func:`_latent_values_kernel` adds it); ``Z8``:
+    stored ``z^K`` times the key predictor's float8 ``up`` (``kup`` is ``up^T [DM, RK]``, ``kup_scale`` its scale)
+    on float8 tensor cores (:func:`aquakv.codec.round_factor`).
     Otherwise the scratch hands layer ``l``'s reconstruction to layer
     ``l+1``: ``prev`` holds what layer ``l`` reads, ``cur`` receives what layer ``l+1`` reads (the same buffer unless a
     predictor is full rank: each input is read before its columns are overwritten). Rows are either the full
@@ -506,13 +525,17 @@ def _decode_attention_kernel(
     # ---- pass 1, keys: K̂_l = P^K(K̂_{l-1}) + deq(R^K) per head; scores and probabilities; hand-on of K̂_l
     zk = 0.0  # the low-rank projections, read only where KPRED / VPRED == 2
     zv = 0.0
+    zrow = 1.0  # Z8: the key prediction's scale per token (z^K's times up's)
     if PROJ:  # layer l-1 wrote them: [K̂_{l-1} @ a^K (RK) | V̂_{l-1} @ a^V[DM:] (RV)]; STORED: the tokens' own
         if KPRED == 2:  # [z^K (RK) | z^V (RV)] in fp8, each part times its per-token scale (zs [rows, 2])
-            zk = tl.load(prev_ptr + srow[:, None] + tl.arange(0, RK)[None, :], mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-            if STORED:
-                zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
-            zk = zk.to(kup_ptr.dtype.element_ty)
+            zk = tl.load(prev_ptr + srow[:, None] + tl.arange(0, RK)[None, :], mask=tmask[:, None], other=0.0)
+            if Z8:  # z^K as stored, times up8 (float8 tensor cores), then times the scales
+                zrow = tl.load(zs_ptr + rows * 2, mask=tmask, other=1.0) * kup_scale
+            else:
+                zk = zk.to(tl.float32)
+                if STORED:
+                    zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
+                zk = zk.to(kup_ptr.dtype.element_ty)
         if VPRED == 2 and not STORED:  # (stored: read in pass 2, so it does not live through pass 1)
             zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, False)
     else:
@@ -534,11 +557,11 @@ def _decode_attention_kernel(
             acc_l = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0, DM, BT, HB, BK, acc_l, INTERP)
             acc_h = _rows_times(prev_ptr, srow, tmask, kw_ptr, DM, 0, c0 + HB, DM, BT, HB, BK, acc_h, INTERP)
         kl = _low_rank_bias_residual(acc_l, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, kh_lo, rows,
-                                     tmask, kc_rl, k_groups, c0, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED, SAME_K,
-                                     INTERP).to(kd)
+                                     tmask, kc_rl, k_groups, c0, zrow, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
+                                     SAME_K, Z8, INTERP).to(kd)
         kh = _low_rank_bias_residual(acc_h, zk, kup_ptr, kb_ptr, RK, kc_ptr, ks_ptr, kgrid_ptr, khr_ptr, kh_hi, rows,
-                                     tmask, kc_rl, k_groups, c0 + HB, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K, KPRED,
-                                     SAME_K, INTERP).to(kd)
+                                     tmask, kc_rl, k_groups, c0 + HB, zrow, DM, BT, HB, GS_K, D_K, BITS_K, WORDS_K,
+                                     KPRED, SAME_K, Z8, INTERP).to(kd)
         if PROJ:
             if VPRED == 2 and not STORED:  # zv += K̂_l[:, head h] @ a[head h rows]
                 zv = _head_times(kl, kh, va_ptr, c0, RV, HB, zv, INTERP)
@@ -622,11 +645,11 @@ def _decode_attention_kernel(
                 acc_h = _rows_times(prev_ptr + DM, srow, tmask, vw_ptr, DM, DM, c0 + HB, DM, BT, HB, BK, acc_h,
                                     INTERP)
             vl = _low_rank_bias_residual(acc_l, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_lo,
-                                         rows, tmask, vc_rl, v_groups, c0, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V,
-                                         VPRED, SAME_V, INTERP).to(kd)
+                                         rows, tmask, vc_rl, v_groups, c0, 1.0, DM, BT, HB, GS_V, D_V, BITS_V,
+                                         WORDS_V, VPRED, SAME_V, False, INTERP).to(kd)
             vh = _low_rank_bias_residual(acc_h, zv, vup_ptr, vb_ptr, RV, vc_ptr, vs_ptr, vgrid_ptr, vhr_ptr, vh_hi,
-                                         rows, tmask, vc_rl, v_groups, c0 + HB, DM, BT, HB, GS_V, D_V, BITS_V, WORDS_V,
-                                         VPRED, SAME_V, INTERP).to(kd)
+                                         rows, tmask, vc_rl, v_groups, c0 + HB, 1.0, DM, BT, HB, GS_V, D_V, BITS_V,
+                                         WORDS_V, VPRED, SAME_V, False, INTERP).to(kd)
             if PROJ:
                 if RV2 > 0:
                     nv = _head_times(vl, vh, va2_ptr + DM * RV2, c0, RV2, HB, nv, INTERP)
