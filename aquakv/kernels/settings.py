@@ -36,8 +36,9 @@ class KernelSettings:
       its low-rank predictor inputs (float8, ``RK + RV`` values per token and layer, :class:`aquakv.codec.Projections`),
       so a layer is read on its own. At rank 64 of an 8B model's D = 1024 that is +136 bytes per token and layer on
       576 of 2-bit codes and scales (+24%), and the fused kernel ~1.5x faster (docs/benchmarks/decode.md, round
-      15); at rank 256 (D/4) +520 bytes (+90%) and ~3x faster at batch 8 (rounds 21-22). Needs every predictor low rank
-      (rank <= D/4).
+      15); at rank 256 (D/4) +520 bytes (+90%) and ~3x faster at batch 8 (rounds 21-22), its key prediction on float8
+      tensor cores (the key predictor's ``up`` rounded to float8 for every stored key prediction, round 24). Needs
+      every predictor low rank (rank <= D/4).
     - ``value_latents``: with stored projections, where the value predictor's low-rank term ``P z^V up`` is computed:
       ``"fused"`` in every decode program (a ``[tile, RV]`` operand per program), ``"deferred"`` after the merge,
       summed over all tokens first (three small kernels), ``"auto"`` deferred where the decode kernel runs several
