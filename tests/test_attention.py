@@ -195,14 +195,16 @@ def test_scratch_hand_on_is_projected_only_for_low_rank_predictors(ranks, want):
     assert handoff(codecs, KernelSettings(), d) == want
 
 
-@pytest.mark.parametrize("wanted", [(128, 8, 1), (64, 4, 4), (32, 4, 2)])
+@pytest.mark.parametrize("wanted", [(128, 8, 1), (64, 4, 4), (32, 4, 2), (128, 4, 1, 168)])
 def test_decode_launch_fallbacks_need_less_shared_memory(wanted):
     """When the measured launch does not fit an SM's shared memory (rank 256 at D = 1024 did not), the fused kernel
-    tries fewer pipeline stages, then smaller token tiles: each candidate needs no more than the one before."""
+    tries fewer pipeline stages, then smaller token tiles: each candidate needs no more than the one before, and keeps
+    the launch's register cap (the stored kernel's with the value term deferred)."""
     from aquakv.kernels.decode import _launch_candidates
 
     got = _launch_candidates(wanted)
-    assert got[0] == wanted and len(set(got)) == len(got)
-    assert got[-1] == (wanted[0], wanted[1], 1) if wanted[0] == 32 else got[-1] == (32, 4, 1)
-    for (t0, _, s0), (t1, _, s1) in zip(got, got[1:], strict=False):
+    cap = wanted[3:]
+    assert got[0] == wanted and len(set(got)) == len(got) and all(c[3:] == cap for c in got)
+    assert got[-1] == (wanted[0], wanted[1], 1, *cap) if wanted[0] == 32 else got[-1] == (32, 4, 1, *cap)
+    for (t0, _, s0, *_), (t1, _, s1, *_) in zip(got, got[1:], strict=False):
         assert t1 < t0 or (t1 == t0 and s1 < s0)

@@ -47,6 +47,10 @@ DEFER_RANK = 256
 # decode kernel alone: rank 256 0.131 -> 0.116 ms at batch 1, 1.037 -> 0.797 at batch 8; rank 64 slower (0.094 ->
 # 0.109 at batch 1), so below this rank the same rounded factor is multiplied in bf16 (decode.md round 24).
 FP8_KEY_RANK = 256
+# Stored, value term deferred, key product in bf16 (rank < FP8_KEY_RANK): registers per thread capped so that three
+# programs fit an SM. Rank 64, 32k, H100, the decode kernel alone: 0.674 -> 0.611 ms at batch 8, 2.626 -> 2.329 at
+# batch 32; the float8 rank-256 kernel was slower capped (0.797 -> 0.886 at batch 8; decode.md round 24).
+STORED_DEFERRED_REGISTERS = 168
 MAX_LATENT_CHUNKS = 256  # token chunks per batch row at most (_latent_up_kernel adds their partial sums)
 LATENT_UP_ROWS = 32  # rows of ``up`` per _latent_up_kernel program
 # Highest predictor rank of the projected hand-on. Kernel alone, 32k tokens, H100, 128-token tiles / 8 warps / 1 stage
@@ -167,18 +171,18 @@ def _launch_config(rows: int, full_rank: bool, projected: bool, settings: Kernel
     return bt, 4, (3 if projected else 4) if bt == 64 and not full_rank else 2
 
 
-def _launch_candidates(first: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """``first``, then configs that need less shared memory (fewer stages, then smaller tiles): a high predictor rank
-    (e.g. 256 at D = 1024) does not fit the measured default (293 KB of shared memory against an H100's 227 KB,
-    2026-11-26)."""
-    bt, warps, stages = first
-    out = [first] + [(bt, warps, s) for s in range(stages - 1, 0, -1)]
-    out += [(t, 4, s) for t in (64, 32) if t < bt for s in (2, 1)]
+def _launch_candidates(first: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """``first``, then configs that need less shared memory (fewer stages, then smaller tiles), each with ``first``'s
+    register cap if it has one: a high predictor rank (e.g. 256 at D = 1024) does not fit the measured default (293 KB
+    of shared memory against an H100's 227 KB, 2026-11-26)."""
+    bt, warps, stages, *cap = first
+    out = [first] + [(bt, warps, s, *cap) for s in range(stages - 1, 0, -1)]
+    out += [(t, 4, s, *cap) for t in (64, 32) if t < bt for s in (2, 1)]
     return list(dict.fromkeys(out))
 
 
 _TABLES = _PerTensor()
-_FITS: dict[tuple, tuple[int, int, int]] = {}  # (wanted launch, kernel constants, device) -> the config that fits
+_FITS: dict[tuple, tuple[int, ...]] = {}  # (wanted launch, kernel constants, device) -> the config that fits
 
 
 def _grid_table(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -303,6 +307,9 @@ def decode_attention(
     projected = projected or stored is not None
     wanted = _launch_config(b * length, kmode == 1 or vmode == 1, projected, settings, dev,
                             max(rk if kmode else 0, rv if vmode else 0), stored is not None)
+    if (stored is not None and vmode == 2 and not key8
+            and defers_values(settings, rv, b * math.ceil(length / wanted[0]), _sm_count(dev))):
+        wanted = (*wanted, STORED_DEFERRED_REGISTERS)
     key = (wanted, d, hd, gq, qm, kmode, vmode, rk, rv, projected, rk2, rv2, stored is not None, kcfg, vcfg, str(dev))
     if key in _FITS:
         return run(_FITS[key])
