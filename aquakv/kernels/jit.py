@@ -529,8 +529,9 @@ def _decode_attention_kernel(
     if PROJ:  # layer l-1 wrote them: [K̂_{l-1} @ a^K (RK) | V̂_{l-1} @ a^V[DM:] (RV)]; STORED: the tokens' own
         if KPRED == 2:  # [z^K (RK) | z^V (RV)] in fp8, each part times its per-token scale (zs [rows, 2])
             zk = tl.load(prev_ptr + srow[:, None] + tl.arange(0, RK)[None, :], mask=tmask[:, None], other=0.0)
-            if Z8:  # z^K as stored, times up8 (float8 tensor cores), then times the scales
-                zrow = tl.load(zs_ptr + rows * 2, mask=tmask, other=1.0) * kup_scale
+            if Z8:  # z^K as stored, times up8 (float8 tensor cores), then times the scales (kept normal: the
+                # residual is divided by it; a token whose z^K is all zero has scale 1)
+                zrow = tl.maximum(tl.load(zs_ptr + rows * 2, mask=tmask, other=1.0) * kup_scale, 1e-30)
             else:
                 zk = zk.to(tl.float32)
                 if STORED:
