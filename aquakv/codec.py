@@ -159,7 +159,7 @@ def _projected(predictor: Predictor | None, inputs: torch.Tensor | None,
 
 def stored_factors(predictor: Predictor, keys: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(down, up)`` float32 of a predictor whose projections are stored; refuses a full-rank one. ``keys``: the key
-    predictor's, with ``up`` rounded to float8 (:func:`round_factor`, returned as ``w8 * scale``): every user of a
+    predictor's, with ``up`` rounded to float8 (:func:`key_factor`, returned as ``w8 * scale``): every user of a
     stored key prediction (encode, decode, the kernels) multiplies by this one."""
     factors = predictor.factors()
     if factors is None:
@@ -167,8 +167,15 @@ def stored_factors(predictor: Predictor, keys: bool = False) -> tuple[torch.Tens
                          f"this one is {tuple(predictor.weight.shape)} at full rank")
     if not keys:
         return factors
-    up8, scale = round_factor(factors[1])
+    up8, scale = key_factor(predictor)
     return factors[0], up8.float() * scale
+
+
+def key_factor(predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up8, scale)``: the stored key predictor's ``up`` rounded by :func:`round_factor`, once per predictor
+    (:meth:`~aquakv.predictors.Predictor.derived`), so encode, decode and the kernels share its bits on every
+    device."""
+    return predictor.derived("float8 up", lambda: round_factor(stored_factors(predictor)[1]))
 
 
 @dataclass

@@ -7,6 +7,7 @@ across chunks or workers reduces to one exact solve.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ class Predictor(ArrayPickled):
     bias: torch.Tensor
     rank: int | None = None  # the rank :func:`fit_ridge` chose (None when not fitted here, e.g. loaded from a bundle)
     _factors: list = field(default_factory=list, init=False, repr=False, compare=False)  # memo of :meth:`factors`
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of :meth:`derived`
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias.to(x), x.reshape(-1, x.shape[-1]), self.weight.to(x)).view(
@@ -57,13 +59,21 @@ class Predictor(ArrayPickled):
             self._factors.append(low_rank_factors(self.weight))
         return self._factors[0]
 
+    def derived(self, name: str, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """``make()`` (a tuple of tensors derived from this predictor, e.g. :func:`aquakv.codec.key_factor`'s rounded
+        ``up``), computed once per ``name``: every user of it works with the same bits, on every device."""
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
+
     def to(self, device: torch.device | str) -> Predictor:
-        """This predictor on ``device``, with its factorization if already computed (the same basis on every
-        device)."""
+        """This predictor on ``device``, with its factorization and :meth:`derived` tensors if already computed (the
+        same basis and bits on every device)."""
         moved = Predictor(self.weight.to(device), self.bias.to(device), self.rank)
         if self._factors:
             f = self._factors[0]
             moved._factors.append(None if f is None else tuple(t.to(device) for t in f))
+        moved._derived = {k: tuple(t.to(device) for t in v) for k, v in self._derived.items()}
         return moved
 
 

@@ -208,3 +208,23 @@ def test_decode_launch_fallbacks_need_less_shared_memory(wanted):
     assert got[-1] == (wanted[0], wanted[1], 1, *cap) if wanted[0] == 32 else got[-1] == (32, 4, 1, *cap)
     for (t0, _, s0, *_), (t1, _, s1, *_) in zip(got, got[1:], strict=False):
         assert t1 < t0 or (t1 == t0 and s1 < s0)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_the_kernels_key_factor_is_the_codecs_rounded_up(fp8):
+    """The decode kernel's operand for the stored key prediction holds exactly the bits encode predicts with
+    (``codec.stored_factors(keys=True)``), zero-padded to the kernel rank, in both forms (float8 ``up^T`` for float8
+    tensor cores; ``up8`` in the operand dtype, its scale applied to ``z^K``), also after the predictor moves."""
+    from aquakv.codec import stored_factors
+    from aquakv.kernels.decode import _stored_key_up
+    from aquakv.predictors import Predictor, kernel_rank
+
+    gen = torch.Generator().manual_seed(6)
+    weight = (torch.randn(64, 12, generator=gen) @ torch.randn(12, 96, generator=gen)).float()
+    predictor = Predictor(weight, torch.zeros(96)).to("cpu")
+    want = stored_factors(predictor, keys=True)[1]
+    assert not torch.equal(want, predictor.factors()[1])  # rounded
+    op, scale = _stored_key_up(predictor.to("cpu"), torch.device("cpu"), fp8)
+    up = (op.t() if fp8 else op).float() * scale
+    assert up.shape == (kernel_rank(want.shape[0]), 96) and torch.equal(up[: want.shape[0]], want)
+    assert not up[want.shape[0]:].any()

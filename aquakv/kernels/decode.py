@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from aquakv.codec import round_factor, stored_factors
+from aquakv.codec import key_factor
 from aquakv.kernels import HAS_TRITON
 from aquakv.kernels.host import _PerTensor, prepare, rotation_matrices
 from aquakv.kernels.settings import INTERPRET, KernelSettings
@@ -100,19 +100,17 @@ _KEY_UP = _PerTensor()
 
 
 def _stored_key_up(predictor, device: torch.device, fp8: bool) -> tuple[torch.Tensor, float]:
-    """The stored key predictor's ``up``, rounded to float8 as every stored key prediction uses it
-    (:func:`aquakv.codec.stored_factors`), zero-padded to the kernel rank ``R``, cached per weight, device and form:
-    ``fp8``: ``(up8^T [DM, R] float8, scale)``, K-major as float8 tensor cores read it; else ``(up8 * scale [R, DM],
-    1.0)`` in the operand dtype."""
+    """``(up8 operand, scale)``: the stored key predictor's rounded ``up`` (:func:`aquakv.codec.key_factor`, the bits
+    every stored key prediction uses), zero-padded to the kernel rank ``R``, cached per weight, device and form.
+    ``fp8``: ``up8^T [DM, R]`` float8, K-major as float8 tensor cores read it; else ``up8 [R, DM]`` in the operand
+    dtype (exact: e4m3 values are bf16 values), the scale applied to ``z^K``."""
     per, key = _KEY_UP.get(predictor.weight), (str(device), fp8)
     if key not in per:
-        up = stored_factors(predictor)[1].to(device)
-        up = torch.cat([up, up.new_zeros(kernel_rank(up.shape[0]) - up.shape[0], up.shape[1])])
-        up8, scale = round_factor(up)  # the zero rows change neither the scale nor the other entries
-        if fp8:
-            per[key] = (up8.t().contiguous(), float(scale))
-        else:
-            per[key] = ((up8.float() * scale).to(torch.float32 if INTERPRET else torch.bfloat16).contiguous(), 1.0)
+        up8, scale = key_factor(predictor)
+        up8 = up8.to(device)
+        up8 = torch.cat([up8, up8.new_zeros(kernel_rank(up8.shape[0]) - up8.shape[0], up8.shape[1])])
+        op = up8.t() if fp8 else up8.to(torch.float32 if INTERPRET else torch.bfloat16)
+        per[key] = (op.contiguous(), float(scale))
     return per[key]
 
 

@@ -534,8 +534,8 @@ def _decode_attention_kernel(
                 zrow = tl.maximum(tl.load(zs_ptr + rows * 2, mask=tmask, other=1.0) * kup_scale, 1e-30)
             else:
                 zk = zk.to(tl.float32)
-                if STORED:
-                    zk = zk * tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0)[:, None]
+                if STORED:  # times the token's scale and up8's (kup holds up8 exactly)
+                    zk = zk * (tl.load(zs_ptr + rows * 2, mask=tmask, other=0.0) * kup_scale)[:, None]
                 zk = zk.to(kup_ptr.dtype.element_ty)
         if VPRED == 2 and not STORED:  # (stored: read in pass 2, so it does not live through pass 1)
             zv = _value_latents(prev_ptr, srow, tmask, zs_ptr, rows, RK if KPRED == 2 else 0, RV, False)
