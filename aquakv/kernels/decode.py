@@ -151,6 +151,13 @@ def _sm_count(device: torch.device) -> int:
     return 16
 
 
+@functools.cache
+def _float8_mma(device: torch.device) -> bool:
+    """Whether ``device`` multiplies float8 on tensor cores (compute capability 8.9 and up: Ada, Hopper; Triton's
+    interpreter on the CPU emulates it). Elsewhere (A100) the stored key product stays bf16."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _launch_config(rows: int, full_rank: bool, projected: bool, settings: KernelSettings,
                    device: torch.device, rank: int = 0, stored: bool = False) -> tuple[int, int, int]:
     """``(tokens per program, warps, pipeline stages)`` for ``rows = batch x compressed tokens`` (measured on H200s,
@@ -254,7 +261,7 @@ def decode_attention(
         rk2, rv2 = rk2 if nkmode else 0, rv2 if nvmode else 0
     key8, kup_scale = False, 1.0
     if stored is not None and kmode == 2:  # the stored key predictor's rounded up (codec.stored_factors)
-        key8 = rk >= FP8_KEY_RANK
+        key8 = rk >= FP8_KEY_RANK and _float8_mma(dev)
         kup, kup_scale = _stored_key_up(codec.key_predictor, dev, key8)
     qm = max(16, 1 << (gq * qlen - 1).bit_length())
     if (kmode == 1 or vmode == 1) and prev.data_ptr() == cur.data_ptr():
