@@ -167,15 +167,24 @@ def stored_factors(predictor: Predictor, keys: bool = False) -> tuple[torch.Tens
                          f"this one is {tuple(predictor.weight.shape)} at full rank")
     if not keys:
         return factors
-    up8, scale = key_factor(predictor)
-    return factors[0], up8.float() * scale
+    return factors[0], _rounded_up(predictor)[2]
 
 
 def key_factor(predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(up8, scale)``: the stored key predictor's ``up`` rounded by :func:`round_factor`, once per predictor
     (:meth:`~aquakv.predictors.Predictor.derived`), so encode, decode and the kernels share its bits on every
     device."""
-    return predictor.derived("float8 up", lambda: round_factor(stored_factors(predictor)[1]))
+    return _rounded_up(predictor)[:2]
+
+
+def _rounded_up(predictor: Predictor) -> tuple[torch.Tensor, ...]:
+    """``(up8, scale, up8 * scale float32)``, computed once per predictor: encode and every decode multiply by the
+    third."""
+    def make() -> tuple[torch.Tensor, ...]:
+        up8, scale = round_factor(stored_factors(predictor)[1])
+        return up8, scale, up8.float() * scale
+
+    return predictor.derived("float8 up", make)
 
 
 @dataclass

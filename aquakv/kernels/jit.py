@@ -424,14 +424,11 @@ def _low_rank_bias_residual(acc, z, up_ptr, bias_ptr, R: tl.constexpr, c_ptr, s_
     head of K̂ or V̂. The prediction accumulates onto the residual, so one ``[BT, HB]`` accumulator is live: two
     spilled the stored kernel's registers (``benchmarks/kernel_registers.py``, decode.md round 18)."""
     cols = c0 + tl.arange(0, HB)
-    if Z8:  # z, up float8: out = (residual / zrow + z @ up) * zrow, zrow [BT] the product's scale per token
-        out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, zrow, BT, HB, GS, D, BITS,
-                        WORDS, HELD, INTERP)
-        # up^T [DM, R] row-major: the [R, HB] operand is K-major, as float8 wgmma reads it
+    # Z8: z, up float8, out = (residual / zrow + z @ up) * zrow with zrow [BT] the product's scale per token (else 1)
+    out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, zrow, BT, HB, GS, D, BITS, WORDS,
+                    HELD, INTERP)
+    if Z8:  # up^T [DM, R] row-major: the [R, HB] operand is K-major, as float8 wgmma reads it
         out = _dot8(z, tl.load(up_ptr + tl.arange(0, R)[:, None] + cols[None, :] * R), out, INTERP) * zrow[:, None]
-    else:
-        out = _deq_fast(c_ptr, s_ptr, grid_ptr, hr_ptr, h, rows, tmask, c_rl, groups, c0, 1.0, BT, HB, GS, D, BITS,
-                        WORDS, HELD, INTERP)
     if PRED == 1:
         out += acc
     if PRED == 2 and not Z8:
