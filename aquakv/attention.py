@@ -39,12 +39,15 @@ MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens the fused path tak
 @dataclass(frozen=True)
 class Segments:
     """Tag on the exact keys ``update`` returns in the fused protocol: the layer, its compressed tokens at that
-    step (``block``, ``length``) and the number of sinks (the mask's columns are ``[sinks | compressed | window]``)."""
+    step (``block``, ``length``) and the number of sinks (the mask's columns are ``[sinks | compressed | window]``).
+    ``exact_len``: in a captured decode step (:mod:`aquakv.graphs`) the keys are the whole exact buffers and this
+    device int32 ``[1]`` says how many of their tokens are held."""
 
     layer: AquaKVLayer
     block: EncodedBlock | None
     length: int
     sinks: int
+    exact_len: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reference math
@@ -126,6 +129,17 @@ def compressed_validity(seg: Segments, mask: torch.Tensor | None, batch: int, q_
         return None
     valid = key_validity(mask, batch, q_len, kv_len, device)
     return valid[:, -1, seg.sinks : seg.sinks + seg.length]
+
+
+def captured_mask(mask: torch.Tensor | None) -> None:
+    """A captured decode step (:mod:`aquakv.graphs`: one query token, no padding) attends to every key, and its
+    backends read no mask: the causal mask some transformers versions still build for it has the host's length,
+    frozen into a CUDA graph. Checked to be all True wherever it can be read (not while a graph is captured)."""
+    if mask is None or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    valid = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if not bool(valid.all()):
+        raise ValueError("a captured decode step attends to every key: a masked (padded) batch needs ordinary steps")
 
 
 # ---------------------------------------------------------------------------------------------------- backends
@@ -217,6 +231,10 @@ class TorchBackend:
     def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """The fused protocol's math in PyTorch: reconstruct, tiled partials, merge with the exact segments."""
+        if seg.exact_len is not None:  # a captured step's whole buffers (the reference reads the length back)
+            captured_mask(mask)
+            mask, n = None, int(seg.exact_len)
+            exact_keys, exact_values = exact_keys[:, :, :n], exact_values[:, :, :n]
         keys, values = self._reconstruct(seg.layer, seg.block, seg.length)
         compressed = None
         if seg.length:
@@ -256,6 +274,9 @@ class TritonBackend:
         from aquakv.kernels.decode import attend_exact, decode_attention, handoff, needs_own_buffer, scratch_dtype
 
         layer, shared = seg.layer, seg.layer.shared
+        if seg.exact_len is not None:
+            captured_mask(mask)
+            mask = None
         compressed = None
         if seg.length and self.settings.prediction == "stored":
             compressed = self._attend_stored(seg, query, exact_keys, mask, scaling)
@@ -276,7 +297,8 @@ class TritonBackend:
                 float(getattr(rotary, "attention_scaling", 1.0)), valid, scaling, self.settings, projected,
                 shared.codecs[layer.layer_idx + 1] if layer.layer_idx + 1 < len(shared.codecs) else None)
             shared.scratch_src = dst
-        return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed)
+        return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed,
+                            exact_len=seg.exact_len)
 
     def _attend_stored(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, mask: torch.Tensor | None,
                        scaling: float) -> Pair:

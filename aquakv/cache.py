@@ -56,6 +56,10 @@ class _Shared:
     rope_memo: dict[str | None, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scratch: list[torch.Tensor | None] | None = None  # fused path: [B, capacity, 2D] reconstruction buffers
     scratch_src: int = 0  # the buffer holding the previous layer's reconstruction
+    # a captured decode step (aquakv.graphs) runs while these are set: the exact-buffer index of its token (int64
+    # [1]) and the exact tokens held after it (int32 [1]), on the device
+    step_slot: torch.Tensor | None = None
+    step_exact: torch.Tensor | None = None
     _inv_freq: dict = field(default_factory=dict)
 
     @property
@@ -101,6 +105,12 @@ class _Shared:
         if key not in self._inv_freq:
             self._inv_freq[key] = self.rotary.inv_freq.to(device, torch.float32).contiguous()
         return self._inv_freq[key]
+
+    def add_positions(self, pos: torch.Tensor, batch: int) -> None:
+        """Append the positions ``[B or 1, n]`` of ``n`` new non-sink tokens."""
+        pos = pos.expand(batch, -1).to(torch.int32)
+        old = self.positions
+        self.positions = pos if old is None else torch.cat([old, pos.to(old.device)], 1)
 
     def rope(self, rope: Rope, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[B, stop-start, rd]`` (float32) of ``rope`` for non-sink tokens ``start:stop``, memoized per
@@ -319,6 +329,8 @@ class AquaKVLayer(CacheLayerMixin):
         self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Pair:
+        if self.shared.step_slot is not None:
+            return self._update_captured(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kv_length = self.get_mask_sizes(key_states.shape[-2])[0]
@@ -348,6 +360,18 @@ class AquaKVLayer(CacheLayerMixin):
             keys, values = keys[:, :, -kv_length:], values[:, :, -kv_length:]
         return keys, values
 
+    def _update_captured(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Pair:
+        """One token of a captured decode step (:mod:`aquakv.graphs`, checked by :meth:`AquaKVCache.capturable`):
+        written at the device index ``step_slot`` and attended over the whole exact buffers up to the device length
+        ``step_exact``, so one CUDA graph replays it at every window length. The host counters move after the replay
+        (:meth:`AquaKVCache.advance`), not here: a replay runs no Python."""
+        ex, shared = self.exact, self.shared
+        ex.keys.index_copy_(2, shared.step_slot, key_states)
+        ex.values.index_copy_(2, shared.step_slot, value_states)
+        keys = ex.keys[:]  # a new tensor object for the tag, the same memory
+        keys._aquakv_segments = Segments(self, self.compressed, self.compressed_len, ex.sinks, shared.step_exact)
+        return keys, ex.values
+
     def _refresh(self) -> tuple[Pair, Pair, Pair]:
         """Point ``sink_keys`` / ``sink_values`` and ``keys`` / ``values`` (the window) at the exact buffers."""
         views = self.exact.views()
@@ -362,9 +386,7 @@ class AquaKVLayer(CacheLayerMixin):
         if pos is None or pos.shape[-1] != new:
             raise RuntimeError("AquaKVCache could not see this forward pass's position_ids; build it with "
                                "AquaKVCache.from_bundle(bundle, model) so it can track RoPE positions")
-        pos = pos[..., n_sink:].expand(batch, -1).to(torch.int32)
-        old = self.shared.positions
-        self.shared.positions = pos if old is None else torch.cat([old, pos.to(old.device)], 1)
+        self.shared.add_positions(pos[..., n_sink:], batch)
 
     def nbytes(self) -> int:
         """Bytes this layer holds between steps: codes, scales, the exact sinks and window's buffers."""
@@ -446,6 +468,43 @@ class AquaKVCache(Cache):
         if layer_idx == 0:
             self.shared.chains = {}
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def capturable(self, batch: int, graphs: bool = True) -> str | None:
+        """Why the next one-token step of ``batch`` sequences cannot run as a captured step (:mod:`aquakv.graphs`:
+        the token written at a device index, nothing else changed), or None when it can. ``graphs``: it is to be
+        replayed from a CUDA graph, so the kernels must read every length on the device (the Triton backend)."""
+        shared, first = self.shared, self.layers[0]
+        if not first.is_initialized or shared.backend is None:
+            return "the cache holds no tokens yet"
+        if not shared.fused_now(1):
+            return "the model's attention does not take the fused protocol (attention='full', or not 'aquakv')"
+        if graphs and shared.backend.name != "triton":
+            return "the PyTorch backend reads lengths on the host"
+        window = self.config.recent_window
+        for layer in self.layers:
+            ex = layer.exact
+            if layer.window is not None:
+                return "a sliding-window layer drops tokens"
+            if ex.keys.shape[0] != batch:
+                return f"the cache holds {ex.keys.shape[0]} sequences, not {batch}"
+            if ex.pending or layer.cumulative < self.config.sinks:
+                return "the sinks are still filling, or a compressed window is still in the buffers"
+            if ex.length != first.exact.length or ex.sinks != first.exact.sinks:
+                return "the layers' exact segments differ"
+            if ex.length + 1 > ex.keys.shape[2] or (self.config.compress and ex.length - ex.sinks + 1 >= window):
+                return "this step fills the recent window (it is compressed)"
+        return None
+
+    def advance(self, position_ids: torch.Tensor) -> None:
+        """The host side of a captured step that just ran (:meth:`capturable`): one more token seen and held by every
+        layer, and its position ``[B or 1, 1]``."""
+        for layer in self.layers:
+            layer.cumulative += 1
+            layer.exact.length += 1
+            layer._refresh()
+        self.shared.rope_memo = {}
+        if self.config.compress:
+            self.shared.add_positions(position_ids, self.layers[0].exact.keys.shape[0])
 
     def step_state(self) -> dict:
         """What the layers of one forward pass hand each other: token positions, each chain's reconstructions, the

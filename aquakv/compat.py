@@ -28,3 +28,18 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
     """``{name: cache}`` for ``model(...)`` / ``model.generate(...)`` under the installed transformers."""
     return {cache_kwarg_name(model): cache}
 
+
+
+@_memo
+def _takes_cache_position(forward_type: type) -> bool:
+    return "cache_position" in inspect.signature(forward_type.forward).parameters
+
+
+def position_kwargs(model: torch.nn.Module, position_ids: torch.Tensor,
+                    cache_position: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The positions of a step for ``model(...)``: ``position_ids [B, Q]``, and ``cache_position [Q]`` where
+    ``forward`` still takes it (transformers < 5.24 derives it from the cache's length on the host otherwise)."""
+    kw = {"position_ids": position_ids}
+    if _takes_cache_position(type(model)):
+        kw["cache_position"] = cache_position
+    return kw

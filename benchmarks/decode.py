@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -37,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aquakv.attention import Segments, TorchBackend, TritonBackend  # noqa: E402
 from aquakv.cache import AquaKVCache, dynamic_cache_nbytes  # noqa: E402
 from aquakv.codec import PROJECTION_DTYPE, EncodedBlock, LayerCodec, Projections, gaussian_residual  # noqa: E402
-from aquakv.compat import cache_kwargs  # noqa: E402
+from aquakv.compat import cache_kwargs, position_kwargs  # noqa: E402
 from aquakv.config import CacheConfig, QuantizerConfig  # noqa: E402
+from aquakv.graphs import CapturedDecode  # noqa: E402
 from aquakv.kernels import KernelSettings  # noqa: E402
 from aquakv.kernels.host import copy_bandwidth, read_compressed  # noqa: E402
 from aquakv.packing import packed_bytes  # noqa: E402
@@ -183,6 +185,7 @@ def fill_aquakv(cache: AquaKVCache, batch: int, kv_heads: int, head_dim: int, co
             layer.compressed.projections = Projections(random_projections(batch, tokens, sum(widths)), scales,
                                                        widths[0])
         layer.compressed_len = tokens
+        layer.cumulative = context  # tokens seen: the next step is position `context`, a window token (not a sink)
     pos = torch.arange(4, context + 512, dtype=torch.int32, device=DEV)
     cache.shared.positions = pos[None, : context - 4].expand(batch, -1).contiguous()
 
@@ -487,8 +490,41 @@ def make_cache(kind: str, model, batch: int, context: int, window: int, settings
                                    "prediction": prediction}
 
 
+def static_graph_step(model, cache, ids: torch.Tensor, state: dict):
+    """One-token steps of a ``StaticCache`` replayed from a CUDA graph (its writes and mask follow a device
+    ``cache_position``): the graph-captured baseline of :class:`aquakv.graphs.CapturedDecode`."""
+    pos = torch.full((ids.shape[0], 1), state["pos"], dtype=torch.long, device=DEV)
+    cpos = torch.full((1,), state["pos"], dtype=torch.long, device=DEV)
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache),
+                         **position_kwargs(model, pos, cpos)).logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps (they write the same slot the graph's first replay writes again)
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = forward()
+
+    def step():
+        pos.fill_(state["pos"])
+        cpos.fill_(state["pos"])
+        graph.replay()
+        state["pos"] += 1
+        return logits
+
+    return step
+
+
 def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int, profile_steps: int,
-                 kernels_out: list | None = None) -> dict:
+                 kernels_out: list | None = None, graphs: bool = False) -> dict:
+    """Wall and GPU time of one-token steps; ``graphs``: replayed from CUDA graphs (aquakv: :class:`CapturedDecode`,
+    which also runs the eager steps a compression needs; StaticCache: one captured step)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEV)
     state = {"pos": context}
     static = type(cache).__name__ == "StaticCache"
@@ -502,9 +538,19 @@ def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int
         state["pos"] += 1
         return out
 
+    if graphs and static:
+        step = static_graph_step(model, cache, ids, state)
+    elif graphs and not isinstance(cache, AquaKVCache):
+        raise ValueError(f"no CUDA-graph steps for a {type(cache).__name__} (its update concatenates)")
+    elif graphs:
+        step = functools.partial(CapturedDecode(model, cache), ids)
+
     walls = event_times(step, warmup, steps)
     g = gpu_ms(step, profile_steps, kernels_out)
-    return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_token": g, "wall_step_ms": walls}
+    rec = {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_token": g, "wall_step_ms": walls}
+    if isinstance(step, functools.partial):
+        rec["captured_steps"] = step.func.counts
+    return rec
 
 
 def e2e(args, model, settings: KernelSettings, records: list, save, result: dict) -> None:
@@ -525,10 +571,11 @@ def e2e(args, model, settings: KernelSettings, records: list, save, result: dict
                 try:
                     free()
                     torch.cuda.reset_peak_memory_stats()
-                    cache, nbytes, extra = make_cache(kind, model, batch, context, args.window, settings)
+                    base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
+                    cache, nbytes, extra = make_cache(base, model, batch, context, args.window, settings)
                     rec.update(kv_bytes=nbytes, **extra)
                     rows: list = []
-                    rec.update(decode_steps(model, cache, batch, context, args.warmup, args.steps, 3, rows))
+                    rec.update(decode_steps(model, cache, batch, context, args.warmup, args.steps, 3, rows, graphs))
                     rec["top_kernels"] = rows[:12]
                     if kind.startswith("aquakv"):
                         rec["scratch_bytes"] = cache.shared.scratch_nbytes()
@@ -629,7 +676,9 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--caches", nargs="+", default=["dynamic", "static", "quanto-int4", "quanto-int2",
-                                                   "aquakv-full", "aquakv-r64", "aquakv-r128"])
+                                                   "aquakv-full", "aquakv-r64", "aquakv-r128"],
+                   help="e2e caches: dynamic, static, quanto-int4|int2, aquakv-<full|r64|r128|r256>[-d4][-stored]; "
+                        "a '-graphs' suffix (static, aquakv) replays the steps from CUDA graphs")
     p.add_argument("--budget-caches", nargs="+", default=["dynamic", "aquakv-r64"])
     p.add_argument("--layer-caches", nargs="+", default=list(RANKS),
                    help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4][-stored])")

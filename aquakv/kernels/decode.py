@@ -343,16 +343,21 @@ MERGE_MANY_ROWS = (128, 128, 4, 128)
 def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor, sinks: int, length: int,
                  mask: torch.Tensor | None, scaling: float,
                  compressed: Partials | tuple[torch.Tensor, torch.Tensor] | None,
-                 launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                 launch: tuple[int, int, int, int] | None = None,
+                 exact_len: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``query [B, Hq, Q, hd]`` to the exact segments ``exact_keys / exact_values [B, Hkv, TE, hd]``
     (``[sinks | window]``, the ``length`` compressed tokens between them), merged with the compressed tokens' partials
     ``compressed`` (``o [B, Hq, Q, tiles, hd]``, ``lse [B, Hq, Q, tiles]`` as :func:`decode_attention` returns them, or
     None) -> ``[B, Q, Hq, hd]`` in the query's dtype; ``mask``: a transformers mask ``[B or 1, 1, Q, >= kv_len]``
     (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`.
     ``launch``: ``(exact tokens per block, partials per block, warps, output columns per program)`` instead of the
-    default (benchmark sweeps). A deferred value term (``compressed.latent``) is added after the merge."""
+    default (benchmark sweeps). A deferred value term (``compressed.latent``) is added after the merge.
+    ``exact_len`` (int32 ``[1]`` on the device, no mask): only the first ``exact_len`` of the buffers' tokens are
+    exact, read on the device so that a captured CUDA graph replays as the window grows (:mod:`aquakv.graphs`)."""
     b, hq, qlen, hd = query.shape
     hkv, te = exact_keys.shape[1], exact_keys.shape[2]
+    if exact_len is not None and (mask is not None or qlen > 1):
+        raise ValueError("a device-side exact length needs one query token and no mask")
     kv_len = te + length
     if query.stride(-1) != 1 or exact_keys.stride(-1) != 1 or exact_values.stride(-1) != 1:
         query, exact_keys, exact_values = query.contiguous(), exact_keys.contiguous(), exact_values.contiguous()
@@ -376,9 +381,10 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
         exact_keys, *exact_keys.stride()[:3], exact_values, *exact_values.stride()[:3],
         m, *m_strides, float(thr),
         o, lse, out, lse_row,
-        te, sinks, length, nt, hq, hq // hkv, qlen, float(scaling) * math.log2(math.e),
+        te, exact_len if exact_len is not None else out, sinks, length, nt, hq, hq // hkv, qlen,
+        float(scaling) * math.log2(math.e),
         HD=hd, DC=dc, BE=be, BN=bn, HAS_MASK=mask is not None, CAUSAL=mask is None and qlen > 1,
-        LSE_OUT=latent is not None, num_warps=warps,
+        LSE_OUT=latent is not None, TE_DEVICE=exact_len is not None, num_warps=warps,
     )
     if latent is not None:
         _add_latent_values(out, latent, lse, lse_row, length, hkv)

@@ -684,9 +684,9 @@ def _exact_merge_kernel(
     k_ptr, k_sb, k_sh, k_st, v_ptr, v_sb, v_sh, v_st,
     mask_ptr, m_sb, m_sq, m_sk, m_thr,
     po_ptr, plse_ptr, out_ptr, lse_out_ptr,
-    TE, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
+    TE, te_ptr, SINKS, C, NT, HQ, GQ, QLEN, scale_log2,
     HD: tl.constexpr, DC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr, LSE_OUT: tl.constexpr,
+    CAUSAL: tl.constexpr, LSE_OUT: tl.constexpr, TE_DEVICE: tl.constexpr,
 ):
     """One query row ``(b, hq, qi)``: attention to the ``TE`` exact keys / values ``[B, Hkv, TE, HD]`` of its KV head
     (``[sinks | window]``; mask column of exact token ``t``: ``t`` for a sink, ``t + C`` after the ``C`` compressed
@@ -694,7 +694,9 @@ def _exact_merge_kernel(
     the compressed tokens -> ``out [B, QLEN, HQ, HD]`` in ``out``'s dtype. Mask: ``mask[b, qi, col] > m_thr``
     (``HAS_MASK``), else causal inside the new tokens (``CAUSAL``), else every key. Each program writes ``DC`` of
     the ``HD`` output columns (program axis 1): the scores need the whole head, the values and partials only those
-    columns, so ``HD / DC`` programs share a row's reads (one program per row used 32 SMs at batch 1)."""
+    columns, so ``HD / DC`` programs share a row's reads (one program per row used 32 SMs at batch 1).
+    ``TE_DEVICE``: ``TE`` is read from ``te_ptr`` (int32 ``[1]``): a CUDA graph replays the launch while the exact
+    segment grows (:mod:`aquakv.graphs`)."""
     row = tl.program_id(0)  # (b * HQ + hq) * QLEN + qi: the partials' row
     qi = row % QLEN
     hq = (row // QLEN) % HQ
@@ -706,6 +708,8 @@ def _exact_merge_kernel(
     l_i = tl.zeros((1,), tl.float32)
     acc = tl.zeros((DC,), tl.float32)
     h = hq // GQ
+    if TE_DEVICE:
+        TE = tl.load(te_ptr)
     for t0 in range(0, TE, BE):
         t = t0 + tl.arange(0, BE)
         tm = t < TE

@@ -1,0 +1,107 @@
+"""Captured decode steps (:mod:`aquakv.graphs`): the token written at a device index and the exact length read on the
+device give the logits of ordinary steps, across compressions of the window; on CUDA, replayed from CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aquakv import kernels
+from aquakv.attention import captured_mask
+from aquakv.cache import AquaKVCache
+from aquakv.compat import cache_kwargs
+from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.graphs import CapturedDecode
+from aquakv.kernels import KernelSettings
+from conftest import calibrate_in_memory, tiny_llama
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _steps(model, cache, ids: torch.Tensor, prompt: int, runner: CapturedDecode | None = None) -> torch.Tensor:
+    """Logits of one-token steps after a ``prompt``-token prefill, ``[B, steps, vocab]``."""
+    with torch.no_grad():
+        model(ids[:, :prompt], **cache_kwargs(model, cache))
+        out = []
+        for i in range(prompt, ids.shape[1]):
+            step = ids[:, i : i + 1]
+            out.append(runner(step) if runner else model(step, **cache_kwargs(model, cache)).logits)
+    return torch.cat(out, 1)
+
+
+def _same_state(a: AquaKVCache, b: AquaKVCache) -> None:
+    assert a.get_seq_length() == b.get_seq_length()
+    assert torch.equal(a.shared.positions, b.shared.positions)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert (x.compressed_len, x.exact.length, x.exact.sinks) == (y.compressed_len, y.exact.length, y.exact.sinks)
+        n = x.exact.length
+        assert torch.equal(x.exact.keys[:, :, :n], y.exact.keys[:, :, :n])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(1))
+    q = QuantizerConfig(dim=2, size=256, group_size=32)
+    return model, calibrate_in_memory(model, ids, q, q, cache=CacheConfig(recent_window=32))
+
+
+def test_captured_steps_give_the_logits_of_ordinary_steps(tiny):
+    """The captured-step protocol without graphs (the PyTorch backend): 100 steps over three compressions of the
+    window, each compression and the step after it eager, every other step captured."""
+    model, bundle = tiny
+    ids = torch.randint(0, 128, (2, 140), generator=torch.Generator().manual_seed(2))
+    settings = KernelSettings(enabled=False, attention="fused")
+    plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
+    runner = CapturedDecode(model, captured, graphs=False)
+    want, got = _steps(model, plain, ids, 40, None), _steps(model, captured, ids, 40, runner)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert captured.layers[2].compressed_len == 128 and runner.counts["uncaptured"] >= 90
+    assert runner.counts["eager"] == 100 - runner.counts["uncaptured"] >= 6  # compressions, and the step after each
+    _same_state(plain, captured)
+
+
+def test_what_cannot_be_captured_runs_eagerly_and_says_why(tiny):
+    model, bundle = tiny
+    cache = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(enabled=False, attention="fused"))
+    assert cache.capturable(1, graphs=False) == "the cache holds no tokens yet"
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 10)), **cache_kwargs(model, cache))
+    assert cache.capturable(2, graphs=False) == "the cache holds 1 sequences, not 2"
+    assert cache.capturable(1, graphs=True) == "the PyTorch backend reads lengths on the host"
+    assert cache.capturable(1, graphs=False) is None
+    full = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(enabled=False, attention="full"))
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 10)), **cache_kwargs(model, full))
+    assert "fused protocol" in full.capturable(1, graphs=False)
+    with pytest.raises(ValueError, match=r"one token per sequence, \[B, 1\]"):
+        CapturedDecode(model, cache, graphs=False)(torch.zeros(1, 2, dtype=torch.long))
+    captured_mask(torch.zeros(2, 1, 1, 9))  # the all-visible causal mask of one query token (additive, bool)
+    captured_mask(torch.ones(2, 1, 1, 9, dtype=torch.bool))
+    padded = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    padded[1, ..., :2] = False
+    with pytest.raises(ValueError, match="padded"):
+        captured_mask(padded)
+
+
+@pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA and Triton (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("prediction", ["chained", "stored"])
+def test_captured_steps_on_the_triton_backend(prediction):
+    """The Triton backend (the merge kernel reads the exact length on the device): on CUDA replayed from CUDA graphs,
+    one capture per layout; under Triton's interpreter the protocol alone."""
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=64)
+    q = QuantizerConfig(dim=2, size=16, group_size=64)
+    n = 200 if DEV == "cuda" else 110  # the interpreter: two compressions of the window after the prompt's
+    ids = torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(0))
+    bundle = calibrate_in_memory(model, ids, q, QuantizerConfig(dim=2, size=256, group_size=64),
+                                 cache=CacheConfig(recent_window=32), rank=32 if prediction == "stored" else None)
+    model, ids = model.to(DEV), ids.to(DEV)
+    settings = KernelSettings(prediction=prediction)
+    plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
+    runner = CapturedDecode(model, captured)
+    want, got = _steps(model, plain, ids, 60, None), _steps(model, captured, ids, 60, runner)
+    assert captured.backend.name == "triton" and captured.layers[2].compressed_len == (n - 4) // 32 * 32
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    _same_state(plain, captured)
+    if DEV == "cuda":
+        assert runner.counts["captures"] >= 4 and runner.counts["replays"] >= 100
