@@ -105,3 +105,19 @@ class CapturedDecode:
         finally:
             shared.step_slot = shared.step_exact = None
         return out.logits
+
+
+def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor, max_new_tokens: int,
+             graphs: bool | None = None) -> torch.Tensor:
+    """Greedy decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one
+    token per step through :class:`CapturedDecode`. Returns ``[B, T + max_new_tokens]``, the tokens
+    ``model.generate(..., do_sample=False)`` picks."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache)).logits
+    step = CapturedDecode(model, cache, graphs)
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        out.append(logits[:, -1:].argmax(-1))
+        if i + 1 < max_new_tokens:
+            logits = step(out[-1])
+    return torch.cat(out, 1)

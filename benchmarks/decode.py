@@ -547,7 +547,8 @@ def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int
 
     walls = event_times(step, warmup, steps)
     g = gpu_ms(step, profile_steps, kernels_out)
-    rec = {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_token": g, "wall_step_ms": walls}
+    rec = {"wall_ms_per_token": statistics.median(walls), "wall_ms_mean": statistics.fmean(walls),
+           "gpu_ms_per_token": g, "wall_step_ms": walls}
     if isinstance(step, functools.partial):
         rec["captured_steps"] = step.func.counts
     return rec

@@ -11,7 +11,7 @@ from aquakv.attention import captured_mask
 from aquakv.cache import AquaKVCache
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
-from aquakv.graphs import CapturedDecode
+from aquakv.graphs import CapturedDecode, generate
 from aquakv.kernels import KernelSettings
 from conftest import calibrate_in_memory, tiny_llama
 
@@ -105,3 +105,14 @@ def test_captured_steps_on_the_triton_backend(prediction):
     _same_state(plain, captured)
     if DEV == "cuda":
         assert runner.counts["captures"] >= 4 and runner.counts["replays"] >= 100
+
+
+def test_generate_picks_the_tokens_of_transformers_greedy_generate(tiny):
+    model, bundle = tiny
+    prompt = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(3))
+    settings = KernelSettings(enabled=False, attention="fused")
+    ours = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 50, graphs=False)
+    cache = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=50, do_sample=False, **cache_kwargs(model, cache))
+    assert ours.shape == (2, 80) and torch.equal(ours, want)
