@@ -40,6 +40,8 @@ class CapturedDecode:
     def __init__(self, model: torch.nn.Module, cache: AquaKVCache, graphs: bool | None = None):
         self.model, self.cache = model, cache
         self.graphs = graphs if graphs is not None else torch.cuda.is_available()
+        if self.graphs and not torch.cuda.is_available():
+            raise ValueError("CUDA graphs need a CUDA device: pass graphs=False (or leave it to the default)")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.layout: tuple | None = None  # the layout the graph was captured on, or the last uncaptured step ran on
         self.static: dict[str, torch.Tensor] = {}
@@ -112,6 +114,9 @@ def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor
     """Greedy decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one
     token per step through :class:`CapturedDecode`. Returns ``[B, T + max_new_tokens]``, the tokens
     ``model.generate(..., do_sample=False)`` picks."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
+        raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
+                         f"and {max_new_tokens}")
     with torch.no_grad():
         logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache)).logits
     step = CapturedDecode(model, cache, graphs)

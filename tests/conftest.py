@@ -31,6 +31,15 @@ def tiny_llama(layers: int = 3, kv_heads: int = 2, head_dim: int = 16, seed: int
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def model_and_bundle() -> tuple[LlamaForCausalLM, Bundle]:
+    """A 3-layer tiny Llama (2 KV heads of 16) and its in-memory bundle: 2-bit d=2 grids, a 32-token window."""
+    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(1))
+    q = QuantizerConfig(dim=2, size=256, group_size=32)
+    return model, calibrate_in_memory(model, ids, q, q, cache=CacheConfig(recent_window=32))
+
+
 def pre_rope_kv(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer pre-RoPE keys and values ``[tokens, D]`` of a forward pass (k_proj / v_proj outputs)."""
     keys: list[torch.Tensor] = []

@@ -21,9 +21,9 @@ from aquakv.attention import (
 )
 from aquakv.cache import AquaKVCache
 from aquakv.compat import cache_kwargs
-from aquakv.config import CacheConfig, QuantizerConfig
+from aquakv.config import QuantizerConfig
 from aquakv.kernels import KernelSettings
-from conftest import calibrate_in_memory, tiny_llama
+from conftest import tiny_llama
 
 
 def _sdpa(query, keys, values, valid, scaling):
@@ -58,14 +58,6 @@ def test_key_validity_reads_bool_and_additive_masks_and_defaults_to_causal():
     assert key_validity(None, 2, 1, 3, torch.device("cpu")) is None
     causal = key_validity(None, 1, 2, 4, torch.device("cpu"))
     assert causal[0].tolist() == [[True, True, True, False], [True, True, True, True]]
-
-
-@pytest.fixture(scope="module")
-def model_and_bundle():
-    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
-    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(1))
-    q = QuantizerConfig(dim=2, size=256, group_size=32)
-    return model, calibrate_in_memory(model, ids, q, q, cache=CacheConfig(recent_window=32))
 
 
 def _run(model, cache, ids, mask, chunks):

@@ -38,18 +38,10 @@ def _same_state(a: AquaKVCache, b: AquaKVCache) -> None:
         assert torch.equal(x.exact.keys[:, :, :n], y.exact.keys[:, :, :n])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = tiny_llama(layers=3, kv_heads=2, head_dim=16, seed=4)
-    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(1))
-    q = QuantizerConfig(dim=2, size=256, group_size=32)
-    return model, calibrate_in_memory(model, ids, q, q, cache=CacheConfig(recent_window=32))
-
-
-def test_captured_steps_give_the_logits_of_ordinary_steps(tiny):
+def test_captured_steps_give_the_logits_of_ordinary_steps(model_and_bundle):
     """The captured-step protocol without graphs (the PyTorch backend): 100 steps over three compressions of the
     window, each compression and the step after it eager, every other step captured."""
-    model, bundle = tiny
+    model, bundle = model_and_bundle
     ids = torch.randint(0, 128, (2, 140), generator=torch.Generator().manual_seed(2))
     settings = KernelSettings(enabled=False, attention="fused")
     plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
@@ -61,8 +53,8 @@ def test_captured_steps_give_the_logits_of_ordinary_steps(tiny):
     _same_state(plain, captured)
 
 
-def test_what_cannot_be_captured_runs_eagerly_and_says_why(tiny):
-    model, bundle = tiny
+def test_what_cannot_be_captured_runs_eagerly_and_says_why(model_and_bundle):
+    model, bundle = model_and_bundle
     cache = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(enabled=False, attention="fused"))
     assert cache.capturable(1, graphs=False) == "the cache holds no tokens yet"
     with torch.no_grad():
@@ -107,8 +99,8 @@ def test_captured_steps_on_the_triton_backend(prediction):
         assert runner.counts["captures"] >= 4 and runner.counts["replays"] >= 100
 
 
-def test_generate_picks_the_tokens_of_transformers_greedy_generate(tiny):
-    model, bundle = tiny
+def test_generate_picks_the_tokens_of_transformers_greedy_generate(model_and_bundle):
+    model, bundle = model_and_bundle
     prompt = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(3))
     settings = KernelSettings(enabled=False, attention="fused")
     ours = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 50, graphs=False)
@@ -116,3 +108,8 @@ def test_generate_picks_the_tokens_of_transformers_greedy_generate(tiny):
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=50, do_sample=False, **cache_kwargs(model, cache))
     assert ours.shape == (2, 80) and torch.equal(ours, want)
+    with pytest.raises(ValueError, match="max_new_tokens >= 0"):
+        generate(model, cache, prompt, -1, graphs=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            CapturedDecode(model, cache, graphs=True)
