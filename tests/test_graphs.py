@@ -80,8 +80,9 @@ def test_what_cannot_be_captured_runs_eagerly_and_says_why(model_and_bundle):
 @pytest.mark.parametrize("prediction", ["chained", "stored"])
 def test_captured_steps_on_the_triton_backend(prediction):
     """The Triton backend (the merge kernel reads the exact length on the device): on CUDA replayed from CUDA graphs,
-    one capture per layout; under Triton's interpreter the protocol alone."""
-    model = tiny_llama(layers=3, kv_heads=2, head_dim=64)
+    one capture per layout; under Triton's interpreter the protocol alone. Four layers: chained with full-rank
+    predictors, three layers switch scratch buffers, so a pass ends on the other buffer than it started on."""
+    model = tiny_llama(layers=4, kv_heads=2, head_dim=64)
     q = QuantizerConfig(dim=2, size=16, group_size=64)
     n = 200 if DEV == "cuda" else 110  # the interpreter: two compressions of the window after the prompt's
     ids = torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(0))
@@ -93,6 +94,10 @@ def test_captured_steps_on_the_triton_backend(prediction):
     runner = CapturedDecode(model, captured)
     want, got = _steps(model, plain, ids, 60, None), _steps(model, captured, ids, 60, runner)
     assert captured.backend.name == "triton" and captured.layers[2].compressed_len == (n - 4) // 32 * 32
+    if prediction == "chained":
+        from aquakv.kernels.decode import needs_own_buffer
+
+        assert sum(needs_own_buffer(layer.codec, settings) for layer in captured.layers) == 3
     assert float((got - want).norm() / want.norm()) < 1e-5
     _same_state(plain, captured)
     if DEV == "cuda":
