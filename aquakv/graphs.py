@@ -17,6 +17,8 @@ Batches without padding only (every row at the same position, no attention mask)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from aquakv.cache import AquaKVCache
@@ -109,11 +111,18 @@ class CapturedDecode:
         return out.logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely next tokens ``[B, 1]`` from the last position's logits ``[B, vocab]``."""
+    return logits.argmax(-1, keepdim=True)
+
+
 def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor, max_new_tokens: int,
-             graphs: bool | None = None) -> torch.Tensor:
-    """Greedy decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one
-    token per step through :class:`CapturedDecode`. Returns ``[B, T + max_new_tokens]``, the tokens
-    ``model.generate(..., do_sample=False)`` picks."""
+             graphs: bool | None = None,
+             sample: Callable[[torch.Tensor], torch.Tensor] = greedy) -> torch.Tensor:
+    """Decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one token per
+    step through :class:`CapturedDecode`, each picked by ``sample`` from the last position's logits ``[B, vocab]``
+    (-> ``[B, 1]``; default :func:`greedy`, the tokens ``model.generate(..., do_sample=False)`` picks). Returns
+    ``[B, T + max_new_tokens]``."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
         raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
                          f"and {max_new_tokens}")
@@ -122,7 +131,7 @@ def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor
     step = CapturedDecode(model, cache, graphs)
     out = [input_ids]
     for i in range(max_new_tokens):
-        out.append(logits[:, -1:].argmax(-1))
+        out.append(sample(logits[:, -1]))
         if i + 1 < max_new_tokens:
             logits = step(out[-1])
     return torch.cat(out, 1)

@@ -113,6 +113,14 @@ def test_generate_picks_the_tokens_of_transformers_greedy_generate(model_and_bun
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=50, do_sample=False, **cache_kwargs(model, cache))
     assert ours.shape == (2, 80) and torch.equal(ours, want)
+    least = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 40, graphs=False,
+                     sample=lambda logits: logits.argmin(-1, keepdim=True))  # any picker: the least likely token
+    plain = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+    with torch.no_grad():
+        logits = model(prompt, **cache_kwargs(model, plain)).logits
+        for i in range(30, 70):
+            assert torch.equal(least[:, i], logits[:, -1].argmin(-1))
+            logits = model(least[:, i : i + 1], **cache_kwargs(model, plain)).logits
     with pytest.raises(ValueError, match="max_new_tokens >= 0"):
         generate(model, cache, prompt, -1, graphs=False)
     if not torch.cuda.is_available():
