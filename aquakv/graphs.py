@@ -117,12 +117,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor, max_new_tokens: int,
-             graphs: bool | None = None,
-             sample: Callable[[torch.Tensor], torch.Tensor] = greedy) -> torch.Tensor:
+             graphs: bool | None = None, sample: Callable[[torch.Tensor], torch.Tensor] = greedy,
+             eos_token_id: int | None = None) -> torch.Tensor:
     """Decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one token per
     step through :class:`CapturedDecode`, each picked by ``sample`` from the last position's logits ``[B, vocab]``
     (-> ``[B, 1]``; default :func:`greedy`, the tokens ``model.generate(..., do_sample=False)`` picks). Returns
-    ``[B, T + max_new_tokens]``."""
+    ``[B, T + n]``, ``n = max_new_tokens``, or fewer with ``eos_token_id``: a sequence that produced it goes on with
+    it, and decoding stops once every sequence has (as ``model.generate`` with ``pad_token_id=eos_token_id``; one
+    host read per step)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
         raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
                          f"and {max_new_tokens}")
@@ -130,8 +132,14 @@ def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor
         logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache)).logits
     step = CapturedDecode(model, cache, graphs)
     out = [input_ids]
+    done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
-        out.append(sample(logits[:, -1]))
-        if i + 1 < max_new_tokens:
-            logits = step(out[-1])
+        tokens = sample(logits[:, -1])
+        if eos_token_id is not None:
+            tokens = torch.where(done, eos_token_id, tokens)
+            done |= tokens == eos_token_id
+        out.append(tokens)
+        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            break
+        logits = step(tokens)
     return torch.cat(out, 1)

@@ -113,6 +113,14 @@ def test_generate_picks_the_tokens_of_transformers_greedy_generate(model_and_bun
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=50, do_sample=False, **cache_kwargs(model, cache))
     assert ours.shape == (2, 80) and torch.equal(ours, want)
+    eos = int(ours[0, 45])  # a token the first sequence produces: it stops there, the other goes on or stops too
+    stopped = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 50, graphs=False,
+                       eos_token_id=eos)
+    cache = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=50, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                              **cache_kwargs(model, cache))
+    assert torch.equal(stopped, want) and (stopped[0, 45:] == eos).all()
     least = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 40, graphs=False,
                      sample=lambda logits: logits.argmin(-1, keepdim=True))  # any picker: the least likely token
     plain = AquaKVCache.from_bundle(bundle, model, kernels=settings)
