@@ -232,8 +232,7 @@ class TorchBackend:
                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """The fused protocol's math in PyTorch: reconstruct, tiled partials, merge with the exact segments."""
         if seg.exact_len is not None:  # a captured step's whole buffers (the reference reads the length back)
-            captured_mask(mask)
-            mask, n = None, int(seg.exact_len)
+            n = int(seg.exact_len)
             exact_keys, exact_values = exact_keys[:, :, :n], exact_values[:, :, :n]
         keys, values = self._reconstruct(seg.layer, seg.block, seg.length)
         compressed = None
@@ -274,9 +273,6 @@ class TritonBackend:
         from aquakv.kernels.decode import attend_exact, decode_attention, handoff, needs_own_buffer, scratch_dtype
 
         layer, shared = seg.layer, seg.layer.shared
-        if seg.exact_len is not None:
-            captured_mask(mask)
-            mask = None
         compressed = None
         if seg.length and self.settings.prediction == "stored":
             compressed = self._attend_stored(seg, query, exact_keys, mask, scaling)
@@ -346,6 +342,9 @@ def aquakv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    if seg.exact_len is not None:  # a captured step: every key visible, no backend reads a mask
+        captured_mask(attention_mask)
+        attention_mask = None
     backend = seg.layer.shared.backend
     return backend.attend(seg, query, key, value, attention_mask, scaling), None
 

@@ -29,7 +29,6 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
     return {cache_kwarg_name(model): cache}
 
 
-
 @_memo
 def _takes_cache_position(forward_type: type) -> bool:
     return "cache_position" in inspect.signature(forward_type.forward).parameters

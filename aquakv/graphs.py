@@ -70,10 +70,10 @@ class CapturedDecode:
             logits = self._forward()
             self.counts["uncaptured"] += 1
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.static["logits"] = self._forward()
-            self.held = self.cache.shared.positions
+            self.graph, self.held = graph, self.cache.shared.positions  # (a capture that raised leaves no graph)
             self.graph.replay()  # capturing ran nothing
             logits = self.static["logits"]
             self.counts["captures"] += 1
@@ -88,14 +88,12 @@ class CapturedDecode:
             s.clear()
             s.update(input_ids=torch.empty_like(input_ids),
                      position_ids=torch.empty(b, 1, dtype=torch.long, device=dev),
-                     cache_position=torch.empty(1, dtype=torch.long, device=dev),
                      slot=torch.empty(1, dtype=torch.long, device=dev),
                      exact=torch.empty(1, dtype=torch.int32, device=dev))
             self.graph = None
         held = self.cache.layers[0].exact.length
         s["input_ids"].copy_(input_ids)
         s["position_ids"].fill_(self.cache.get_seq_length())
-        s["cache_position"].fill_(self.cache.get_seq_length())
         s["slot"].fill_(held)
         s["exact"].fill_(held + 1)
 
@@ -105,7 +103,7 @@ class CapturedDecode:
         try:
             with torch.no_grad():
                 out = self.model(input_ids=s["input_ids"], use_cache=True, **cache_kwargs(self.model, self.cache),
-                                 **position_kwargs(self.model, s["position_ids"], s["cache_position"]))
+                                 **position_kwargs(self.model, s["position_ids"], s["position_ids"][0]))
         finally:
             shared.step_slot = shared.step_exact = None
         return out.logits

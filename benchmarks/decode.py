@@ -538,19 +538,21 @@ def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int
         state["pos"] += 1
         return out
 
+    runner = None
     if graphs and static:
         step = static_graph_step(model, cache, ids, state)
     elif graphs and not isinstance(cache, AquaKVCache):
         raise ValueError(f"no CUDA-graph steps for a {type(cache).__name__} (its update concatenates)")
     elif graphs:
-        step = functools.partial(CapturedDecode(model, cache), ids)
+        runner = CapturedDecode(model, cache)
+        step = functools.partial(runner, ids)
 
     walls = event_times(step, warmup, steps)
     g = gpu_ms(step, profile_steps, kernels_out)
     rec = {"wall_ms_per_token": statistics.median(walls), "wall_ms_mean": statistics.fmean(walls),
            "gpu_ms_per_token": g, "wall_step_ms": walls}
-    if isinstance(step, functools.partial):
-        rec["captured_steps"] = step.func.counts
+    if runner is not None:
+        rec["captured_steps"] = runner.counts
     return rec
 
 
