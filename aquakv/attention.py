@@ -41,13 +41,15 @@ class Segments:
     """Tag on the exact keys ``update`` returns in the fused protocol: the layer, its compressed tokens at that
     step (``block``, ``length``) and the number of sinks (the mask's columns are ``[sinks | compressed | window]``).
     ``exact_len``: in a captured decode step (:mod:`aquakv.graphs`) the keys are the whole exact buffers and this
-    device int32 ``[1]`` says how many of their tokens are held."""
+    device int32 ``[1]`` says how many of their tokens are held; ``valid``: there, for a padded batch, which keys it
+    attends, ``[B, 1, 1, length + buffer]`` bool over ``[sinks | compressed | exact buffer]`` (else None)."""
 
     layer: AquaKVLayer
     block: EncodedBlock | None
     length: int
     sinks: int
     exact_len: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reference math
@@ -132,9 +134,10 @@ def compressed_validity(seg: Segments, mask: torch.Tensor | None, batch: int, q_
 
 
 def captured_mask(mask: torch.Tensor | None) -> None:
-    """A captured decode step (:mod:`aquakv.graphs`: one query token, no padding) attends to every key, and its
-    backends read no mask: the causal mask some transformers versions still build for it has the host's length,
-    frozen into a CUDA graph. Checked to be all True wherever it can be read (not while a graph is captured)."""
+    """A captured decode step (:mod:`aquakv.graphs`: one query token) gets no attention mask from its caller, and its
+    backends read none from the model: the causal mask some transformers versions still build for it has the host's
+    length, frozen into a CUDA graph. A padded batch's keys are masked by the cache's own ``Segments.valid``. Checked
+    to be all True wherever it can be read (not while a graph is captured)."""
     if mask is None or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     valid = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
@@ -234,6 +237,7 @@ class TorchBackend:
         if seg.exact_len is not None:  # a captured step's whole buffers (the reference reads the length back)
             n = int(seg.exact_len)
             exact_keys, exact_values = exact_keys[:, :, :n], exact_values[:, :, :n]
+            mask = mask[..., : seg.length + n] if mask is not None else None
         keys, values = self._reconstruct(seg.layer, seg.block, seg.length)
         compressed = None
         if seg.length:
@@ -342,9 +346,9 @@ def aquakv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-    if seg.exact_len is not None:  # a captured step: every key visible, no backend reads a mask
+    if seg.exact_len is not None:  # a captured step: the model's mask dropped, the padding's own taken
         captured_mask(attention_mask)
-        attention_mask = None
+        attention_mask = seg.valid
     backend = seg.layer.shared.backend
     return backend.attend(seg, query, key, value, attention_mask, scaling), None
 

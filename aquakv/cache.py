@@ -60,6 +60,7 @@ class _Shared:
     # [1]) and the exact tokens held after it (int32 [1]), on the device
     step_slot: torch.Tensor | None = None
     step_exact: torch.Tensor | None = None
+    step_valid: torch.Tensor | None = None  # and for a padded batch, the keys it attends (attention.Segments.valid)
     _inv_freq: dict = field(default_factory=dict)
 
     @property
@@ -369,7 +370,8 @@ class AquaKVLayer(CacheLayerMixin):
         ex.keys.index_copy_(2, shared.step_slot, key_states)
         ex.values.index_copy_(2, shared.step_slot, value_states)
         keys = ex.keys[:]  # a new tensor object for the tag, the same memory
-        keys._aquakv_segments = Segments(self, self.compressed, self.compressed_len, ex.sinks, shared.step_exact)
+        keys._aquakv_segments = Segments(self, self.compressed, self.compressed_len, ex.sinks, shared.step_exact,
+                                         shared.step_valid)
         return keys, ex.values
 
     def _refresh(self) -> tuple[Pair, Pair, Pair]:

@@ -12,7 +12,9 @@ length grows. :class:`CapturedDecode` captures such a step once and replays it:
 - a step that changes the cache's layout (a sink, the compression of a full window, another batch) runs eagerly, and
   the next steady step captures again: about once per ``recent_window`` steps.
 
-Batches without padding only (every row at the same position, no attention mask).
+Padded batches: the prompt's attention mask is given once (``attention_mask=``); each row's positions count its own
+tokens, and a captured step masks the pads with a per-layout copy of that mask over the cache's keys
+(:attr:`aquakv.attention.Segments.valid`), not with the mask the model builds (its length is the host's).
 """
 
 from __future__ import annotations
@@ -37,13 +39,25 @@ def _layout(cache: AquaKVCache) -> tuple:
 class CapturedDecode:
     """``model`` decoding one token per call with ``cache``, steady steps replayed from a CUDA graph (module
     docstring). ``graphs=False`` runs the same captured-step protocol without graphs (the PyTorch reference of it;
-    the default on a CPU)."""
+    the default on a CPU). ``attention_mask [B, T]``: which of the ``T`` tokens already in the cache are attended
+    (1) or padding (0); every token after them is attended."""
 
-    def __init__(self, model: torch.nn.Module, cache: AquaKVCache, graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, cache: AquaKVCache, graphs: bool | None = None,
+                 attention_mask: torch.Tensor | None = None):
         self.model, self.cache = model, cache
         self.graphs = graphs if graphs is not None else torch.cuda.is_available()
         if self.graphs and not torch.cuda.is_available():
             raise ValueError("CUDA graphs need a CUDA device: pass graphs=False (or leave it to the default)")
+        self.padding: torch.Tensor | None = None  # [B, T] bool, the prompt's mask (None: no padding)
+        self.pads: torch.Tensor | None = None  # [B, 1] pad tokens per row: a row's position = tokens seen - pads
+        if attention_mask is not None:
+            seen = cache.get_seq_length()
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != seen:
+                raise ValueError(f"attention_mask must be [B, {seen}] (one column per token in the cache); got "
+                                 f"{list(attention_mask.shape)}")
+            if not bool(attention_mask.all()):
+                self.padding = attention_mask.bool()
+                self.pads = (~self.padding).sum(-1, keepdim=True)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.layout: tuple | None = None  # the layout the graph was captured on, or the last uncaptured step ran on
         self.static: dict[str, torch.Tensor] = {}
@@ -54,11 +68,14 @@ class CapturedDecode:
         """Logits ``[B, 1, vocab]`` after ``input_ids [B, 1]`` (a new tensor); the cache advances by one token."""
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
             raise ValueError(f"CapturedDecode takes one token per sequence, [B, 1]; got {list(input_ids.shape)}")
+        if self.padding is not None and input_ids.shape[0] != self.padding.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} sequences, but the attention mask has {self.padding.shape[0]}")
         if self.cache.capturable(input_ids.shape[0], self.graphs) is not None:
             self.graph = self.layout = None
             self.counts["eager"] += 1
             with torch.no_grad():
-                return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, self.cache)).logits
+                return self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, self.cache),
+                                  **self._eager_masks()).logits
         layout = _layout(self.cache)
         self._inputs(input_ids)
         if self.graph is not None and layout == self.layout:
@@ -67,6 +84,7 @@ class CapturedDecode:
             self.counts["replays"] += 1
         elif not self.graphs or layout != self.layout:  # the first steady step of a layout warms its code paths
             self.graph, self.layout = None, layout
+            self._padding_of_layout()
             logits = self._forward()
             self.counts["uncaptured"] += 1
         else:
@@ -91,21 +109,49 @@ class CapturedDecode:
                      slot=torch.empty(1, dtype=torch.long, device=dev),
                      exact=torch.empty(1, dtype=torch.int32, device=dev))
             self.graph = None
-        held = self.cache.layers[0].exact.length
+        held, seen = self.cache.layers[0].exact.length, self.cache.get_seq_length()
         s["input_ids"].copy_(input_ids)
-        s["position_ids"].fill_(self.cache.get_seq_length())
+        if self.pads is None:
+            s["position_ids"].fill_(seen)
+        else:
+            torch.sub(seen, self.pads, out=s["position_ids"])
+            s.setdefault("cache_position", torch.empty(1, dtype=torch.long, device=dev)).fill_(seen)
         s["slot"].fill_(held)
         s["exact"].fill_(held + 1)
 
+    def _eager_masks(self) -> dict[str, torch.Tensor]:
+        """An eager step's attention mask and positions for a padded batch (else none: the model's defaults)."""
+        if self.padding is None:
+            return {}
+        b, seen, dev = self.padding.shape[0], self.cache.get_seq_length(), self.padding.device
+        mask = torch.cat([self.padding.long(), self.padding.new_ones(b, seen + 1 - self.padding.shape[1],
+                                                                     dtype=torch.long)], 1)
+        return {"attention_mask": mask, **position_kwargs(self.model, seen - self.pads,
+                                                          torch.arange(seen, seen + 1, device=dev))}
+
+    def _padding_of_layout(self) -> None:
+        """For a padded batch, the keys a step of this layout attends: ``[B, 1, 1, compressed + exact buffer]``,
+        the prompt's mask over its tokens and every later one attended (:attr:`aquakv.attention.Segments.valid`;
+        the cache keeps every token in order, so key column ``j`` is token ``j``)."""
+        if self.padding is None:
+            return
+        widths = {layer.compressed_len + layer.exact.keys.shape[2] for layer in self.cache.layers}
+        if len(widths) != 1:
+            raise ValueError(f"the layers' key spans differ ({sorted(widths)}): a padded batch needs ordinary steps")
+        valid = self.padding.new_ones(self.padding.shape[0], 1, 1, widths.pop())
+        valid[:, 0, 0, : self.padding.shape[1]] = self.padding
+        self.static["valid"] = valid
+
     def _forward(self) -> torch.Tensor:
         s, shared = self.static, self.cache.shared
-        shared.step_slot, shared.step_exact = s["slot"], s["exact"]
+        shared.step_slot, shared.step_exact, shared.step_valid = s["slot"], s["exact"], s.get("valid")
+        cache_position = s["position_ids"][0] if self.pads is None else s["cache_position"]
         try:
             with torch.no_grad():
                 out = self.model(input_ids=s["input_ids"], use_cache=True, **cache_kwargs(self.model, self.cache),
-                                 **position_kwargs(self.model, s["position_ids"], s["position_ids"][0]))
+                                 **position_kwargs(self.model, s["position_ids"], cache_position))
         finally:
-            shared.step_slot = shared.step_exact = None
+            shared.step_slot = shared.step_exact = shared.step_valid = None
         return out.logits
 
 
@@ -116,19 +162,27 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor, max_new_tokens: int,
              graphs: bool | None = None, sample: Callable[[torch.Tensor], torch.Tensor] = greedy,
-             eos_token_id: int | None = None) -> torch.Tensor:
-    """Decoding with ``cache``: the prompt ``input_ids [B, T]`` (no padding) in one forward pass, then one token per
-    step through :class:`CapturedDecode`, each picked by ``sample`` from the last position's logits ``[B, vocab]``
-    (-> ``[B, 1]``; default :func:`greedy`, the tokens ``model.generate(..., do_sample=False)`` picks). Returns
-    ``[B, T + n]``, ``n = max_new_tokens``, or fewer with ``eos_token_id``: a sequence that produced it goes on with
-    it, and decoding stops once every sequence has (as ``model.generate`` with ``pad_token_id=eos_token_id``; one
-    host read per step)."""
+             eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoding with ``cache``: the prompt ``input_ids [B, T]`` in one forward pass, then one token per step through
+    :class:`CapturedDecode`, each picked by ``sample`` from the last position's logits ``[B, vocab]`` (-> ``[B, 1]``;
+    default :func:`greedy`, the tokens ``model.generate(..., do_sample=False)`` picks). ``attention_mask [B, T]``: the
+    prompt's padding (0), as for ``model.generate``. Returns ``[B, T + n]``, ``n = max_new_tokens``, or fewer with
+    ``eos_token_id``: a sequence that produced it goes on with it, and decoding stops once every sequence has (as
+    ``model.generate`` with ``pad_token_id=eos_token_id``; one host read per step)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
         raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
                          f"and {max_new_tokens}")
+    masks = {}
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
+                             f"{list(input_ids.shape)}")
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        masks = {"attention_mask": attention_mask,
+                 **position_kwargs(model, positions, torch.arange(input_ids.shape[1], device=input_ids.device))}
     with torch.no_grad():
-        logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache)).logits
-    step = CapturedDecode(model, cache, graphs)
+        logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks).logits
+    step = CapturedDecode(model, cache, graphs, attention_mask)
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):

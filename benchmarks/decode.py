@@ -521,18 +521,29 @@ def static_graph_step(model, cache, ids: torch.Tensor, state: dict):
     return step
 
 
+PADS = 1000  # kinds ending -padded: every other row's first PADS tokens are padding
+
+
 def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int, profile_steps: int,
-                 kernels_out: list | None = None, graphs: bool = False) -> dict:
+                 kernels_out: list | None = None, graphs: bool = False, padded: bool = False) -> dict:
     """Wall and GPU time of one-token steps; ``graphs``: replayed from CUDA graphs (aquakv: :class:`CapturedDecode`,
-    which also runs the eager steps a compression needs; StaticCache: one captured step)."""
+    which also runs the eager steps a compression needs; StaticCache: one captured step); ``padded``: every other
+    row starts with :data:`PADS` padding tokens (steps get the attention mask and each row's positions)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEV)
     state = {"pos": context}
     static = type(cache).__name__ == "StaticCache"
+    padding = None
+    if padded:
+        padding = torch.ones(batch, context, dtype=torch.long, device=DEV)
+        padding[1::2, :PADS] = 0
 
     def step():
         kw = {}
         if static:
             kw["cache_position"] = torch.tensor([state["pos"]], device=DEV)
+        if padding is not None:
+            full = torch.cat([padding, padding.new_ones(batch, state["pos"] + 1 - context)], 1)
+            kw.update(attention_mask=full, position_ids=full.sum(-1, keepdim=True) - 1)
         with torch.no_grad():
             out = model(input_ids=ids, use_cache=True, **kw, **cache_kwargs(model, cache))
         state["pos"] += 1
@@ -544,7 +555,7 @@ def decode_steps(model, cache, batch: int, context: int, warmup: int, steps: int
     elif graphs and not isinstance(cache, AquaKVCache):
         raise ValueError(f"no CUDA-graph steps for a {type(cache).__name__} (its update concatenates)")
     elif graphs:
-        runner = CapturedDecode(model, cache)
+        runner = CapturedDecode(model, cache, attention_mask=padding)
         step = functools.partial(runner, ids)
 
     walls = event_times(step, warmup, steps)
@@ -574,11 +585,13 @@ def e2e(args, model, settings: KernelSettings, records: list, save, result: dict
                 try:
                     free()
                     torch.cuda.reset_peak_memory_stats()
-                    base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
+                    base, padded = kind.removesuffix("-padded"), kind.endswith("-padded")
+                    base, graphs = base.removesuffix("-graphs"), base.endswith("-graphs")
                     cache, nbytes, extra = make_cache(base, model, batch, context, args.window, settings)
                     rec.update(kv_bytes=nbytes, **extra)
                     rows: list = []
-                    rec.update(decode_steps(model, cache, batch, context, args.warmup, args.steps, 3, rows, graphs))
+                    rec.update(decode_steps(model, cache, batch, context, args.warmup, args.steps, 3, rows, graphs,
+                                            padded))
                     rec["top_kernels"] = rows[:12]
                     if kind.startswith("aquakv"):
                         rec["scratch_bytes"] = cache.shared.scratch_nbytes()
@@ -681,7 +694,8 @@ def main() -> None:
     p.add_argument("--caches", nargs="+", default=["dynamic", "static", "quanto-int4", "quanto-int2",
                                                    "aquakv-full", "aquakv-r64", "aquakv-r128"],
                    help="e2e caches: dynamic, static, quanto-int4|int2, aquakv-<full|r64|r128|r256>[-d4][-stored]; "
-                        "a '-graphs' suffix (static, aquakv) replays the steps from CUDA graphs")
+                        "a '-graphs' suffix (static, aquakv) replays the steps from CUDA graphs; a last '-padded' "
+                        "pads every other row's first 1000 tokens")
     p.add_argument("--budget-caches", nargs="+", default=["dynamic", "aquakv-r64"])
     p.add_argument("--layer-caches", nargs="+", default=list(RANKS),
                    help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4][-stored])")

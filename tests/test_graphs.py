@@ -18,14 +18,30 @@ from conftest import calibrate_in_memory, tiny_llama
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _steps(model, cache, ids: torch.Tensor, prompt: int, runner: CapturedDecode | None = None) -> torch.Tensor:
-    """Logits of one-token steps after a ``prompt``-token prefill, ``[B, steps, vocab]``."""
+def _steps(model, cache, ids: torch.Tensor, prompt: int, runner: dict | None = None,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of one-token steps after a ``prompt``-token prefill, ``[B, steps, vocab]``: ordinary steps, or with
+    ``runner`` (options of :class:`CapturedDecode`, which is put in it as ``"runner"``) captured ones. ``mask``: the
+    prompt's padding ``[B, prompt]`` (ordinary steps get the growing mask and each row's positions, as
+    ``model.generate`` passes them)."""
+    def masks(m: torch.Tensor | None, last: bool) -> dict:
+        if m is None:
+            return {}
+        pos = m.sum(-1, keepdim=True) - 1 if last else (m.cumsum(-1) - 1).clamp(min=0)
+        return {"attention_mask": m, "position_ids": pos}
+
     with torch.no_grad():
-        model(ids[:, :prompt], **cache_kwargs(model, cache))
+        model(ids[:, :prompt], **cache_kwargs(model, cache), **masks(mask, False))
+        if runner is not None:
+            runner["runner"] = CapturedDecode(model, cache, attention_mask=mask, **runner)
         out = []
         for i in range(prompt, ids.shape[1]):
             step = ids[:, i : i + 1]
-            out.append(runner(step) if runner else model(step, **cache_kwargs(model, cache)).logits)
+            if runner is not None:
+                out.append(runner["runner"](step))
+                continue
+            full = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], i + 1 - prompt)], 1)
+            out.append(model(step, **cache_kwargs(model, cache), **masks(full, True)).logits)
     return torch.cat(out, 1)
 
 
@@ -45,8 +61,9 @@ def test_captured_steps_give_the_logits_of_ordinary_steps(model_and_bundle):
     ids = torch.randint(0, 128, (2, 140), generator=torch.Generator().manual_seed(2))
     settings = KernelSettings(enabled=False, attention="fused")
     plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
-    runner = CapturedDecode(model, captured, graphs=False)
-    want, got = _steps(model, plain, ids, 40, None), _steps(model, captured, ids, 40, runner)
+    run = {"graphs": False}
+    want, got = _steps(model, plain, ids, 40), _steps(model, captured, ids, 40, run)
+    runner = run["runner"]
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
     assert captured.layers[2].compressed_len == 128 and runner.counts["uncaptured"] >= 90
     assert runner.counts["eager"] == 100 - runner.counts["uncaptured"] >= 6  # compressions, and the step after each
@@ -76,23 +93,68 @@ def test_what_cannot_be_captured_runs_eagerly_and_says_why(model_and_bundle):
         captured_mask(padded)
 
 
+def _padded_prompt(batch: int = 2, length: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts ``[B, T]`` (pad id 0) and their mask: row 1 has 7 pads (among them every sink), row 2 has
+    3 (in a 3-row batch)."""
+    ids = torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pads in ((1, 7), (2, 3))[: batch - 1]:
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    return ids, mask
+
+
+def test_a_padded_batch_decodes_as_transformers_generate_does(model_and_bundle):
+    """Left padding: captured steps mask the pads with the cache's own copy of the prompt's mask and count each row's
+    positions; ``generate(attention_mask=)`` picks transformers' greedy tokens (over compressions of the window), and
+    the steps give the logits of ordinary padded steps."""
+    model, bundle = model_and_bundle
+    prompt, mask = _padded_prompt()
+    settings = KernelSettings(enabled=False, attention="fused")
+    ours = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 50, graphs=False,
+                    attention_mask=mask)
+    cache = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=mask, max_new_tokens=50, do_sample=False, pad_token_id=0,
+                              **cache_kwargs(model, cache))
+    assert torch.equal(ours, want)
+    plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
+    run = {"graphs": False}
+    expected, got = _steps(model, plain, ours, 30, mask=mask), _steps(model, captured, ours, 30, run, mask)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+    runner = run["runner"]
+    assert runner.counts["uncaptured"] >= 40 and runner.counts["eager"] >= 2
+    _same_state(plain, captured)
+    assert captured.shared.positions[1, -1] == 79 - 7 and captured.shared.positions[0, -1] == 79
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, 80\]"):
+        CapturedDecode(model, captured, graphs=False, attention_mask=mask)
+    with pytest.raises(ValueError, match="must match input_ids"):
+        generate(model, captured, prompt, 1, graphs=False, attention_mask=mask[:, 1:])
+
+
 @pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA and Triton (or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("prediction", ["chained", "stored"])
-def test_captured_steps_on_the_triton_backend(prediction):
+@pytest.mark.parametrize("prediction,padded", [("chained", False), ("stored", False), ("stored", True)])
+def test_captured_steps_on_the_triton_backend(prediction, padded):
     """The Triton backend (the merge kernel reads the exact length on the device): on CUDA replayed from CUDA graphs,
     one capture per layout; under Triton's interpreter the protocol alone. Four layers: chained with full-rank
-    predictors, three layers switch scratch buffers, so a pass ends on the other buffer than it started on."""
+    predictors, three layers switch scratch buffers, so a pass ends on the other buffer than it started on.
+    ``padded``: three left-padded rows, pads among the sinks and the compressed tokens (both kernels' masks)."""
     model = tiny_llama(layers=4, kv_heads=2, head_dim=64)
     q = QuantizerConfig(dim=2, size=16, group_size=64)
     n = 200 if DEV == "cuda" else 110  # the interpreter: two compressions of the window after the prompt's
     ids = torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(0))
     bundle = calibrate_in_memory(model, ids, q, QuantizerConfig(dim=2, size=256, group_size=64),
                                  cache=CacheConfig(recent_window=32), rank=32 if prediction == "stored" else None)
+    mask = None
+    if padded:
+        prompt, mask = _padded_prompt(3, 60)
+        ids = torch.cat([prompt, torch.randint(1, 128, (3, n - 60), generator=torch.Generator().manual_seed(6))], 1)
+        mask = mask.to(DEV)
     model, ids = model.to(DEV), ids.to(DEV)
     settings = KernelSettings(prediction=prediction)
     plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
-    runner = CapturedDecode(model, captured)
-    want, got = _steps(model, plain, ids, 60, None), _steps(model, captured, ids, 60, runner)
+    run: dict = {}
+    want, got = _steps(model, plain, ids, 60, mask=mask), _steps(model, captured, ids, 60, run, mask)
+    runner = run["runner"]
     assert captured.backend.name == "triton" and captured.layers[2].compressed_len == (n - 4) // 32 * 32
     if prediction == "chained":
         from aquakv.kernels.decode import needs_own_buffer

@@ -352,12 +352,13 @@ def attend_exact(query: torch.Tensor, exact_keys: torch.Tensor, exact_values: to
     (bool, or additive float) or None (causal for ``Q > 1``). The math of :func:`aquakv.attention.attend_segments`.
     ``launch``: ``(exact tokens per block, partials per block, warps, output columns per program)`` instead of the
     default (benchmark sweeps). A deferred value term (``compressed.latent``) is added after the merge.
-    ``exact_len`` (int32 ``[1]`` on the device, no mask): only the first ``exact_len`` of the buffers' tokens are
-    exact, read on the device so that a captured CUDA graph replays as the window grows (:mod:`aquakv.graphs`)."""
+    ``exact_len`` (int32 ``[1]`` on the device, one query token): only the first ``exact_len`` of the buffers' tokens
+    are exact, read on the device so that a captured CUDA graph replays as the window grows (:mod:`aquakv.graphs`);
+    a mask then spans the whole buffers."""
     b, hq, qlen, hd = query.shape
     hkv, te = exact_keys.shape[1], exact_keys.shape[2]
-    if exact_len is not None and (mask is not None or qlen > 1):
-        raise ValueError("a device-side exact length needs one query token and no mask")
+    if exact_len is not None and qlen > 1:
+        raise ValueError("a device-side exact length needs one query token")
     kv_len = te + length
     if query.stride(-1) != 1 or exact_keys.stride(-1) != 1 or exact_values.stride(-1) != 1:
         query, exact_keys, exact_values = query.contiguous(), exact_keys.contiguous(), exact_values.contiguous()
