@@ -15,6 +15,9 @@ length grows. :class:`CapturedDecode` captures such a step once and replays it:
 Padded batches: the prompt's attention mask is given once (``attention_mask=``); each row's positions count its own
 tokens, and a captured step masks the pads with a per-layout copy of that mask over the cache's keys
 (:attr:`aquakv.attention.Segments.valid`), not with the mask the model builds (its length is the host's).
+
+:func:`generate` is a greedy / sampling loop over these steps; :func:`captured_decoding` is transformers' own, for
+``model.generate(..., custom_generate=captured_decoding)``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from aquakv.cache import AquaKVCache
-from aquakv.compat import cache_kwargs, position_kwargs
+from aquakv.compat import cache_kwarg_name, cache_kwargs, position_kwargs
 
 
 def _layout(cache: AquaKVCache) -> tuple:
@@ -155,6 +158,62 @@ class CapturedDecode:
         return out.logits
 
 
+def _prefill(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompt's forward pass into ``cache``: logits ``[B, T, vocab]``; with a padding mask, the positions count
+    each row's own tokens (as ``model.generate`` computes them)."""
+    masks = {}
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
+                             f"{list(input_ids.shape)}")
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        masks = {"attention_mask": attention_mask,
+                 **position_kwargs(model, positions, torch.arange(input_ids.shape[1], device=input_ids.device))}
+    with torch.no_grad():
+        return model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks).logits
+
+
+def captured_decoding(model: torch.nn.Module, input_ids: torch.Tensor, logits_processor, stopping_criteria,
+                      generation_config, synced_gpus: bool = False, streamer=None, **model_kwargs) -> torch.Tensor:
+    """transformers' greedy / sampling loop with the steady steps replayed from CUDA graphs (:class:`CapturedDecode`):
+    ``model.generate(input_ids, custom_generate=captured_decoding, ...)`` with an empty :class:`AquaKVCache` as its
+    cache. ``generate`` prepares the logits processors, stopping criteria and padding as usual; this loop applies them
+    as its own greedy / sampling loop does (a finished sequence goes on with the pad token). Returns the token ids
+    ``[B, T + new]``."""
+    cache = model_kwargs.get(cache_kwarg_name(model))
+    if not isinstance(cache, AquaKVCache) or cache.get_seq_length():
+        raise ValueError("captured_decoding decodes into an empty AquaKVCache given to generate as its cache; got "
+                         f"{type(cache).__name__}" + (" holding tokens" if isinstance(cache, AquaKVCache) else ""))
+    if synced_gpus or generation_config.return_dict_in_generate:
+        raise ValueError("captured_decoding returns the token ids of one process: no return_dict_in_generate, no "
+                         "synced_gpus")
+    attention_mask = model_kwargs.get("attention_mask")
+    logits = _prefill(model, cache, input_ids, attention_mask)
+    step = CapturedDecode(model, cache, attention_mask=attention_mask)
+    pad = generation_config._pad_token_tensor
+    pads_finished = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    while True:
+        scores = logits_processor(input_ids, logits[:, -1].to(torch.float32))
+        if generation_config.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        if pads_finished:
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+        input_ids = torch.cat([input_ids, tokens[:, None]], -1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, None)
+        if not bool(unfinished.any()):
+            break
+        logits = step(tokens[:, None])
+    if streamer is not None:
+        streamer.end()
+    return input_ids
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely next tokens ``[B, 1]`` from the last position's logits ``[B, vocab]``."""
     return logits.argmax(-1, keepdim=True)
@@ -172,16 +231,7 @@ def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
         raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
                          f"and {max_new_tokens}")
-    masks = {}
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
-                             f"{list(input_ids.shape)}")
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        masks = {"attention_mask": attention_mask,
-                 **position_kwargs(model, positions, torch.arange(input_ids.shape[1], device=input_ids.device))}
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks).logits
+    logits = _prefill(model, cache, input_ids, attention_mask)
     step = CapturedDecode(model, cache, graphs, attention_mask)
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)

@@ -11,7 +11,7 @@ from aquakv.attention import captured_mask
 from aquakv.cache import AquaKVCache
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
-from aquakv.graphs import CapturedDecode, generate
+from aquakv.graphs import CapturedDecode, captured_decoding, generate
 from aquakv.kernels import KernelSettings
 from conftest import calibrate_in_memory, tiny_llama
 
@@ -131,6 +131,38 @@ def test_a_padded_batch_decodes_as_transformers_generate_does(model_and_bundle):
         generate(model, captured, prompt, 1, graphs=False, attention_mask=mask[:, 1:])
 
 
+def test_transformers_generate_decodes_through_captured_steps(model_and_bundle):
+    """``model.generate(..., custom_generate=captured_decoding)``: transformers' own generate (its logits processors,
+    stopping criteria, left padding) with the steps captured gives its ordinary tokens: greedy with an end-of-sequence
+    token, and seeded top-k sampling."""
+    model, bundle = model_and_bundle
+    prompt, mask = _padded_prompt()
+    settings = KernelSettings(enabled=False, attention="fused")
+
+    def run(seed: int, custom: bool, **kw) -> torch.Tensor:
+        cache = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+        torch.manual_seed(seed)
+        extra = {"custom_generate": captured_decoding} if custom else {}
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=mask, max_new_tokens=50, pad_token_id=0,
+                                  **cache_kwargs(model, cache), **extra, **kw)
+
+    greedy_tokens = run(0, True, do_sample=False)
+    assert torch.equal(greedy_tokens, run(0, False, do_sample=False)) and greedy_tokens.shape == (2, 80)
+    eos = int(greedy_tokens[0, 50])
+    stopped = run(0, True, do_sample=False, eos_token_id=eos)
+    assert torch.equal(stopped, run(0, False, do_sample=False, eos_token_id=eos))
+    assert stopped[0, 50] == eos and (stopped[0, 51:] == 0).all()  # the first sequence ends there, padded
+    sampled = run(7, True, do_sample=True, top_k=20, temperature=1.5)
+    assert torch.equal(sampled, run(7, False, do_sample=True, top_k=20, temperature=1.5))
+    assert not torch.equal(sampled, greedy_tokens)
+    used = AquaKVCache.from_bundle(bundle, model, kernels=settings)
+    with torch.no_grad():
+        model(prompt[:, :3], **cache_kwargs(model, used))
+        with pytest.raises(ValueError, match="empty AquaKVCache"):
+            model.generate(prompt, max_new_tokens=2, custom_generate=captured_decoding, **cache_kwargs(model, used))
+
+
 @pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA and Triton (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("prediction,padded", [("chained", False), ("stored", False), ("stored", True)])
 def test_captured_steps_on_the_triton_backend(prediction, padded):
@@ -196,3 +228,25 @@ def test_generate_picks_the_tokens_of_transformers_greedy_generate(model_and_bun
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             CapturedDecode(model, cache, graphs=True)
+
+
+@pytest.mark.skipif(DEV != "cuda" or not kernels.available(DEV), reason="needs CUDA and Triton")
+def test_transformers_generate_replays_graphs_on_cuda():
+    """The same on the Triton backend, replayed from CUDA graphs under the installed transformers: greedy tokens of a
+    left-padded batch, over compressions of the window, equal transformers' ordinary ones."""
+    model = tiny_llama(layers=4, kv_heads=2, head_dim=64)
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(0))
+    q = QuantizerConfig(dim=2, size=16, group_size=64)
+    bundle = calibrate_in_memory(model, ids, q, QuantizerConfig(dim=2, size=256, group_size=64),
+                                 cache=CacheConfig(recent_window=32), rank=32)
+    model = model.to(DEV)
+    prompt, mask = (x.to(DEV) for x in _padded_prompt(3, 40))
+    out = []
+    for custom in (True, False):
+        cache = AquaKVCache.from_bundle(bundle, model, kernels=KernelSettings(prediction="stored"))
+        extra = {"custom_generate": captured_decoding} if custom else {}
+        with torch.no_grad():
+            out.append(model.generate(prompt, attention_mask=mask, max_new_tokens=100, do_sample=False,
+                                      pad_token_id=0, **cache_kwargs(model, cache), **extra))
+        assert cache.backend.name == "triton" and cache.layers[1].compressed_len >= 96
+    assert out[0].shape == (3, 140) and torch.equal(out[0], out[1])
