@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from aquakv.cache import AquaKVCache
-from aquakv.compat import cache_kwarg_name, cache_kwargs, position_kwargs
+from aquakv.compat import cache_kwarg_name, cache_kwargs, last_logits_kwargs, position_kwargs
 
 
 def _layout(cache: AquaKVCache) -> tuple:
@@ -160,8 +160,9 @@ class CapturedDecode:
 
 def _prefill(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The prompt's forward pass into ``cache``: logits ``[B, T, vocab]``; with a padding mask, the positions count
-    each row's own tokens (as ``model.generate`` computes them)."""
+    """The prompt's forward pass into ``cache``: the last position's logits ``[B, 1, vocab]`` (all ``T`` where the model
+    cannot keep fewer); with a padding mask, the positions count each row's own tokens (as ``model.generate`` computes
+    them)."""
     masks = {}
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
@@ -171,7 +172,8 @@ def _prefill(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor
         masks = {"attention_mask": attention_mask,
                  **position_kwargs(model, positions, torch.arange(input_ids.shape[1], device=input_ids.device))}
     with torch.no_grad():
-        return model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks).logits
+        return model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks,
+                     **last_logits_kwargs(model)).logits
 
 
 def captured_decoding(model: torch.nn.Module, input_ids: torch.Tensor, logits_processor, stopping_criteria,

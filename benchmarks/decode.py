@@ -649,6 +649,54 @@ def host_profile(args, model, settings: KernelSettings, result: dict, save) -> N
         save()
 
 
+def generate_speed(args, model, settings: KernelSettings, result: dict, save) -> None:
+    """transformers' ``model.generate`` end to end (a real prefill of ``--gen-prompt`` random tokens, then
+    ``--gen-tokens`` greedy tokens): DynamicCache, an AQUA-KV kind's ordinary steps, and with a ``-graphs`` suffix
+    the same through ``custom_generate=captured_decoding`` (steady steps replayed from CUDA graphs). Decode wall ms
+    per step = (whole generate - a 1-token generate) / (new tokens - 1), CUDA events; GPU ms per step the same
+    difference of profiler kernel sums."""
+    from transformers import DynamicCache
+
+    from aquakv.graphs import captured_decoding
+
+    out = result.setdefault("generate", [])
+    cfg = model.config
+    for batch in args.batches:
+        ids = torch.randint(0, cfg.vocab_size, (batch, args.gen_prompt), device=DEV)
+        for kind in args.gen_caches:
+            rec = {"cache": kind, "batch": batch, "prompt": args.gen_prompt, "new_tokens": args.gen_tokens}
+            try:
+                base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
+
+                def run(n: int, base=base, graphs=graphs, ids=ids):
+                    if base == "dynamic":
+                        cache = DynamicCache(config=cfg)
+                    else:
+                        rank, grids, prediction = aquakv_kind(base)
+                        cache = AquaKVCache(make_codecs(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim,
+                                                        rank, grids=grids), CacheConfig(), model.model.rotary_emb,
+                                            kernels=settings.with_(prediction=prediction), model=model)
+                    extra = {"custom_generate": captured_decoding} if graphs else {}
+                    with torch.no_grad():
+                        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                              pad_token_id=0, **cache_kwargs(model, cache), **extra)
+
+                run(2)  # compiles the kernels
+                walls = [events_ms(lambda n=n: run(n), 0, 2) for n in (1, args.gen_tokens)]
+                gpus = [gpu_ms(lambda n=n: run(n), 1) for n in (1, args.gen_tokens)]
+                steps = args.gen_tokens - 1
+                rec.update(prefill_wall_ms=walls[0], decode_wall_ms_per_step=(walls[1] - walls[0]) / steps,
+                           decode_gpu_ms_per_step=(gpus[1] - gpus[0]) / steps,
+                           decode_tokens_per_s=batch * steps / ((walls[1] - walls[0]) / 1e3))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                rec["error"] = f"{type(e).__name__}: {e}"[:400]
+            free()
+            log("generate", json.dumps(rec))
+            out.append(rec)
+            save()
+
+
 def budget(args, model, settings: KernelSettings, result: dict, save) -> None:
     """Tokens/s at a fixed KV budget with 32k contexts: as many sequences as fit (KV bytes + AQUA-KV's scratch)."""
     context = 32768
@@ -700,14 +748,18 @@ def main() -> None:
     p.add_argument("--layer-caches", nargs="+", default=list(RANKS),
                    help="AQUA-KV kinds of the layer section (aquakv-<full|r64|r128|r256>[-d4][-stored])")
     p.add_argument("--kv-budget", type=float, default=64e9)
+    p.add_argument("--gen-caches", nargs="+", default=["dynamic", "aquakv-r256-stored", "aquakv-r256-stored-graphs"],
+                   help="generate section: dynamic, or aquakv kinds; '-graphs': custom_generate=captured_decoding")
+    p.add_argument("--gen-prompt", type=int, default=4096, help="generate section: prompt tokens")
+    p.add_argument("--gen-tokens", type=int, default=129, help="generate section: new tokens")
     p.add_argument("--window", type=int, default=32, help="exact recent tokens at the start (< 128 - steps)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--sections", nargs="+", default=["ceilings", "layer", "e2e", "budget"],
-                   help="ceilings sweep stored stored_once merge_sweep layer e2e host budget (stored: each kernel "
-                        "variant of the sweep with its first launch: registers, spills, GPU ms; stored_once: the "
-                        "same without timing, for a kernel profiler)")
+                   help="ceilings sweep stored stored_once merge_sweep layer e2e host budget generate (stored: each "
+                        "kernel variant of the sweep with its first launch: registers, spills, GPU ms; stored_once: "
+                        "the same without timing, for a kernel profiler)")
     p.add_argument("--sweep-rank", type=int, default=64, help="predictor rank of the sweep section's layer")
     p.add_argument("--sweep-kinds", nargs="+", default=["chained", "stored"], choices=("chained", "stored"),
                    help="kernel families of the sweep / stored sections (default both)")
@@ -807,13 +859,15 @@ def main() -> None:
             free()
             save()
     model = None
-    if {"e2e", "budget", "host"} & set(args.sections):
+    if {"e2e", "budget", "host", "generate"} & set(args.sections):
         model = build_model(args.layers)
         log(f"model: {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
     if "e2e" in args.sections:
         e2e(args, model, settings, result["records"], save, result)
     if "budget" in args.sections:
         budget(args, model, settings, result, save)
+    if "generate" in args.sections:
+        generate_speed(args, model, settings, result, save)
     if "host" in args.sections:
         host_profile(args, model, settings, result, save)
     save()
