@@ -159,28 +159,38 @@ class CapturedDecode:
 
 
 def _prefill(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The prompt's forward pass into ``cache``: the last position's logits ``[B, 1, vocab]`` (all ``T`` where the model
-    cannot keep fewer); with a padding mask, the positions count each row's own tokens (as ``model.generate`` computes
-    them)."""
-    masks = {}
+             attention_mask: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
+    """The prompt's forward passes into ``cache``, ``chunk`` tokens at a time (None: one pass; a long prompt's
+    activations scale with the tokens per pass): the last position's logits ``[B, 1, vocab]`` (all of the last
+    pass's where the model cannot keep fewer). With a padding mask the positions count each row's own tokens (as
+    ``model.generate`` computes them)."""
+    b, t = input_ids.shape
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"the prompt's chunk must be >= 1 token; got {chunk}")
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
-                             f"{list(input_ids.shape)}")
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        masks = {"attention_mask": attention_mask,
-                 **position_kwargs(model, positions, torch.arange(input_ids.shape[1], device=input_ids.device))}
+    else:
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+    step = chunk or t
     with torch.no_grad():
-        return model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache), **masks,
-                     **last_logits_kwargs(model)).logits
+        for start in range(0, t, step):
+            end = min(start + step, t)
+            masks = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end]}
+            cache_position = torch.arange(start, end, device=input_ids.device)
+            logits = model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwargs(model, cache), **masks,
+                           **position_kwargs(model, positions[:, start:end], cache_position),
+                           **last_logits_kwargs(model)).logits
+    return logits
 
 
 def captured_decoding(model: torch.nn.Module, input_ids: torch.Tensor, logits_processor, stopping_criteria,
                       generation_config, synced_gpus: bool = False, streamer=None, **model_kwargs) -> torch.Tensor:
     """transformers' greedy / sampling loop with the steady steps replayed from CUDA graphs (:class:`CapturedDecode`):
     ``model.generate(input_ids, custom_generate=captured_decoding, ...)`` with an empty :class:`AquaKVCache` as its
-    cache. ``generate`` prepares the logits processors, stopping criteria and padding as usual; this loop applies them
+    cache. ``generate`` prepares the logits processors, stopping criteria and padding as usual (and
+    ``prefill_chunk_size`` splits the prompt's pass); this loop applies them
     as its own greedy / sampling loop does (a finished sequence goes on with the pad token). Returns the token ids
     ``[B, T + new]``."""
     cache = model_kwargs.get(cache_kwarg_name(model))
@@ -191,7 +201,7 @@ def captured_decoding(model: torch.nn.Module, input_ids: torch.Tensor, logits_pr
         raise ValueError("captured_decoding returns the token ids of one process: no return_dict_in_generate, no "
                          "synced_gpus")
     attention_mask = model_kwargs.get("attention_mask")
-    logits = _prefill(model, cache, input_ids, attention_mask)
+    logits = _prefill(model, cache, input_ids, attention_mask, generation_config.prefill_chunk_size)
     step = CapturedDecode(model, cache, attention_mask=attention_mask)
     pad = generation_config._pad_token_tensor
     pads_finished = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -223,17 +233,19 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def generate(model: torch.nn.Module, cache: AquaKVCache, input_ids: torch.Tensor, max_new_tokens: int,
              graphs: bool | None = None, sample: Callable[[torch.Tensor], torch.Tensor] = greedy,
-             eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+             prefill_chunk: int | None = None) -> torch.Tensor:
     """Decoding with ``cache``: the prompt ``input_ids [B, T]`` in one forward pass, then one token per step through
     :class:`CapturedDecode`, each picked by ``sample`` from the last position's logits ``[B, vocab]`` (-> ``[B, 1]``;
     default :func:`greedy`, the tokens ``model.generate(..., do_sample=False)`` picks). ``attention_mask [B, T]``: the
-    prompt's padding (0), as for ``model.generate``. Returns ``[B, T + n]``, ``n = max_new_tokens``, or fewer with
+    prompt's padding (0), as for ``model.generate``; ``prefill_chunk``: the prompt in passes of that many tokens (as
+    ``model.generate``'s ``prefill_chunk_size``). Returns ``[B, T + n]``, ``n = max_new_tokens``, or fewer with
     ``eos_token_id``: a sequence that produced it goes on with it, and decoding stops once every sequence has (as
     ``model.generate`` with ``pad_token_id=eos_token_id``; one host read per step)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 0:
         raise ValueError(f"generate takes a prompt [B, T >= 1] and max_new_tokens >= 0; got {list(input_ids.shape)} "
                          f"and {max_new_tokens}")
-    logits = _prefill(model, cache, input_ids, attention_mask)
+    logits = _prefill(model, cache, input_ids, attention_mask, prefill_chunk)
     step = CapturedDecode(model, cache, graphs, attention_mask)
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)

@@ -664,7 +664,8 @@ def generate_speed(args, model, settings: KernelSettings, result: dict, save) ->
     for batch in args.batches:
         ids = torch.randint(0, cfg.vocab_size, (batch, args.gen_prompt), device=DEV)
         for kind in args.gen_caches:
-            rec = {"cache": kind, "batch": batch, "prompt": args.gen_prompt, "new_tokens": args.gen_tokens}
+            rec = {"cache": kind, "batch": batch, "prompt": args.gen_prompt, "new_tokens": args.gen_tokens,
+                   "prefill_chunk": args.gen_prefill_chunk}
             try:
                 base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
 
@@ -679,7 +680,8 @@ def generate_speed(args, model, settings: KernelSettings, result: dict, save) ->
                     extra = {"custom_generate": captured_decoding} if graphs else {}
                     with torch.no_grad():
                         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                              pad_token_id=0, **cache_kwargs(model, cache), **extra)
+                                              pad_token_id=0, prefill_chunk_size=args.gen_prefill_chunk,
+                                              **cache_kwargs(model, cache), **extra)
 
                 run(2)  # compiles the kernels
                 walls = [events_ms(lambda n=n: run(n), 0, 2) for n in (1, args.gen_tokens)]
@@ -752,6 +754,9 @@ def main() -> None:
                    help="generate section: dynamic, or aquakv kinds; '-graphs': custom_generate=captured_decoding")
     p.add_argument("--gen-prompt", type=int, default=4096, help="generate section: prompt tokens")
     p.add_argument("--gen-tokens", type=int, default=129, help="generate section: new tokens")
+    p.add_argument("--gen-prefill-chunk", type=int, default=None,
+                   help="generate section: the prompt in passes of this many tokens (prefill_chunk_size; a 32k "
+                        "prompt at batch 8 ran out of memory in one pass on an H100)")
     p.add_argument("--window", type=int, default=32, help="exact recent tokens at the start (< 128 - steps)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)

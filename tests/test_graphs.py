@@ -134,7 +134,8 @@ def test_a_padded_batch_decodes_as_transformers_generate_does(model_and_bundle):
 def test_transformers_generate_decodes_through_captured_steps(model_and_bundle):
     """``model.generate(..., custom_generate=captured_decoding)``: transformers' own generate (its logits processors,
     stopping criteria, left padding) with the steps captured gives its ordinary tokens: greedy with an end-of-sequence
-    token, and seeded top-k sampling."""
+    token, a chunked prompt pass (``prefill_chunk_size``; and ``graphs.generate(prefill_chunk=)``), seeded top-k
+    sampling."""
     model, bundle = model_and_bundle
     prompt, mask = _padded_prompt()
     settings = KernelSettings(enabled=False, attention="fused")
@@ -153,6 +154,16 @@ def test_transformers_generate_decodes_through_captured_steps(model_and_bundle):
     stopped = run(0, True, do_sample=False, eos_token_id=eos)
     assert torch.equal(stopped, run(0, False, do_sample=False, eos_token_id=eos))
     assert stopped[0, 50] == eos and (stopped[0, 51:] == 0).all()  # the first sequence ends there, padded
+    chunked = run(0, True, do_sample=False, prefill_chunk_size=7)  # the prompt in passes of 7 tokens
+    assert torch.equal(chunked, run(0, False, do_sample=False, prefill_chunk_size=7))
+    passes: list[int] = []  # tokens per forward pass
+    hook = model.register_forward_pre_hook(lambda m, a, kw: passes.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        ours = generate(model, AquaKVCache.from_bundle(bundle, model, kernels=settings), prompt, 50, graphs=False,
+                        attention_mask=mask, prefill_chunk=7)
+    finally:
+        hook.remove()
+    assert torch.equal(ours, chunked) and passes == [7, 7, 7, 7, 2] + [1] * 49
     sampled = run(7, True, do_sample=True, top_k=20, temperature=1.5)
     assert torch.equal(sampled, run(7, False, do_sample=True, top_k=20, temperature=1.5))
     assert not torch.equal(sampled, greedy_tokens)
