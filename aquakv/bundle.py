@@ -113,6 +113,12 @@ def check_fingerprint(expected: dict, actual: dict) -> None:
                 f"bundle was calibrated for a model with {key}={expected.get(key)}, this model has {actual.get(key)}; "
                 "use a bundle calibrated for this model (aquakv inspect shows the bundle's model)"
             )
+    theta, ours = expected.get("rope_theta") or 0.0, actual.get("rope_theta") or 0.0
+    if theta > 0 and ours > 0 and abs(theta - ours) > 1e-6 * theta:  # (0: not known when the bundle was written)
+        raise ModelMismatchError(
+            f"bundle was calibrated for a model with rope_theta={theta:g}, this model has {ours:g}: its keys and "
+            "values differ from those the predictors were fitted on; calibrate a bundle for this configuration"
+        )
     a, b = torch.tensor(expected["weight_probe"]), torch.tensor(actual["weight_probe"])
     scale = float(a.abs().max().clamp_min(1e-6))
     if a.shape != b.shape or float((a - b).abs().max()) > 1e-2 * scale:

@@ -85,7 +85,8 @@ def test_grid_that_does_not_match_its_config(bundle_dir):
 @pytest.mark.parametrize(
     ("kwargs", "what"),
     [({"layers": 4}, "num_layers"), ({"kv_heads": 4}, "num_kv_heads"), ({"head_dim": 8}, "head_dim"),
-     ({"seed": 1}, "different weights")],
+     ({"seed": 1}, "different weights"), ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                                           "rope_theta=10000, this model has 500")],
 )
 def test_bundle_for_another_model_is_refused(bundle_dir, kwargs, what):
     other = tiny_llama(**kwargs)
