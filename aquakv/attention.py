@@ -142,7 +142,8 @@ def captured_mask(mask: torch.Tensor | None) -> None:
         return
     valid = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     if not bool(valid.all()):
-        raise ValueError("a captured decode step attends to every key: a masked (padded) batch needs ordinary steps")
+        raise ValueError("a captured decode step takes no masked keys from the model: give a padded batch's prompt "
+                         "mask to CapturedDecode(attention_mask=) or generate(attention_mask=)")
 
 
 # ---------------------------------------------------------------------------------------------------- backends

@@ -110,7 +110,8 @@ class CapturedDecode:
             s.update(input_ids=torch.empty_like(input_ids),
                      position_ids=torch.empty(b, 1, dtype=torch.long, device=dev),
                      slot=torch.empty(1, dtype=torch.long, device=dev),
-                     exact=torch.empty(1, dtype=torch.int32, device=dev))
+                     exact=torch.empty(1, dtype=torch.int32, device=dev),
+                     cache_position=torch.empty(1, dtype=torch.long, device=dev))  # (padded batches)
             self.graph = None
         held, seen = self.cache.layers[0].exact.length, self.cache.get_seq_length()
         s["input_ids"].copy_(input_ids)
@@ -118,7 +119,7 @@ class CapturedDecode:
             s["position_ids"].fill_(seen)
         else:
             torch.sub(seen, self.pads, out=s["position_ids"])
-            s.setdefault("cache_position", torch.empty(1, dtype=torch.long, device=dev)).fill_(seen)
+            s["cache_position"].fill_(seen)
         s["slot"].fill_(held)
         s["exact"].fill_(held + 1)
 
