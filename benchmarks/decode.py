@@ -668,14 +668,17 @@ def generate_speed(args, model, settings: KernelSettings, result: dict, save) ->
                    "prefill_chunk": args.gen_prefill_chunk}
             try:
                 base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
+                codecs = prediction = None
+                if base != "dynamic":  # drawn once, outside the timed runs (each run gets a fresh cache)
+                    rank, grids, prediction = aquakv_kind(base)
+                    codecs = make_codecs(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim, rank,
+                                         grids=grids)
 
-                def run(n: int, base=base, graphs=graphs, ids=ids):
-                    if base == "dynamic":
+                def run(n: int, graphs=graphs, ids=ids, codecs=codecs, prediction=prediction):
+                    if codecs is None:
                         cache = DynamicCache(config=cfg)
                     else:
-                        rank, grids, prediction = aquakv_kind(base)
-                        cache = AquaKVCache(make_codecs(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim,
-                                                        rank, grids=grids), CacheConfig(), model.model.rotary_emb,
+                        cache = AquaKVCache(codecs, CacheConfig(), model.model.rotary_emb,
                                             kernels=settings.with_(prediction=prediction), model=model)
                     extra = {"custom_generate": captured_decoding} if graphs else {}
                     with torch.no_grad():
