@@ -27,6 +27,7 @@ from aquakv import kernels
 from aquakv.codec import EncodedBlock, LayerCodec, Residual, decode, encode
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized, dequantize_reference, quantize_reference
+from aquakv.rope import ResidualRotation
 
 if TYPE_CHECKING:
     from aquakv.cache import AquaKVLayer
@@ -156,9 +157,10 @@ class Backend(Protocol):
     settings: KernelSettings
     fused: bool  # whether ``attention="auto"`` takes the fused protocol on this backend
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
-               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
-        """Quantize a block of pre-RoPE ``keys, values [B, T, D]`` given the previous layer's reconstruction."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
+               rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
+        """Quantize a block of pre-RoPE ``keys, values [B, T, D]`` given the previous layer's reconstruction
+        (``rotation``: the key residual after RoPE, ``KernelSettings.key_residual="post_rope"``)."""
 
     def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
         """Post-RoPE keys and values ``[B, H, T, hd]`` of ``layer``'s compressed tokens ``start:``
@@ -207,7 +209,8 @@ def _decode_read(layer: AquaKVLayer, block: EncodedBlock | None, length: int, of
         layer.shared.prev_old = None
         empty = layer.sink_keys[:, :, :0]
         return empty, empty
-    keys_hat, values_hat = decode(block, layer.shared.prev_old, codec)
+    rotation = layer.residual_rotation(layer.compressed_start + offset, length)
+    keys_hat, values_hat = decode(block, layer.shared.prev_old, codec, rotation)
     layer.shared.prev_old = (keys_hat, values_hat)
     return _rope_keys(layer, keys_hat, length, offset), layer.heads(values_hat)
 
@@ -221,9 +224,9 @@ class TorchBackend:
     def __init__(self, settings: KernelSettings, tile: int = 64):
         self.settings, self.tile = settings, tile
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
-               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:
-        return encode(keys, values, prev, _reference_codec(codec), self.settings.prediction == "stored")
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
+               rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
+        return encode(keys, values, prev, _reference_codec(codec), self.settings.prediction == "stored", rotation)
 
     def _reconstruct(self, layer: AquaKVLayer, block: EncodedBlock | None, length: int, offset: int = 0) -> Pair:
         return _decode_read(layer, block, length, offset, _reference_codec(layer.codec))
@@ -261,9 +264,11 @@ class TritonBackend:
         self.settings = settings
         self.handoff: tuple[bool, int] | None = None  # the scratch layout, fixed at the first fused read
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None,
-               codec: LayerCodec) -> tuple[EncodedBlock, Pair]:  # aquakv.quantize dispatches to the kernels
-        return encode(keys, values, prev, codec, self.settings.prediction == "stored")
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
+               rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
+        if rotation is not None:  # select_backend never picks this backend for them
+            raise ValueError("post-RoPE key residuals run on the PyTorch backend only")
+        return encode(keys, values, prev, codec, self.settings.prediction == "stored")  # quantize dispatches
 
     def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
         if self.settings.prediction == "stored":  # each layer on its own: the codec kernels, then RoPE
@@ -322,11 +327,12 @@ class TritonBackend:
 
 def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int,
                    settings: KernelSettings) -> Backend:
-    """:class:`TritonBackend` where the kernels run on ``device`` and handle every layer's quantizers and the head
-    size, else :class:`TorchBackend`."""
+    """:class:`TritonBackend` where the kernels run on ``device`` and handle every layer's quantizers, the head size
+    and pre-RoPE key residuals, else :class:`TorchBackend`."""
     from aquakv.kernels.decode import supports_fused
 
-    if (kernels.available(device, settings) and kernels.supports_head_dim(head_dim)
+    if (settings.key_residual == "pre_rope" and kernels.available(device, settings)
+            and kernels.supports_head_dim(head_dim)
             and all(kernels.supports(c.keys.config) and kernels.supports(c.values.config)
                     and supports_fused(c, head_dim) for c in codecs)):
         return TritonBackend(settings)

@@ -30,7 +30,7 @@ from aquakv.errors import ConfigError, ModelMismatchError
 from aquakv.family import LayerSpec, Rope, describe_model, kv_heads, llama_specs, predecessors, rotary_module
 from aquakv.kernels.settings import KernelSettings
 from aquakv.quantize import Quantized
-from aquakv.rope import track_positions
+from aquakv.rope import ResidualRotation, residual_rotation, track_positions
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -305,12 +305,20 @@ class AquaKVLayer(CacheLayerMixin):
             keys = self.rope.unrotate(keys, *self.shared.rope(self.rope, start, start + count, self.device))
         old, new = self.shared.chains.get(self.window, (None, None))
         block, recon = self.shared.backend.encode(self._flat(keys), self._flat(self.values[:, :, :count]), new,
-                                                  self.codec)
+                                                  self.codec, self.residual_rotation(start, count))
         self.shared.chains[self.window] = (old, recon)
         self.compressed = _cat_blocks(self.compressed, block)
         self.compressed_len += count
         self.exact.compressed(count)
         self._refresh()
+
+    def residual_rotation(self, start: int, count: int) -> ResidualRotation | None:
+        """RoPE at non-sink tokens ``start : start + count`` and its inverse, where the key residual is quantized after
+        RoPE (``KernelSettings.key_residual="post_rope"``; None otherwise, or for a layer without RoPE)."""
+        if self.shared.settings.key_residual != "post_rope" or self.rope is None:
+            return None
+        return residual_rotation(self.rope, self.keys.shape[1], *self.shared.rope(self.rope, start, start + count,
+                                                                                 self.device))
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: once a block more than ``window - 1`` tokens is held, drop the oldest (sinks, then

@@ -5,7 +5,9 @@ Shared by calibration (the chain fit) and the runtime cache, so both reconstruct
     K̂_l = P^K_l(K̂_{l-1})          + deq(R^K_l)
     V̂_l = P^V_l([K̂_l, V̂_{l-1}])   + deq(R^V_l)
 
-Layer 0 (or a codec without predictors) quantizes keys and values directly. Keys are pre-RoPE.
+Layer 0 (or a codec without predictors) quantizes keys and values directly. Keys are pre-RoPE; with a
+:class:`~aquakv.rope.ResidualRotation` the key residual is quantized after RoPE at the tokens' positions and
+un-rotated after dequantization (``KernelSettings.key_residual="post_rope"``): ``K̂`` stays pre-RoPE.
 
 With ``stored=True`` (the cache's ``KernelSettings(prediction="stored")``) each token also keeps its low-rank
 predictor inputs :class:`Projections` ``z = input @ down`` (float8, one scale per token and part), and the prediction
@@ -25,6 +27,7 @@ from aquakv.config import QuantizerConfig
 from aquakv.pickling import ArrayPickled
 from aquakv.predictors import Predictor
 from aquakv.quantize import Quantized, dequantize, quantize
+from aquakv.rope import ResidualRotation
 
 
 @dataclass
@@ -219,9 +222,11 @@ def encode(
     prev: tuple[torch.Tensor, torch.Tensor] | None,
     codec: LayerCodec,
     stored: bool = False,
+    rotation: ResidualRotation | None = None,
 ) -> tuple[EncodedBlock, tuple[torch.Tensor, torch.Tensor]]:
     """Encode ``keys, values [..., D]`` given the previous layer's reconstruction; return the block and ``(K̂, V̂)``.
-    ``stored``: predict from rounded projections and keep them in the block (module docstring)."""
+    ``stored``: predict from rounded projections and keep them in the block; ``rotation``: quantize the key residual
+    after RoPE (module docstring)."""
     zk = zv = None  # stored mode: (z8, scale) of each predictor's rounded projection
     if not stored:
         key_pred = codec.predict_keys(prev, keys)
@@ -229,8 +234,12 @@ def encode(
         if prev is None and (codec.key_predictor is not None or codec.value_predictor is not None):
             raise ValueError("this layer's predictors need the previous layer's reconstruction")
         key_pred, zk = _projected(codec.key_predictor, None if prev is None else prev[0], keys, True)
-    qk = codec.keys.quantize(keys.float() - key_pred)
-    keys_hat = key_pred + codec.keys.dequantize(qk)
+    if rotation is None:
+        qk = codec.keys.quantize(keys.float() - key_pred)
+        keys_hat = key_pred + codec.keys.dequantize(qk)
+    else:
+        qk = codec.keys.quantize(rotation.forward(keys.float() - key_pred))
+        keys_hat = key_pred + rotation.inverse(codec.keys.dequantize(qk))
     if not stored:
         value_pred = codec.predict_values(keys_hat, prev)
     else:
@@ -248,11 +257,14 @@ def encode(
 
 
 def decode(
-    block: EncodedBlock, prev: tuple[torch.Tensor, torch.Tensor] | None, codec: LayerCodec
+    block: EncodedBlock, prev: tuple[torch.Tensor, torch.Tensor] | None, codec: LayerCodec,
+    rotation: ResidualRotation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruct ``(K̂, V̂) [..., D]`` float32 of a block, exactly as :func:`encode` returned them (from its stored
-    projections where it has them: ``prev`` is then not read)."""
+    projections where it has them: ``prev`` is then not read); ``rotation``: the one the block was encoded with."""
     residual_keys = codec.keys.dequantize(block.keys)
+    if rotation is not None:
+        residual_keys = rotation.inverse(residual_keys)
     residual_values = codec.values.dequantize(block.values)
     if block.projections is None:
         keys_hat = codec.predict_keys(prev, residual_keys) + residual_keys

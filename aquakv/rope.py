@@ -7,7 +7,13 @@ kernels compute, for caches built without a model (benchmarks, kernel tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
+
+if TYPE_CHECKING:
+    from aquakv.family import Rope
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,3 +49,24 @@ def track_positions(rotary: torch.nn.Module) -> None:
 
     rotary.register_forward_pre_hook(remember, with_kwargs=True)
     rotary._aquakv_tracked = True
+
+
+class ResidualRotation(NamedTuple):
+    """RoPE at a run of tokens' positions and its inverse, on ``[B, T, D]`` float32 (all heads of a token in a row):
+    what a post-RoPE key residual is quantized after and un-rotated by (``KernelSettings.key_residual``)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+def residual_rotation(rope: Rope, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> ResidualRotation:
+    """The model's own RoPE of ``heads`` heads at ``cos, sin [B, T, hd]`` (:meth:`aquakv.family.Rope.rotate`), as a
+    :class:`ResidualRotation`."""
+
+    def apply(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        b, t, d = x.shape
+        h = x.view(b, t, heads, d // heads).transpose(1, 2)
+        h = rope.unrotate(h, cos, sin) if inverse else rope.rotate(h, cos, sin)
+        return h.transpose(1, 2).reshape(b, t, d)
+
+    return ResidualRotation(lambda x: apply(x, False), lambda x: apply(x, True))

@@ -40,7 +40,7 @@ from aquakv.bundle import Bundle
 from aquakv.compat import cache_kwargs
 from aquakv.eval import perplexity, text_windows
 from aquakv.grids import cache_dir
-from aquakv.kernels.settings import PREDICTIONS, KernelSettings
+from aquakv.kernels.settings import KEY_RESIDUALS, PREDICTIONS, KernelSettings
 from aquakv.registry import load_bundle
 from benchmarks.longcontext import TASKS, Recipe, Trial, score
 from pipeline.sources import CALIB_SOURCES, TEXT_SOURCES, prepare_smollm2, prepare_texts
@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prediction", default="chained", choices=PREDICTIONS,
                    help="AQUA-KV caches' predictions: recomputed from the previous layer (chained, default) or from "
                         "each token's stored float8 projections (stored: low-rank configs only, KernelSettings)")
+    p.add_argument("--key-residual", default="pre_rope", choices=KEY_RESIDUALS,
+                   help="where the AQUA-KV caches quantize the key residual: before RoPE (the paper's, default) or "
+                        "after it (KernelSettings.key_residual; the PyTorch backend)")
     p.add_argument("--resident", action="store_true",
                    help="fused collect+fit on the workers' devices, no activations on disk (a bit budget stays "
                         "staged); for GPUs and small disks")
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     kernels = KernelSettings.from_env(attention="full", keep_reconstructions=True) if device == "cpu" else None
     if args.prediction != "chained":
         kernels = (kernels or KernelSettings.from_env()).with_(prediction=args.prediction)
+    if args.key_residual != "pre_rope":
+        kernels = (kernels or KernelSettings.from_env()).with_(key_residual=args.key_residual)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     methods: dict[str, tuple] = {"exact": ("exact", None)}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from aquakv import kernels
 from aquakv.attention import (
     IMPLEMENTATION,
     TorchBackend,
@@ -146,6 +147,12 @@ def test_backend_selection_and_settings(model_and_bundle, monkeypatch):
         KernelSettings(tile_tokens=48)
     with pytest.raises(ValueError, match="value_latents"):
         KernelSettings(value_latents="later")
+    with pytest.raises(ValueError, match="key_residual"):
+        KernelSettings(key_residual="after")
+    # where the kernels would run, post-RoPE key residuals still take the PyTorch backend (the kernels read pre-RoPE)
+    monkeypatch.setattr(kernels, "available", lambda device, settings: True)
+    assert select_backend(cpu, bundle.codecs, 64, KernelSettings()).name == "triton"
+    assert select_backend(cpu, bundle.codecs, 64, KernelSettings(key_residual="post_rope")).name == "torch"
     settings = KernelSettings()
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.enabled = False  # type: ignore[misc]

@@ -177,6 +177,37 @@ def test_stored_prediction_gives_the_chained_logits_and_holds_the_projections(mo
     assert held == 2 * 2 * 288 * (32 + 8), held
 
 
+def test_post_rope_key_residuals_keep_the_logits_and_decode_as_encoded(model3, low_rank_bundle):
+    """``key_residual="post_rope"``: the key residual is quantized after RoPE at each token's position. Same quality
+    on the tiny model, other codes than pre-RoPE, and decode reproduces encode's ``K̂`` bit for bit."""
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    exact = _stepped_logits(model3, ids, DynamicCache(config=model3.config), 20)
+    for prediction in ("chained", "stored"):
+        caches, logits = {}, {}
+        for where in ("pre_rope", "post_rope"):
+            settings = KernelSettings(prediction=prediction, key_residual=where)
+            caches[where] = AquaKVCache.from_bundle(low_rank_bundle, model3, kernels=settings)
+            logits[where] = _stepped_logits(model3, ids, caches[where], 20)
+        err = {w: float((logits[w] - exact).norm() / exact.norm()) for w in logits}
+        assert err["post_rope"] < 0.02 and err["post_rope"] < 1.25 * err["pre_rope"], err
+        pre, post = (caches[w].layers[1].compressed.keys.codes for w in ("pre_rope", "post_rope"))
+        assert pre.shape == post.shape and not torch.equal(pre, post)
+    layer = caches["post_rope"].layers[1]
+    rotation = layer.residual_rotation(0, 64)  # the positions of the first 64 compressed tokens
+    gen = torch.Generator().manual_seed(0)
+    keys, values, prev_k, prev_v = (torch.randn(2, 64, layer.keys.shape[1] * layer.keys.shape[-1], generator=gen)
+                                    for _ in range(4))
+    assert torch.allclose(rotation.inverse(rotation.forward(keys)), keys, atol=1e-5)
+    assert torch.allclose(rotation.forward(keys).norm(dim=-1), keys.norm(dim=-1), rtol=1e-5)
+    for stored in (False, True):
+        block, (k_hat, v_hat) = encode(keys, values, (prev_k, prev_v), layer.codec, stored, rotation)
+        got_k, got_v = decode(block, (prev_k, prev_v), layer.codec, rotation)
+        assert torch.equal(got_k, k_hat) and torch.equal(got_v, v_hat)
+        pre_k = decode(block, (prev_k, prev_v), layer.codec)[0]  # read without the rotation: another K̂
+        assert (pre_k - k_hat).norm() > 0.1 * (k_hat - keys).norm()
+    assert caches["pre_rope"].layers[1].residual_rotation(0, 64) is None
+
+
 def test_caches_of_one_bundle_factorize_its_predictors_once(model3, low_rank_bundle, monkeypatch):
     """A server builds a cache per request from one bundle: the predictors' factorization (and the operands prepared
     from it) is done once per device, not at each cache's first step; the device copies are not pickled."""

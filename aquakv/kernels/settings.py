@@ -13,6 +13,8 @@ from typing import Literal, get_args
 Precision = Literal["bf16", "tf32", "tf32x3", "ieee"]
 Prediction = Literal["chained", "stored"]
 PREDICTIONS = get_args(Prediction)  # for command lines
+KeyResidual = Literal["pre_rope", "post_rope"]
+KEY_RESIDUALS = get_args(KeyResidual)
 ENV_ENABLED = os.environ.get("AQUAKV_KERNELS", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -44,6 +46,13 @@ class KernelSettings:
       summed over all tokens first (three small kernels), ``"auto"`` deferred where the decode kernel runs several
       programs per SM or the rank is high (:data:`aquakv.kernels.decode.DEFER_PROGRAMS_PER_SM`, ``DEFER_RANK``). The
       same math either way.
+    - ``key_residual``: where the key residual is quantized. ``"pre_rope"`` (the paper's, and the default): keys, their
+      predictions and residuals are all before RoPE. ``"post_rope"``: the residual is rotated to the token's position
+      first (``RoPE_t(K - P^K(...))``, :func:`aquakv.rope.residual_rotation`) and un-rotated after dequantization, so
+      the attention to it needs no per-token un-rotation or RoPE: the format of the CUDA decode kernel measured in
+      docs/benchmarks/decode.md, round 27 (not in the runtime yet). RoPE is orthogonal, so the residual's norm is the
+      same; the predictors and grids are the bundle's. Runs on the PyTorch backend only: the Triton kernels read
+      pre-RoPE residuals.
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
@@ -59,12 +68,14 @@ class KernelSettings:
     tile_tokens: int | None = None
     prediction: Prediction = "chained"
     value_latents: Literal["auto", "fused", "deferred"] = "auto"
+    key_residual: KeyResidual = "pre_rope"
     keep_reconstructions: bool = False
 
     def __post_init__(self) -> None:
         checks = {"attention": ("auto", "fused", "full"), "predictor": ("bf16", "tf32", "tf32x3", "ieee"),
                   "low_rank": ("auto", "off"), "gemm": ("cublas", "triton"), "scratch": ("bf16", "fp8"),
-                  "prediction": PREDICTIONS, "value_latents": ("auto", "fused", "deferred")}
+                  "prediction": PREDICTIONS, "value_latents": ("auto", "fused", "deferred"),
+                  "key_residual": KEY_RESIDUALS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
