@@ -688,7 +688,9 @@ def generate_speed(args, model, settings: KernelSettings, result: dict, save) ->
 
                 run(2)  # compiles the kernels
                 walls = [events_ms(lambda n=n: run(n), 0, 2) for n in (1, args.gen_tokens)]
-                gpus = [gpu_ms(lambda n=n: run(n), 1) for n in (1, args.gen_tokens)]
+                tables: list[list] = [[], []]
+                gpus = [gpu_ms(lambda n=n: run(n), 1, t) for n, t in zip((1, args.gen_tokens), tables, strict=True)]
+                rec["kernels"] = [[{"name": k, "ms": ms, "calls": calls} for k, ms, calls in t[:12]] for t in tables]
                 steps = args.gen_tokens - 1
                 rec.update(prefill_wall_ms=walls[0], decode_wall_ms_per_step=(walls[1] - walls[0]) / steps,
                            decode_gpu_ms_per_step=(gpus[1] - gpus[0]) / steps,
@@ -720,7 +722,9 @@ def budget(args, model, settings: KernelSettings, result: dict, save) -> None:
             n = int(args.kv_budget // per_seq)
             rec.update(bytes_per_sequence=per_seq, max_batch_at_budget=n)
             cache, _, _ = make_cache(kind, model, n, context, args.window, settings)
-            r = decode_steps(model, cache, n, context, 2, 3, 2)
+            kernels: list = []
+            r = decode_steps(model, cache, n, context, 2, 3, 2, kernels_out=kernels)
+            rec["kernels"] = [{"name": k, "ms": ms, "calls": calls} for k, ms, calls in kernels[:20]]
             rec.update(batch=n, gpu_ms_per_token=r["gpu_ms_per_token"], wall_ms_per_token=r["wall_ms_per_token"],
                        tokens_per_s_at_budget=n / (r["gpu_ms_per_token"] / 1e3),
                        tokens_per_s_at_budget_wall=n / (r["wall_ms_per_token"] / 1e3),

@@ -1,0 +1,532 @@
+// Prototype (docs/benchmarks/decode.md, round 27; not in the runtime): the stored-projection decode kernel written
+// with explicit mma.sync fragments, for the key residual quantized after RoPE (KernelSettings.key_residual=
+// "post_rope") or before it. Built and checked by proto.py (NVRTC through torch.cuda._compile_kernel).
+//
+// One CTA = one tile of BT compressed tokens of one batch row, 8 warps = the 8 KV heads; each warp walks its tile in
+// 16-token blocks with an online softmax over its GQ query heads. Every operand is formed in the register layout the
+// tensor-core instruction reads (RoPE'd keys, grid lookups, probabilities transposed with movmatrix):
+//   key prediction   K_pred[16 tok, 128] = (z^K [16, RK] fp8) x (up8^T [RK, 128] fp8)            m16n8k32 e4m3
+//   scores           S^T[16 tok, 8 (qh)] = RoPE(K_pred + bias) x Q^T [128, 8 (GQ used)]          m16n8k16 bf16
+//   ROT (KROT=1)     S^T += scale_g * units_g x (Q_g S_g / GS)^T  (key residual kept rotated: post-RoPE) f16
+//   PRE (KROT=0)     K_pred += (units_g x S_g^T) * scale_g / GS     (the shipped format: pre-RoPE)       f16
+//   values           O^T[128 (dims), 8 qh] += units^T [128, 16 tok] x (P * scale_g)^T [16, 8]         f16
+//   value latents    PZ^T[RV, 8 qh]        += z^V^T [RV, 16 tok] x (P * zs * 256)^T                   f16
+// The values are attended in the rotated space and their latent term summed: the un-rotation and the up-projection
+// come after the merge (both linear in P). Code words are in a kernel-specific order (pack_* in proto.py).
+// STAGED: the tile's per-token operands are copied to shared memory in stages of STG tokens (cp.async, the next
+// while this one is attended); UPS: up8^T and the key bias in shared memory too (read with ldmatrix).
+// Compile-time parameters (prepended #defines): KROT, RK, RV (multiples of 32 / 16), BT, MINB, STAGED, STG, UPS.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define HD 128
+#define NH 8
+#define GQ 4
+#define DM (NH * HD)
+#define NG (DM / 64)
+
+__device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_e4m3(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// an 8x8 b16 matrix held as mma fragments (row lane/4, columns 2(lane%4), +1) -> its transpose, held the same way
+__device__ __forceinline__ u32 trans8x8(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+    return r;
+}
+
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u16 v) {
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(v));
+    return h2;
+}
+
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float h2f(u16 v) {
+    float f;
+    asm("{.reg .f16 t;\n mov.b16 t, %1;\n cvt.f32.f16 %0, t;\n}\n" : "=f"(f) : "h"(v));
+    return f;
+}
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ u32 ld32(const void* p) { return __ldg(reinterpret_cast<const u32*>(p)); }
+__device__ __forceinline__ u32 ldu32(const void* p) { return *reinterpret_cast<const u32*>(p); }
+
+// UPS: the key predictor's up^T (rows padded) and the key bias in shared memory, after the two stages
+#if UPS
+#define UP_LD (RK + 16)
+#else
+#define UP_LD RK
+#endif
+
+// Where a token's operands are: global memory (rows of the cache, RoPE tables indexed by position) ...
+struct GlobalRows {
+    const u32* kc; const u32* vc; const u16* ks; const u16* vs; const u8* zk; const u8* zv; const float* zs;
+    const uint2* cs; const int* pos;
+    __device__ u32 kw(int r, int w) const { return kc[r * (NG * 4) + w]; }
+    __device__ u32 vw(int r, int w) const { return vc[r * (NG * 4) + w]; }
+    __device__ u32 ks2(int r, int j) const { return ld32(ks + r * NG + j); }
+    __device__ u16 ks1(int r, int j) const { return ks[r * NG + j]; }
+    __device__ u32 vs2(int r, int j) const { return ld32(vs + r * NG + j); }
+    __device__ u32 zk4(int r, int o) const { return ld32(zk + r * RK + o); }
+    __device__ u16 zv2(int r, int o) const { return *reinterpret_cast<const u16*>(zv + r * RV + o); }
+    __device__ float zsk(int r) const { return zs[2 * r]; }
+    __device__ float zsv(int r) const { return zs[2 * r + 1]; }
+    __device__ const uint2* csr(int r) const { return cs + pos[r] * (HD / 4); }
+};
+
+// ... or one stage of STG tokens copied to shared memory (rows padded against bank conflicts; cs per token)
+#define KC_LD (NG * 4 + 4)
+#define ZK_LD (RK + 16)
+#define ZV_LD (RV + 16)
+#define CS_LD (HD / 4 + 2)
+struct StageRows {
+    u32 kc[STG * KC_LD];
+    u32 vc[STG * KC_LD];
+    u16 ks[STG * NG];
+    u16 vs[STG * NG];
+    u8 zk[STG * ZK_LD];
+    u8 zv[STG * ZV_LD];
+    float zs[STG * 2];
+    uint2 cs[STG * CS_LD];
+    __device__ u32 kw(int r, int w) const { return kc[r * KC_LD + w]; }
+    __device__ u32 vw(int r, int w) const { return vc[r * KC_LD + w]; }
+    __device__ u32 ks2(int r, int j) const { return *reinterpret_cast<const u32*>(ks + r * NG + j); }
+    __device__ u16 ks1(int r, int j) const { return ks[r * NG + j]; }
+    __device__ u32 vs2(int r, int j) const { return *reinterpret_cast<const u32*>(vs + r * NG + j); }
+    __device__ u32 zk4(int r, int o) const { return *reinterpret_cast<const u32*>(zk + r * ZK_LD + o); }
+    __device__ u16 zv2(int r, int o) const { return *reinterpret_cast<const u16*>(zv + r * ZV_LD + o); }
+    __device__ float zsk(int r) const { return zs[2 * r]; }
+    __device__ float zsv(int r) const { return zs[2 * r + 1]; }
+    __device__ const uint2* csr(int r) const { return cs + r * CS_LD; }
+};
+
+#if STAGED
+__device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+}
+
+// Copy tokens t .. t + STG of one batch row into a stage (rows past C zero-filled), as one cp.async group.
+__device__ __forceinline__ void issue_stage(StageRows& st, const u32* kc, const u32* vc, const u16* ks, const u16* vs,
+                                            const u8* zk, const u8* zv, const float* zs, const uint2* cs,
+                                            const int* pos, const int rowbase, const int t, const int C) {
+    for (int k = threadIdx.x; k < STG * 16; k += blockDim.x) {  // code words and RoPE rows: 16 chunks a token
+        const int tok = k >> 4, part = k & 15;
+        const bool ok = t + tok < C;
+        const int row = rowbase + (ok ? t + tok : 0);
+        cp16(st.kc + tok * KC_LD + 4 * part, kc + row * (NG * 4) + 4 * part, ok ? 16 : 0);
+        cp16(st.vc + tok * KC_LD + 4 * part, vc + row * (NG * 4) + 4 * part, ok ? 16 : 0);
+        cp16(st.cs + tok * CS_LD + 2 * part, cs + pos[row] * (HD / 4) + 2 * part, ok ? 16 : 0);
+    }
+    for (int k = threadIdx.x; k < STG * 2; k += blockDim.x) {  // scales: 2 chunks a token
+        const int tok = k >> 1, part = k & 1;
+        const bool ok = t + tok < C;
+        const int row = rowbase + (ok ? t + tok : 0);
+        cp16(st.ks + tok * NG + 8 * part, ks + row * NG + 8 * part, ok ? 16 : 0);
+        cp16(st.vs + tok * NG + 8 * part, vs + row * NG + 8 * part, ok ? 16 : 0);
+    }
+    for (int k = threadIdx.x; k < STG * (RK / 16); k += blockDim.x) {
+        const int tok = k / (RK / 16), part = k % (RK / 16);
+        const bool ok = t + tok < C;
+        const int row = rowbase + (ok ? t + tok : 0);
+        cp16(st.zk + tok * ZK_LD + 16 * part, zk + row * RK + 16 * part, ok ? 16 : 0);
+    }
+    for (int k = threadIdx.x; k < STG * (RV / 16); k += blockDim.x) {
+        const int tok = k / (RV / 16), part = k % (RV / 16);
+        const bool ok = t + tok < C;
+        const int row = rowbase + (ok ? t + tok : 0);
+        cp16(st.zv + tok * ZV_LD + 16 * part, zv + row * RV + 16 * part, ok ? 16 : 0);
+    }
+    for (int k = threadIdx.x; k < STG / 2; k += blockDim.x) {  // z scales: two tokens a chunk
+        const int left = min(max(C - (t + 2 * k), 0), 2);
+        cp16(st.zs + 4 * k, zs + (rowbase + (left ? t + 2 * k : 0)) * 2, 8 * left);
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+#endif
+
+// Attention of this warp's query heads to 16 tokens: rows ra, rb (= tokens ta, ta + 8) of the key operands and the
+// rows of the scores S^T [16 tokens, 8 (query heads, GQ used)]; rows rcol (tokens 2c, 2c+1, 8+2c, 9+2c of the block)
+// of the value operands. The online-softmax state (per query head 2c, 2c+1) and accumulators are updated in place.
+template <class Src>
+__device__ __forceinline__ void attend16(const Src& src, const int ra, const int rb, const int ta, const int (&rcol)[4],
+                                         const int C, const int h, const int lane, const u32 (&qb)[8][2],
+                                         const u32 (&qr)[8][2], const u32* s_ktab, const u32* s_vtab,
+                                         const u32* s_smat, const u8* up8t, const float* kbias, const float kup_scale,
+                                         const float scale_log2, float (&m_i)[2], float (&l_i)[2],
+                                         float (&oacc)[8][4], float (&pacc)[RV / 16][4]) {
+    const int gid = lane >> 2, c = lane & 3;
+    const float zka = src.zsk(ra) * kup_scale, zkb = src.zsk(rb) * kup_scale;
+    const uint2* csa = src.csr(ra);
+    const uint2* csb = src.csr(rb);
+    u32 za[RK / 32][4];
+#pragma unroll
+    for (int s = 0; s < RK / 32; ++s) {
+        za[s][0] = src.zk4(ra, 32 * s + 4 * c);
+        za[s][1] = src.zk4(rb, 32 * s + 4 * c);
+        za[s][2] = src.zk4(ra, 32 * s + 16 + 4 * c);
+        za[s][3] = src.zk4(rb, 32 * s + 16 + 4 * c);
+    }
+    // this head's key code words (word c of each of its two groups) for rows a, b
+    const u32 kwa0 = src.kw(ra, 8 * h + c), kwa1 = src.kw(ra, 8 * h + 4 + c);
+    const u32 kwb0 = src.kw(rb, 8 * h + c), kwb1 = src.kw(rb, 8 * h + 4 + c);
+    const u32 ksa = src.ks2(ra, 2 * h), ksb = src.ks2(rb, 2 * h);
+    const float sa[2] = {h2f((u16)(ksa & 0xFFFF)), h2f((u16)(ksa >> 16))};
+    const float sb[2] = {h2f((u16)(ksb & 0xFFFF)), h2f((u16)(ksb >> 16))};
+#if !KROT
+    // units of both groups as A operands (rows a, b)
+    u32 ua[2][4][4];
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+        const u32 wa = g ? kwa1 : kwa0, wb = g ? kwb1 : kwb0;
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb) {
+            ua[g][kb][0] = s_ktab[(wa >> (8 * kb)) & 15];
+            ua[g][kb][1] = s_ktab[(wb >> (8 * kb)) & 15];
+            ua[g][kb][2] = s_ktab[(wa >> (8 * kb + 4)) & 15];
+            ua[g][kb][3] = s_ktab[(wb >> (8 * kb + 4)) & 15];
+        }
+    }
+#endif
+
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: (token a | b) x (query heads 2c, 2c + 1)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float acc[4][4];
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+            const int n = (jj < 2 ? 2 * i + jj : 8 + 2 * i + jj - 2);
+            acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.f;
+#if UPS
+            const u32 row = (u32)__cvta_generic_to_shared(up8t + (h * HD + 8 * n + (lane & 7)) * UP_LD + 16 * (lane >> 3));
+#pragma unroll
+            for (int s4 = 0; s4 < RK / 64; ++s4) {
+                u32 b0, b1, b2, b3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(row + 64 * s4));
+                mma_e4m3(acc[jj], za[2 * s4][0], za[2 * s4][1], za[2 * s4][2], za[2 * s4][3], b0, b1);
+                mma_e4m3(acc[jj], za[2 * s4 + 1][0], za[2 * s4 + 1][1], za[2 * s4 + 1][2], za[2 * s4 + 1][3], b2, b3);
+            }
+#else
+            const u8* up = up8t + (h * HD + 8 * n + gid) * UP_LD + 4 * c;
+#pragma unroll
+            for (int s2 = 0; s2 < RK / 32; ++s2)
+                mma_e4m3(acc[jj], za[s2][0], za[s2][1], za[s2][2], za[s2][3], ldu32(up + 32 * s2),
+                         ldu32(up + 32 * s2 + 16));
+#endif
+            const float2 bias = *reinterpret_cast<const float2*>(kbias + h * HD + 8 * n + 2 * c);
+            acc[jj][0] = fmaf(acc[jj][0], zka, bias.x);
+            acc[jj][1] = fmaf(acc[jj][1], zka, bias.y);
+            acc[jj][2] = fmaf(acc[jj][2], zkb, bias.x);
+            acc[jj][3] = fmaf(acc[jj][3], zkb, bias.y);
+#if !KROT
+            {  // + the residual, un-rotated: units_g [16, 64] x S_g^T [64, 8 of n], times each row's scale
+                const int g = n >> 3, nd = 8 * (n & 7) + gid;
+                float r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int kb = 0; kb < 4; ++kb)
+                    mma_f16(r, ua[g][kb][0], ua[g][kb][1], ua[g][kb][2], ua[g][kb][3],
+                            s_smat[nd * 32 + 8 * kb + c], s_smat[nd * 32 + 8 * kb + 4 + c]);
+                acc[jj][0] = fmaf(r[0], sa[g] * (1.f / 64), acc[jj][0]);
+                acc[jj][1] = fmaf(r[1], sa[g] * (1.f / 64), acc[jj][1]);
+                acc[jj][2] = fmaf(r[2], sb[g] * (1.f / 64), acc[jj][2]);
+                acc[jj][3] = fmaf(r[3], sb[g] * (1.f / 64), acc[jj][3]);
+            }
+#endif
+        }
+        // RoPE in bf16 on (dim d, d + 64) pairs: the results are the scores' A operands (rows = tokens) directly
+        u32 lo[2][2], hi[2][2];  // [jj][row a/b]
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+            const int fp = 4 * (2 * i + jj) + c;  // frequency pair of dims 8n + 2c, 8n + 2c + 1
+            const uint2 ca = csa[fp], cb = csb[fp];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const uint2 cr = r ? cb : ca;
+                const u32 kl = pack_bf16(acc[jj][2 * r], acc[jj][2 * r + 1]);
+                const u32 kh = pack_bf16(acc[jj + 2][2 * r], acc[jj + 2][2 * r + 1]);
+                const u32 nsin = cr.y ^ 0x80008000u;
+                lo[jj][r] = fma_bf16x2(kh, nsin, fma_bf16x2(kl, cr.x, 0x80008000u));
+                hi[jj][r] = fma_bf16x2(kl, cr.y, fma_bf16x2(kh, cr.x, 0x80008000u));
+            }
+        }
+        mma_bf16(s, lo[0][0], lo[0][1], lo[1][0], lo[1][1], qb[i][0], qb[i][1]);
+        mma_bf16(s, hi[0][0], hi[0][1], hi[1][0], hi[1][1], qb[4 + i][0], qb[4 + i][1]);
+    }
+
+#if KROT
+    // residual scores in the rotated space, per group, times each token's scale
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+        const u32 wa = g ? kwa1 : kwa0, wb = g ? kwb1 : kwb0;
+        float sr[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb)
+            mma_f16(sr, s_ktab[(wa >> (8 * kb)) & 15], s_ktab[(wb >> (8 * kb)) & 15], s_ktab[(wa >> (8 * kb + 4)) & 15],
+                    s_ktab[(wb >> (8 * kb + 4)) & 15], qr[4 * g + kb][0], qr[4 * g + kb][1]);
+        s[0] = fmaf(sr[0], sa[g], s[0]);
+        s[1] = fmaf(sr[1], sa[g], s[1]);
+        s[2] = fmaf(sr[2], sb[g], s[2]);
+        s[3] = fmaf(sr[3], sb[g], s[3]);
+    }
+#endif
+
+    // online softmax down the columns (query heads 2c, 2c + 1) over this block's 16 tokens (rows)
+    const bool va = ta < C, vb = ta + 8 < C;
+    float sv[4] = {va ? s[0] * scale_log2 : NEG_INF, va ? s[1] * scale_log2 : NEG_INF,
+                   vb ? s[2] * scale_log2 : NEG_INF, vb ? s[3] * scale_log2 : NEG_INF};
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        float mx = fmaxf(sv[e], sv[e + 2]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m_i[e], mx);
+        const float alpha = ex2(m_i[e] - m_new);
+        p[e] = ex2(sv[e] - m_new);
+        p[e + 2] = ex2(sv[e + 2] - m_new);
+        l_i[e] = l_i[e] * alpha + p[e] + p[e + 2];
+        m_i[e] = m_new;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            oacc[m][e] *= alpha;
+            oacc[m][e + 2] *= alpha;
+        }
+#pragma unroll
+        for (int m = 0; m < RV / 16; ++m) {
+            pacc[m][e] *= alpha;
+            pacc[m][e + 2] *= alpha;
+        }
+    }
+
+    // P^T operands (k = tokens, n = query heads): P times the value scale of each group / z^V's scale (x 256, in
+    // f16's normal range), transposed from the rows-are-tokens layout (movmatrix)
+    u32 pv[2][2], pz[2];
+    {
+        const u32 vsa = src.vs2(ra, 2 * h), vsb = src.vs2(rb, 2 * h);
+        const float zsa = src.zsv(ra) * 256.f, zsb = src.zsv(rb) * 256.f;
+#pragma unroll
+        for (int g = 0; g < 2; ++g) {
+            const float s0 = h2f((u16)(vsa >> (16 * g))), s1 = h2f((u16)(vsb >> (16 * g)));
+            pv[g][0] = trans8x8(pack_f16(p[0] * s0, p[1] * s0));
+            pv[g][1] = trans8x8(pack_f16(p[2] * s1, p[3] * s1));
+        }
+        pz[0] = trans8x8(pack_f16(p[0] * zsa, p[1] * zsa));
+        pz[1] = trans8x8(pack_f16(p[2] * zsb, p[3] * zsb));
+    }
+
+    // values in the rotated space: m-tile m = dims 16m + 2 gid (row gid) and + 1 (row gid + 8)
+    u32 vw[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) vw[e] = src.vw(rcol[e], 8 * h + gid);
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+        const int sh = 4 * m;  // nibble (4 * group + m % 4) = m
+        const u32 L0 = s_vtab[(vw[0] >> sh) & 15], L1 = s_vtab[(vw[1] >> sh) & 15];
+        const u32 L2 = s_vtab[(vw[2] >> sh) & 15], L3 = s_vtab[(vw[3] >> sh) & 15];
+        mma_f16(oacc[m], __byte_perm(L0, L1, 0x5410), __byte_perm(L0, L1, 0x7632), __byte_perm(L2, L3, 0x5410),
+                __byte_perm(L2, L3, 0x7632), pv[m >> 2][0], pv[m >> 2][1]);
+    }
+    // value latents: m-tile m = latents 16m + 2 gid, + 1
+#pragma unroll
+    for (int m = 0; m < RV / 16; ++m) {
+        u32 Z[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Z[e] = e4m3x2_to_f16x2(src.zv2(rcol[e], 16 * m + 2 * gid));
+        mma_f16(pacc[m], __byte_perm(Z[0], Z[1], 0x5410), __byte_perm(Z[0], Z[1], 0x7632),
+                __byte_perm(Z[2], Z[3], 0x5410), __byte_perm(Z[2], Z[3], 0x7632), pz[0], pz[1]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, MINB) aquakv_decode_mma(
+    const u16* __restrict__ q,      // bf16 [B, NH*GQ, HD]
+    const u16* __restrict__ qrot,   // f16 [B, NH*GQ, HD]: per group q_g @ S_g / GS (KROT)
+    const u32* __restrict__ kc,     // [B*C, NG*4] key code words (4 per group of 64, kernel order)
+    const u16* __restrict__ ks,     // f16 [B*C, NG] key scales
+    const u32* __restrict__ vc,     // [B*C, NG*4] value code words (8 per head, kernel order)
+    const u16* __restrict__ vs,     // f16 [B*C, NG] value scales
+    const u8* __restrict__ zk,      // e4m3 [B*C, RK]
+    const u8* __restrict__ zv,      // e4m3 [B*C, RV]
+    const float* __restrict__ zs,   // [B*C, 2] scales of z^K, z^V
+    const u8* __restrict__ up8t,    // e4m3 [DM, RK]: the key predictor's up^T (K-major)
+    const float* __restrict__ kbias,  // [DM]
+    const u32* __restrict__ ktab,   // [16] f16x2 key grid points
+    const u32* __restrict__ vtab,   // [16] f16x2 value grid points
+    const u16* __restrict__ smat,   // f16 [64, 64]: S = diag(signs) H (KROT=0 only)
+    const uint2* __restrict__ cs,   // [positions, HD/4] (bf16x2 cos of freqs 2j, 2j+1 | bf16x2 sin)
+    const int* __restrict__ pos,    // [B, C] positions
+    float* __restrict__ orot,       // [B, NH*GQ, NT, HD] normalized per tile, rotated space, kernel dim order
+    float* __restrict__ pzo,        // [B, NH*GQ, NT, RV]
+    float* __restrict__ lse,        // [B, NH*GQ, NT] natural log
+    int C, int NT, double kup_scale_d, double scale_log2_d) {
+    const int lane = threadIdx.x & 31, h = threadIdx.x >> 5, gid = lane >> 2, c = lane & 3;
+    const int b = blockIdx.y, tile = blockIdx.x;
+    const float kup_scale = (float)kup_scale_d, scale_log2 = (float)scale_log2_d;
+    const int rowbase = b * C;
+
+    __shared__ u32 s_ktab[16], s_vtab[16];
+#if !KROT
+    __shared__ u32 s_smat[64 * 32];
+    for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) s_smat[i] = ld32(smat + 2 * i);
+#define S_SMAT s_smat
+#else
+#define S_SMAT nullptr
+#endif
+    if (threadIdx.x < 16) s_ktab[threadIdx.x] = ktab[threadIdx.x];
+    else if (threadIdx.x < 32) s_vtab[threadIdx.x - 16] = vtab[threadIdx.x - 16];
+    __syncthreads();
+
+    // query fragments (rows = query heads of this KV head; rows >= GQ are zero)
+    const int qh = h * GQ + gid;
+    u32 qa[8][2];
+    u32 qr[8][2];
+#pragma unroll
+    for (int kb = 0; kb < 8; ++kb) {
+        const long o = ((long)b * NH * GQ + qh) * HD + 16 * kb + 2 * c;
+        qa[kb][0] = gid < GQ ? ld32(q + o) : 0u;
+        qa[kb][1] = gid < GQ ? ld32(q + o + 8) : 0u;
+        qr[kb][0] = KROT && gid < GQ ? ld32(qrot + o) : 0u;
+        qr[kb][1] = KROT && gid < GQ ? ld32(qrot + o + 8) : 0u;
+    }
+
+    float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f};  // query heads h*GQ + 2c, + 1
+    float oacc[8][4];
+    float pacc[RV / 16][4];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) oacc[m][0] = oacc[m][1] = oacc[m][2] = oacc[m][3] = 0.f;
+#pragma unroll
+    for (int m = 0; m < RV / 16; ++m) pacc[m][0] = pacc[m][1] = pacc[m][2] = pacc[m][3] = 0.f;
+
+    const int tbeg = tile * BT, tend = min(tile * BT + BT, C);
+#if !STAGED
+    const GlobalRows src{kc, vc, ks, vs, zk, zv, zs, cs, pos};
+    for (int t0 = tbeg; t0 < tend; t0 += 16) {
+        int rcol[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) rcol[e] = rowbase + min(t0 + (e >> 1) * 8 + 2 * c + (e & 1), C - 1);
+        attend16(src, rowbase + min(t0 + gid, C - 1), rowbase + min(t0 + gid + 8, C - 1), t0 + gid, rcol, C, h, lane,
+                 qa, qr, s_ktab, s_vtab, S_SMAT, up8t, kbias, kup_scale, scale_log2, m_i, l_i, oacc, pacc);
+    }
+#else
+    // stages of STG tokens copied to shared memory asynchronously (cp.async), the next while this one is attended
+    extern __shared__ __align__(16) unsigned char dyn[];
+    StageRows* stage = reinterpret_cast<StageRows*>(dyn);
+#if UPS
+    u8* s_up = dyn + 2 * sizeof(StageRows);
+    float* s_kbias = reinterpret_cast<float*>(s_up + DM * UP_LD);
+    for (int k = threadIdx.x; k < DM * (RK / 16); k += blockDim.x)
+        cp16(s_up + (k / (RK / 16)) * UP_LD + 16 * (k % (RK / 16)), up8t + (k / (RK / 16)) * RK + 16 * (k % (RK / 16)), 16);
+    for (int k = threadIdx.x; k < DM / 4; k += blockDim.x) cp16(s_kbias + 4 * k, kbias + 4 * k, 16);
+#define UP_SRC s_up
+#define KB_SRC s_kbias
+#else
+#define UP_SRC up8t
+#define KB_SRC kbias
+#endif
+    const int nst = (tend - tbeg + STG - 1) / STG;
+    issue_stage(stage[0], kc, vc, ks, vs, zk, zv, zs, cs, pos, rowbase, tbeg, C);
+    for (int st = 0; st < nst; ++st) {
+        if (st + 1 < nst) {
+            issue_stage(stage[(st + 1) & 1], kc, vc, ks, vs, zk, zv, zs, cs, pos, rowbase, tbeg + (st + 1) * STG, C);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();
+        const StageRows& sr = stage[st & 1];
+        const int s0 = tbeg + st * STG;
+#pragma unroll 1
+        for (int j = 0; j < STG && s0 + j < C; j += 16) {
+            int rcol[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) rcol[e] = j + (e >> 1) * 8 + 2 * c + (e & 1);
+            attend16(sr, j + gid, j + gid + 8, s0 + j + gid, rcol, C, h, lane, qa, qr, s_ktab, s_vtab, S_SMAT, UP_SRC,
+                     KB_SRC, kup_scale, scale_log2, m_i, l_i, oacc, pacc);
+        }
+        __syncthreads();
+    }
+#endif
+
+    // epilogue: each query head's sum down its column; columns 2c, 2c + 1 (only heads 0 .. GQ-1 written)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 4);
+        l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 8);
+        l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 16);
+    }
+    if (2 * c < GQ) {
+        const float inv0 = l_i[0] > 0.f ? 1.f / l_i[0] : 0.f, inv1 = l_i[1] > 0.f ? 1.f / l_i[1] : 0.f;
+        const int q0 = h * GQ + 2 * c;
+        float* o0 = orot + (((long)b * NH * GQ + q0) * NT + tile) * HD;
+        float* o1 = o0 + (long)NT * HD;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            o0[16 * m + 2 * gid] = oacc[m][0] * inv0;
+            o1[16 * m + 2 * gid] = oacc[m][1] * inv1;
+            o0[16 * m + 2 * gid + 1] = oacc[m][2] * inv0;
+            o1[16 * m + 2 * gid + 1] = oacc[m][3] * inv1;
+        }
+        float* z0 = pzo + (((long)b * NH * GQ + q0) * NT + tile) * RV;
+        float* z1 = z0 + (long)NT * RV;
+        const float zi0 = inv0 * (1.f / 256), zi1 = inv1 * (1.f / 256);
+#pragma unroll
+        for (int m = 0; m < RV / 16; ++m) {
+            z0[16 * m + 2 * gid] = pacc[m][0] * zi0;
+            z1[16 * m + 2 * gid] = pacc[m][1] * zi1;
+            z0[16 * m + 2 * gid + 1] = pacc[m][2] * zi0;
+            z1[16 * m + 2 * gid + 1] = pacc[m][3] * zi1;
+        }
+        if (gid == 0) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                lse[((long)b * NH * GQ + q0 + e) * NT + tile] =
+                    l_i[e] > 0.f ? (m_i[e] + __log2f(l_i[e])) * 0.6931471805599453f : NEG_INF;
+        }
+    }
+}
