@@ -1,6 +1,7 @@
 """The CUDA decode-kernel prototype (``benchmarks/cuda_decode``) without a GPU: its code-word orders put each code
-where the kernel's fragments read it, its reference keeps the attention's invariants, and (where ``nvcc`` is
-installed) its variants compile for sm_90, the rotated format's without spilling registers."""
+where the kernel's fragments read it, its reference keeps the attention's invariants and reads the runtime's own
+post-RoPE encoding, and (where ``nvcc`` is installed) its variants compile for sm_90, the rotated format's without
+spilling registers."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def test_reference_partials_merge_to_one_softmax():
     # the rotated residual's scores are part of the attention: dropping them changes it
     x["ks"] = torch.zeros_like(x["ks"])
     assert not torch.allclose(proto.reference(x, 1, 512)["orot"], whole["orot"], atol=1e-3)
+
+
+def test_the_runtime_post_rope_encoding_feeds_the_kernel_operands():
+    """``codec_check``'s CPU form: a rank-64 stored layer encoded with ``key_residual="post_rope"``, its block turned
+    into the kernel's operands and run through the kernel's math (``reference``), merged and un-rotated, gives the
+    attention over ``codec.decode``'s reconstruction (on the GPU the same check runs the kernel itself)."""
+    errs = proto.codec_check(None, 128, device="cpu", T=300)
+    assert errs["out"] < 1e-2, errs
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

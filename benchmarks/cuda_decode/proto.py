@@ -192,6 +192,96 @@ def post(x: dict, out: dict) -> torch.Tensor:
     return o + torch.einsum("bhmr,rhd->bhmd", z, upv.view(x["rv"], NH, HD)).view(B, NH, GQ, NT, HD)
 
 
+class _RotateHalf:
+    """Llama's rotate-half RoPE for :func:`aquakv.rope.residual_rotation` (the interface of ``family.Rope``)."""
+
+    def rotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        from aquakv.rope import apply_rope
+
+        return apply_rope(k, cos, sin)
+
+    def unrotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s2 = cos * cos + sin * sin
+        return self.rotate(k, cos / s2, -sin / s2)
+
+
+def stored_layer(seed: int = 5, device: str = "cuda"):
+    """A layer codec of the prototype's shape: Gaussian d=2 n=16 grids (2 bits), groups of 64, random rank-64 key and
+    value predictors (as ``benchmarks/decode.py``'s ``make_codecs`` draws them)."""
+    from aquakv.codec import LayerCodec, gaussian_residual
+    from aquakv.config import QuantizerConfig
+    from aquakv.predictors import Predictor
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def predictor(d_in: int) -> Predictor:
+        w = torch.randn(d_in, 64, generator=gen) @ torch.randn(64, DM, generator=gen) / (d_in * 64) ** 0.5
+        return Predictor(0.5 * w, 0.1 * torch.randn(DM, generator=gen))
+
+    q = QuantizerConfig(dim=2, size=16, group_size=GS)
+    codec = LayerCodec(gaussian_residual(q, 2 * seed), gaussian_residual(q, 2 * seed + 1))
+    codec.key_predictor, codec.value_predictor = predictor(DM), predictor(2 * DM)
+    return codec.to(torch.device(device))
+
+
+def codec_check(kern, bt: int, device: str = "cuda", B: int = 2, T: int = 700, pos0: int = 41) -> dict:
+    """The kernel on the runtime's own encoding. A rank-64 stored layer (:func:`stored_layer`) encodes random keys and
+    values with ``KernelSettings.key_residual="post_rope"``'s rotation (:func:`aquakv.codec.encode`). Its codes,
+    scales and projections go to the kernel in its word order (``kern=None``: to :func:`reference`, the kernel's
+    math in float32), the tiles are merged and the values un-rotated. The result is compared with attention over
+    :func:`aquakv.codec.decode`'s ``K̂, V̂``, RoPE'd in bf16 as the cache does. Returns the relative error."""
+    from aquakv.codec import decode, encode, key_factor, stored_factors
+    from aquakv.packing import unpack
+    from aquakv.rope import residual_rotation
+
+    codec = stored_layer(device=device)
+    gen = torch.Generator(device=device).manual_seed(7)
+    keys, values, prev_k, prev_v = (torch.randn(B, T, DM, device=device, generator=gen) for _ in range(4))
+    pos = (torch.arange(T, device=device, dtype=torch.int32) + pos0).repeat(B, 1).contiguous()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HD, 2, dtype=torch.float32, device=device) / HD))
+    ang = pos.float()[..., None] * inv_freq
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [B, T, HD]
+    rotation = residual_rotation(_RotateHalf(), NH, cos, sin)
+    block, _ = encode(keys, values, (prev_k, prev_v), codec, True, rotation)
+    k_hat, v_hat = decode(block, None, codec, rotation)
+    # the reference: attention over the cache's reconstruction (keys rounded to bf16, then RoPE, as _rope_keys does)
+    q = (torch.randn(B, HQ, HD, device=device, generator=gen) * 2.0).to(torch.bfloat16)  # sharp attention
+    kh = k_hat.to(torch.bfloat16).float().view(B, T, NH, HD).transpose(1, 2)
+    kr = _RotateHalf().rotate(kh, cos, sin)  # [B, NH, T, HD]
+    s = torch.einsum("bhgd,bhtd->bhgt", q.float().view(B, NH, GQ, HD), kr) / math.sqrt(HD)
+    ref = torch.einsum("bhgt,bhtd->bhgd", torch.softmax(s, -1), v_hat.view(B, T, NH, HD).transpose(1, 2))
+    # the kernel's operands, from the block
+    n = B * T
+    kcode = unpack(block.keys.codes.view(n, -1), 4, NG * 32).view(n, NG, 32)
+    vcode = unpack(block.values.codes.view(n, -1), 4, NG * 32).view(n, NG, 32)
+    up8, kup_scale = key_factor(codec.key_predictor)
+    z = block.projections.latents.view(n, -1)
+    smat = codec.keys.signs.float()[:, None] * hadamard(GS).to(device)
+    tab = torch.arange(T + pos0, device=device, dtype=torch.float32)[:, None] * inv_freq
+    cb, sb = tab.cos().to(torch.bfloat16), tab.sin().to(torch.bfloat16)
+    x = dict(B=B, C=T, rk=64, rv=64, q=q, kcode=kcode, vcode=vcode, kc=pack_keys(kcode), vc=pack_values(vcode),
+             ks=block.keys.scales.reshape(n, NG).half().contiguous(),
+             vs=block.values.scales.reshape(n, NG).half().contiguous(), zk=z[:, :64].contiguous(),
+             zv=z[:, 64:].contiguous(), zs=block.projections.scales.reshape(n, 2).contiguous(),
+             up8t=up8.t().contiguous().to(device), kup_scale=float(kup_scale),
+             kbias=codec.key_predictor.bias.float(), kgrid=codec.keys.grid.float(), vgrid=codec.values.grid.float(),
+             ktab=half_pairs(codec.keys.grid, torch.float16), vtab=half_pairs(codec.values.grid, torch.float16),
+             smat=smat, smat_h=smat.half().contiguous(), pos=pos, cos=cb, sin=sb,
+             cs=torch.stack([cb.view(-1, 32, 2).view(torch.int32).squeeze(-1),
+                             sb.view(-1, 32, 2).view(torch.int32).squeeze(-1)], -1).contiguous())
+    x["qrot"] = (q.float().view(B, HQ, 2, GS) @ smat / GS).view(B, HQ, HD).half()
+    out = launch(kern, x, bt) if kern is not None else reference(x, 1, bt)
+    # merge the tiles, then un-rotate the values (S_v^T / GS per group) and add the value predictor's latent term
+    w = torch.softmax(out["lse"], -1)[..., None]  # [B, HQ, NT, 1]
+    orot, pz = (w * out["orot"]).sum(-2), (w * out["pzo"]).sum(-2)
+    sv = codec.values.signs.float()[:, None] * hadamard(GS).to(device)
+    o = (orot.view(B, HQ, 2, GS) @ sv.t() / GS).view(B, NH, GQ, HD)
+    up_v = stored_factors(codec.value_predictor)[1].to(device)  # [RV, DM]
+    o = o + torch.einsum("bhgr,rhd->bhgd", pz.view(B, NH, GQ, 64), up_v.view(64, NH, HD))
+    o = o + codec.value_predictor.bias.float().view(NH, HD)[None, :, None]
+    return {"out": rel_err(o, ref), "max_abs_ref": float(ref.abs().max())}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -229,6 +319,8 @@ def main() -> None:
                     help="KROT,BT,MINB[,STAGED[,UPS]] (UPS only below rank 128)")
     ap.add_argument("--post", action="store_true", help="also time the partials' post-processing in torch")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--codec-check", action="store_true",
+                    help="also check the rotated kernel on the runtime's own post-RoPE encoding of one layer")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -258,6 +350,13 @@ def main() -> None:
             ok = errs["orot"] < 3e-2 and errs["pzo"] < 3e-2 and errs["lse_abs"] < 5e-2
             rec["checks"].append(dict(rank=rk, variant=v, ok=ok, **errs))
             print(f"check RK={rk} KROT,BT,MINB,STAGED,UPS={v}: {'ok' if ok else 'FAIL'} {errs}", flush=True)
+    if args.codec_check:
+        for v in args.variants:
+            krot, bt = parse_variant(v)[:2]
+            if krot and (64, v) in kerns:
+                errs = codec_check(kerns[(64, v)], bt)
+                rec["checks"].append(dict(rank=64, variant=v, codec=True, ok=errs["out"] < 2e-2, **errs))
+                print(f"codec check KROT,BT,MINB,STAGED,UPS={v}: {errs}", flush=True)
     # timings at the context, every variant, both batches
     for B in args.batches:
         for rk in args.ranks:
