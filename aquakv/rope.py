@@ -1,8 +1,9 @@
 """Rotary position embedding helpers: the cache compresses keys before RoPE and re-rotates them on read.
 
 ``cos, sin [B, T, head_dim]`` as produced by a transformers rotary module; keys ``[B, H, T, head_dim]``. The rotation
-a cache uses is the model's own (:class:`aquakv.family.Rope`); :func:`llama_rope` is the rotate-half form the Triton
-kernels compute, for caches built without a model (benchmarks, kernel tests).
+a cache uses is the model's own (:class:`aquakv.family.Rope`); :func:`apply_rotary_pos_emb` is the rotate-half form
+the Triton kernels compute, for caches built without a model (benchmarks, kernel tests). :func:`residual_rotation`
+turns a layer's RoPE into the pair a post-RoPE key residual is quantized after and un-rotated by.
 """
 
 from __future__ import annotations

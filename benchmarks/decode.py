@@ -123,7 +123,8 @@ def gpu_ms(fn, reps: int = 3, kernels_out: list | None = None) -> float:
 # ------------------------------------------------------------------------------------------------- synthetic caches
 
 
-def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0, grids: str = "d2") -> list[LayerCodec]:
+def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0, grids: str = "d2",
+                device: str = DEV) -> list[LayerCodec]:
     """Gaussian grids (4-bit d=2 n=256 for layer 0, :data:`GRIDS` for the rest), group 64, random predictors."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -132,13 +133,13 @@ def make_codecs(layers: int, d: int, rank: int | None, seed: int = 0, grids: str
             w = torch.randn(d_in, rank, generator=gen) @ torch.randn(rank, d, generator=gen) / (d_in * rank) ** 0.5
         else:
             w = torch.randn(d_in, d, generator=gen) / d_in**0.5
-        return Predictor((0.5 * w).to(DEV), (0.1 * torch.randn(d, generator=gen)).to(DEV))
+        return Predictor((0.5 * w).to(device), (0.1 * torch.randn(d, generator=gen)).to(device))
 
     codecs = []
     for i in range(layers):
         kq, vq = (QuantizerConfig(dim=dim, size=size, group_size=64)
                   for dim, size in (((2, 256), (2, 256)) if i == 0 else GRIDS[grids]))
-        codec = LayerCodec(gaussian_residual(kq, 2 * i), gaussian_residual(vq, 2 * i + 1)).to(DEV)
+        codec = LayerCodec(gaussian_residual(kq, 2 * i), gaussian_residual(vq, 2 * i + 1)).to(device)
         if i:
             codec.key_predictor, codec.value_predictor = predictor(d), predictor(2 * d)
         codecs.append(codec)

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from aquakv.kernels.host import hadamard_pm1
+
 NH, GQ, HD, GS = 8, 4, 128, 64
 DM, NG, HQ = NH * HD, NH * HD // GS, NH * GQ
 SRC = (pathlib.Path(__file__).parent / "decode.cu").read_text()
@@ -53,13 +55,6 @@ def compile_variant(krot: int, rk: int, rv: int, bt: int, minb: int, staged: int
         kern.set_shared_memory_config(smem)
     kern.smem = smem
     return kern
-
-
-def hadamard(g: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < g:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
 
 
 def pack_keys(codes: torch.Tensor) -> torch.Tensor:
@@ -94,6 +89,25 @@ def to_words(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
+def inverse_frequencies(device: str) -> torch.Tensor:
+    """Llama-3's RoPE frequencies (theta 500000) ``[HD / 2]``."""
+    return 1.0 / (500000.0 ** (torch.arange(0, HD, 2, dtype=torch.float32, device=device) / HD))
+
+
+def rope_tables(positions: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` bf16 ``[positions, HD / 2]`` (as the model rounds them) and the kernel's table ``cs [positions,
+    HD / 4, 2]`` int32: per frequency pair, its two cosines then its two sines as bf16x2."""
+    ang = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inverse_frequencies(device)
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    pairs = [t.view(-1, HD // 4, 2).view(torch.int32).squeeze(-1) for t in (cos, sin)]
+    return cos, sin, torch.stack(pairs, -1).contiguous()
+
+
+def rotated_query(q: torch.Tensor, smat: torch.Tensor) -> torch.Tensor:
+    """``q [B, HQ, HD]`` per group times ``S / GS`` (f16): what the rotated key residual's units are scored with."""
+    return (q.float().view(*q.shape[:-1], 2, GS) @ smat / GS).view(q.shape).half()
+
+
 def make_inputs(B: int, C: int, rk: int, rv: int, dev: str, seed: int = 0, pos0: int = 0, codes: bool = True) -> dict:
     """Random operands; ``codes``: per-code tensors for the reference (else random code words only, for timing)."""
     torch.manual_seed(seed)
@@ -116,15 +130,11 @@ def make_inputs(B: int, C: int, rk: int, rv: int, dev: str, seed: int = 0, pos0:
     up8t = (torch.randn(DM, rk, device=dev) * 80).clamp(-448, 448).to(torch.float8_e4m3fn)
     kbias = torch.randn(DM, device=dev) * 0.1
     signs = torch.where(torch.rand(GS, device=dev) < 0.5, -1.0, 1.0)
-    smat = signs[:, None] * hadamard(GS).to(dev)  # S = diag(signs) H: rotate x @ S, un-rotate y @ S.T
+    smat = signs[:, None] * hadamard_pm1(GS).to(dev)  # S = diag(signs) H: rotate x @ S, un-rotate y @ S.T
     q = (torch.randn(B, HQ, HD, device=dev) * 0.5).to(torch.bfloat16)
-    qrot = (q.float().view(B, HQ, 2, GS) @ smat / GS).view(B, HQ, HD).half()
+    qrot = rotated_query(q, smat)
     pos = (torch.arange(C, device=dev, dtype=torch.int32) + pos0).repeat(B, 1).contiguous()
-    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HD, 2, dtype=torch.float32, device=dev) / HD))
-    ang = torch.arange(C + pos0, device=dev, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)  # [P, 64]
-    cs = torch.stack([cos.view(-1, 32, 2).view(torch.int32).squeeze(-1),
-                      sin.view(-1, 32, 2).view(torch.int32).squeeze(-1)], -1).contiguous()  # [P, 32, 2]
+    cos, sin, cs = rope_tables(C + pos0, dev)
     x.update(B=B, C=C, rk=rk, rv=rv, q=q, qrot=qrot, kgrid=kgrid, vgrid=vgrid, ks=ks, vs=vs, zk=zk, zv=zv, zs=zs,
              up8t=up8t, kup_scale=0.01, kbias=kbias, smat=smat, smat_h=smat.half().contiguous(),
              ktab=half_pairs(kgrid, torch.float16), vtab=half_pairs(vgrid, torch.float16), cs=cs, pos=pos, cos=cos,
@@ -192,62 +202,33 @@ def post(x: dict, out: dict) -> torch.Tensor:
     return o + torch.einsum("bhmr,rhd->bhmd", z, upv.view(x["rv"], NH, HD)).view(B, NH, GQ, NT, HD)
 
 
-class _RotateHalf:
-    """Llama's rotate-half RoPE for :func:`aquakv.rope.residual_rotation` (the interface of ``family.Rope``)."""
-
-    def rotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        from aquakv.rope import apply_rope
-
-        return apply_rope(k, cos, sin)
-
-    def unrotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        s2 = cos * cos + sin * sin
-        return self.rotate(k, cos / s2, -sin / s2)
-
-
-def stored_layer(seed: int = 5, device: str = "cuda"):
-    """A layer codec of the prototype's shape: Gaussian d=2 n=16 grids (2 bits), groups of 64, random rank-64 key and
-    value predictors (as ``benchmarks/decode.py``'s ``make_codecs`` draws them)."""
-    from aquakv.codec import LayerCodec, gaussian_residual
-    from aquakv.config import QuantizerConfig
-    from aquakv.predictors import Predictor
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def predictor(d_in: int) -> Predictor:
-        w = torch.randn(d_in, 64, generator=gen) @ torch.randn(64, DM, generator=gen) / (d_in * 64) ** 0.5
-        return Predictor(0.5 * w, 0.1 * torch.randn(DM, generator=gen))
-
-    q = QuantizerConfig(dim=2, size=16, group_size=GS)
-    codec = LayerCodec(gaussian_residual(q, 2 * seed), gaussian_residual(q, 2 * seed + 1))
-    codec.key_predictor, codec.value_predictor = predictor(DM), predictor(2 * DM)
-    return codec.to(torch.device(device))
-
-
 def codec_check(kern, bt: int, device: str = "cuda", B: int = 2, T: int = 700, pos0: int = 41) -> dict:
-    """The kernel on the runtime's own encoding. A rank-64 stored layer (:func:`stored_layer`) encodes random keys and
-    values with ``KernelSettings.key_residual="post_rope"``'s rotation (:func:`aquakv.codec.encode`). Its codes,
-    scales and projections go to the kernel in its word order (``kern=None``: to :func:`reference`, the kernel's
-    math in float32), the tiles are merged and the values un-rotated. The result is compared with attention over
-    :func:`aquakv.codec.decode`'s ``K̂, V̂``, RoPE'd in bf16 as the cache does. Returns the relative error."""
+    """The kernel on the runtime's own encoding. A rank-64 stored layer (layer 1 of ``benchmarks/decode.py``'s random
+    codecs) encodes random keys and values with ``KernelSettings.key_residual="post_rope"``'s rotation
+    (:func:`aquakv.codec.encode`). Its codes, scales and projections go to the kernel in its word order (``kern=None``:
+    to :func:`reference`, the kernel's math in float32), the tiles are merged and the values un-rotated. The result is
+    compared with attention over :func:`aquakv.codec.decode`'s ``K̂, V̂``, RoPE'd in bf16 as the cache does. Returns
+    the relative error."""
     from aquakv.codec import decode, encode, key_factor, stored_factors
+    from aquakv.family import Rope
     from aquakv.packing import unpack
-    from aquakv.rope import residual_rotation
+    from aquakv.rope import apply_rotary_pos_emb, residual_rotation
+    from benchmarks.decode import make_codecs
 
-    codec = stored_layer(device=device)
+    codec = make_codecs(2, DM, 64, seed=5, device=device)[1]
+    rope = Rope(rotary=None, apply=apply_rotary_pos_emb, standard=True)  # Llama's rotate-half
     gen = torch.Generator(device=device).manual_seed(7)
     keys, values, prev_k, prev_v = (torch.randn(B, T, DM, device=device, generator=gen) for _ in range(4))
     pos = (torch.arange(T, device=device, dtype=torch.int32) + pos0).repeat(B, 1).contiguous()
-    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HD, 2, dtype=torch.float32, device=device) / HD))
-    ang = pos.float()[..., None] * inv_freq
+    ang = pos.float()[..., None] * inverse_frequencies(device)
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [B, T, HD]
-    rotation = residual_rotation(_RotateHalf(), NH, cos, sin)
+    rotation = residual_rotation(rope, NH, cos, sin)
     block, _ = encode(keys, values, (prev_k, prev_v), codec, True, rotation)
     k_hat, v_hat = decode(block, None, codec, rotation)
     # the reference: attention over the cache's reconstruction (keys rounded to bf16, then RoPE, as _rope_keys does)
     q = (torch.randn(B, HQ, HD, device=device, generator=gen) * 2.0).to(torch.bfloat16)  # sharp attention
     kh = k_hat.to(torch.bfloat16).float().view(B, T, NH, HD).transpose(1, 2)
-    kr = _RotateHalf().rotate(kh, cos, sin)  # [B, NH, T, HD]
+    kr = rope.rotate(kh, cos, sin)  # [B, NH, T, HD]
     s = torch.einsum("bhgd,bhtd->bhgt", q.float().view(B, NH, GQ, HD), kr) / math.sqrt(HD)
     ref = torch.einsum("bhgt,bhtd->bhgd", torch.softmax(s, -1), v_hat.view(B, T, NH, HD).transpose(1, 2))
     # the kernel's operands, from the block
@@ -256,9 +237,8 @@ def codec_check(kern, bt: int, device: str = "cuda", B: int = 2, T: int = 700, p
     vcode = unpack(block.values.codes.view(n, -1), 4, NG * 32).view(n, NG, 32)
     up8, kup_scale = key_factor(codec.key_predictor)
     z = block.projections.latents.view(n, -1)
-    smat = codec.keys.signs.float()[:, None] * hadamard(GS).to(device)
-    tab = torch.arange(T + pos0, device=device, dtype=torch.float32)[:, None] * inv_freq
-    cb, sb = tab.cos().to(torch.bfloat16), tab.sin().to(torch.bfloat16)
+    smat = codec.keys.signs.float()[:, None] * hadamard_pm1(GS).to(device)
+    cb, sb, cs = rope_tables(T + pos0, device)
     x = dict(B=B, C=T, rk=64, rv=64, q=q, kcode=kcode, vcode=vcode, kc=pack_keys(kcode), vc=pack_values(vcode),
              ks=block.keys.scales.reshape(n, NG).half().contiguous(),
              vs=block.values.scales.reshape(n, NG).half().contiguous(), zk=z[:, :64].contiguous(),
@@ -266,15 +246,12 @@ def codec_check(kern, bt: int, device: str = "cuda", B: int = 2, T: int = 700, p
              up8t=up8.t().contiguous().to(device), kup_scale=float(kup_scale),
              kbias=codec.key_predictor.bias.float(), kgrid=codec.keys.grid.float(), vgrid=codec.values.grid.float(),
              ktab=half_pairs(codec.keys.grid, torch.float16), vtab=half_pairs(codec.values.grid, torch.float16),
-             smat=smat, smat_h=smat.half().contiguous(), pos=pos, cos=cb, sin=sb,
-             cs=torch.stack([cb.view(-1, 32, 2).view(torch.int32).squeeze(-1),
-                             sb.view(-1, 32, 2).view(torch.int32).squeeze(-1)], -1).contiguous())
-    x["qrot"] = (q.float().view(B, HQ, 2, GS) @ smat / GS).view(B, HQ, HD).half()
+             smat=smat, smat_h=smat.half().contiguous(), pos=pos, cos=cb, sin=sb, cs=cs, qrot=rotated_query(q, smat))
     out = launch(kern, x, bt) if kern is not None else reference(x, 1, bt)
     # merge the tiles, then un-rotate the values (S_v^T / GS per group) and add the value predictor's latent term
     w = torch.softmax(out["lse"], -1)[..., None]  # [B, HQ, NT, 1]
     orot, pz = (w * out["orot"]).sum(-2), (w * out["pzo"]).sum(-2)
-    sv = codec.values.signs.float()[:, None] * hadamard(GS).to(device)
+    sv = codec.values.signs.float()[:, None] * hadamard_pm1(GS).to(device)
     o = (orot.view(B, HQ, 2, GS) @ sv.t() / GS).view(B, NH, GQ, HD)
     up_v = stored_factors(codec.value_predictor)[1].to(device)  # [RV, DM]
     o = o + torch.einsum("bhgr,rhd->bhgd", pz.view(B, NH, GQ, 64), up_v.view(64, NH, HD))
