@@ -11,8 +11,9 @@ A layer's keys and values are three segments: exact **sinks**, compressed tokens
   the exact segments' partial: one softmax over all tokens, no concatenation of the whole cache. Untagged inputs go
   to the stock ``sdpa`` function, so other caches on the same model get the same numbers as before.
 
-The backend (:class:`TorchBackend` or :class:`TritonBackend`, see :func:`select_backend`) is chosen once per cache,
-at its first update, from the device, the quantizers and :class:`~aquakv.kernels.KernelSettings`.
+The backend (:class:`TorchBackend`, :class:`TritonBackend` or :class:`CudaBackend`, see :func:`select_backend`) is
+chosen once per cache, at its first update, from the device, the model's shape, the quantizers and
+:class:`~aquakv.kernels.KernelSettings`.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ class Backend(Protocol):
     name: str
     settings: KernelSettings
     fused: bool  # whether ``attention="auto"`` takes the fused protocol on this backend
+    max_query_rows: int  # query heads per KV head x query tokens its fused protocol takes
+    captures: bool  # whether its fused steps read every length on the device (replayable from a CUDA graph)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
                rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
@@ -220,6 +223,8 @@ class TorchBackend:
 
     name = "torch"
     fused = False
+    max_query_rows = MAX_QUERY_ROWS
+    captures = False
 
     def __init__(self, settings: KernelSettings, tile: int = 64):
         self.settings, self.tile = settings, tile
@@ -259,6 +264,8 @@ class TritonBackend:
 
     name = "triton"
     fused = True
+    max_query_rows = MAX_QUERY_ROWS
+    captures = True
 
     def __init__(self, settings: KernelSettings):
         self.settings = settings
@@ -325,17 +332,92 @@ class TritonBackend:
             self.settings, stored=scales)
 
 
-def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int,
-                   settings: KernelSettings) -> Backend:
-    """:class:`TritonBackend` where the kernels run on ``device`` and handle every layer's quantizers, the head size
-    and pre-RoPE key residuals, else :class:`TorchBackend`."""
+class CudaBackend:
+    """The CUDA decode kernel (:mod:`aquakv.kernels.cuda`) for stored projections with the key residual after RoPE:
+    each layer with predictors is attended straight from its codes in the kernel's order (permuted at encode, back
+    for a reconstructing read); a layer without predictors (layer 0: its keys are quantized before RoPE, as the
+    Triton kernels read them) goes to :class:`TritonBackend`. The exact segments and the merge are the Triton
+    kernel's (:func:`~aquakv.kernels.decode.attend_exact`)."""
+
+    name = "cuda"
+    fused = True
+    max_query_rows = 8  # one tensor-core fragment's columns (aquakv.kernels.cuda.MAX_ROWS)
+    captures = True  # the compressed length is fixed within a captured layout; the exact length is Triton's
+
+    def __init__(self, settings: KernelSettings):
+        self.settings = settings
+        self.triton = TritonBackend(settings)
+        self.operands: dict[int, object] = {}  # layer index -> aquakv.kernels.cuda.LayerOperands
+        self.rope_table = None  # aquakv.kernels.cuda.RopeTable, made at the first fused read
+
+    @staticmethod
+    def _kernel_layer(codec: LayerCodec) -> bool:
+        return codec.key_predictor is not None
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
+               rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
+        from aquakv.kernels.cuda import kernel_order
+
+        if not self._kernel_layer(codec):
+            return self.triton.encode(keys, values, prev, codec, rotation)
+        block, recon = encode(keys, values, prev, codec, True, rotation)
+        return kernel_order(block), recon
+
+    def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
+        from aquakv.kernels.cuda import natural_order
+
+        block = layer.compressed.tail(start) if layer.compressed is not None else None
+        if block is not None and self._kernel_layer(layer.codec):
+            block = natural_order(block)
+        return _decode_read(layer, block, layer.compressed_len - start, start, layer.codec)
+
+    def attend(self, seg: Segments, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        from aquakv.kernels import cuda
+        from aquakv.kernels.decode import attend_exact
+
+        layer, shared = seg.layer, seg.layer.shared
+        if not seg.length or not self._kernel_layer(layer.codec):
+            return self.triton.attend(seg, query, exact_keys, exact_values, mask, scaling)
+        ops = self.operands.get(layer.layer_idx)
+        if ops is None:
+            ops = self.operands[layer.layer_idx] = cuda.layer_operands(layer.codec)
+        if self.rope_table is None:
+            self.rope_table = cuda.RopeTable(layer.rope, query.device)
+        start = layer.compressed_start
+        positions = shared.positions[:, start : start + seg.length]
+        b, _, q_len, _ = query.shape
+        valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
+        compressed = cuda.partials(query, seg.block, seg.length, ops, positions, valid, scaling,
+                                   self.rope_table.ensure(positions, seg.length))
+        return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed,
+                            exact_len=seg.exact_len)
+
+
+def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int, settings: KernelSettings,
+                   heads: int | None = None, dtype: torch.dtype | None = None,
+                   rope: object | None = None) -> Backend:
+    """With pre-RoPE key residuals, :class:`TritonBackend` where the kernels run on ``device`` and handle every
+    layer's quantizers and the head size. With post-RoPE ones, :class:`CudaBackend` where its kernel reads every
+    layer with predictors (stored projections, the model's ``heads`` KV heads, bf16 ``dtype``, a standard
+    rotate-half ``rope``: :func:`aquakv.kernels.cuda.fits`) and Triton the others. Else :class:`TorchBackend`."""
     from aquakv.kernels.decode import supports_fused
 
-    if (settings.key_residual == "pre_rope" and kernels.available(device, settings)
-            and kernels.supports_head_dim(head_dim)
-            and all(kernels.supports(c.keys.config) and kernels.supports(c.values.config)
-                    and supports_fused(c, head_dim) for c in codecs)):
-        return TritonBackend(settings)
+    def triton_reads(c: LayerCodec) -> bool:
+        return (kernels.supports(c.keys.config) and kernels.supports(c.values.config)
+                and supports_fused(c, head_dim))
+
+    triton_runs = kernels.available(device, settings) and kernels.supports_head_dim(head_dim)
+    if settings.key_residual == "pre_rope":
+        fit = triton_runs and all(triton_reads(c) for c in codecs)
+        return TritonBackend(settings) if fit else TorchBackend(settings)
+    from aquakv.kernels import cuda
+
+    if (triton_runs and settings.prediction == "stored" and dtype == torch.bfloat16 and heads is not None
+            and getattr(rope, "standard", False) and not getattr(rope, "split", True) and cuda.device_fits(device)
+            and all(cuda.fits(c, heads, head_dim) if c.key_predictor is not None
+                    else c.value_predictor is None and triton_reads(c) for c in codecs)):
+        return CudaBackend(settings)
     return TorchBackend(settings)
 
 

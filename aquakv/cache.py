@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from aquakv.attention import IMPLEMENTATION, MAX_QUERY_ROWS, Backend, Segments, install, select_backend
+from aquakv.attention import IMPLEMENTATION, Backend, Segments, install, select_backend
 from aquakv.bundle import Bundle, check_fingerprint, fingerprint_of
 from aquakv.codec import EncodedBlock, LayerCodec, Projections, stored_factors
 from aquakv.config import CacheConfig
@@ -76,7 +76,7 @@ class _Shared:
             return False
         if self.attn_config is None or getattr(self.attn_config, "_attn_implementation", None) != IMPLEMENTATION:
             return False
-        return self.query_groups * q_len <= MAX_QUERY_ROWS
+        return self.query_groups * q_len <= self.backend.max_query_rows
 
     def ensure_scratch(self, batch: int, tokens: int, channels: int, dtype: torch.dtype,
                        device: torch.device) -> None:
@@ -239,7 +239,8 @@ class AquaKVLayer(CacheLayerMixin):
         shared = self.shared
         if shared.backend is None:
             shared.codecs = [c.to(self.device) for c in shared.codecs]
-            shared.backend = select_backend(self.device, shared.codecs, key_states.shape[-1], shared.settings)
+            shared.backend = select_backend(self.device, shared.codecs, key_states.shape[-1], shared.settings,
+                                            key_states.shape[1], key_states.dtype, self.rope)
         self.codec = shared.codecs[self.layer_idx]
         self.is_initialized = True
 
@@ -314,8 +315,9 @@ class AquaKVLayer(CacheLayerMixin):
 
     def residual_rotation(self, start: int, count: int) -> ResidualRotation | None:
         """RoPE at non-sink tokens ``start : start + count`` and its inverse, where the key residual is quantized after
-        RoPE (``KernelSettings.key_residual="post_rope"``; None otherwise, or for a layer without RoPE)."""
-        if self.shared.settings.key_residual != "post_rope" or self.rope is None:
+        RoPE (``KernelSettings.key_residual="post_rope"``; None otherwise, for a layer without RoPE, and for a layer
+        without a key predictor, whose keys are quantized before RoPE as the Triton kernels read them)."""
+        if self.shared.settings.key_residual != "post_rope" or self.rope is None or self.codec.key_predictor is None:
             return None
         return residual_rotation(self.rope, self.keys.shape[1], *self.shared.rope(self.rope, start, start + count,
                                                                                  self.device))
@@ -482,13 +484,14 @@ class AquaKVCache(Cache):
     def capturable(self, batch: int, graphs: bool = True) -> str | None:
         """Why the next one-token step of ``batch`` sequences cannot run as a captured step (:mod:`aquakv.graphs`:
         the token written at a device index, nothing else changed), or None when it can. ``graphs``: it is to be
-        replayed from a CUDA graph, so the kernels must read every length on the device (the Triton backend)."""
+        replayed from a CUDA graph, so the kernels must read every length on the device (``Backend.captures``: the
+        Triton and CUDA backends)."""
         shared, first = self.shared, self.layers[0]
         if not first.is_initialized or shared.backend is None:
             return "the cache holds no tokens yet"
         if not shared.fused_now(1):
             return "the model's attention does not take the fused protocol (attention='full', or not 'aquakv')"
-        if graphs and shared.backend.name != "triton":
+        if graphs and not shared.backend.captures:
             return "the PyTorch backend reads lengths on the host"
         window = self.config.recent_window
         for layer in self.layers:

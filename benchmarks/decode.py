@@ -57,12 +57,14 @@ RANKS = {"aquakv-full": None, "aquakv-r64": 64, "aquakv-r128": 128, "aquakv-r256
 GRIDS = {"d2": ((2, 16), (2, 16)), "d4": ((4, 512), (4, 256))}
 
 
-def aquakv_kind(kind: str) -> tuple[int | None, str, str]:
-    """``(predictor rank, grids, prediction)`` of a cache kind ``aquakv-<rank>[-d4][-stored]`` (``-stored``: each
-    token keeps its predictor projections, :class:`~aquakv.kernels.KernelSettings` ``prediction="stored"``)."""
+def aquakv_kind(kind: str) -> tuple[int | None, str, str, str]:
+    """``(predictor rank, grids, prediction, key residual)`` of a cache kind ``aquakv-<rank>[-d4][-stored[-post]]``
+    (``-stored``: each token keeps its predictor projections, :class:`~aquakv.kernels.KernelSettings`
+    ``prediction="stored"``; ``-post``: ``key_residual="post_rope"``, the CUDA decode kernel's format)."""
+    kind, post, _ = kind.partition("-post")
     kind, stored, _ = kind.partition("-stored")
     base, _, grids = kind.partition("-d")
-    return RANKS[base], f"d{grids or 2}", "stored" if stored else "chained"
+    return RANKS[base], f"d{grids or 2}", "stored" if stored else "chained", "post_rope" if post else "pre_rope"
 
 
 def log(*a: object) -> None:
@@ -231,7 +233,7 @@ def layer_costs(batch: int, tokens: int, settings: KernelSettings, kinds: list[s
     free()
     rotary = rotary_module()
     for kind in kinds:
-        rank, grids, prediction = aquakv_kind(kind)  # layer 1 is timed: it reads layer 0's hand-on, hands on its own
+        rank, grids, prediction, _ = aquakv_kind(kind)  # layer 1 is timed: it reads layer 0's hand-on, hands on its own
         codecs = make_codecs(3, kvh * hd, rank, grids=grids)
         layer_settings = settings.with_(prediction=prediction)
         cache = AquaKVCache(codecs, CacheConfig(), rotary, kernels=layer_settings)
@@ -483,9 +485,9 @@ def make_cache(kind: str, model, batch: int, context: int, window: int, settings
             cache.update(k, torch.randn_like(k), i)
             del k
         return cache, None, {}
-    rank, grids, prediction = aquakv_kind(kind)
+    rank, grids, prediction, key_residual = aquakv_kind(kind)
     cache = AquaKVCache(make_codecs(layers, kvh * hd, rank, grids=grids), CacheConfig(), model.model.rotary_emb,
-                        kernels=settings.with_(prediction=prediction), model=model)
+                        kernels=settings.with_(prediction=prediction, key_residual=key_residual), model=model)
     fill_aquakv(cache, batch, kvh, hd, context, window)
     return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank, "grids": grids,
                                    "prediction": prediction}
@@ -670,18 +672,19 @@ def generate_speed(args, model, settings: KernelSettings, result: dict, save) ->
                    "prefill_chunk": args.gen_prefill_chunk}
             try:
                 base, graphs = kind.removesuffix("-graphs"), kind.endswith("-graphs")
-                codecs = prediction = None
+                codecs = prediction = key_residual = None
                 if base != "dynamic":  # drawn once, outside the timed runs (each run gets a fresh cache)
-                    rank, grids, prediction = aquakv_kind(base)
+                    rank, grids, prediction, key_residual = aquakv_kind(base)
                     codecs = make_codecs(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim, rank,
                                          grids=grids)
 
-                def run(n: int, graphs=graphs, ids=ids, codecs=codecs, prediction=prediction):
+                def run(n: int, graphs=graphs, ids=ids, codecs=codecs, prediction=prediction,
+                        key_residual=key_residual):
                     if codecs is None:
                         cache = DynamicCache(config=cfg)
                     else:
-                        cache = AquaKVCache(codecs, CacheConfig(), model.model.rotary_emb,
-                                            kernels=settings.with_(prediction=prediction), model=model)
+                        cache = AquaKVCache(codecs, CacheConfig(), model.model.rotary_emb, model=model,
+                                            kernels=settings.with_(prediction=prediction, key_residual=key_residual))
                     extra = {"custom_generate": captured_decoding} if graphs else {}
                     with torch.no_grad():
                         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -43,9 +43,9 @@ def main() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)  # as benchmarks/decode.py
     model = bench.build_model(args.layers)
     cfg = model.config
-    rank, grids, prediction = bench.aquakv_kind(args.cache)
+    rank, grids, prediction, key_residual = bench.aquakv_kind(args.cache)
     codecs = bench.make_codecs(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim, rank, grids=grids)
-    settings = KernelSettings.from_env(prediction=prediction)
+    settings = KernelSettings.from_env(prediction=prediction, key_residual=key_residual)
     steps: list[tuple[str, float, float]] = []  # (kind, start, ms)
     profile = {"on": False}
     call = CapturedDecode.__call__

@@ -31,6 +31,18 @@ def tiny_llama(layers: int = 3, kv_heads: int = 2, head_dim: int = 16, seed: int
     return LlamaForCausalLM(cfg).eval()
 
 
+def wide_llama(layers: int = 3) -> LlamaForCausalLM:
+    """A tiny Llama with an 8B model's attention shape (the CUDA decode kernel's): 8 KV heads of 128, 32 query heads;
+    queries scaled up so attention is sharp (a wrong rotation, mask or code order shows in the logits)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data *= 8
+    return model
+
+
 @pytest.fixture(scope="module")
 def model_and_bundle() -> tuple[LlamaForCausalLM, Bundle]:
     """A 3-layer tiny Llama (2 KV heads of 16) and its in-memory bundle: 2-bit d=2 grids, a 32-token window."""

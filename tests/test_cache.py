@@ -179,7 +179,8 @@ def test_stored_prediction_gives_the_chained_logits_and_holds_the_projections(mo
 
 def test_post_rope_key_residuals_keep_the_logits_and_decode_as_encoded(model3, low_rank_bundle):
     """``key_residual="post_rope"``: the key residual is quantized after RoPE at each token's position. Same quality
-    on the tiny model, other codes than pre-RoPE, and decode reproduces encode's ``K̂`` bit for bit."""
+    on the tiny model, other codes than pre-RoPE, and decode reproduces encode's ``K̂`` bit for bit. Layer 0 (no key
+    predictor) keeps its keys before RoPE: the same codes either way."""
     ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(5))
     exact = _stepped_logits(model3, ids, DynamicCache(config=model3.config), 20)
     for prediction in ("chained", "stored"):
@@ -192,6 +193,8 @@ def test_post_rope_key_residuals_keep_the_logits_and_decode_as_encoded(model3, l
         assert err["post_rope"] < 0.02 and err["post_rope"] < 1.25 * err["pre_rope"], err
         pre, post = (caches[w].layers[1].compressed.keys.codes for w in ("pre_rope", "post_rope"))
         assert pre.shape == post.shape and not torch.equal(pre, post)
+        first = [caches[w].layers[0].compressed.keys.codes for w in ("pre_rope", "post_rope")]
+        assert torch.equal(*first)
     layer = caches["post_rope"].layers[1]
     rotation = layer.residual_rotation(0, 64)  # the positions of the first 64 compressed tokens
     gen = torch.Generator().manual_seed(0)
@@ -206,6 +209,7 @@ def test_post_rope_key_residuals_keep_the_logits_and_decode_as_encoded(model3, l
         pre_k = decode(block, (prev_k, prev_v), layer.codec)[0]  # read without the rotation: another K̂
         assert (pre_k - k_hat).norm() > 0.1 * (k_hat - keys).norm()
     assert caches["pre_rope"].layers[1].residual_rotation(0, 64) is None
+    assert caches["post_rope"].layers[0].residual_rotation(0, 64) is None
 
 
 def test_caches_of_one_bundle_factorize_its_predictors_once(model3, low_rank_bundle, monkeypatch):

@@ -12,8 +12,8 @@ from aquakv.cache import AquaKVCache
 from aquakv.compat import cache_kwargs
 from aquakv.config import CacheConfig, QuantizerConfig
 from aquakv.graphs import CapturedDecode, captured_decoding, generate
-from aquakv.kernels import KernelSettings
-from conftest import calibrate_in_memory, tiny_llama
+from aquakv.kernels import KernelSettings, cuda
+from conftest import calibrate_in_memory, tiny_llama, wide_llama
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -207,6 +207,34 @@ def test_captured_steps_on_the_triton_backend(prediction, padded):
     _same_state(plain, captured)
     if DEV == "cuda":
         assert runner.counts["captures"] >= 4 and runner.counts["replays"] >= 100
+
+
+@pytest.mark.skipif(not (DEV == "cuda" and cuda.device_fits(torch.device(DEV))),
+                    reason="needs a CUDA GPU with float8 tensor cores and NVRTC")
+@pytest.mark.parametrize("padded", [False, True])
+def test_captured_steps_on_the_cuda_backend(padded):
+    """The CUDA decode kernel (post-RoPE stored format) replayed from CUDA graphs gives the logits of ordinary steps
+    on the same backend: its launch reads the compressed tokens' positions and the RoPE table from tensors that stay
+    put within a layout; ``padded``: pads among the sinks and the compressed tokens (the kernel's validity rows)."""
+    model = wide_llama(layers=3)
+    q = QuantizerConfig(dim=2, size=16, group_size=64)
+    ids = torch.randint(0, 128, (3, 200), generator=torch.Generator().manual_seed(0))
+    bundle = calibrate_in_memory(model, ids, q, QuantizerConfig(dim=2, size=256, group_size=64),
+                                 cache=CacheConfig(recent_window=32), rank=64)
+    mask = None
+    if padded:
+        prompt, mask = _padded_prompt(3, 60)
+        ids = torch.cat([prompt, ids[:, 60:]], 1)
+        mask = mask.to(DEV)
+    model, ids = model.to(DEV, torch.bfloat16), ids.to(DEV)
+    settings = KernelSettings(prediction="stored", key_residual="post_rope")
+    plain, captured = (AquaKVCache.from_bundle(bundle, model, kernels=settings) for _ in range(2))
+    run: dict = {}
+    want, got = _steps(model, plain, ids, 60, mask=mask), _steps(model, captured, ids, 60, run, mask)
+    assert captured.backend.name == "cuda" and captured.layers[2].compressed_len == 192
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-3
+    _same_state(plain, captured)
+    assert run["runner"].counts["captures"] >= 4 and run["runner"].counts["replays"] >= 100
 
 
 def test_generate_picks_the_tokens_of_transformers_greedy_generate(model_and_bundle):

@@ -1,29 +1,29 @@
-// Prototype (docs/benchmarks/decode.md, round 27; not in the runtime): the stored-projection decode kernel written
-// with explicit mma.sync fragments, for the key residual quantized after RoPE (KernelSettings.key_residual=
-// "post_rope") or before it. Built and checked by proto.py (NVRTC through torch.cuda._compile_kernel).
+// The CUDA decode kernel of stored projections with the key residual kept after RoPE (KernelSettings(
+// key_residual="post_rope"), aquakv/kernels/cuda.py builds and launches it, design.md §2 "Post-RoPE key residuals";
+// docs/benchmarks/decode.md round 27 measured it). Compiled at run time with NVRTC, per model shape.
 //
-// One CTA = one tile of BT compressed tokens of one batch row, 8 warps = the 8 KV heads; each warp walks its tile in
-// 16-token blocks with an online softmax over its GQ query heads. Every operand is formed in the register layout the
-// tensor-core instruction reads (RoPE'd keys, grid lookups, probabilities transposed with movmatrix):
+// One CTA = one tile of BT compressed tokens of one batch row, NH warps = the KV heads; each warp walks its tile in
+// 16-token blocks with an online softmax over its query rows (query heads x query tokens of its KV head, <= 8). Every
+// operand is formed in the register layout the tensor-core instruction reads (RoPE'd keys, grid lookups,
+// probabilities transposed with movmatrix):
 //   key prediction   K_pred[16 tok, 128] = (z^K [16, RK] fp8) x (up8^T [RK, 128] fp8)            m16n8k32 e4m3
-//   scores           S^T[16 tok, 8 (qh)] = RoPE(K_pred + bias) x Q^T [128, 8 (GQ used)]          m16n8k16 bf16
-//   ROT (KROT=1)     S^T += scale_g * units_g x (Q_g S_g / GS)^T  (key residual kept rotated: post-RoPE) f16
-//   PRE (KROT=0)     K_pred += (units_g x S_g^T) * scale_g / GS     (the shipped format: pre-RoPE)       f16
-//   values           O^T[128 (dims), 8 qh] += units^T [128, 16 tok] x (P * scale_g)^T [16, 8]         f16
-//   value latents    PZ^T[RV, 8 qh]        += z^V^T [RV, 16 tok] x (P * zs * 256)^T                   f16
-// The values are attended in the rotated space and their latent term summed: the un-rotation and the up-projection
-// come after the merge (both linear in P). Code words are in a kernel-specific order (pack_* in proto.py).
-// STAGED: the tile's per-token operands are copied to shared memory in stages of STG tokens (cp.async, the next
-// while this one is attended); UPS: up8^T and the key bias in shared memory too (read with ldmatrix).
-// Compile-time parameters (prepended #defines): KROT, RK, RV (multiples of 32 / 16), BT, MINB, STAGED, STG, UPS.
+//   scores           S^T[16 tok, 8 (rows)] = RoPE(K_pred + bias) x Q^T [128, 8]                   m16n8k16 bf16
+//   residual         S^T += scale_g * units_g x (Q_g S_g / GS)^T  (the residual is stored rotated)  f16
+//   values           O^T[128 (dims), 8] += units^T [128, 16 tok] x (P * scale_g)^T [16, 8]        f16
+//   value latents    PZ^T[RV, 8]        += z^V^T [RV, 16 tok] x (P * zs * 256)^T                  f16
+// The values are attended in the Hadamard-rotated space and their latent term summed: the un-rotation, the
+// up-projection and the bias come after the merge (all linear in P). Code words are in the kernel's order
+// (cuda.py: key_order, value_order). The tile's per-token operands are copied to shared memory in stages of STG
+// tokens (cp.async, the next while this one is attended); UPS: up8^T and the key bias in shared memory too.
+// Compile-time parameters (prepended #defines): NH (KV heads, 4 or 8), RK, RV (multiples of 32 / 16), ZLD (bytes per
+// token of the stored latents, RK + RV), MINB (CTAs per SM the registers are sized for), STG, UPS. A CTA's tile
+// of BT tokens (a multiple of STG) is a launch argument.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define HD 128
-#define NH 8
-#define GQ 4
 #define DM (NH * HD)
 #define NG (DM / 64)
 
@@ -103,23 +103,7 @@ __device__ __forceinline__ u32 ldu32(const void* p) { return *reinterpret_cast<c
 #define UP_LD RK
 #endif
 
-// Where a token's operands are: global memory (rows of the cache, RoPE tables indexed by position) ...
-struct GlobalRows {
-    const u32* kc; const u32* vc; const u16* ks; const u16* vs; const u8* zk; const u8* zv; const float* zs;
-    const uint2* cs; const int* pos;
-    __device__ u32 kw(int r, int w) const { return kc[r * (NG * 4) + w]; }
-    __device__ u32 vw(int r, int w) const { return vc[r * (NG * 4) + w]; }
-    __device__ u32 ks2(int r, int j) const { return ld32(ks + r * NG + j); }
-    __device__ u16 ks1(int r, int j) const { return ks[r * NG + j]; }
-    __device__ u32 vs2(int r, int j) const { return ld32(vs + r * NG + j); }
-    __device__ u32 zk4(int r, int o) const { return ld32(zk + r * RK + o); }
-    __device__ u16 zv2(int r, int o) const { return *reinterpret_cast<const u16*>(zv + r * RV + o); }
-    __device__ float zsk(int r) const { return zs[2 * r]; }
-    __device__ float zsv(int r) const { return zs[2 * r + 1]; }
-    __device__ const uint2* csr(int r) const { return cs + pos[r] * (HD / 4); }
-};
-
-// ... or one stage of STG tokens copied to shared memory (rows padded against bank conflicts; cs per token)
+// One stage of STG tokens of a batch row in shared memory (rows padded against bank conflicts; RoPE rows per token)
 #define KC_LD (NG * 4 + 4)
 #define ZK_LD (RK + 16)
 #define ZV_LD (RV + 16)
@@ -136,7 +120,6 @@ struct StageRows {
     __device__ u32 kw(int r, int w) const { return kc[r * KC_LD + w]; }
     __device__ u32 vw(int r, int w) const { return vc[r * KC_LD + w]; }
     __device__ u32 ks2(int r, int j) const { return *reinterpret_cast<const u32*>(ks + r * NG + j); }
-    __device__ u16 ks1(int r, int j) const { return ks[r * NG + j]; }
     __device__ u32 vs2(int r, int j) const { return *reinterpret_cast<const u32*>(vs + r * NG + j); }
     __device__ u32 zk4(int r, int o) const { return *reinterpret_cast<const u32*>(zk + r * ZK_LD + o); }
     __device__ u16 zv2(int r, int o) const { return *reinterpret_cast<const u16*>(zv + r * ZV_LD + o); }
@@ -145,26 +128,35 @@ struct StageRows {
     __device__ const uint2* csr(int r) const { return cs + r * CS_LD; }
 };
 
-#if STAGED
 __device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
     const u32 d = (u32)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes) : "memory");
 }
 
-// Copy tokens t .. t + STG of one batch row into a stage (rows past C zero-filled), as one cp.async group.
+__device__ __forceinline__ void cp8(void* dst, const void* src, int bytes) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+}
+
+// Copy tokens t .. t + STG of one batch row (its first row of the cache: rowbase; its positions: prow) into a stage,
+// rows past C zero-filled, as one cp.async group.
 __device__ __forceinline__ void issue_stage(StageRows& st, const u32* kc, const u32* vc, const u16* ks, const u16* vs,
                                             const u8* zk, const u8* zv, const float* zs, const uint2* cs,
-                                            const int* pos, const int rowbase, const int t, const int C) {
-    for (int k = threadIdx.x; k < STG * 16; k += blockDim.x) {  // code words and RoPE rows: 16 chunks a token
-        const int tok = k >> 4, part = k & 15;
+                                            const int* prow, const int rowbase, const int t, const int C) {
+    for (int k = threadIdx.x; k < STG * NG; k += blockDim.x) {  // code words: NG chunks a token
+        const int tok = k / NG, part = k % NG;
         const bool ok = t + tok < C;
         const int row = rowbase + (ok ? t + tok : 0);
         cp16(st.kc + tok * KC_LD + 4 * part, kc + row * (NG * 4) + 4 * part, ok ? 16 : 0);
         cp16(st.vc + tok * KC_LD + 4 * part, vc + row * (NG * 4) + 4 * part, ok ? 16 : 0);
-        cp16(st.cs + tok * CS_LD + 2 * part, cs + pos[row] * (HD / 4) + 2 * part, ok ? 16 : 0);
     }
-    for (int k = threadIdx.x; k < STG * 2; k += blockDim.x) {  // scales: 2 chunks a token
-        const int tok = k >> 1, part = k & 1;
+    for (int k = threadIdx.x; k < STG * 16; k += blockDim.x) {  // RoPE rows at the tokens' positions: 16 chunks
+        const int tok = k >> 4, part = k & 15;
+        const bool ok = t + tok < C;
+        cp16(st.cs + tok * CS_LD + 2 * part, cs + prow[ok ? t + tok : 0] * (HD / 4) + 2 * part, ok ? 16 : 0);
+    }
+    for (int k = threadIdx.x; k < STG * (NG / 8); k += blockDim.x) {  // scales: NG / 8 chunks a token
+        const int tok = k / (NG / 8), part = k % (NG / 8);
         const bool ok = t + tok < C;
         const int row = rowbase + (ok ? t + tok : 0);
         cp16(st.ks + tok * NG + 8 * part, ks + row * NG + 8 * part, ok ? 16 : 0);
@@ -174,30 +166,29 @@ __device__ __forceinline__ void issue_stage(StageRows& st, const u32* kc, const 
         const int tok = k / (RK / 16), part = k % (RK / 16);
         const bool ok = t + tok < C;
         const int row = rowbase + (ok ? t + tok : 0);
-        cp16(st.zk + tok * ZK_LD + 16 * part, zk + row * RK + 16 * part, ok ? 16 : 0);
+        cp16(st.zk + tok * ZK_LD + 16 * part, zk + (long)row * ZLD + 16 * part, ok ? 16 : 0);
     }
     for (int k = threadIdx.x; k < STG * (RV / 16); k += blockDim.x) {
         const int tok = k / (RV / 16), part = k % (RV / 16);
         const bool ok = t + tok < C;
         const int row = rowbase + (ok ? t + tok : 0);
-        cp16(st.zv + tok * ZV_LD + 16 * part, zv + row * RV + 16 * part, ok ? 16 : 0);
+        cp16(st.zv + tok * ZV_LD + 16 * part, zv + (long)row * ZLD + 16 * part, ok ? 16 : 0);
     }
-    for (int k = threadIdx.x; k < STG / 2; k += blockDim.x) {  // z scales: two tokens a chunk
-        const int left = min(max(C - (t + 2 * k), 0), 2);
-        cp16(st.zs + 4 * k, zs + (rowbase + (left ? t + 2 * k : 0)) * 2, 8 * left);
+    for (int k = threadIdx.x; k < STG; k += blockDim.x) {  // z scales: 8 bytes a token
+        const bool ok = t + k < C;
+        cp8(st.zs + 2 * k, zs + (rowbase + (ok ? t + k : 0)) * 2, ok ? 8 : 0);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
-#endif
 
-// Attention of this warp's query heads to 16 tokens: rows ra, rb (= tokens ta, ta + 8) of the key operands and the
-// rows of the scores S^T [16 tokens, 8 (query heads, GQ used)]; rows rcol (tokens 2c, 2c+1, 8+2c, 9+2c of the block)
-// of the value operands. The online-softmax state (per query head 2c, 2c+1) and accumulators are updated in place.
-template <class Src>
-__device__ __forceinline__ void attend16(const Src& src, const int ra, const int rb, const int ta, const int (&rcol)[4],
-                                         const int C, const int h, const int lane, const u32 (&qb)[8][2],
+// Attention of this warp's query rows to 16 tokens: rows ra, rb (= tokens ta, ta + 8 of the batch row) of the key
+// operands and of the scores S^T [16 tokens, 8 query rows]; rows rcol (tokens 2c, 2c+1, 8+2c, 9+2c of the block) of
+// the value operands. vrow: the batch row's token validity (or null: all valid). The online-softmax state (per
+// query row 2c, 2c+1) and accumulators are updated in place.
+__device__ __forceinline__ void attend16(const StageRows& src, const int ra, const int rb, const int ta, const int (&rcol)[4],
+                                         const int C, const u8* vrow, const int h, const int lane, const u32 (&qb)[8][2],
                                          const u32 (&qr)[8][2], const u32* s_ktab, const u32* s_vtab,
-                                         const u32* s_smat, const u8* up8t, const float* kbias, const float kup_scale,
+                                         const u8* up8t, const float* kbias, const float kup_scale,
                                          const float scale_log2, float (&m_i)[2], float (&l_i)[2],
                                          float (&oacc)[8][4], float (&pacc)[RV / 16][4]) {
     const int gid = lane >> 2, c = lane & 3;
@@ -218,23 +209,8 @@ __device__ __forceinline__ void attend16(const Src& src, const int ra, const int
     const u32 ksa = src.ks2(ra, 2 * h), ksb = src.ks2(rb, 2 * h);
     const float sa[2] = {h2f((u16)(ksa & 0xFFFF)), h2f((u16)(ksa >> 16))};
     const float sb[2] = {h2f((u16)(ksb & 0xFFFF)), h2f((u16)(ksb >> 16))};
-#if !KROT
-    // units of both groups as A operands (rows a, b)
-    u32 ua[2][4][4];
-#pragma unroll
-    for (int g = 0; g < 2; ++g) {
-        const u32 wa = g ? kwa1 : kwa0, wb = g ? kwb1 : kwb0;
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-            ua[g][kb][0] = s_ktab[(wa >> (8 * kb)) & 15];
-            ua[g][kb][1] = s_ktab[(wb >> (8 * kb)) & 15];
-            ua[g][kb][2] = s_ktab[(wa >> (8 * kb + 4)) & 15];
-            ua[g][kb][3] = s_ktab[(wb >> (8 * kb + 4)) & 15];
-        }
-    }
-#endif
 
-    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: (token a | b) x (query heads 2c, 2c + 1)
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: (token a | b) x (query rows 2c, 2c + 1)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         float acc[4][4];
@@ -264,20 +240,6 @@ __device__ __forceinline__ void attend16(const Src& src, const int ra, const int
             acc[jj][1] = fmaf(acc[jj][1], zka, bias.y);
             acc[jj][2] = fmaf(acc[jj][2], zkb, bias.x);
             acc[jj][3] = fmaf(acc[jj][3], zkb, bias.y);
-#if !KROT
-            {  // + the residual, un-rotated: units_g [16, 64] x S_g^T [64, 8 of n], times each row's scale
-                const int g = n >> 3, nd = 8 * (n & 7) + gid;
-                float r[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int kb = 0; kb < 4; ++kb)
-                    mma_f16(r, ua[g][kb][0], ua[g][kb][1], ua[g][kb][2], ua[g][kb][3],
-                            s_smat[nd * 32 + 8 * kb + c], s_smat[nd * 32 + 8 * kb + 4 + c]);
-                acc[jj][0] = fmaf(r[0], sa[g] * (1.f / 64), acc[jj][0]);
-                acc[jj][1] = fmaf(r[1], sa[g] * (1.f / 64), acc[jj][1]);
-                acc[jj][2] = fmaf(r[2], sb[g] * (1.f / 64), acc[jj][2]);
-                acc[jj][3] = fmaf(r[3], sb[g] * (1.f / 64), acc[jj][3]);
-            }
-#endif
         }
         // RoPE in bf16 on (dim d, d + 64) pairs: the results are the scores' A operands (rows = tokens) directly
         u32 lo[2][2], hi[2][2];  // [jj][row a/b]
@@ -299,7 +261,6 @@ __device__ __forceinline__ void attend16(const Src& src, const int ra, const int
         mma_bf16(s, hi[0][0], hi[0][1], hi[1][0], hi[1][1], qb[4 + i][0], qb[4 + i][1]);
     }
 
-#if KROT
     // residual scores in the rotated space, per group, times each token's scale
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
@@ -314,10 +275,9 @@ __device__ __forceinline__ void attend16(const Src& src, const int ra, const int
         s[2] = fmaf(sr[2], sb[g], s[2]);
         s[3] = fmaf(sr[3], sb[g], s[3]);
     }
-#endif
 
-    // online softmax down the columns (query heads 2c, 2c + 1) over this block's 16 tokens (rows)
-    const bool va = ta < C, vb = ta + 8 < C;
+    // online softmax down the columns (query rows 2c, 2c + 1) over this block's 16 tokens (rows)
+    const bool va = ta < C && (vrow == nullptr || vrow[ta]), vb = ta + 8 < C && (vrow == nullptr || vrow[ta + 8]);
     float sv[4] = {va ? s[0] * scale_log2 : NEG_INF, va ? s[1] * scale_log2 : NEG_INF,
                    vb ? s[2] * scale_log2 : NEG_INF, vb ? s[3] * scale_log2 : NEG_INF};
     float p[4];
@@ -384,58 +344,52 @@ __device__ __forceinline__ void attend16(const Src& src, const int ra, const int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, MINB) aquakv_decode_mma(
-    const u16* __restrict__ q,      // bf16 [B, NH*GQ, HD]
-    const u16* __restrict__ qrot,   // f16 [B, NH*GQ, HD]: per group q_g @ S_g / GS (KROT)
+extern "C" __global__ void __launch_bounds__(NH * 32, MINB) aquakv_decode_mma(
+    const u16* __restrict__ q,      // bf16 [B, NH, rows, HD]: the query rows of each KV head
+    const u16* __restrict__ qrot,   // f16 [B, NH, rows, HD]: per group q_g @ S_g / GS (S: the key residual's rotation)
     const u32* __restrict__ kc,     // [B*C, NG*4] key code words (4 per group of 64, kernel order)
     const u16* __restrict__ ks,     // f16 [B*C, NG] key scales
     const u32* __restrict__ vc,     // [B*C, NG*4] value code words (8 per head, kernel order)
     const u16* __restrict__ vs,     // f16 [B*C, NG] value scales
-    const u8* __restrict__ zk,      // e4m3 [B*C, RK]
-    const u8* __restrict__ zv,      // e4m3 [B*C, RV]
+    const u8* __restrict__ zk,      // e4m3 z^K: RK bytes at the start of each token's ZLD
+    const u8* __restrict__ zv,      // e4m3 z^V: RV bytes at the start of each token's ZLD
     const float* __restrict__ zs,   // [B*C, 2] scales of z^K, z^V
     const u8* __restrict__ up8t,    // e4m3 [DM, RK]: the key predictor's up^T (K-major)
     const float* __restrict__ kbias,  // [DM]
     const u32* __restrict__ ktab,   // [16] f16x2 key grid points
     const u32* __restrict__ vtab,   // [16] f16x2 value grid points
-    const u16* __restrict__ smat,   // f16 [64, 64]: S = diag(signs) H (KROT=0 only)
     const uint2* __restrict__ cs,   // [positions, HD/4] (bf16x2 cos of freqs 2j, 2j+1 | bf16x2 sin)
-    const int* __restrict__ pos,    // [B, C] positions
-    float* __restrict__ orot,       // [B, NH*GQ, NT, HD] normalized per tile, rotated space, kernel dim order
-    float* __restrict__ pzo,        // [B, NH*GQ, NT, RV]
-    float* __restrict__ lse,        // [B, NH*GQ, NT] natural log
-    int C, int NT, double kup_scale_d, double scale_log2_d) {
+    const int* __restrict__ pos,    // positions of the tokens: batch row b's at pos + b * pstride
+    const u8* __restrict__ valid,   // token validity: batch row b's at valid + b * vstride (has_valid)
+    float* __restrict__ orot,       // [B, NH, rows, NT, HD] normalized per tile, values still rotated
+    float* __restrict__ pzo,        // [B, NH, rows, NT, RV]
+    float* __restrict__ lse,        // [B, NH, rows, NT] natural log
+    int C, int NT, int BT, int rows, int pstride, int has_valid, int vstride, double kup_scale_d, double scale_log2_d) {
     const int lane = threadIdx.x & 31, h = threadIdx.x >> 5, gid = lane >> 2, c = lane & 3;
     const int b = blockIdx.y, tile = blockIdx.x;
     const float kup_scale = (float)kup_scale_d, scale_log2 = (float)scale_log2_d;
     const int rowbase = b * C;
+    const int* prow = pos + (long)b * pstride;
+    const u8* vrow = has_valid ? valid + (long)b * vstride : nullptr;
 
     __shared__ u32 s_ktab[16], s_vtab[16];
-#if !KROT
-    __shared__ u32 s_smat[64 * 32];
-    for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) s_smat[i] = ld32(smat + 2 * i);
-#define S_SMAT s_smat
-#else
-#define S_SMAT nullptr
-#endif
     if (threadIdx.x < 16) s_ktab[threadIdx.x] = ktab[threadIdx.x];
     else if (threadIdx.x < 32) s_vtab[threadIdx.x - 16] = vtab[threadIdx.x - 16];
-    __syncthreads();
 
-    // query fragments (rows = query heads of this KV head; rows >= GQ are zero)
-    const int qh = h * GQ + gid;
+    // query fragments (rows of this KV head; fragment rows >= rows are zero)
     u32 qa[8][2];
     u32 qr[8][2];
 #pragma unroll
     for (int kb = 0; kb < 8; ++kb) {
-        const long o = ((long)b * NH * GQ + qh) * HD + 16 * kb + 2 * c;
-        qa[kb][0] = gid < GQ ? ld32(q + o) : 0u;
-        qa[kb][1] = gid < GQ ? ld32(q + o + 8) : 0u;
-        qr[kb][0] = KROT && gid < GQ ? ld32(qrot + o) : 0u;
-        qr[kb][1] = KROT && gid < GQ ? ld32(qrot + o + 8) : 0u;
+        const long o = (((long)b * NH + h) * rows + gid) * HD + 16 * kb + 2 * c;
+        const bool on = gid < rows;
+        qa[kb][0] = on ? ld32(q + o) : 0u;
+        qa[kb][1] = on ? ld32(q + o + 8) : 0u;
+        qr[kb][0] = on ? ld32(qrot + o) : 0u;
+        qr[kb][1] = on ? ld32(qrot + o + 8) : 0u;
     }
 
-    float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f};  // query heads h*GQ + 2c, + 1
+    float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f};  // query rows 2c, 2c + 1
     float oacc[8][4];
     float pacc[RV / 16][4];
 #pragma unroll
@@ -444,16 +398,6 @@ extern "C" __global__ void __launch_bounds__(256, MINB) aquakv_decode_mma(
     for (int m = 0; m < RV / 16; ++m) pacc[m][0] = pacc[m][1] = pacc[m][2] = pacc[m][3] = 0.f;
 
     const int tbeg = tile * BT, tend = min(tile * BT + BT, C);
-#if !STAGED
-    const GlobalRows src{kc, vc, ks, vs, zk, zv, zs, cs, pos};
-    for (int t0 = tbeg; t0 < tend; t0 += 16) {
-        int rcol[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) rcol[e] = rowbase + min(t0 + (e >> 1) * 8 + 2 * c + (e & 1), C - 1);
-        attend16(src, rowbase + min(t0 + gid, C - 1), rowbase + min(t0 + gid + 8, C - 1), t0 + gid, rcol, C, h, lane,
-                 qa, qr, s_ktab, s_vtab, S_SMAT, up8t, kbias, kup_scale, scale_log2, m_i, l_i, oacc, pacc);
-    }
-#else
     // stages of STG tokens copied to shared memory asynchronously (cp.async), the next while this one is attended
     extern __shared__ __align__(16) unsigned char dyn[];
     StageRows* stage = reinterpret_cast<StageRows*>(dyn);
@@ -470,10 +414,10 @@ extern "C" __global__ void __launch_bounds__(256, MINB) aquakv_decode_mma(
 #define KB_SRC kbias
 #endif
     const int nst = (tend - tbeg + STG - 1) / STG;
-    issue_stage(stage[0], kc, vc, ks, vs, zk, zv, zs, cs, pos, rowbase, tbeg, C);
+    issue_stage(stage[0], kc, vc, ks, vs, zk, zv, zs, cs, prow, rowbase, tbeg, C);
     for (int st = 0; st < nst; ++st) {
         if (st + 1 < nst) {
-            issue_stage(stage[(st + 1) & 1], kc, vc, ks, vs, zk, zv, zs, cs, pos, rowbase, tbeg + (st + 1) * STG, C);
+            issue_stage(stage[(st + 1) & 1], kc, vc, ks, vs, zk, zv, zs, cs, prow, rowbase, tbeg + (st + 1) * STG, C);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -486,47 +430,38 @@ extern "C" __global__ void __launch_bounds__(256, MINB) aquakv_decode_mma(
             int rcol[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) rcol[e] = j + (e >> 1) * 8 + 2 * c + (e & 1);
-            attend16(sr, j + gid, j + gid + 8, s0 + j + gid, rcol, C, h, lane, qa, qr, s_ktab, s_vtab, S_SMAT, UP_SRC,
+            attend16(sr, j + gid, j + gid + 8, s0 + j + gid, rcol, C, vrow, h, lane, qa, qr, s_ktab, s_vtab, UP_SRC,
                      KB_SRC, kup_scale, scale_log2, m_i, l_i, oacc, pacc);
         }
         __syncthreads();
     }
-#endif
 
-    // epilogue: each query head's sum down its column; columns 2c, 2c + 1 (only heads 0 .. GQ-1 written)
+    // epilogue: each query row's sum down its column; columns 2c, 2c + 1 (those < rows written)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 4);
         l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 8);
         l_i[e] += __shfl_xor_sync(0xffffffffu, l_i[e], 16);
     }
-    if (2 * c < GQ) {
-        const float inv0 = l_i[0] > 0.f ? 1.f / l_i[0] : 0.f, inv1 = l_i[1] > 0.f ? 1.f / l_i[1] : 0.f;
-        const int q0 = h * GQ + 2 * c;
-        float* o0 = orot + (((long)b * NH * GQ + q0) * NT + tile) * HD;
-        float* o1 = o0 + (long)NT * HD;
+    const float inv[2] = {l_i[0] > 0.f ? 1.f / l_i[0] : 0.f, l_i[1] > 0.f ? 1.f / l_i[1] : 0.f};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int col = 2 * c + e;
+        if (col >= rows) continue;
+        const long r = ((long)b * NH + h) * rows + col;
+        float* o = orot + (r * NT + tile) * HD;
 #pragma unroll
         for (int m = 0; m < 8; ++m) {
-            o0[16 * m + 2 * gid] = oacc[m][0] * inv0;
-            o1[16 * m + 2 * gid] = oacc[m][1] * inv1;
-            o0[16 * m + 2 * gid + 1] = oacc[m][2] * inv0;
-            o1[16 * m + 2 * gid + 1] = oacc[m][3] * inv1;
+            o[16 * m + 2 * gid] = oacc[m][e] * inv[e];
+            o[16 * m + 2 * gid + 1] = oacc[m][e + 2] * inv[e];
         }
-        float* z0 = pzo + (((long)b * NH * GQ + q0) * NT + tile) * RV;
-        float* z1 = z0 + (long)NT * RV;
-        const float zi0 = inv0 * (1.f / 256), zi1 = inv1 * (1.f / 256);
+        float* z = pzo + (r * NT + tile) * RV;
+        const float zi = inv[e] * (1.f / 256);
 #pragma unroll
         for (int m = 0; m < RV / 16; ++m) {
-            z0[16 * m + 2 * gid] = pacc[m][0] * zi0;
-            z1[16 * m + 2 * gid] = pacc[m][1] * zi1;
-            z0[16 * m + 2 * gid + 1] = pacc[m][2] * zi0;
-            z1[16 * m + 2 * gid + 1] = pacc[m][3] * zi1;
+            z[16 * m + 2 * gid] = pacc[m][e] * zi;
+            z[16 * m + 2 * gid + 1] = pacc[m][e + 2] * zi;
         }
-        if (gid == 0) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-                lse[((long)b * NH * GQ + q0 + e) * NT + tile] =
-                    l_i[e] > 0.f ? (m_i[e] + __log2f(l_i[e])) * 0.6931471805599453f : NEG_INF;
-        }
+        if (gid == 0) lse[r * NT + tile] = l_i[e] > 0.f ? (m_i[e] + __log2f(l_i[e])) * 0.6931471805599453f : NEG_INF;
     }
 }
