@@ -347,7 +347,6 @@ class CudaBackend:
     def __init__(self, settings: KernelSettings):
         self.settings = settings
         self.triton = TritonBackend(settings)
-        self.operands: dict[int, object] = {}  # layer index -> aquakv.kernels.cuda.LayerOperands
         self.rope_table = None  # aquakv.kernels.cuda.RopeTable, made at the first fused read
 
     @staticmethod
@@ -379,9 +378,7 @@ class CudaBackend:
         layer, shared = seg.layer, seg.layer.shared
         if not seg.length or not self._kernel_layer(layer.codec):
             return self.triton.attend(seg, query, exact_keys, exact_values, mask, scaling)
-        ops = self.operands.get(layer.layer_idx)
-        if ops is None:
-            ops = self.operands[layer.layer_idx] = cuda.layer_operands(layer.codec)
+        ops = layer.codec.derived("cuda operands", lambda: cuda.layer_operands(layer.codec))  # once per process
         if self.rope_table is None:
             self.rope_table = cuda.RopeTable(layer.rope, query.device)
         start = layer.compressed_start

@@ -19,6 +19,7 @@ it) and encode and decode agree exactly. The key predictor's ``up`` factor is ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,7 @@ class LayerCodec:
     key_predictor: Predictor | None = None
     value_predictor: Predictor | None = None
     _moved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of :meth:`to`
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of :meth:`derived`
 
     @staticmethod
     def value_inputs(keys: torch.Tensor, prev_values: torch.Tensor) -> torch.Tensor:
@@ -80,9 +82,17 @@ class LayerCodec:
                                           None if kp is None else kp.to(device), None if vp is None else vp.to(device))
         return self._moved[key]
 
+    def derived(self, name: str, make: Callable[[], object]) -> object:
+        """``make()`` (operands a kernel prepares from this codec), computed once per ``name``: every cache built
+        from the codec's device copy (:meth:`to`) shares them."""
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
+
     def __getstate__(self) -> dict:
-        """Pickled (Ray) without the device copies: they may live on a device the receiver does not have."""
-        return {**self.__dict__, "_moved": {}}
+        """Pickled (Ray) without the device copies and derived operands: they may live on a device the receiver does
+        not have."""
+        return {**self.__dict__, "_moved": {}, "_derived": {}}
 
     def predict_keys(self, prev: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor) -> torch.Tensor:
         if self.key_predictor is None:

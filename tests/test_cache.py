@@ -233,7 +233,11 @@ def test_caches_of_one_bundle_factorize_its_predictors_once(model3, low_rank_bun
     assert all(torch.equal(o, outs[0]) for o in outs)
     codec = low_rank_bundle.codecs[1]
     assert codec.to("cpu") is codec.to("cpu") and codec._moved
-    assert pickle.loads(pickle.dumps(codec))._moved == {}
+    made = []
+    assert codec.derived("x", lambda: made.append(1) or (1,)) is codec.derived("x", lambda: made.append(1) or (2,))
+    assert made == [1]
+    back = pickle.loads(pickle.dumps(codec))
+    assert back._moved == {} and back._derived == {}
 
 
 def test_stored_prediction_refuses_full_rank_predictors(model3, bundle3):

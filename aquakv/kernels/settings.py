@@ -47,12 +47,14 @@ class KernelSettings:
       programs per SM or the rank is high (:data:`aquakv.kernels.decode.DEFER_PROGRAMS_PER_SM`, ``DEFER_RANK``). The
       same math either way.
     - ``key_residual``: where the key residual is quantized. ``"pre_rope"`` (the paper's, and the default): keys, their
-      predictions and residuals are all before RoPE. ``"post_rope"``: the residual is rotated to the token's position
-      first (``RoPE_t(K - P^K(...))``, :func:`aquakv.rope.residual_rotation`) and un-rotated after dequantization, so
-      the attention to it needs no per-token un-rotation or RoPE: the format of the CUDA decode kernel measured in
-      docs/benchmarks/decode.md, round 27 (not in the runtime yet). RoPE is orthogonal, so the residual's norm is the
-      same; the predictors and grids are the bundle's. Runs on the PyTorch backend only: the Triton kernels read
-      pre-RoPE residuals.
+      predictions and residuals are all before RoPE. ``"post_rope"``: the residual of a layer with a key predictor is
+      rotated to the token's position first (``RoPE_t(K - P^K(...))``, :func:`aquakv.rope.residual_rotation`) and
+      un-rotated after dequantization, so the attention to it needs no per-token un-rotation or RoPE (a layer without
+      one, layer 0, keeps its keys before RoPE). RoPE is orthogonal, so the residual's norm is the same; the
+      predictors and grids are the bundle's. With ``prediction="stored"``, a bf16 model of 4 or 8 KV heads of 128 and
+      rank <= 128 on a GPU with float8 tensor cores, the CUDA decode kernel reads it (:mod:`aquakv.kernels.cuda`:
+      rank 64 at 32k, 82 sequences in 64 GB: 3.31x DynamicCache's tokens/s, docs/benchmarks/decode.md round 28);
+      elsewhere the PyTorch backend does (the Triton kernels read pre-RoPE residuals).
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
       O(T) instead of O(T²) work over a chunked pass, for evaluation (it holds an uncompressed copy of the cache).
