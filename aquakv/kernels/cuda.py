@@ -11,7 +11,8 @@ What the kernel reads, and this module prepares:
 - per cache (:class:`RopeTable`): bf16 cos / sin pairs by position, grown when compressed tokens reach further.
 
 It returns per-tile partials with the values still rotated and the value predictor's latent term summed
-(``P z^V``); :func:`partials` merges the tiles and applies the un-rotation, ``up^V`` and the bias once per query row.
+(``P z^V``); a second kernel of the same source merges the tiles and applies the un-rotation, ``up^V`` and the bias
+once per query row (:func:`partials` launches both).
 The kernel is specialized to Llama-shaped attention: head size 128, 4 or 8 KV heads, groups of 64, 16-point d=2
 grids (2 bits a value), float16 scales, bf16 activations, low-rank stored predictors of rank <= 128 (:func:`fits`).
 """
@@ -36,6 +37,8 @@ MAX_RANK = 128
 MAX_ROWS = 8  # query rows per KV head (query heads x query tokens): one tensor-core fragment's columns
 STAGE = 64  # tokens per shared-memory stage; a tile is a multiple of it
 TILES = (1024, 512, 256, 128, 64)
+MERGE_SLICES = 4  # threads per output dim of the merge kernel (MS in the source)
+MERGE_SMEM = 40 * 1024  # the merge kernel's tile weights (under 48 KB with its static arrays): 10240 tiles
 
 
 def _key_permutation() -> torch.Tensor:
@@ -104,11 +107,13 @@ def _stage_bytes(heads: int, rk: int, rv: int) -> int:
 
 
 class Kernel(NamedTuple):
-    """A compiled kernel and its dynamic shared memory; ``ups``: ``up8^T`` and the key bias in shared memory."""
+    """The compiled decode kernel and its dynamic shared memory (``ups``: ``up8^T`` and the key bias in it), and the
+    tiles' merge kernel."""
 
     launch: object
     smem: int
     ups: bool
+    merge: object
 
 
 def source(heads: int, rk: int, rv: int, ups: bool) -> str:
@@ -126,10 +131,11 @@ def shared_bytes(heads: int, rk: int, rv: int, ups: bool) -> int:
 def compile_kernel(heads: int, rk: int, rv: int, smem_limit: int) -> Kernel:
     """NVRTC-compiled once per process and shape; ``up8^T`` goes to shared memory where it fits in ``smem_limit``."""
     ups = shared_bytes(heads, rk, rv, True) <= smem_limit
-    launch = torch.cuda._compile_kernel(source(heads, rk, rv, ups), "aquakv_decode_mma")
+    code = source(heads, rk, rv, ups)
+    launch = torch.cuda._compile_kernel(code, "aquakv_decode_mma")
     smem = shared_bytes(heads, rk, rv, ups)
     launch.set_shared_memory_config(smem)
-    return Kernel(launch, smem, ups)
+    return Kernel(launch, smem, ups, torch.cuda._compile_kernel(code, "aquakv_decode_merge"))
 
 
 def _grid_pairs(grid: torch.Tensor) -> torch.Tensor:
@@ -244,11 +250,10 @@ def partials(query: torch.Tensor, block: EncodedBlock, length: int, ops: LayerOp
         ops.value_grid, table, positions, valid if valid is not None else lse,
         orot, pz, lse, length, nt, bt, rows, positions.stride(0), int(valid is not None),
         valid.stride(0) if valid is not None else 0, ops.up_scale, scaling * math.log2(math.e)])
-    total = torch.logsumexp(lse, -1, keepdim=True)
-    w = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total))  # [B, H, rows, NT]
-    o = torch.einsum("bhrn,bhrnd->bhrd", w, orot)
-    z = torch.einsum("bhrn,bhrnk->bhrk", w, pz)
-    o = (o.view(b, heads, rows, hd // GROUP, GROUP) @ ops.value_unrotation).view(b, heads, rows, hd)
-    o = o + torch.einsum("bhrk,khd->bhrd", z, ops.value_up.view(ops.rv, heads, hd))
-    o = o + ops.value_bias.view(heads, 1, hd)
-    return o.view(b, hq, q_len, 1, hd), total.view(b, hq, q_len, 1)
+    o = torch.empty(b, heads, rows, hd, dtype=torch.float32, device=query.device)
+    lse_row = torch.empty(b, heads, rows, dtype=torch.float32, device=query.device)
+    if nt * 4 > MERGE_SMEM:  # 655k tokens a batch row at the smallest tile
+        raise ValueError(f"{nt} tiles per batch row: more than the merge kernel holds ({MERGE_SMEM // 4})")
+    kern.merge(grid=(heads, b, rows), block=(MERGE_SLICES * hd, 1, 1), shared_mem=nt * 4, args=[
+        orot, pz, lse, ops.value_unrotation, ops.value_up, ops.value_bias, o, lse_row, nt, rows])
+    return o.view(b, hq, q_len, 1, hd), lse_row.view(b, hq, q_len, 1)

@@ -465,3 +465,83 @@ extern "C" __global__ void __launch_bounds__(NH * 32, MINB) aquakv_decode_mma(
         if (gid == 0) lse[r * NT + tile] = l_i[e] > 0.f ? (m_i[e] + __log2f(l_i[e])) * 0.6931471805599453f : NEG_INF;
     }
 }
+
+// The tiles' merge: one CTA per KV head, batch row and query row; MS slices of HD threads, slice s summing tiles
+// s, s + MS, ... for output dim d. The softmax weights of the tiles come from their log-sum-exps; then the weighted
+// sums of the rotated outputs and of the latent sums, the values' un-rotation (S_V^T / 64 per group of 64), the value
+// predictor's term (P z^V) up^V and its bias. Dynamic shared memory: NT floats (the tiles' weights).
+#define MS 4
+__device__ __forceinline__ float block_reduce(float v, float* s_red, const bool is_max) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, w) : v + w;
+    }
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = s_red[0];
+#pragma unroll
+    for (int w = 1; w < MS * HD / 32; ++w) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
+    __syncthreads();
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(MS * HD) aquakv_decode_merge(
+    const float* __restrict__ orot,   // [B, NH, rows, NT, HD]
+    const float* __restrict__ pzo,    // [B, NH, rows, NT, RV]
+    const float* __restrict__ lse,    // [B, NH, rows, NT]
+    const float* __restrict__ unrot,  // [64, 64]: S_V^T / 64
+    const float* __restrict__ upv,    // [RV, DM]: the value predictor's up
+    const float* __restrict__ vbias,  // [DM]
+    float* __restrict__ out,          // [B, NH, rows, HD]
+    float* __restrict__ lse_out,      // [B, NH, rows]
+    int NT, int rows) {
+    const int h = blockIdx.x, b = blockIdx.y, r = blockIdx.z;
+    const int tid = threadIdx.x, d = tid % HD, sl = tid / HD;
+    extern __shared__ float s_w[];
+    __shared__ float s_o[MS][HD], s_z[MS][RV], s_red[MS * HD / 32];
+    const long row = ((long)b * NH + h) * rows + r;
+    const float* l = lse + row * NT;
+    float m = NEG_INF;
+    for (int t = tid; t < NT; t += MS * HD) m = fmaxf(m, l[t]);
+    m = block_reduce(m, s_red, true);
+    float sum = 0.f;
+    for (int t = tid; t < NT; t += MS * HD) {
+        const float w = m == NEG_INF ? 0.f : __expf(l[t] - m);
+        s_w[t] = w;
+        sum += w;
+    }
+    sum = block_reduce(sum, s_red, false);  // (its barriers also publish s_w)
+    float o = 0.f;
+#pragma unroll 4
+    for (int t = sl; t < NT; t += MS) o = fmaf(s_w[t], orot[(row * NT + t) * HD + d], o);
+    s_o[sl][d] = o;
+    if (d < RV) {
+        float z = 0.f;
+#pragma unroll 4
+        for (int t = sl; t < NT; t += MS) z = fmaf(s_w[t], pzo[(row * NT + t) * RV + d], z);
+        s_z[sl][d] = z;
+    }
+    __syncthreads();
+    if (sl == 0) {
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+        for (int k = 1; k < MS; ++k) {
+            s_o[0][d] += s_o[k][d];
+            if (d < RV) s_z[0][d] += s_z[k][d];
+        }
+        s_o[0][d] *= inv;
+        if (d < RV) s_z[0][d] *= inv;
+    }
+    __syncthreads();
+    if (sl == 0) {
+        const int g = d & ~63, j = d & 63;
+        float v = vbias[h * HD + d];
+#pragma unroll 8
+        for (int k = 0; k < 64; ++k) v = fmaf(s_o[0][g + k], unrot[k * 64 + j], v);
+#pragma unroll 8
+        for (int k = 0; k < RV; ++k) v = fmaf(s_z[0][k], upv[(long)k * DM + h * HD + d], v);
+        out[row * HD + d] = v;
+        if (d == 0) lse_out[row] = m == NEG_INF ? NEG_INF : m + __logf(sum);
+    }
+}

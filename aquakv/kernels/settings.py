@@ -53,7 +53,7 @@ class KernelSettings:
       one, layer 0, keeps its keys before RoPE). RoPE is orthogonal, so the residual's norm is the same; the
       predictors and grids are the bundle's. With ``prediction="stored"``, a bf16 model of 4 or 8 KV heads of 128 and
       rank <= 128 on a GPU with float8 tensor cores, the CUDA decode kernel reads it (:mod:`aquakv.kernels.cuda`:
-      rank 64 at 32k, 82 sequences in 64 GB: 3.31x DynamicCache's tokens/s, docs/benchmarks/decode.md round 28);
+      rank 64 at 32k, 82 sequences in 64 GB: 3.35x DynamicCache's tokens/s, docs/benchmarks/decode.md round 28);
       elsewhere the PyTorch backend does (the Triton kernels read pre-RoPE residuals).
     - ``keep_reconstructions``: reconstruct-then-attend (``attention="full"``) keeps each layer's reconstruction of
       its compressed tokens across passes and reconstructs only the tokens compressed since: the same numbers with
