@@ -18,6 +18,7 @@ chosen once per cache, at its first update, from the device, the model's shape, 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +34,7 @@ from aquakv.rope import ResidualRotation
 if TYPE_CHECKING:
     from aquakv.cache import AquaKVLayer
 
+log = logging.getLogger(__name__)
 Pair = tuple[torch.Tensor, torch.Tensor]
 IMPLEMENTATION = "aquakv"
 MAX_QUERY_ROWS = 64  # query heads per KV head x query tokens the fused path takes (the decode kernel's limit)
@@ -415,6 +417,11 @@ def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int
             and all(cuda.fits(c, heads, head_dim) if c.key_predictor is not None
                     else c.value_predictor is None and triton_reads(c) for c in codecs)):
         return CudaBackend(settings)
+    if triton_runs:  # a GPU, but this cache is not the CUDA kernel's: say so, decode will be slow
+        log.warning("key_residual='post_rope': the CUDA decode kernel does not read this cache (it needs "
+                    "prediction='stored', a bf16 model with 4 or 8 KV heads of 128, rotate-half RoPE, predictors of "
+                    "rank <= 128, 2-bit d=2 grids of 64, and compute capability >= 8.9 with NVRTC); the PyTorch "
+                    "backend reads it")
     return TorchBackend(settings)
 
 

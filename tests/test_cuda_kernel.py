@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,36 +35,37 @@ def _block(gen: torch.Generator, n: int, groups: int) -> EncodedBlock:
     return EncodedBlock(*(Quantized(pack(c, 4), torch.rand(2, n, groups).half(), groups * 64) for c in codes))
 
 
-def _nibble(q: Quantized, word: int, nib: int) -> torch.Tensor:
-    words = q.codes.view(*q.codes.shape[:-1], -1, 4).long()  # little-endian bytes of each 32-bit word
-    w = sum(words[..., i] << (8 * i) for i in range(4))[..., word]
-    return (w >> (4 * nib)) & 15
+def _codes_and_words(part: str, seed: int) -> tuple[torch.Tensor, Callable[[int, int], torch.Tensor]]:
+    """A random block's codes of ``part`` (``[2, 5, 16 groups, 32]``) and ``nibble(word, k)``: nibble ``k`` of the
+    32-bit word ``word`` of each token's codes in the kernel's order."""
+    block = _block(torch.Generator().manual_seed(seed), 5, 16)
+    codes = unpack(getattr(block, part).codes, 4, 16 * 32).view(2, 5, 16, 32)
+    raw = getattr(cuda.kernel_order(block), part).codes
+    bytes_ = raw.view(*raw.shape[:-1], -1, 4).long()  # little-endian bytes of each 32-bit word
+    words = sum(bytes_[..., i] << (8 * i) for i in range(4))
+    return codes, lambda word, k: (words[..., word] >> (4 * k)) & 15
 
 
 def test_key_words_hold_the_codes_each_thread_reads():
     """Word ``4g + c`` (group ``g``, thread ``c``): nibbles ``2i, 2i + 1`` are the group's codes ``8i + c`` and
     ``8i + 4 + c`` (rotated dims ``16i + 2c``, ``16i + 8 + 2c``: thread ``c``'s fragment in k-block ``i``)."""
-    block = _block(torch.Generator().manual_seed(0), 5, 16)
-    codes = unpack(block.keys.codes, 4, 16 * 32).view(2, 5, 16, 32)
-    keys = cuda.kernel_order(block).keys
+    codes, nibble = _codes_and_words("keys", 0)
     for g in (0, 7, 15):
         for c in range(4):
             for i in range(4):
-                assert torch.equal(_nibble(keys, 4 * g + c, 2 * i), codes[..., g, 8 * i + c])
-                assert torch.equal(_nibble(keys, 4 * g + c, 2 * i + 1), codes[..., g, 8 * i + 4 + c])
+                assert torch.equal(nibble(4 * g + c, 2 * i), codes[..., g, 8 * i + c])
+                assert torch.equal(nibble(4 * g + c, 2 * i + 1), codes[..., g, 8 * i + 4 + c])
 
 
 def test_value_words_hold_the_codes_each_thread_reads():
     """Word ``8h + g`` (head ``h``): nibble ``4 gr + m`` is code ``8m + g`` of the head's group ``gr`` (rotated dims
     ``16m + 2g, + 1``: rows ``g, g + 8`` of the values' m-tile ``4 gr + m``)."""
-    block = _block(torch.Generator().manual_seed(1), 5, 16)
-    codes = unpack(block.values.codes, 4, 16 * 32).view(2, 5, 16, 32)
-    values = cuda.kernel_order(block).values
+    codes, nibble = _codes_and_words("values", 1)
     for h in (0, 5, 7):
         for g in range(8):
             for gr in range(2):
                 for m in range(4):
-                    assert torch.equal(_nibble(values, 8 * h + g, 4 * gr + m), codes[..., 2 * h + gr, 8 * m + g])
+                    assert torch.equal(nibble(8 * h + g, 4 * gr + m), codes[..., 2 * h + gr, 8 * m + g])
 
 
 def test_natural_order_reads_back_what_kernel_order_wrote():
@@ -84,10 +86,10 @@ def test_the_kernel_math_on_the_runtime_post_rope_encoding_is_the_cache_attentio
     assert errs["rel_err"] < 1e-2 and errs["rel_err_codes_misordered"] > 0.1, errs
 
 
-def test_the_backend_rule_takes_the_cuda_kernel_only_where_it_reads_every_layer(monkeypatch):
+def test_the_backend_rule_takes_the_cuda_kernel_only_where_it_reads_every_layer(monkeypatch, caplog):
     """Post-RoPE key residuals with stored projections take the CUDA backend where the device has float8 tensor cores
     and the kernel reads every layer with predictors (layer 0, without, goes to Triton); anything else it cannot read
-    falls back to PyTorch. Pre-RoPE ones take Triton as before."""
+    falls back to PyTorch, with a warning where the kernels run. Pre-RoPE ones take Triton as before."""
     from aquakv import kernels
 
     monkeypatch.setattr(kernels, "available", lambda device, settings: True)
@@ -98,10 +100,13 @@ def test_the_backend_rule_takes_the_cuda_kernel_only_where_it_reads_every_layer(
     def pick(codecs=codecs, settings=POST, heads=8, dtype=torch.bfloat16, head_dim=128, rope=rope) -> str:
         return select_backend(cpu, codecs, head_dim, settings, heads, dtype, rope).name
 
-    assert pick() == "cuda"
+    with caplog.at_level("WARNING", logger="aquakv.attention"):
+        assert pick() == "cuda"
+        assert not caplog.records
+        assert pick(dtype=torch.float16) == "torch"  # the kernel's products are bf16
+        assert "CUDA decode kernel does not read this cache" in caplog.text
     assert pick(settings=POST.with_(key_residual="pre_rope")) == "triton"
     assert pick(settings=POST.with_(prediction="chained")) == "torch"
-    assert pick(dtype=torch.float16) == "torch"  # the kernel's products are bf16
     assert pick(heads=2) == "torch" and pick(codecs=make_codecs(3, 256, 64, device="cpu"), heads=2) == "torch"
     assert pick(rope=Rope(None, apply_rotary_pos_emb, standard=False)) == "torch"
     assert pick(codecs=make_codecs(3, 1024, 256, device="cpu")) == "torch"  # rank 256: beyond the kernel
