@@ -8,6 +8,8 @@ Split by role:
 - :mod:`aquakv.kernels.host`: host wrappers of the codec kernels: quantize, dequantize, the predict + dequantize +
   RoPE epilogue, and ``read_compressed`` (reconstruct a layer's compressed tokens, then the model attends).
 - :mod:`aquakv.kernels.decode`: the decode path: flash-decoding attention straight from the compressed cache.
+- :mod:`aquakv.kernels.cuda` (+ ``cuda_decode.cu``): the CUDA decode kernel for post-RoPE key residuals with stored
+  projections, compiled at run time with NVRTC (``CudaBackend``).
 
 These modules work on tensors (codes, scales, grids) and never import :mod:`aquakv.quantize`, which dispatches to
 them; :mod:`aquakv.attention` chooses a backend once per cache.
