@@ -11,8 +11,10 @@ Split by role:
 - :mod:`aquakv.kernels.cuda` (+ ``cuda_decode.cu``): the CUDA decode kernel for post-RoPE key residuals with stored
   projections, compiled at run time with NVRTC (``CudaBackend``).
 
-These modules work on tensors (codes, scales, grids) and never import :mod:`aquakv.quantize`, which dispatches to
-them; :mod:`aquakv.attention` chooses a backend once per cache.
+The Triton modules work on tensors (codes, scales, grids) and never import :mod:`aquakv.quantize`, which dispatches
+to them. :mod:`aquakv.kernels.cuda` is imported only by its backend (never by :mod:`aquakv.quantize`'s dispatch) and
+works on the codec's blocks, so it imports :mod:`aquakv.codec`. :mod:`aquakv.attention` chooses a backend once per
+cache.
 """
 
 from __future__ import annotations
