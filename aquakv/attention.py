@@ -33,6 +33,7 @@ from aquakv.rope import ResidualRotation
 
 if TYPE_CHECKING:
     from aquakv.cache import AquaKVLayer
+    from aquakv.family import Rope
 
 log = logging.getLogger(__name__)
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -275,8 +276,8 @@ class TritonBackend:
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, prev: Pair | None, codec: LayerCodec,
                rotation: ResidualRotation | None = None) -> tuple[EncodedBlock, Pair]:
-        if rotation is not None:  # select_backend never picks this backend for them
-            raise ValueError("post-RoPE key residuals run on the PyTorch backend only")
+        if rotation is not None:  # select_backend never gives it a layer whose residual is post-RoPE
+            raise ValueError("the Triton kernels read pre-RoPE key residuals only")
         return encode(keys, values, prev, codec, self.settings.prediction == "stored")  # quantize dispatches
 
     def read(self, layer: AquaKVLayer, start: int = 0) -> Pair:
@@ -349,7 +350,6 @@ class CudaBackend:
     def __init__(self, settings: KernelSettings):
         self.settings = settings
         self.triton = TritonBackend(settings)
-        self.rope_table = None  # aquakv.kernels.cuda.RopeTable, made at the first fused read
 
     @staticmethod
     def _kernel_layer(codec: LayerCodec) -> bool:
@@ -381,21 +381,21 @@ class CudaBackend:
         if not seg.length or not self._kernel_layer(layer.codec):
             return self.triton.attend(seg, query, exact_keys, exact_values, mask, scaling)
         ops = layer.codec.derived("cuda operands", lambda: cuda.layer_operands(layer.codec))  # once per process
-        if self.rope_table is None:
-            self.rope_table = cuda.RopeTable(layer.rope, query.device)
+        if shared.rope_table is None:
+            shared.rope_table = cuda.RopeTable(layer.rope, query.device)
         start = layer.compressed_start
         positions = shared.positions[:, start : start + seg.length]
         b, _, q_len, _ = query.shape
         valid = compressed_validity(seg, mask, b, q_len, exact_keys.shape[2] + seg.length, query.device)
         compressed = cuda.partials(query, seg.block, seg.length, ops, positions, valid, scaling,
-                                   self.rope_table.ensure(positions, seg.length))
+                                   shared.rope_table.ensure(positions, seg.length))
         return attend_exact(query, exact_keys, exact_values, seg.sinks, seg.length, mask, scaling, compressed,
                             exact_len=seg.exact_len)
 
 
 def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int, settings: KernelSettings,
                    heads: int | None = None, dtype: torch.dtype | None = None,
-                   rope: object | None = None) -> Backend:
+                   rope: Rope | None = None) -> Backend:
     """With pre-RoPE key residuals, :class:`TritonBackend` where the kernels run on ``device`` and handle every
     layer's quantizers and the head size. With post-RoPE ones, :class:`CudaBackend` where its kernel reads every
     layer with predictors (stored projections, the model's ``heads`` KV heads, bf16 ``dtype``, a standard
@@ -413,7 +413,7 @@ def select_backend(device: torch.device, codecs: list[LayerCodec], head_dim: int
     from aquakv.kernels import cuda
 
     if (triton_runs and settings.prediction == "stored" and dtype == torch.bfloat16 and heads is not None
-            and getattr(rope, "standard", False) and not getattr(rope, "split", True) and cuda.device_fits(device)
+            and rope is not None and rope.standard and not rope.split and cuda.device_fits(device)
             and all(cuda.fits(c, heads, head_dim) if c.key_predictor is not None
                     else c.value_predictor is None and triton_reads(c) for c in codecs)):
         return CudaBackend(settings)

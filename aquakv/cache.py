@@ -54,6 +54,7 @@ class _Shared:
     prev_new: Pair | None = None
     chains: dict[int | None, tuple[Pair | None, Pair | None]] = field(default_factory=dict)
     rope_memo: dict[str | None, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rope_table: object | None = None  # CudaBackend's RoPE table by position (kernels.cuda.RopeTable), reset with them
     scratch: list[torch.Tensor | None] | None = None  # fused path: [B, capacity, 2D] reconstruction buffers
     scratch_src: int = 0  # the buffer holding the previous layer's reconstruction
     # a captured decode step (aquakv.graphs) runs while these are set: the exact-buffer index of its token (int64
@@ -262,8 +263,8 @@ class AquaKVLayer(CacheLayerMixin):
         self.keys = self.values = self.sink_keys = self.sink_values = self.compressed = self.kept = None
         self.exact = None
         self.compressed_len = self.compressed_start = self.cumulative = 0
-        if self.layer_idx == 0:
-            self.shared.positions = None
+        if self.layer_idx == 0:  # (the RoPE table was checked against these positions)
+            self.shared.positions = self.shared.rope_table = None
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, hd]`` -> ``[B, T, H*hd]`` float32."""

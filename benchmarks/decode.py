@@ -490,7 +490,7 @@ def make_cache(kind: str, model, batch: int, context: int, window: int, settings
                         kernels=settings.with_(prediction=prediction, key_residual=key_residual), model=model)
     fill_aquakv(cache, batch, kvh, hd, context, window)
     return cache, cache.nbytes(), {"backend": cache.backend.name, "predictor_rank": rank, "grids": grids,
-                                   "prediction": prediction}
+                                   "prediction": prediction, "key_residual": key_residual}
 
 
 def static_graph_step(model, cache, ids: torch.Tensor, state: dict):

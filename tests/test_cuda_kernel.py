@@ -157,3 +157,15 @@ def test_cuda_backend_logits_match_the_reference_path():
     for row in (0, 1):
         want, got = logits["ref"][row, 6 * row :], logits["cuda"][row, 6 * row :]
         assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_a_reset_cache_drops_the_rope_table_checked_against_its_positions(model_and_bundle):
+    """The CUDA backend's RoPE table covers the positions it was checked against: a reset cache (new sequences,
+    perhaps the same compressed length at other positions) builds and checks a new one."""
+    model, bundle = model_and_bundle
+    cache = AquaKVCache.from_bundle(bundle, model)
+    with torch.no_grad():
+        model(torch.arange(1, 41)[None], **cache_kwargs(model, cache))
+    cache.shared.rope_table = cuda.RopeTable(None, torch.device("cpu"))
+    cache.reset()
+    assert cache.shared.rope_table is None and cache.shared.positions is None

@@ -41,36 +41,42 @@ MERGE_SLICES = 4  # threads per output dim of the merge kernel (MS in the source
 MERGE_SMEM = 40 * 1024  # the merge kernel's tile weights (under 48 KB with its static arrays): 10240 tiles
 
 
-def _key_permutation() -> torch.Tensor:
+def _key_permutation() -> list[int]:
     """Packed position ``8c + 2i + j`` of a key group (word ``c``, nibble ``2i + j``) holds code ``8i + 4j + c``: the
     codes at rotated dims ``16i + 2c`` and ``16i + 8 + 2c``, thread ``c``'s fragment in k-block ``i``."""
-    return torch.tensor([8 * ((p % 8) // 2) + 4 * (p % 2) + p // 8 for p in range(32)])
+    return [8 * ((p % 8) // 2) + 4 * (p % 2) + p // 8 for p in range(32)]
 
 
-def _value_permutation() -> torch.Tensor:
+def _value_permutation() -> list[int]:
     """Packed position ``8g + 4gr + m`` of a head's 64 value codes (word ``g``, nibble ``4gr + m``) holds code
     ``8m + g`` of the head's group ``gr``: rows ``g, g + 8`` of the values' m-tile ``4gr + m``."""
-    return torch.tensor([32 * ((p % 8) // 4) + 8 * (p % 4) + p // 8 for p in range(64)])
+    return [32 * ((p % 8) // 4) + 8 * (p % 4) + p // 8 for p in range(64)]
 
 
-def _permute(q: Quantized, perm: torch.Tensor) -> Quantized:
-    """Codes ``[..., bytes]`` of 4-bit indices, each run of ``len(perm)`` reordered: new position ``p`` takes code
-    ``perm[p]``."""
+@functools.cache
+def _permutation(values: bool, inverse: bool, device: torch.device) -> torch.Tensor:
+    """The key or value permutation (or its inverse) on ``device``, made once: encode and read run per compression."""
+    perm = torch.tensor(_value_permutation() if values else _key_permutation())
+    return (torch.argsort(perm) if inverse else perm).to(device)
+
+
+def _permute(q: Quantized, values: bool, inverse: bool) -> Quantized:
+    """Codes ``[..., bytes]`` of 4-bit indices, each run of a group's (keys) or a head's (values) codes reordered: new
+    position ``p`` takes code ``perm[p]``."""
+    perm = _permutation(values, inverse, q.codes.device)
     n = q.codes.shape[-1] * 2
     codes = unpack(q.codes, 4, n).view(*q.codes.shape[:-1], n // len(perm), len(perm))
-    return Quantized(pack(codes[..., perm.to(codes.device)].flatten(-2), 4), q.scales, q.channels)
+    return Quantized(pack(codes[..., perm].flatten(-2), 4), q.scales, q.channels)
 
 
 def kernel_order(block: EncodedBlock) -> EncodedBlock:
     """A block's codes in the order the kernel reads them."""
-    return EncodedBlock(_permute(block.keys, _key_permutation()), _permute(block.values, _value_permutation()),
-                        block.projections)
+    return EncodedBlock(_permute(block.keys, False, False), _permute(block.values, True, False), block.projections)
 
 
 def natural_order(block: EncodedBlock) -> EncodedBlock:
     """Inverse of :func:`kernel_order`."""
-    return EncodedBlock(_permute(block.keys, torch.argsort(_key_permutation())),
-                        _permute(block.values, torch.argsort(_value_permutation())), block.projections)
+    return EncodedBlock(_permute(block.keys, False, True), _permute(block.values, True, True), block.projections)
 
 
 def compiler_available() -> bool:
@@ -95,9 +101,11 @@ def fits(codec: LayerCodec, heads: int, head_dim: int) -> bool:
         c = r.config
         if (c.dim, c.size, c.group_size, c.scale_dtype) != (2, 16, GROUP, "float16"):
             return False
-    rk, rv = (p.factors()[0].shape[1] if p.factors() is not None else None
-              for p in (codec.key_predictor, codec.value_predictor))
-    return rk is not None and rv is not None and rk % 32 == 0 and rv % 16 == 0 and max(rk, rv) <= MAX_RANK
+    factors = [p.factors() for p in (codec.key_predictor, codec.value_predictor)]
+    if None in factors:  # full rank: no stored projections
+        return False
+    rk, rv = (down.shape[1] for down, _ in factors)
+    return rk % 32 == 0 and rv % 16 == 0 and max(rk, rv) <= MAX_RANK
 
 
 def _stage_bytes(heads: int, rk: int, rv: int) -> int:
